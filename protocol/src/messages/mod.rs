@@ -1,0 +1,9 @@
+//! The message types, one file each: data messages carry tensors, control messages a header only.
+
+mod batch;
+mod control;
+mod scored;
+
+pub use batch::TokenBatch;
+pub use control::{Ack, Credit, End, Heartbeat, Resume, Role, Shutdown};
+pub use scored::ScoredBatch;

@@ -1,0 +1,251 @@
+//! Property tests: every message round-trips; random, truncated and inconsistent input is refused.
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use rho_protocol::*;
+
+fn fp() -> impl Strategy<Value = Fingerprint> {
+    "[0-9a-f]{64}".prop_map(|h| Fingerprint(format!("sha256:{h}")))
+}
+
+fn token_batch() -> impl Strategy<Value = TokenBatch> {
+    (
+        1usize..5,
+        2usize..40,
+        any::<u64>(),
+        0u64..10,
+        "[a-z0-9-]{0,12}",
+        fp(),
+    )
+        .prop_flat_map(|(rows, window, seq, epoch, run_id, tokenizer)| {
+            (
+                prop::collection::vec(any::<u32>(), rows * window),
+                prop::collection::vec(0..=window as u32, rows),
+                prop::collection::vec(prop::collection::btree_set(0..window as u32, 0..4), rows),
+            )
+                .prop_map(move |(tokens, lengths, starts)| TokenBatch {
+                    run_id: run_id.clone(),
+                    seq: seq >> 12,
+                    epoch,
+                    rows,
+                    window,
+                    tokenizer: tokenizer.clone(),
+                    tokens,
+                    lengths,
+                    doc_starts: starts
+                        .into_iter()
+                        .map(|s| s.into_iter().collect())
+                        .collect(),
+                })
+        })
+}
+
+fn message() -> impl Strategy<Value = Message> {
+    let run = "[a-z0-9]{0,8}";
+    prop_oneof![
+        token_batch().prop_map(Message::Batch),
+        (token_batch(), fp()).prop_flat_map(|(batch, ref_model)| {
+            let n = batch.rows * (batch.window - 1);
+            prop::collection::vec(-100f32..100f32, n).prop_map(move |ref_loss| {
+                Message::Scored(ScoredBatch {
+                    batch: batch.clone(),
+                    ref_model: ref_model.clone(),
+                    ref_loss,
+                })
+            })
+        }),
+        (run, any::<u32>()).prop_map(|(r, n)| Message::Credit(Credit { run_id: r, n })),
+        (run, prop::collection::vec(0u64..1 << 50, 0..20))
+            .prop_map(|(r, seqs)| Message::Ack(Ack { run_id: r, seqs })),
+        (run, 0u64..1 << 50).prop_map(|(r, at_ms)| Message::Heartbeat(Heartbeat {
+            run_id: r,
+            role: Role::Selector,
+            at_ms
+        })),
+        (run, 0u64..1 << 50).prop_map(|(r, n)| Message::Resume(Resume {
+            run_id: r,
+            next_seq: n
+        })),
+        (run, ".{0,30}").prop_map(|(r, reason)| Message::Shutdown(Shutdown { run_id: r, reason })),
+        (run, 0u64..1 << 50).prop_map(|(r, total)| Message::End(End { run_id: r, total })),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn every_message_round_trips(m in message()) {
+        let frames = m.encode();
+        let back = Message::decode(&frames, &Limits::default()).unwrap();
+        prop_assert_eq!(back, m);
+    }
+
+    #[test]
+    fn random_frames_never_panic(frames in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..200), 0..4)) {
+        let frames: Vec<Bytes> = frames.into_iter().map(Bytes::from).collect();
+        let _ = Message::decode(&frames, &Limits::default());
+    }
+
+    #[test]
+    fn truncated_tensor_frames_are_refused(b in token_batch(), cut in 1usize..8) {
+        let mut frames = Message::Batch(b).encode();
+        let len = frames[1].len();
+        frames[1] = frames[1].slice(..len.saturating_sub(cut));
+        let refused = matches!(Message::decode(&frames, &Limits::default()), Err(DecodeError::FrameSize { .. }));
+        prop_assert!(refused);
+    }
+
+    #[test]
+    fn truncated_headers_are_refused(m in message(), keep in 0.0f64..1.0) {
+        let mut frames = m.encode();
+        let n = (frames[0].len() as f64 * keep) as usize;
+        frames[0] = frames[0].slice(..n);
+        prop_assert!(Message::decode(&frames, &Limits::default()).is_err());
+    }
+
+    #[test]
+    fn mutated_headers_never_panic(m in message(), at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+        let mut frames = m.encode();
+        let mut h = frames[0].to_vec();
+        let i = at.index(h.len());
+        h[i] = byte;
+        frames[0] = Bytes::from(h);
+        let _ = Message::decode(&frames, &Limits::default());
+    }
+}
+
+fn header_of(m: &Message) -> serde_json::Value {
+    serde_json::from_slice(&m.encode()[0]).unwrap()
+}
+
+fn with_header(m: &Message, edit: impl FnOnce(&mut serde_json::Value)) -> Vec<Bytes> {
+    let mut frames = m.encode();
+    let mut h = header_of(m);
+    edit(&mut h);
+    frames[0] = Bytes::from(serde_json::to_vec(&h).unwrap());
+    frames
+}
+
+fn sample_batch() -> Message {
+    Message::Batch(TokenBatch {
+        run_id: "r".into(),
+        seq: 3,
+        epoch: 0,
+        rows: 2,
+        window: 4,
+        tokenizer: Fingerprint::of_bytes(b"tok"),
+        tokens: (0..8).collect(),
+        lengths: vec![4, 3],
+        doc_starts: vec![vec![0, 2], vec![]],
+    })
+}
+
+#[test]
+fn version_is_checked() {
+    let frames = with_header(&sample_batch(), |h| h["rho"] = 2.into());
+    assert_eq!(
+        Message::decode(&frames, &Limits::default()),
+        Err(DecodeError::Version {
+            got: 2,
+            supported: 1
+        })
+    );
+}
+
+#[test]
+fn oversized_messages_are_refused_before_parsing() {
+    let limits = Limits {
+        max_message_bytes: 16,
+        max_header_bytes: 16,
+    };
+    let err = Message::decode(&sample_batch().encode(), &limits).unwrap_err();
+    assert!(
+        matches!(err, DecodeError::TooLarge { max: 16, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_claimed_shape_larger_than_the_frame_is_refused() {
+    let frames = with_header(&sample_batch(), |h| {
+        h["tensors"][0]["shape"] = serde_json::json!([2, 1u64 << 40]);
+    });
+    assert!(Message::decode(&frames, &Limits::default()).is_err());
+    let frames = with_header(&sample_batch(), |h| {
+        h["tensors"][0]["shape"] = serde_json::json!([u64::MAX, u64::MAX]);
+        h["lengths"] = serde_json::json!([0]);
+    });
+    assert!(Message::decode(&frames, &Limits::default()).is_err());
+}
+
+#[test]
+fn inconsistent_fields_name_the_field() {
+    let cases: Vec<(Box<dyn FnOnce(&mut serde_json::Value)>, &str)> = vec![
+        (
+            Box::new(|h| h["lengths"] = serde_json::json!([5, 3])),
+            "lengths",
+        ),
+        (
+            Box::new(|h| h["doc_starts"] = serde_json::json!([[2, 2], []])),
+            "doc_starts",
+        ),
+        (
+            Box::new(|h| h["doc_starts"] = serde_json::json!([[9], []])),
+            "doc_starts",
+        ),
+        (
+            Box::new(|h| h["doc_starts"] = serde_json::json!([[]])),
+            "doc_starts",
+        ),
+        (
+            Box::new(|h| h["tensors"][0]["dtype"] = "i64".into()),
+            "tokens",
+        ),
+        (Box::new(|h| h["kind"] = "bogus".into()), "bogus"),
+        (
+            Box::new(|h| h["ref_model"] = "sha256:00".into()),
+            "ref_model",
+        ),
+    ];
+    for (edit, needle) in cases {
+        let frames = with_header(&sample_batch(), edit);
+        let err = Message::decode(&frames, &Limits::default()).unwrap_err();
+        assert!(
+            err.to_string().contains(needle),
+            "{err} should mention {needle}"
+        );
+    }
+}
+
+#[test]
+fn frame_count_is_checked() {
+    let mut frames = sample_batch().encode();
+    frames.push(Bytes::from_static(b"extra"));
+    assert!(matches!(
+        Message::decode(&frames, &Limits::default()),
+        Err(DecodeError::FrameCount { .. })
+    ));
+    let mut credit = Message::Credit(Credit {
+        run_id: "r".into(),
+        n: 1,
+    })
+    .encode();
+    credit.push(Bytes::new());
+    assert!(Message::decode(&credit, &Limits::default()).is_err());
+    assert_eq!(
+        Message::decode(&[], &Limits::default()),
+        Err(DecodeError::Empty)
+    );
+}
+
+#[test]
+fn header_layout_is_the_documented_one() {
+    // docs/PROTOCOL.md shows this header; keep the two in step.
+    let h = header_of(&sample_batch());
+    assert_eq!(h["rho"], 1);
+    assert_eq!(h["kind"], "batch");
+    assert_eq!(h["tensors"][0]["name"], "tokens");
+    assert_eq!(h["tensors"][0]["dtype"], "u32");
+    assert_eq!(h["tensors"][0]["shape"], serde_json::json!([2, 4]));
+    let frames = sample_batch().encode();
+    assert_eq!(&frames[1][..8], &[0, 0, 0, 0, 1, 0, 0, 0]);
+}
