@@ -1,1 +1,151 @@
-fn main() {}
+//! `rho`: one executable for every process of a Selective Language Modeling run.
+//!
+//! This file parses arguments, sets up logging and hands over to the libraries.
+
+mod bench;
+mod corpus;
+mod demo;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "rho",
+    version,
+    about = "Selective Language Modeling (Rho-1) as a streaming system"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The embedded default: synthetic corpus, tokenizer, loader and a consumer, end to end.
+    Demo(demo::DemoArgs),
+    /// Stream, tokenize, pack and serve batches.
+    Loader(LoaderArgs),
+    /// Tokenizer tools.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+    /// Benchmarks whose numbers go to docs/BENCHMARKS.md.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Write a synthetic OpenWebMath-style corpus as parquet shards.
+    Synth(corpus::SynthArgs),
+}
+
+#[derive(Args)]
+struct LoaderArgs {
+    /// Loader config (JSON); see configs/loader.json.
+    #[arg(long)]
+    config: PathBuf,
+    /// Start at this batch sequence number (overrides `start_batch`).
+    #[arg(long)]
+    start_batch: Option<u64>,
+    /// Bind this endpoint (overrides `endpoint`).
+    #[arg(long)]
+    endpoint: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a byte-level BPE tokenizer on shards.
+    Train {
+        /// Shard files, directories or globs.
+        #[arg(long, required = true, num_args = 1..)]
+        input: Vec<String>,
+        #[arg(long, default_value_t = 8192)]
+        vocab_size: usize,
+        /// Column or key holding the text.
+        #[arg(long, default_value = "text")]
+        text_field: String,
+        /// Train on at most this many documents.
+        #[arg(long)]
+        max_docs: Option<u64>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Demo(args) => demo::run(args).await,
+            Command::Loader(args) => {
+                let mut config = rho_loader::LoaderConfig::load(&args.config)?;
+                if let Some(n) = args.start_batch {
+                    config.start_batch = n;
+                }
+                if let Some(e) = args.endpoint {
+                    config.endpoint = e;
+                }
+                let report = rho_loader::run(config, shutdown_signal()).await?;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
+            Command::Tokenizer(TokenizerCommand::Train {
+                input,
+                vocab_size,
+                text_field,
+                max_docs,
+                out,
+            }) => {
+                let data = rho_loader::DataConfig {
+                    paths: input,
+                    text_field,
+                    format: rho_loader::FormatChoice::Auto,
+                };
+                let report = rho_loader::train::train_bpe(&data, vocab_size, max_docs, &out)
+                    .with_context(|| format!("training a tokenizer into {}", out.display()))?;
+                eprintln!(
+                    "trained a byte-level BPE of {} tokens on {} documents: {}",
+                    report.vocab_size,
+                    report.documents,
+                    out.display()
+                );
+                Ok(())
+            }
+            Command::Bench(cmd) => bench::run(cmd).await,
+            Command::Synth(args) => corpus::run(args),
+        }
+    })
+}

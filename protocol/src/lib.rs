@@ -9,6 +9,7 @@
 //! message larger than [`Limits::max_message_bytes`] before looking inside it; and it never
 //! allocates more than the size of the frames it was given.
 
+pub mod client;
 mod codec;
 mod error;
 pub mod fingerprint;

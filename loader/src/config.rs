@@ -1,0 +1,322 @@
+//! The loader's configuration: a JSON file, every field documented, unknown fields refused.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+use crate::{LoaderError, Result};
+
+/// Shard formats; `auto` picks by file extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FormatChoice {
+    #[default]
+    Auto,
+    Parquet,
+    Jsonl,
+}
+
+/// Where the documents come from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Files, directories (every shard inside, recursively) or glob patterns.
+    pub paths: Vec<String>,
+    /// Column (parquet) or key (jsonl) holding the document text. Default `text`.
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
+    /// Default `auto`: `.parquet`, `.jsonl`/`.json`, `.jsonl.gz`, `.jsonl.zst` by extension.
+    #[serde(default)]
+    pub format: FormatChoice,
+}
+
+/// The loader process: read, tokenize, pack, order, batch, serve.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoaderConfig {
+    /// Identifies the run; every message carries it and messages of other runs are refused.
+    #[serde(default = "default_run_id")]
+    pub run_id: String,
+    pub data: DataConfig,
+    /// A HuggingFace `tokenizer.json`.
+    pub tokenizer: PathBuf,
+    /// Prepend the BOS token to each document. Default false.
+    #[serde(default)]
+    pub add_bos: bool,
+    /// Append the EOS token to each document (the separator between packed documents). Default true.
+    #[serde(default = "yes")]
+    pub add_eos: bool,
+    /// BOS token string; default: the first of `<s>`, `<|begin_of_text|>`, `<bos>` the vocabulary has.
+    #[serde(default)]
+    pub bos_token: Option<String>,
+    /// EOS token string; default: the first of `</s>`, `<|endoftext|>`, `<|end_of_text|>`, `<eos>`.
+    #[serde(default)]
+    pub eos_token: Option<String>,
+    /// Training sequence length T; windows hold T + 1 tokens.
+    pub seq_len: usize,
+    /// Windows per batch (B).
+    pub batch_size: usize,
+    /// Seed of shard order and window shuffle. Default 0.
+    #[serde(default)]
+    pub seed: u64,
+    /// Passes over the corpus. Default 1.
+    #[serde(default = "one_u32")]
+    pub epochs: u32,
+    /// Windows shuffled together (a block); 1 keeps corpus order. Default 64.
+    #[serde(default = "default_shuffle_window")]
+    pub shuffle_window: usize,
+    /// This loader's shard set when several loaders split a corpus: shards `i` with `i % world == rank`.
+    #[serde(default)]
+    pub rank: u32,
+    #[serde(default = "one_u32")]
+    pub world: u32,
+    /// Tokenizer threads; 0 = every core. Default 0.
+    #[serde(default)]
+    pub threads: usize,
+    /// ZeroMQ endpoint the loader binds (ROUTER). Default `tcp://127.0.0.1:5555`; port 0 picks one.
+    #[serde(default = "default_endpoint")]
+    pub endpoint: String,
+    /// Write the bound endpoint to this file once listening (useful with port 0).
+    #[serde(default)]
+    pub endpoint_file: Option<PathBuf>,
+    /// Batches issued and not yet acknowledged, at most. Default 16.
+    #[serde(default = "default_in_flight")]
+    pub max_in_flight: usize,
+    /// Batches prepared ahead of requests. Default 8.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+    /// Documents longer than this (bytes) are tokenized in pieces of this size. Default 1 MiB.
+    #[serde(default = "default_max_doc_bytes")]
+    pub max_doc_bytes: usize,
+    /// Where the shard index (token counts per shard, for cheap resumption) is kept.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// JSONL metrics file, one line per interval.
+    #[serde(default)]
+    pub metrics: Option<PathBuf>,
+    /// Seconds between metrics lines. Default 1.
+    #[serde(default = "default_interval")]
+    pub metrics_interval_secs: f64,
+    /// First batch sequence number to issue (resume). Default 0.
+    #[serde(default)]
+    pub start_batch: u64,
+    /// Largest message accepted. Default 256 MiB.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: u64,
+    /// Exit once every batch was issued and acknowledged. Default true.
+    #[serde(default = "yes")]
+    pub exit_when_done: bool,
+}
+
+fn default_text_field() -> String {
+    "text".into()
+}
+fn default_run_id() -> String {
+    "rho".into()
+}
+fn yes() -> bool {
+    true
+}
+fn one_u32() -> u32 {
+    1
+}
+fn default_shuffle_window() -> usize {
+    64
+}
+fn default_endpoint() -> String {
+    "tcp://127.0.0.1:5555".into()
+}
+fn default_in_flight() -> usize {
+    16
+}
+fn default_prefetch() -> usize {
+    8
+}
+fn default_max_doc_bytes() -> usize {
+    1 << 20
+}
+fn default_interval() -> f64 {
+    1.0
+}
+fn default_max_message() -> u64 {
+    256 << 20
+}
+
+fn field(field: &'static str, reason: impl Into<String>) -> LoaderError {
+    LoaderError::ConfigField {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl LoaderConfig {
+    /// Reads, parses and validates a config file. Relative paths in it are taken relative to
+    /// the file's directory.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoaderError::ConfigRead {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config: LoaderConfig =
+            serde_json::from_str(&text).map_err(|e| LoaderError::ConfigParse {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Makes relative paths relative to `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.tokenizer);
+        for p in [
+            &mut self.endpoint_file,
+            &mut self.state_dir,
+            &mut self.metrics,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            fix(p);
+        }
+        for p in &mut self.data.paths {
+            if Path::new(p).is_relative() {
+                *p = base.join(&*p).to_string_lossy().into_owned();
+            }
+        }
+    }
+
+    /// Checks every field that serde cannot; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.data.paths.is_empty() {
+            return Err(field(
+                "data.paths",
+                "name at least one file, directory or glob",
+            ));
+        }
+        if self.data.text_field.is_empty() {
+            return Err(field("data.text_field", "must not be empty"));
+        }
+        if self.seq_len == 0 {
+            return Err(field("seq_len", "must be at least 1"));
+        }
+        if self.seq_len > 1 << 20 {
+            return Err(field("seq_len", "must be at most 1048576"));
+        }
+        if self.batch_size == 0 {
+            return Err(field("batch_size", "must be at least 1"));
+        }
+        let bytes = (self.seq_len as u64 + 1) * self.batch_size as u64 * 4;
+        if bytes + (1 << 20) > self.max_message_bytes {
+            return Err(field(
+                "batch_size",
+                format!(
+                    "a batch of {bytes} bytes does not fit max_message_bytes = {}",
+                    self.max_message_bytes
+                ),
+            ));
+        }
+        if self.epochs == 0 {
+            return Err(field("epochs", "must be at least 1"));
+        }
+        if self.shuffle_window == 0 {
+            return Err(field(
+                "shuffle_window",
+                "must be at least 1 (1 = no shuffle)",
+            ));
+        }
+        if self.world == 0 {
+            return Err(field("world", "must be at least 1"));
+        }
+        if self.rank >= self.world {
+            return Err(field(
+                "rank",
+                format!("{} is not below world = {}", self.rank, self.world),
+            ));
+        }
+        if self.max_in_flight == 0 {
+            return Err(field("max_in_flight", "must be at least 1"));
+        }
+        if self.prefetch == 0 {
+            return Err(field("prefetch", "must be at least 1"));
+        }
+        if self.max_doc_bytes < 1024 {
+            return Err(field("max_doc_bytes", "must be at least 1024"));
+        }
+        if !(self.metrics_interval_secs > 0.0) {
+            return Err(field("metrics_interval_secs", "must be positive"));
+        }
+        if !self.endpoint.starts_with("tcp://") && !self.endpoint.starts_with("ipc://") {
+            return Err(field(
+                "endpoint",
+                format!("`{}` is not a tcp:// or ipc:// endpoint", self.endpoint),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Tokens per window (T + 1).
+    pub fn window(&self) -> usize {
+        self.seq_len + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> serde_json::Value {
+        serde_json::json!({
+            "data": {"paths": ["shards/"]},
+            "tokenizer": "tokenizer.json",
+            "seq_len": 16,
+            "batch_size": 2
+        })
+    }
+
+    fn parse(v: &serde_json::Value) -> Result<LoaderConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loader.json");
+        std::fs::write(&path, v.to_string()).unwrap();
+        LoaderConfig::load(&path)
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let c = parse(&minimal()).unwrap();
+        assert_eq!((c.epochs, c.world, c.shuffle_window), (1, 1, 64));
+        assert!(c.add_eos && !c.add_bos);
+        assert!(c.tokenizer.is_absolute());
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+            ("seq_lenn", serde_json::json!(3), "seq_lenn"),
+            ("seq_len", serde_json::json!(0), "seq_len"),
+            ("batch_size", serde_json::json!(0), "batch_size"),
+            ("rank", serde_json::json!(3), "rank"),
+            ("shuffle_window", serde_json::json!(0), "shuffle_window"),
+            ("endpoint", serde_json::json!("http://x"), "endpoint"),
+            ("epochs", serde_json::json!("two"), "epochs"),
+        ];
+        for (key, value, needle) in cases {
+            let mut v = minimal();
+            v[key] = value;
+            let err = parse(&v).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err} should name {needle}");
+        }
+        let mut v = minimal();
+        v["data"]["colum"] = "x".into();
+        assert!(parse(&v).unwrap_err().to_string().contains("colum"));
+        let mut v = minimal();
+        v["data"]["paths"] = serde_json::json!([]);
+        assert!(parse(&v).unwrap_err().to_string().contains("data.paths"));
+    }
+}

@@ -1,0 +1,35 @@
+use std::path::PathBuf;
+use thiserror::Error;
+
+/// Everything that stops a loader. Bad *data* never does: it is skipped, counted and logged.
+#[derive(Debug, Error)]
+pub enum LoaderError {
+    #[error("cannot read config {path}: {source}")]
+    ConfigRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {reason}")]
+    ConfigParse { path: PathBuf, reason: String },
+    #[error("invalid config: field `{field}`: {reason}")]
+    ConfigField { field: &'static str, reason: String },
+    #[error("tokenizer {path}: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+    #[error("no shard found for `data.paths` {patterns:?}")]
+    NoShards { patterns: Vec<String> },
+    #[error("the corpus yields no tokens (all {shards} shards empty or unreadable)")]
+    EmptyCorpus { shards: usize },
+    #[error("cannot start at batch {seq}: the stream holds {total} batches")]
+    SeekPastEnd { seq: u64, total: u64 },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("transport: {0}")]
+    Transport(String),
+    #[error("tokenizer training failed: {0}")]
+    Training(String),
+}
+
+pub type Result<T, E = LoaderError> = std::result::Result<T, E>;

@@ -1,0 +1,157 @@
+//! The loader's counters, named in one place, and their JSONL and terminal reports.
+
+use serde::Serialize;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Live counters, shared by the reading, tokenizing and serving threads.
+        #[derive(Debug, Default)]
+        pub struct Metrics { $($(#[$doc])* pub $name: AtomicU64,)* }
+
+        /// A point-in-time copy of [`Metrics`].
+        #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+        pub struct Counts { $(pub $name: u64,)* }
+
+        impl Metrics {
+            pub fn snapshot(&self) -> Counts {
+                Counts { $($name: self.$name.load(Relaxed),)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Documents tokenized.
+    docs,
+    /// Tokens produced (BOS/EOS included).
+    tokens,
+    /// Bytes of document text read.
+    text_bytes,
+    /// Documents cut into pieces because they exceed `max_doc_bytes`.
+    docs_chunked,
+    /// Rows skipped: null or missing text.
+    rows_no_text,
+    /// Rows skipped: invalid UTF-8.
+    rows_bad_utf8,
+    /// Rows skipped: a JSON line that does not parse or is not an object.
+    rows_bad_json,
+    /// Rows skipped: empty or whitespace-only text.
+    docs_empty,
+    /// Shards read to the end.
+    shards_read,
+    /// Shards, or parts of shards, that could not be read (missing, truncated, corrupt).
+    shards_damaged,
+    /// Windows packed.
+    windows,
+    /// Batches assembled.
+    batches_produced,
+    /// Batches sent (redeliveries included).
+    batches_sent,
+    /// Batches sent again after a failed delivery.
+    redeliveries,
+    /// Batches acknowledged.
+    batches_acked,
+    /// Acknowledgements for batches not in flight.
+    unknown_acks,
+    /// Messages refused: malformed, oversized or of another run.
+    messages_rejected,
+    /// Batches in flight now (gauge).
+    in_flight,
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    pub fn set(counter: &AtomicU64, n: u64) {
+        counter.store(n, Relaxed);
+    }
+}
+
+impl Counts {
+    /// Rows skipped for any reason.
+    pub fn skipped(&self) -> u64 {
+        self.rows_no_text + self.rows_bad_utf8 + self.rows_bad_json + self.docs_empty
+    }
+}
+
+/// Writes one JSON line per interval: counters and rates since start.
+pub struct Reporter {
+    file: Option<std::fs::File>,
+    start: Instant,
+    progress: indicatif::ProgressBar,
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    elapsed_s: f64,
+    #[serde(flatten)]
+    counts: &'a Counts,
+    docs_per_s: f64,
+    tokens_per_s: f64,
+    mb_per_s: f64,
+}
+
+impl Reporter {
+    pub fn new(path: Option<&Path>) -> std::io::Result<Self> {
+        let file = match path {
+            Some(p) => {
+                if let Some(dir) = p.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                Some(std::fs::File::create(p)?)
+            }
+            None => None,
+        };
+        let progress = indicatif::ProgressBar::new_spinner();
+        progress.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} loader {elapsed} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        Ok(Reporter {
+            file,
+            start: Instant::now(),
+            progress,
+        })
+    }
+
+    pub fn report(&mut self, counts: &Counts) {
+        let elapsed = self.start.elapsed().as_secs_f64().max(1e-9);
+        let line = Line {
+            elapsed_s: elapsed,
+            counts,
+            docs_per_s: counts.docs as f64 / elapsed,
+            tokens_per_s: counts.tokens as f64 / elapsed,
+            mb_per_s: counts.text_bytes as f64 / elapsed / 1e6,
+        };
+        if let Some(f) = &mut self.file {
+            if let Ok(mut s) = serde_json::to_vec(&line) {
+                s.push(b'\n');
+                let _ = f.write_all(&s);
+            }
+        }
+        self.progress.set_message(format!(
+            "docs {} | tokens {} ({:.0}/s, {:.1} MB/s) | batches sent {} acked {} in flight {} | skipped {} damaged {}",
+            counts.docs,
+            counts.tokens,
+            line.tokens_per_s,
+            line.mb_per_s,
+            counts.batches_sent,
+            counts.batches_acked,
+            counts.in_flight,
+            counts.skipped(),
+            counts.shards_damaged,
+        ));
+        self.progress.tick();
+    }
+
+    pub fn finish(&mut self, counts: &Counts) {
+        self.report(counts);
+        self.progress.finish_and_clear();
+    }
+}
