@@ -280,7 +280,6 @@ impl Stream {
         live: bool,
         mut on: impl FnMut(Scanned<'_>) -> Flow,
     ) {
-        let (tx, rx) = flume::bounded::<Read>(4);
         let tokenizer = &self.tokenizer;
         let metrics = &self.metrics;
         let text_field = self.config.data.text_field.as_str();
@@ -289,6 +288,9 @@ impl Stream {
             .map(|&p| (p, &self.shards[order[p]]))
             .collect();
         std::thread::scope(|scope| {
+            // Created inside the scope: returning early drops `rx`, which stops the reader
+            // before the scope joins it.
+            let (tx, rx) = flume::bounded::<Read>(4);
             scope.spawn(move || read_shards(&shards, text_field, tokenizer, metrics, live, tx));
             let mut shard_tokens = 0u64;
             for msg in rx.iter() {

@@ -1,0 +1,206 @@
+//! The batch stream: determinism, resumption, packing against plain `tokenizers`, epochs, ranks.
+
+mod common;
+
+use common::*;
+use rho_loader::order::shard_order;
+use rho_protocol::TokenBatch;
+
+/// The real tokens of every row, concatenated in stream order (assumes no shuffling).
+fn flatten(batches: &[TokenBatch]) -> Vec<u32> {
+    let mut out = Vec::new();
+    for b in batches {
+        for r in 0..b.rows {
+            out.extend_from_slice(&b.row(r)[..b.lengths[r] as usize]);
+        }
+    }
+    out
+}
+
+fn expected_ids(tk: &tokenizers::Tokenizer, docs: &[String], eos: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for d in docs {
+        out.extend_from_slice(tk.encode(d.as_str(), false).unwrap().get_ids());
+        out.push(eos);
+    }
+    out
+}
+
+#[test]
+fn ids_equal_plain_tokenizers_for_two_tokenizer_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let shards = parquet_corpus(&data, 3, 40);
+    let all: Vec<String> = shards.concat();
+    let bpe = bpe_tokenizer(&data, &dir.path().join("bpe.json"));
+    let wp = wordpiece_tokenizer(&all, &dir.path().join("wp.json"));
+    for (path, eos_name) in [(bpe, "</s>"), (wp, "[SEP]")] {
+        let mut cfg = config(&data, &path, 31, 3);
+        cfg.shuffle_window = 1;
+        cfg.eos_token = Some(eos_name.into());
+        let (batches, counts) = batches(&cfg, 0);
+        let tk = tokenizers::Tokenizer::from_file(&path).unwrap();
+        let eos = tk.token_to_id(eos_name).unwrap();
+        // Documents in the epoch's shard order.
+        let order = shard_order(3, cfg.seed, 0);
+        let docs: Vec<String> = order.iter().flat_map(|&s| shards[s].clone()).collect();
+        let expected = expected_ids(&tk, &docs, eos);
+        assert!(
+            flatten(&batches) == expected,
+            "tokenizer {eos_name}: ids differ"
+        );
+        assert_eq!(counts.docs, 120);
+        assert_eq!(counts.tokens, expected.len() as u64);
+        // Document starts point at the token after each EOS.
+        let mut starts = Vec::new();
+        let mut pos = 0;
+        for d in &docs {
+            starts.push(pos);
+            pos += tk.encode(d.as_str(), false).unwrap().len() + 1;
+        }
+        let got: Vec<usize> = batches
+            .iter()
+            .flat_map(|b| (0..b.rows).map(move |r| (b, r)))
+            .enumerate()
+            .flat_map(|(i, (b, r))| b.doc_starts[r].iter().map(move |&s| i * 32 + s as usize))
+            .collect();
+        assert_eq!(got, starts);
+    }
+}
+
+#[test]
+fn resuming_at_any_batch_is_bit_identical_and_skips_tokenization() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    parquet_corpus(&data, 5, 30);
+    let tok = bpe_tokenizer(&data, &dir.path().join("bpe.json"));
+    let mut cfg = config(&data, &tok, 15, 2);
+    cfg.epochs = 2;
+    cfg.state_dir = Some(dir.path().join("state"));
+    let (full, full_counts) = batches(&cfg, 0);
+    assert!(full.len() > 40, "{} batches", full.len());
+    for (i, b) in full.iter().enumerate() {
+        assert_eq!(b.seq, i as u64);
+    }
+    // The uninterrupted run wrote the shard index, so a resume tokenizes only from the shard
+    // where its block starts: in epoch 1, nothing of epoch 0; at the last batch, at most 2 of
+    // the 5 shards (30 documents each).
+    for start in [
+        1,
+        7,
+        full.len() as u64 / 2 - 1,
+        full.len() as u64 / 2 + 3,
+        full.len() as u64 - 1,
+    ] {
+        let (resumed, counts) = batches(&cfg, start);
+        assert!(
+            resumed[..] == full[start as usize..],
+            "resume at {start} differs"
+        );
+        assert!(counts.docs <= full_counts.docs);
+        if start > full.len() as u64 / 2 {
+            assert!(
+                counts.docs <= full_counts.docs / 2,
+                "resume at {start} re-tokenized {} docs",
+                counts.docs
+            );
+        }
+    }
+    let (_, last) = batches(&cfg, full.len() as u64 - 1);
+    assert!(
+        last.docs <= 60,
+        "resume at the last batch re-tokenized {} docs",
+        last.docs
+    );
+    // A resumed run that is stopped and resumed again.
+    let (first, _) = batches_limit(&cfg, 5, 9);
+    let next = first.last().unwrap().seq + 1;
+    let (second, _) = batches(&cfg, next);
+    let mut stitched = full[..5].to_vec();
+    stitched.extend(first);
+    stitched.extend(second);
+    assert!(stitched == full, "stitched resumes differ");
+    // Past the end: a clear error.
+    let metrics = std::sync::Arc::new(rho_loader::metrics::Metrics::default());
+    let mut s = rho_loader::Stream::new(&cfg, metrics).unwrap();
+    let err = s
+        .run(full.len() as u64, |_| rho_loader::Flow::Continue)
+        .unwrap_err();
+    assert!(err.to_string().contains("holds"), "{err}");
+}
+
+#[test]
+fn resuming_without_an_index_counts_and_still_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    parquet_corpus(&data, 3, 20);
+    let tok = bpe_tokenizer(&data, &dir.path().join("bpe.json"));
+    let cfg = config(&data, &tok, 20, 3);
+    let (full, _) = batches(&cfg, 0);
+    let (resumed, _) = batches(&cfg, 4);
+    assert_eq!(&resumed[..], &full[4..]);
+}
+
+#[test]
+fn order_depends_on_the_seed_and_epochs_differ() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    parquet_corpus(&data, 4, 20);
+    let tok = bpe_tokenizer(&data, &dir.path().join("bpe.json"));
+    let mut cfg = config(&data, &tok, 15, 1);
+    cfg.epochs = 2;
+    let (a, _) = batches(&cfg, 0);
+    let (a2, _) = batches(&cfg, 0);
+    assert!(a == a2, "same seed, different batches");
+    cfg.seed = 1;
+    let (b, _) = batches(&cfg, 0);
+    assert_eq!(a.len(), b.len());
+    assert!(a != b, "different seeds, same batches");
+    // Both epochs hold the same tokens, in a different order.
+    let half = a.len() / 2;
+    let key = |bs: &[TokenBatch]| {
+        let mut v = flatten(bs);
+        v.sort();
+        v
+    };
+    assert!(
+        key(&a[..half]) == key(&a[half..]),
+        "epochs hold different tokens"
+    );
+    assert!(
+        flatten(&a[..half]) != flatten(&a[half..]),
+        "epochs in the same order"
+    );
+    assert_eq!(a[half].epoch, 1);
+}
+
+#[test]
+fn ranks_split_shards_and_interleave_sequence_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    parquet_corpus(&data, 4, 15);
+    let tok = bpe_tokenizer(&data, &dir.path().join("bpe.json"));
+    let mut cfg = config(&data, &tok, 15, 2);
+    cfg.world = 2;
+    let mut seen = Vec::new();
+    let mut tokens = 0;
+    for rank in 0..2 {
+        cfg.rank = rank;
+        let (bs, counts) = batches(&cfg, 0);
+        assert_eq!(counts.docs, 30);
+        tokens += counts.tokens;
+        for (i, b) in bs.iter().enumerate() {
+            assert_eq!(b.seq, i as u64 * 2 + u64::from(rank));
+        }
+        seen.extend(bs.iter().map(|b| b.seq));
+        // Resume works per rank too.
+        let (resumed, _) = batches(&cfg, 3);
+        assert!(resumed[..] == bs[3..], "rank {rank} resume differs");
+    }
+    cfg.world = 1;
+    cfg.rank = 0;
+    assert_eq!(batches(&cfg, 0).1.tokens, tokens);
+    seen.sort();
+    seen.dedup();
+    assert!(seen.len() > 4);
+}
