@@ -1,0 +1,23 @@
+//! Every shipped config parses and validates.
+
+use std::path::Path;
+
+#[test]
+fn every_config_in_configs_parses() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("loader") {
+            rho_loader::LoaderConfig::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        } else {
+            panic!("{name}: no parser knows this config; name it after its process (loader-*.json, ...)");
+        }
+        seen += 1;
+    }
+    assert!(seen >= 2, "configs/ holds {seen} configs");
+}
