@@ -156,15 +156,27 @@ impl LoaderConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut config: LoaderConfig =
-            serde_json::from_str(&text).map_err(|e| LoaderError::ConfigParse {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
+        let mut config = Self::parse(&text).map_err(|reason| LoaderError::ConfigParse {
+            path: path.to_path_buf(),
+            reason,
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         config.validate()?;
         Ok(config)
+    }
+
+    /// Parses JSON text; an error names the field at fault (`field `data.paths`: ...`).
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            if path == "." {
+                e.inner().to_string()
+            } else {
+                format!("field `{path}`: {}", e.inner())
+            }
+        })
     }
 
     /// Makes relative paths relative to `base`.
