@@ -1,1 +1,17 @@
-//! placeholder
+//! Decoder-only language models of the Llama family on candle (Llama / TinyLlama, Mistral,
+//! Qwen2), HuggingFace checkpoint reading and writing, and exact per-token losses.
+//!
+//! The same weights serve a fused inference path (selectors) and a differentiable plain path
+//! (the trainer); see [`Path`].
+
+pub mod checkpoint;
+pub mod config;
+mod error;
+pub mod loss;
+pub mod model;
+pub mod rope;
+
+pub use config::{Config, Family, HfConfig, RopeScaling};
+pub use error::{ModelError, Result};
+pub use loss::per_token_loss;
+pub use model::{DecoderLm, Path};

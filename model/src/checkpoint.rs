@@ -1,0 +1,136 @@
+//! HuggingFace checkpoint directories: `config.json` plus `model.safetensors`, or shards listed
+//! in `model.safetensors.index.json`; read and written the same way.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::HfConfig;
+use crate::model::DecoderLm;
+use crate::{ModelError, Result};
+
+fn err(path: &Path, reason: impl Into<String>) -> ModelError {
+    ModelError::Checkpoint {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// The weight files of a checkpoint directory, in a stable order.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| err(&index, e.to_string()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| err(&index, e.to_string()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| err(&index, "no `weight_map` object"))?;
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|f| f.as_str().map(String::from))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    Err(err(
+        dir,
+        "neither model.safetensors nor model.safetensors.index.json is there",
+    ))
+}
+
+/// Reads `config.json` of a checkpoint directory.
+pub fn read_config(dir: &Path) -> Result<HfConfig> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| err(&path, e.to_string()))?;
+    HfConfig::from_json(&text).map_err(|e| err(&path, e.to_string()))
+}
+
+/// Reads every tensor of a checkpoint directory.
+pub fn read_tensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut all = HashMap::new();
+    for file in weight_files(dir)? {
+        let part =
+            candle_core::safetensors::load(&file, device).map_err(|e| err(&file, e.to_string()))?;
+        all.extend(part);
+    }
+    Ok(all)
+}
+
+/// Loads a checkpoint directory as a model, weights converted to `dtype`.
+pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<DecoderLm> {
+    let config = read_config(dir)?.into_config()?;
+    let tensors = read_tensors(dir, device)?;
+    DecoderLm::from_tensors(config, &tensors, dtype)
+}
+
+/// Writes `config.json` and the tensors as a HuggingFace checkpoint directory: one
+/// `model.safetensors`, or, above `max_shard_bytes`, shards `model-0000i-of-0000n.safetensors`
+/// with `model.safetensors.index.json`. Files are written to temporary names and renamed.
+pub fn save(
+    dir: &Path,
+    config_json: &serde_json::Value,
+    tensors: &HashMap<String, Tensor>,
+    max_shard_bytes: Option<u64>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| err(dir, e.to_string()))?;
+    let sorted: BTreeMap<&String, &Tensor> = tensors.iter().collect();
+    let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+    let limit = max_shard_bytes.unwrap_or(u64::MAX).max(1);
+    let mut shards: Vec<Vec<(&String, &Tensor)>> = vec![Vec::new()];
+    let mut current = 0u64;
+    for (name, t) in sorted {
+        if current > 0 && current + size(t) > limit {
+            shards.push(Vec::new());
+            current = 0;
+        }
+        current += size(t);
+        shards
+            .last_mut()
+            .expect("at least one shard")
+            .push((name, t));
+    }
+    let write = |name: &str, items: &[(&String, &Tensor)]| -> Result<()> {
+        let path = dir.join(name);
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let map: HashMap<String, Tensor> = items
+            .iter()
+            .map(|(n, t)| ((*n).clone(), (*t).clone()))
+            .collect();
+        candle_core::safetensors::save(&map, &tmp).map_err(|e| err(&tmp, e.to_string()))?;
+        std::fs::rename(&tmp, &path).map_err(|e| err(&path, e.to_string()))
+    };
+    if shards.len() == 1 {
+        write("model.safetensors", &shards[0])?;
+    } else {
+        let n = shards.len();
+        let mut weight_map = serde_json::Map::new();
+        for (i, items) in shards.iter().enumerate() {
+            let name = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+            write(&name, items)?;
+            for (t, _) in items {
+                weight_map.insert((*t).clone(), name.clone().into());
+            }
+        }
+        let total: u64 = tensors.values().map(size).sum();
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let path = dir.join("model.safetensors.index.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&index).unwrap_or_default())
+            .map_err(|e| err(&path, e.to_string()))?;
+    }
+    let path = dir.join("config.json");
+    std::fs::write(
+        &path,
+        serde_json::to_vec_pretty(config_json).unwrap_or_default(),
+    )
+    .map_err(|e| err(&path, e.to_string()))?;
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! Exact per-token losses: `log_softmax` + gather in f32, for every position, computed over
+//! chunks of positions so that the full `[B*T, vocab]` logits never exist at once.
+
+use candle_core::{DType, Tensor, D};
+
+use crate::model::{DecoderLm, Path};
+use crate::{ModelError, Result};
+
+/// Positions per logits chunk when the caller does not choose: keeps a chunk's f32 logits near
+/// 32 MiB (256 positions for a 32k vocabulary).
+pub fn default_chunk(vocab: usize) -> usize {
+    ((32usize << 20) / (vocab.max(1) * 4)).clamp(16, 4096)
+}
+
+/// `-ln p(ids[b][t+1] | ids[b][..=t])` for every row `b` and position `t < W - 1`, as `[B, W-1]`
+/// f32, from token ids `[B, W]` (u32).
+pub fn per_token_loss(
+    model: &DecoderLm,
+    ids: &Tensor,
+    path: Path,
+    chunk: Option<usize>,
+) -> Result<Tensor> {
+    let (b, w) = ids.dims2()?;
+    if w < 2 {
+        return Err(ModelError::Config {
+            field: "ids",
+            reason: "a row needs at least 2 tokens".into(),
+        });
+    }
+    let vocab = model.config().vocab_size;
+    if let Some(bad) = ids
+        .flatten_all()?
+        .to_vec1::<u32>()?
+        .into_iter()
+        .find(|&i| i as usize >= vocab)
+    {
+        return Err(ModelError::TokenOutOfRange { id: bad, vocab });
+    }
+    let t = w - 1;
+    let inputs = ids.narrow(1, 0, t)?.contiguous()?;
+    let targets = ids.narrow(1, 1, t)?.flatten_all()?;
+    let hidden = model.hidden(&inputs, path)?;
+    let h = hidden.dim(2)?;
+    let hidden = hidden.reshape((b * t, h))?;
+    let head = model.lm_head().t()?;
+    let chunk = chunk.unwrap_or_else(|| default_chunk(vocab)).max(1);
+    let mut parts = Vec::new();
+    let n = b * t;
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let logits = hidden
+            .narrow(0, start, len)?
+            .matmul(&head)?
+            .to_dtype(DType::F32)?;
+        let max = logits.max_keepdim(D::Minus1)?;
+        let lse = (logits
+            .broadcast_sub(&max)?
+            .exp()?
+            .sum_keepdim(D::Minus1)?
+            .log()?
+            + &max)?;
+        let idx = targets.narrow(0, start, len)?.unsqueeze(1)?;
+        let picked = logits.gather(&idx, 1)?;
+        parts.push((lse - picked)?.squeeze(1)?);
+        start += len;
+    }
+    Ok(Tensor::cat(&parts, 0)?.reshape((b, t))?)
+}

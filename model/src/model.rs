@@ -1,0 +1,319 @@
+//! The decoder: embeddings, `num_layers` pre-norm blocks (grouped-query attention with RoPE,
+//! optional sliding window and q/k/v biases; SwiGLU MLP), a final RMSNorm and the LM head.
+//!
+//! One set of weights serves two paths ([`Path`]): the fused path uses candle's fused kernels
+//! (`rms_norm`, `softmax_last_dim`, `rope`), which have no backward pass; the plain path uses
+//! only differentiable tensor ops, for training.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use crate::config::Config;
+use crate::{rope, ModelError, Result};
+
+/// Which kernels a forward pass uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Fused kernels: fastest, no gradients. For scoring.
+    Fused,
+    /// Differentiable tensor ops only. For training.
+    Plain,
+}
+
+#[derive(Debug, Clone)]
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// `x: [N, in]` -> `[N, out]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    window: Option<usize>,
+}
+
+/// A decoder-only causal LM of the Llama family.
+#[derive(Debug, Clone)]
+pub struct DecoderLm {
+    config: Config,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    device: Device,
+}
+
+/// Takes named tensors out of a map, reporting the first missing one by name.
+struct Weights<'a> {
+    map: &'a HashMap<String, Tensor>,
+    dtype: DType,
+}
+
+impl Weights<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self
+            .map
+            .get(name)
+            .ok_or_else(|| ModelError::MissingWeight {
+                name: name.to_string(),
+            })?;
+        if t.dims() != shape {
+            return Err(ModelError::WeightShape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got: t.dims().to_vec(),
+            });
+        }
+        Ok(t.to_dtype(self.dtype)?)
+    }
+
+    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        Ok(Linear {
+            weight: self.get(&format!("{prefix}.weight"), &[out, inp])?,
+            bias: if bias {
+                Some(self.get(&format!("{prefix}.bias"), &[out])?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+impl DecoderLm {
+    /// Builds the model from HuggingFace-named tensors (`model.layers.0.self_attn.q_proj.weight`, ...).
+    pub fn from_tensors(
+        config: Config,
+        map: &HashMap<String, Tensor>,
+        dtype: DType,
+    ) -> Result<Self> {
+        let w = Weights { map, dtype };
+        let (h, i, hd) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.head_dim,
+        );
+        let (nh, nkv) = (config.num_heads, config.num_kv_heads);
+        let embed = w.get("model.embed_tokens.weight", &[config.vocab_size, h])?;
+        let device = embed.device().clone();
+        let layers = (0..config.num_layers)
+            .map(|l| {
+                let p = format!("model.layers.{l}");
+                Ok(Layer {
+                    input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                    q: w.linear(
+                        &format!("{p}.self_attn.q_proj"),
+                        nh * hd,
+                        h,
+                        config.qkv_bias,
+                    )?,
+                    k: w.linear(
+                        &format!("{p}.self_attn.k_proj"),
+                        nkv * hd,
+                        h,
+                        config.qkv_bias,
+                    )?,
+                    v: w.linear(
+                        &format!("{p}.self_attn.v_proj"),
+                        nkv * hd,
+                        h,
+                        config.qkv_bias,
+                    )?,
+                    o: w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, config.o_bias)?,
+                    post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                    gate: w.linear(&format!("{p}.mlp.gate_proj"), i, h, config.mlp_bias)?,
+                    up: w.linear(&format!("{p}.mlp.up_proj"), i, h, config.mlp_bias)?,
+                    down: w.linear(&format!("{p}.mlp.down_proj"), h, i, config.mlp_bias)?,
+                    window: config.sliding_window.get(l).copied().flatten(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = w.get("model.norm.weight", &[h])?;
+        let lm_head = if config.tie_word_embeddings && !map.contains_key("lm_head.weight") {
+            embed.clone()
+        } else {
+            w.get("lm_head.weight", &[config.vocab_size, h])?
+        };
+        Ok(DecoderLm {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            device,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The LM head weight `[vocab, hidden]`.
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// Final hidden states `[B, T, hidden]` (after the last norm) for token ids `[B, T]`.
+    pub fn hidden(&self, ids: &Tensor, path: Path) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if t > self.config.max_position_embeddings {
+            return Err(ModelError::TooLong {
+                len: t,
+                max: self.config.max_position_embeddings,
+            });
+        }
+        let h = self.config.hidden_size;
+        let (cos, sin) = rope::tables(&self.config, t, &self.device)?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [B*T, H]
+        let masks = self.masks(t)?;
+        for layer in &self.layers {
+            let normed = rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps, path)?;
+            let attn = self.attention(layer, &normed, b, t, &cos, &sin, &masks, path)?;
+            x = (x + attn)?;
+            let normed = rms_norm(&x, &layer.post_norm, self.config.rms_norm_eps, path)?;
+            let gate = layer.gate.forward(&normed)?;
+            let act = match path {
+                Path::Fused => candle_nn::ops::silu(&gate)?,
+                Path::Plain => (&gate * sigmoid_plain(&gate)?)?,
+            };
+            let mlp = layer.down.forward(&(act * layer.up.forward(&normed)?)?)?;
+            x = (x + mlp)?;
+        }
+        let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps, path)?;
+        Ok(x.reshape((b, t, h))?)
+    }
+
+    /// Additive attention masks `[T, T]` (0 or -inf): one causal, and one per distinct window.
+    fn masks(&self, t: usize) -> Result<HashMap<Option<usize>, Tensor>> {
+        let mut out = HashMap::new();
+        for w in self.layers.iter().map(|l| l.window) {
+            if out.contains_key(&w) {
+                continue;
+            }
+            let mut m = vec![0f32; t * t];
+            for i in 0..t {
+                for j in 0..t {
+                    let visible = j <= i && w.is_none_or(|w| i - j < w);
+                    if !visible {
+                        m[i * t + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            out.insert(w, Tensor::from_vec(m, (t, t), &self.device)?);
+        }
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        masks: &HashMap<Option<usize>, Tensor>,
+        path: Path,
+    ) -> Result<Tensor> {
+        let (nh, nkv, hd) = (
+            self.config.num_heads,
+            self.config.num_kv_heads,
+            self.config.head_dim,
+        );
+        let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = heads(layer.q.forward(x)?, nh)?;
+        let k = heads(layer.k.forward(x)?, nkv)?;
+        let v = heads(layer.v.forward(x)?, nkv)?;
+        let (q, k) = match path {
+            Path::Fused => (
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            ),
+            Path::Plain => (
+                rope::apply_plain(&q, cos, sin)?,
+                rope::apply_plain(&k, cos, sin)?,
+            ),
+        };
+        let groups = nh / nkv;
+        let k = repeat_kv(k, groups)?;
+        let v = repeat_kv(v, groups)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let mask = &masks[&layer.window];
+        let scores = scores.broadcast_add(mask)?;
+        let probs = match path {
+            Path::Fused => candle_nn::ops::softmax_last_dim(&scores)?,
+            Path::Plain => softmax_plain(&scores)?,
+        };
+        let out = probs.matmul(&v)?; // [B, nh, T, hd]
+        let out = out.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+        Ok(layer.o.forward(&out)?)
+    }
+}
+
+fn repeat_kv(x: Tensor, groups: usize) -> candle_core::Result<Tensor> {
+    if groups == 1 {
+        return Ok(x);
+    }
+    let (b, n, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, n, groups, t, d))?
+        .reshape((b, n * groups, t, d))
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> candle_core::Result<Tensor> {
+    match path {
+        Path::Fused => candle_nn::ops::rms_norm(x, weight, eps as f32),
+        Path::Plain => {
+            let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+            let normed = x.broadcast_div(&(var + eps)?.sqrt()?)?;
+            normed.broadcast_mul(weight)
+        }
+    }
+}
+
+fn softmax_plain(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+fn sigmoid_plain(x: &Tensor) -> candle_core::Result<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
+}
+
+impl Module for DecoderLm {
+    /// Logits `[B, T, vocab]` for every position, fused path.
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let hidden = self
+            .hidden(ids, Path::Fused)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        hidden.broadcast_matmul(&self.lm_head.t()?)
+    }
+}

@@ -1,0 +1,133 @@
+//! Per-token losses against HuggingFace `transformers` (PyTorch, f32, eager attention) on the
+//! committed fixtures: Llama (the shared tiny-llama checkpoint), Mistral with a sliding window
+//! shorter than the sequence, and Qwen2 with q/k/v biases and tied embeddings
+//! and a Llama with Llama 3 RoPE scaling and tied embeddings (`fixtures/make_fixtures.py` made
+//! the last three).
+
+use std::path::{Path as FsPath, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use rho_model::{checkpoint, per_token_loss, Path};
+
+fn fixture(name: &str) -> PathBuf {
+    FsPath::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+struct Reference {
+    ids: Vec<Vec<u32>>,
+    losses: Vec<Vec<f32>>,
+}
+
+fn reference(dir: &FsPath) -> Reference {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("ref_losses.json")).unwrap())
+            .unwrap();
+    let rows = |k: &str| -> Vec<Vec<serde_json::Value>> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_array().unwrap().clone())
+            .collect()
+    };
+    Reference {
+        ids: rows("input_ids")
+            .into_iter()
+            .map(|r| r.iter().map(|x| x.as_u64().unwrap() as u32).collect())
+            .collect(),
+        losses: rows("per_token_loss")
+            .into_iter()
+            .map(|r| r.iter().map(|x| x.as_f64().unwrap() as f32).collect())
+            .collect(),
+    }
+}
+
+fn check(name: &str) {
+    let dir = fixture(name);
+    let r = reference(&dir);
+    let model = checkpoint::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    let (b, w) = (r.ids.len(), r.ids[0].len());
+    let ids = Tensor::from_vec(r.ids.concat(), (b, w), &Device::Cpu).unwrap();
+    for path in [Path::Fused, Path::Plain] {
+        for chunk in [None, Some(1), Some(7)] {
+            let got = per_token_loss(&model, &ids, path, chunk)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let mut worst = 0f32;
+            for (g, e) in got.iter().flatten().zip(r.losses.iter().flatten()) {
+                worst = worst.max((g - e).abs());
+            }
+            eprintln!("{name} {path:?} chunk {chunk:?}: max abs error {worst:e}");
+            assert!(
+                worst < 1e-4,
+                "{name} {path:?} chunk {chunk:?}: max abs error {worst}"
+            );
+        }
+    }
+}
+
+#[test]
+fn tiny_llama_matches_transformers() {
+    check("tiny-llama");
+}
+
+#[test]
+fn tiny_mistral_sliding_window_matches_transformers() {
+    check("tiny-mistral");
+}
+
+#[test]
+fn tiny_qwen2_matches_transformers() {
+    check("tiny-qwen2");
+}
+
+#[test]
+fn checkpoints_round_trip_single_and_sharded() {
+    let src = fixture("tiny-llama");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let tensors = checkpoint::read_tensors(&src, &Device::Cpu).unwrap();
+    let ids = Tensor::from_vec(reference(&src).ids.concat(), (2, 40), &Device::Cpu).unwrap();
+    let base = per_token_loss(
+        &checkpoint::load(&src, &Device::Cpu, DType::F32).unwrap(),
+        &ids,
+        Path::Fused,
+        None,
+    )
+    .unwrap()
+    .to_vec2::<f32>()
+    .unwrap();
+    for shard in [None, Some(100_000)] {
+        let dir = tempfile::tempdir().unwrap();
+        checkpoint::save(dir.path(), &config, &tensors, shard).unwrap();
+        let files = checkpoint::weight_files(dir.path()).unwrap();
+        assert_eq!(files.len() > 1, shard.is_some(), "{files:?}");
+        let back = checkpoint::read_tensors(dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(back.len(), tensors.len());
+        let model = checkpoint::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+        let again = per_token_loss(&model, &ids, Path::Fused, None)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(again, base);
+    }
+}
+
+#[test]
+fn bad_inputs_are_named() {
+    let dir = fixture("tiny-llama");
+    let model = checkpoint::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    let ids = Tensor::from_vec(vec![1u32, 2, 9999], (1, 3), &Device::Cpu).unwrap();
+    let e = per_token_loss(&model, &ids, Path::Fused, None).unwrap_err();
+    assert!(e.to_string().contains("9999"), "{e}");
+    let empty = tempfile::tempdir().unwrap();
+    let e = checkpoint::load(empty.path(), &Device::Cpu, DType::F32).unwrap_err();
+    assert!(e.to_string().contains("config.json"), "{e}");
+}
+
+#[test]
+fn tiny_llama3_rope_scaling_matches_transformers() {
+    check("tiny-llama3-rope");
+}
