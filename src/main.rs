@@ -5,6 +5,7 @@
 mod bench;
 mod corpus;
 mod demo;
+mod model_cmd;
 
 use std::path::PathBuf;
 
@@ -28,6 +29,13 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Stream, tokenize, pack and serve batches.
     Loader(LoaderArgs),
+    /// Score token batches with a reference model (the selector process).
+    Selector(SelectorArgs),
+    /// Print per-token losses of a model on text, a shard or token ids.
+    Score(model_cmd::ScoreArgs),
+    /// Model tools.
+    #[command(subcommand)]
+    Model(model_cmd::ModelCommand),
     /// Tokenizer tools.
     #[command(subcommand)]
     Tokenizer(TokenizerCommand),
@@ -49,6 +57,13 @@ struct LoaderArgs {
     /// Bind this endpoint (overrides `endpoint`).
     #[arg(long)]
     endpoint: Option<String>,
+}
+
+#[derive(Args)]
+struct SelectorArgs {
+    /// Selector config (JSON); see configs/selector.json.
+    #[arg(long)]
+    config: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -122,6 +137,14 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&report)?);
                 Ok(())
             }
+            Command::Selector(args) => {
+                let config = rho_selector::SelectorConfig::load(&args.config)?;
+                let report = rho_selector::run(config, shutdown_signal()).await?;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
+            Command::Score(args) => model_cmd::score(args),
+            Command::Model(cmd) => model_cmd::run(cmd),
             Command::Tokenizer(TokenizerCommand::Train {
                 input,
                 vocab_size,

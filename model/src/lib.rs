@@ -6,12 +6,15 @@
 
 pub mod checkpoint;
 pub mod config;
+mod device;
 mod error;
+pub mod init;
 pub mod loss;
 pub mod model;
 pub mod rope;
 
 pub use config::{Config, Family, HfConfig, RopeScaling};
+pub use device::{parse_device, parse_dtype};
 pub use error::{ModelError, Result};
 pub use loss::per_token_loss;
 pub use model::{DecoderLm, Path};

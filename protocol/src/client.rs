@@ -1,12 +1,15 @@
-//! A consumer's side of the loader protocol: connect, ask for work by credit, receive, acknowledge.
+//! A DEALER connection to a producer's ROUTER endpoint: connect, ask for work by credit,
+//! receive, acknowledge. Selectors and trainers are built on this; so are tests and benchmarks.
 //!
-//! Selectors and trainers are built on this; so are tests and benchmarks.
+//! Receiving runs on its own task, so a [`Consumer`] can be polled in a `select!` loop alongside
+//! other work without losing messages.
 
 use bytes::Bytes;
 use thiserror::Error;
-use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+use tokio::sync::mpsc;
+use zeromq::{DealerSendHalf, DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
-use crate::{Ack, Credit, DecodeError, Limits, Message, Resume};
+use crate::{Ack, Credit, DecodeError, Heartbeat, Limits, Message, Resume, Role};
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -14,15 +17,24 @@ pub enum ClientError {
     Connect { endpoint: String, reason: String },
     #[error("transport error: {0}")]
     Transport(String),
+    #[error("the connection closed")]
+    Closed,
     #[error("refused message: {0}")]
     Decode(#[from] DecodeError),
 }
 
-/// A DEALER connection to a producer's ROUTER endpoint.
+/// A connection to one producer.
 pub struct Consumer {
-    socket: DealerSocket,
+    sender: DealerSendHalf,
+    inbox: mpsc::Receiver<Result<Message, DecodeError>>,
+    task: tokio::task::JoinHandle<()>,
     run_id: String,
-    limits: Limits,
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl Consumer {
@@ -40,18 +52,37 @@ impl Consumer {
                 endpoint: endpoint.to_string(),
                 reason: e.to_string(),
             })?;
+        let (sender, mut receiver) = socket.split();
+        let (tx, inbox) = mpsc::channel(64);
+        let task = tokio::spawn(async move {
+            while let Ok(m) = receiver.recv().await {
+                let frames: Vec<Bytes> = m.into_vec();
+                if tx.send(Message::decode(&frames, &limits)).await.is_err() {
+                    break;
+                }
+            }
+        });
         Ok(Consumer {
-            socket,
+            sender,
+            inbox,
+            task,
             run_id: run_id.to_string(),
-            limits,
         })
     }
 
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
     pub async fn send(&mut self, message: &Message) -> Result<(), ClientError> {
-        let frames = message.encode();
+        self.send_frames(message.encode()).await
+    }
+
+    /// Sends already encoded frames.
+    pub async fn send_frames(&mut self, frames: Vec<Bytes>) -> Result<(), ClientError> {
         let zmq =
             ZmqMessage::try_from(frames).map_err(|e| ClientError::Transport(e.to_string()))?;
-        self.socket
+        self.sender
             .send(zmq)
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))
@@ -84,14 +115,25 @@ impl Consumer {
         self.send(&m).await
     }
 
-    /// Receives and decodes the next message.
+    /// Sends a heartbeat (also how a peer makes itself known to a ROUTER).
+    pub async fn heartbeat(&mut self, role: Role) -> Result<(), ClientError> {
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let m = Message::Heartbeat(Heartbeat {
+            run_id: self.run_id.clone(),
+            role,
+            at_ms,
+        });
+        self.send(&m).await
+    }
+
+    /// Receives the next message; a malformed one comes back as [`ClientError::Decode`].
     pub async fn recv(&mut self) -> Result<Message, ClientError> {
-        let zmq = self
-            .socket
-            .recv()
-            .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
-        let frames: Vec<Bytes> = zmq.into_vec();
-        Ok(Message::decode(&frames, &self.limits)?)
+        match self.inbox.recv().await {
+            Some(Ok(m)) => Ok(m),
+            Some(Err(e)) => Err(ClientError::Decode(e)),
+            None => Err(ClientError::Closed),
+        }
     }
 }

@@ -1,11 +1,18 @@
 //! The rho selector: pulls token batches from the loader by credit, runs the frozen reference
-//! model over each (the `rho-model` inference path, fused ops allowed), attaches the reference
-//! loss `L_ref` of every target position (f32 `[B, T]`), stamps the reference-model
-//! fingerprint, and pushes the scored batch to the trainer. It keeps no state that matters:
-//! any number of selectors can join or leave a run at any time.
+//! model over each (the `rho-model` fused inference path), attaches the reference loss `L_ref`
+//! of every target position (f32 `[B, T]`), stamps the reference-model fingerprint, and
+//! delivers the scored batch to the trainer. It keeps no state that matters: any number of
+//! selectors can work against one loader and one trainer.
 //!
-//! Not built yet: this crate holds the plan and the dependency edges of DESIGN.md
-//! (`rho-protocol` + `rho-model`).
+//! At start-up it refuses a reference model whose vocabulary is smaller than the tokenizer's;
+//! it refuses to score a batch whose tokenizer fingerprint is not its tokenizer's.
 
-pub use rho_model as model;
-pub use rho_protocol as protocol;
+pub mod config;
+mod error;
+pub mod scorer;
+pub mod worker;
+
+pub use config::SelectorConfig;
+pub use error::{Result, SelectorError};
+pub use scorer::{CandleScorer, Scorer};
+pub use worker::{run, Report};

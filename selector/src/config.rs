@@ -1,0 +1,121 @@
+//! The selector's configuration.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+use crate::{Result, SelectorError};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectorConfig {
+    /// The run; messages of other runs are refused.
+    #[serde(default = "default_run_id")]
+    pub run_id: String,
+    /// The loader's endpoint (this selector connects and asks for token batches).
+    pub loader: String,
+    /// The trainer's delivery endpoint (this selector connects and delivers scored batches).
+    pub trainer: String,
+    /// The reference model: a HuggingFace checkpoint directory.
+    pub model: PathBuf,
+    /// The `tokenizer.json` the loader uses; batches tokenized otherwise are refused.
+    pub tokenizer: PathBuf,
+    /// `cpu` (default), `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// `f32` (default); `bf16` or `f16` on GPU.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    /// Batches asked of the loader ahead of scoring. Default 2.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u32,
+    /// Positions per logits chunk in the loss; default: about 32 MiB of logits.
+    #[serde(default)]
+    pub loss_chunk: Option<usize>,
+    /// JSONL metrics file.
+    #[serde(default)]
+    pub metrics: Option<PathBuf>,
+    /// Seconds between metrics lines. Default 1.
+    #[serde(default = "default_interval")]
+    pub metrics_interval_secs: f64,
+    /// Largest message accepted. Default 256 MiB.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: u64,
+}
+
+fn default_run_id() -> String {
+    "rho".into()
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_dtype() -> String {
+    "f32".into()
+}
+fn default_prefetch() -> u32 {
+    2
+}
+fn default_interval() -> f64 {
+    1.0
+}
+fn default_max_message() -> u64 {
+    256 << 20
+}
+
+impl SelectorConfig {
+    /// Reads and validates a config file; relative paths are relative to its directory.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| SelectorError::ConfigRead {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let de = &mut serde_json::Deserializer::from_str(&text);
+        let mut config: SelectorConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            SelectorError::ConfigParse {
+                path: path.to_path_buf(),
+                reason: if field == "." {
+                    e.inner().to_string()
+                } else {
+                    format!("field `{field}`: {}", e.inner())
+                },
+            }
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut config.model, &mut config.tokenizer] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(m) = &mut config.metrics {
+            if m.is_relative() {
+                *m = base.join(&*m);
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let field = |field, reason: &str| {
+            Err(SelectorError::ConfigField {
+                field,
+                reason: reason.into(),
+            })
+        };
+        for (name, e) in [("loader", &self.loader), ("trainer", &self.trainer)] {
+            if !e.starts_with("tcp://") && !e.starts_with("ipc://") {
+                return field(name, "must be a tcp:// or ipc:// endpoint");
+            }
+        }
+        if self.prefetch == 0 {
+            return field("prefetch", "must be at least 1");
+        }
+        if !(self.metrics_interval_secs > 0.0) {
+            return field("metrics_interval_secs", "must be positive");
+        }
+        if self.loss_chunk == Some(0) {
+            return field("loss_chunk", "must be at least 1");
+        }
+        Ok(())
+    }
+}

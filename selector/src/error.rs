@@ -1,0 +1,51 @@
+use std::path::PathBuf;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum SelectorError {
+    #[error("cannot read config {path}: {source}")]
+    ConfigRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {reason}")]
+    ConfigParse { path: PathBuf, reason: String },
+    #[error("invalid config: field `{field}`: {reason}")]
+    ConfigField { field: &'static str, reason: String },
+    #[error("model {path}: {source}")]
+    Model {
+        path: PathBuf,
+        source: rho_model::ModelError,
+    },
+    #[error("tokenizer {path}: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+    #[error("the reference model {model} has a vocabulary of {model_vocab}, too small for tokenizer {tokenizer} with {tokenizer_vocab} tokens")]
+    VocabMismatch {
+        model: PathBuf,
+        model_vocab: usize,
+        tokenizer: PathBuf,
+        tokenizer_vocab: usize,
+    },
+    #[error("batch {seq} was tokenized with {got}, but this selector is configured with tokenizer {path} ({expected}); refusing to score it")]
+    TokenizerMismatch {
+        seq: u64,
+        got: String,
+        expected: String,
+        path: PathBuf,
+    },
+    #[error("scoring batch {seq} failed: {source}")]
+    Scoring {
+        seq: u64,
+        source: rho_model::ModelError,
+    },
+    #[error("transport: {0}")]
+    Transport(String),
+}
+
+impl From<rho_protocol::client::ClientError> for SelectorError {
+    fn from(e: rho_protocol::client::ClientError) -> Self {
+        SelectorError::Transport(e.to_string())
+    }
+}
+
+pub type Result<T, E = SelectorError> = std::result::Result<T, E>;

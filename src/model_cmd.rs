@@ -1,0 +1,240 @@
+//! `rho score` and `rho model ...`: model tools that need no pipeline.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Tensor};
+use clap::{Args, Subcommand};
+use rho_model::{checkpoint, per_token_loss, HfConfig, Path};
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    /// A HuggingFace checkpoint directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The tokenizer for --text and --input (default: the model directory's tokenizer.json).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Score this text (one row).
+    #[arg(long, conflicts_with_all = ["input", "ids"])]
+    pub text: Option<String>,
+    /// Score every document of this shard (one row each).
+    #[arg(long, conflicts_with = "ids")]
+    pub input: Option<String>,
+    /// Score these token ids: a JSON array of rows of ids.
+    #[arg(long)]
+    pub ids: Option<PathBuf>,
+    /// Print `{"per_token_loss": [[...], ...]}` instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Text is encoded with the tokenizer's own special tokens (as `tokenizer(text)` does in
+    /// transformers); pass this to leave them out.
+    #[arg(long)]
+    pub no_special_tokens: bool,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Subcommand)]
+pub enum ModelCommand {
+    /// Write a randomly initialized checkpoint (config.json + model.safetensors).
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        /// `tiny` (2 layers, hidden 64), `small` (4 layers, hidden 128) or `20m` (8 layers, hidden 384).
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        /// Vocabulary size; default: the size of --tokenizer's vocabulary.
+        #[arg(long)]
+        vocab_size: Option<usize>,
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        #[arg(long, default_value_t = 512)]
+        max_positions: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
+    match cmd {
+        ModelCommand::Init {
+            out,
+            preset,
+            vocab_size,
+            tokenizer,
+            max_positions,
+            seed,
+        } => {
+            let vocab = match (vocab_size, &tokenizer) {
+                (Some(v), _) => v,
+                (None, Some(t)) => tokenizers::Tokenizer::from_file(t)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", t.display()))?
+                    .get_vocab_size(true),
+                (None, None) => bail!("give --vocab-size or --tokenizer"),
+            };
+            let config = preset_config(&preset, vocab, max_positions)?;
+            init_checkpoint(&out, &config, seed)?;
+            if let Some(t) = tokenizer {
+                std::fs::copy(&t, out.join("tokenizer.json"))
+                    .with_context(|| format!("copying {}", t.display()))?;
+            }
+            eprintln!(
+                "wrote a `{preset}` model with a vocabulary of {vocab} to {}",
+                out.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The `config.json` of a preset size.
+pub fn preset_config(
+    preset: &str,
+    vocab: usize,
+    max_positions: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let (hidden, layers, heads, kv, inter) = match preset {
+        "tiny" => (64, 2, 4, 2, 172),
+        "small" => (128, 4, 4, 4, 344),
+        "20m" => (384, 8, 6, 6, 1024),
+        other => bail!("unknown preset `{other}` (tiny, small, 20m)"),
+    };
+    Ok(serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": hidden / heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_positions,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": false,
+        "attention_bias": false,
+        "mlp_bias": false,
+        "torch_dtype": "float32",
+    }))
+}
+
+/// Writes a randomly initialized checkpoint for a `config.json`.
+pub fn init_checkpoint(
+    out: &std::path::Path,
+    config: &serde_json::Value,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let parsed = HfConfig::from_json(&config.to_string())?.into_config()?;
+    let weights = rho_model::init::random_weights(&parsed, seed, &candle_core::Device::Cpu)?;
+    checkpoint::save(out, config, &weights, None)?;
+    Ok(())
+}
+
+pub fn score(args: ScoreArgs) -> anyhow::Result<()> {
+    let device = rho_model::parse_device(&args.device)?;
+    let model = checkpoint::load(&args.model, &device, DType::F32)?;
+    let tokenizer_path = args
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| args.model.join("tokenizer.json"));
+    let load_tokenizer = || {
+        tokenizers::Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| anyhow::anyhow!("tokenizer {}: {e}", tokenizer_path.display()))
+    };
+    let special = !args.no_special_tokens;
+    let mut tokenizer = None;
+    let rows: Vec<Vec<u32>> = if let Some(text) = &args.text {
+        let tk = tokenizer.insert(load_tokenizer()?);
+        vec![tk
+            .encode(text.as_str(), special)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .get_ids()
+            .to_vec()]
+    } else if let Some(input) = &args.input {
+        let tk = tokenizer.insert(load_tokenizer()?);
+        let data = rho_loader::DataConfig {
+            paths: vec![input.clone()],
+            text_field: "text".into(),
+            format: rho_loader::FormatChoice::Auto,
+        };
+        let mut rows = Vec::new();
+        for shard in rho_loader::sources::discover(&data)? {
+            for event in rho_loader::sources::open(&shard, "text") {
+                if let rho_loader::sources::Event::Doc { text, .. } = event {
+                    rows.push(
+                        tk.encode(text.as_str(), special)
+                            .map_err(|e| anyhow::anyhow!("{e}"))?
+                            .get_ids()
+                            .to_vec(),
+                    );
+                }
+            }
+        }
+        rows
+    } else if let Some(path) = &args.ids {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{}: expected a JSON array of rows of token ids",
+                path.display()
+            )
+        })?
+    } else {
+        bail!("give one of --text, --input or --ids");
+    };
+    let max = model.config().max_position_embeddings;
+    let mut all = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        if row.len() < 2 {
+            all.push(Vec::new());
+            continue;
+        }
+        if row.len() > max {
+            bail!(
+                "row {i} has {} tokens; the model takes at most {max}",
+                row.len()
+            );
+        }
+        let ids = Tensor::from_slice(row, (1, row.len()), &device)?;
+        let losses =
+            per_token_loss(&model, &ids, Path::Fused, None).with_context(|| format!("row {i}"))?;
+        all.push(losses.squeeze(0)?.to_vec1::<f32>()?);
+    }
+    if args.json {
+        println!("{}", serde_json::json!({ "per_token_loss": all }));
+        return Ok(());
+    }
+    let tk = match tokenizer {
+        Some(t) => Some(t),
+        None => load_tokenizer().ok(),
+    };
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for (i, (row, losses)) in rows.iter().zip(&all).enumerate() {
+        let mean = losses.iter().sum::<f32>() / losses.len().max(1) as f32;
+        let _ = writeln!(out, "# row {i}: {} tokens, mean loss {mean:.4}", row.len());
+        for (t, id) in row.iter().enumerate() {
+            let token = tk
+                .as_ref()
+                .and_then(|k| k.id_to_token(*id))
+                .unwrap_or_else(|| id.to_string());
+            match t.checked_sub(1).and_then(|p| losses.get(p)) {
+                Some(l) => {
+                    let _ = writeln!(out, "{token:>20}\t{l:.4}");
+                }
+                None => {
+                    let _ = writeln!(out, "{token:>20}\t-");
+                }
+            }
+        }
+    }
+    // A reader that stops early (`| head`) is not an error.
+    match std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
