@@ -1,0 +1,296 @@
+//! Real `rho loader` + two `rho selector` processes + a test trainer: every batch arrives scored
+//! exactly once, with the losses the model computes in-process. Bad pairings are refused.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use candle_core::{DType, Device, Tensor};
+use rho_protocol::client::Consumer;
+use rho_protocol::{Credit, Limits, Message};
+use serde_json::json;
+use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+const RHO: &str = env!("CARGO_BIN_EXE_rho");
+
+fn rho(args: &[&str]) {
+    let out = Command::new(RHO).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "rho {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Corpus, tokenizer and a tiny reference model.
+fn setup(root: &Path) {
+    rho(&[
+        "synth",
+        "--shards",
+        "2",
+        "--docs-per-shard",
+        "40",
+        "--out",
+        p(&root.join("data")),
+    ]);
+    rho(&[
+        "tokenizer",
+        "train",
+        "--vocab-size",
+        "500",
+        "--input",
+        p(&root.join("data")),
+        "--out",
+        p(&root.join("tokenizer.json")),
+    ]);
+    rho(&[
+        "model",
+        "init",
+        "--preset",
+        "tiny",
+        "--tokenizer",
+        p(&root.join("tokenizer.json")),
+        "--out",
+        p(&root.join("ref")),
+    ]);
+}
+
+fn start_loader(root: &Path) -> (Child, String) {
+    let cfg = json!({
+        "run_id": "sel", "data": {"paths": ["data"]}, "tokenizer": "tokenizer.json",
+        "seq_len": 48, "batch_size": 3, "endpoint": "tcp://127.0.0.1:0",
+        "endpoint_file": "loader.endpoint", "max_in_flight": 6,
+    });
+    std::fs::write(root.join("loader.json"), cfg.to_string()).unwrap();
+    let child = Command::new(RHO)
+        .args(["loader", "--config", p(&root.join("loader.json"))])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let file = root.join("loader.endpoint");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !file.exists() {
+        assert!(Instant::now() < deadline, "loader never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, std::fs::read_to_string(file).unwrap())
+}
+
+fn selector_config(
+    root: &Path,
+    name: &str,
+    loader: &str,
+    trainer: &str,
+    model: &str,
+    tokenizer: &str,
+) -> PathBuf {
+    let cfg = json!({
+        "run_id": "sel", "loader": loader, "trainer": trainer, "model": model,
+        "tokenizer": tokenizer, "prefetch": 2, "metrics": format!("{name}.metrics.jsonl"),
+    });
+    let path = root.join(format!("{name}.json"));
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    path
+}
+
+fn start_selector(config: &Path) -> Child {
+    Command::new(RHO)
+        .args(["selector", "--config", p(config)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn credit(peer: &Bytes, n: u32) -> ZmqMessage {
+    let mut frames = vec![peer.clone()];
+    frames.extend(
+        Message::Credit(Credit {
+            run_id: "sel".into(),
+            n,
+        })
+        .encode(),
+    );
+    ZmqMessage::try_from(frames).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_selectors_score_every_batch_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    setup(root);
+    let (loader, loader_ep) = start_loader(root);
+
+    // The test trainer: binds the delivery endpoint, grants credits, acknowledges to the loader.
+    let mut router = RouterSocket::new();
+    let trainer_ep = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+    let mut acker = Consumer::connect(&loader_ep, "sel", Limits::default())
+        .await
+        .unwrap();
+    let model_dir = root.join("ref");
+    let mut selectors = Vec::new();
+    for name in ["s1", "s2"] {
+        let cfg = selector_config(
+            root,
+            name,
+            &loader_ep,
+            &trainer_ep,
+            p(&model_dir),
+            p(&root.join("tokenizer.json")),
+        );
+        selectors.push(start_selector(&cfg));
+    }
+    let model = rho_model::checkpoint::load(&model_dir, &Device::Cpu, DType::F32).unwrap();
+    let fingerprint = rho_selector::scorer::model_fingerprint(&model_dir).unwrap();
+
+    let mut seen = std::collections::BTreeMap::new();
+    let mut peers = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let m = match tokio::time::timeout(Duration::from_secs(5), router.recv()).await {
+            Ok(m) => m.unwrap(),
+            Err(_) => break, // quiet: the stream is done
+        };
+        assert!(Instant::now() < deadline);
+        let mut frames = m.into_vec();
+        let peer = frames.remove(0);
+        match Message::decode(&frames, &Limits::default()).unwrap() {
+            Message::Heartbeat(_) => router.send(credit(&peer, 2)).await.unwrap(),
+            Message::Scored(s) => {
+                assert_eq!(s.ref_model, fingerprint);
+                let b = &s.batch;
+                let ids = Tensor::from_slice(&b.tokens, (b.rows, b.window), &Device::Cpu).unwrap();
+                let expect =
+                    rho_model::per_token_loss(&model, &ids, rho_model::Path::Fused, None).unwrap();
+                let expect = expect.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let t = b.window - 1;
+                for r in 0..b.rows {
+                    let valid = b.lengths[r] as usize - 1;
+                    for i in 0..t {
+                        let (g, e) = (s.ref_loss[r * t + i], expect[r * t + i]);
+                        if i < valid {
+                            assert!(
+                                (g - e).abs() < 1e-5,
+                                "batch {} row {r} pos {i}: {g} vs {e}",
+                                b.seq
+                            );
+                        } else {
+                            assert_eq!(g, 0.0, "padding must score 0");
+                        }
+                    }
+                }
+                assert!(
+                    seen.insert(b.seq, peer.clone()).is_none(),
+                    "batch {} delivered twice",
+                    b.seq
+                );
+                peers.insert(peer.clone());
+                acker.ack(vec![b.seq]).await.unwrap();
+                router.send(credit(&peer, 1)).await.unwrap();
+            }
+            other => panic!("unexpected {}", other.kind()),
+        }
+    }
+    let loader_out = loader.wait_with_output().unwrap();
+    assert!(loader_out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&loader_out.stdout).unwrap();
+    let total = report["total"].as_u64().unwrap();
+    assert!(total >= 6, "only {total} batches");
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        (0..total).collect::<Vec<_>>()
+    );
+    assert_eq!(peers.len(), 2, "both selectors took work");
+    for s in selectors {
+        let out = s.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(r["batches"].as_u64().unwrap() > 0);
+        assert!(r["tokens"].as_u64().unwrap() > 0);
+    }
+    let metrics = std::fs::read_to_string(root.join("s1.metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert!(last["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(last.get("mean_latency_ms").is_some() && last.get("mean_queue_wait_ms").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mismatched_vocabulary_and_tokenizer_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    setup(root);
+    // A reference model whose vocabulary is smaller than the tokenizer's.
+    rho(&[
+        "model",
+        "init",
+        "--preset",
+        "tiny",
+        "--vocab-size",
+        "100",
+        "--out",
+        p(&root.join("small")),
+    ]);
+    let cfg = selector_config(
+        root,
+        "v",
+        "tcp://127.0.0.1:1",
+        "tcp://127.0.0.1:1",
+        p(&root.join("small")),
+        p(&root.join("tokenizer.json")),
+    );
+    let out = Command::new(RHO)
+        .args(["selector", "--config", p(&cfg)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("small") && err.contains("tokenizer.json") && err.contains("100"),
+        "{err}"
+    );
+
+    // A selector configured with another tokenizer than the loader's.
+    rho(&[
+        "tokenizer",
+        "train",
+        "--vocab-size",
+        "450",
+        "--input",
+        p(&root.join("data")),
+        "--out",
+        p(&root.join("other.json")),
+    ]);
+    let (mut loader, loader_ep) = start_loader(root);
+    let mut router = RouterSocket::new();
+    let trainer_ep = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+    let cfg = selector_config(
+        root,
+        "t",
+        &loader_ep,
+        &trainer_ep,
+        p(&root.join("ref")),
+        p(&root.join("other.json")),
+    );
+    let selector = start_selector(&cfg);
+    let m = router.recv().await.unwrap();
+    let peer = m.into_vec().remove(0);
+    router.send(credit(&peer, 1)).await.unwrap();
+    let out = selector.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("other.json") && err.contains("sha256:"),
+        "{err}"
+    );
+    let _ = loader.kill();
+}
