@@ -13,6 +13,23 @@ use crate::corpus::{self, SynthArgs};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// Selector throughput (a real `rho loader` and `rho selector`, this process as the trainer)
+    /// against the bare in-process forward of the same model on batches of the same shape.
+    Selector {
+        /// Working directory (corpus, tokenizer, model).
+        #[arg(long, default_value = "runs/bench-selector")]
+        out: PathBuf,
+        /// Reference model size: tiny, small or 20m.
+        #[arg(long, default_value = "20m")]
+        preset: String,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        /// Batches to score in each measurement.
+        #[arg(long, default_value_t = 12)]
+        batches: usize,
+    },
     /// End-to-end loader throughput (read + tokenize + pack + encode + send, consumed over
     /// loopback) against raw `tokenizers` encoding of the same text.
     Loader {
@@ -41,6 +58,13 @@ pub enum BenchCommand {
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
+        BenchCommand::Selector {
+            out,
+            preset,
+            seq_len,
+            batch_size,
+            batches,
+        } => crate::bench_selector::run(out, preset, seq_len, batch_size, batches).await,
         BenchCommand::Loader {
             out,
             input,

@@ -14,8 +14,10 @@ fn every_config_in_configs_parses() {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         if name.starts_with("loader") {
             rho_loader::LoaderConfig::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        } else if name.starts_with("selector") {
+            rho_selector::SelectorConfig::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
         } else {
-            panic!("{name}: no parser knows this config; name it after its process (loader-*.json, ...)");
+            panic!("{name}: no parser knows this config; name it after its process (loader-*.json, selector-*.json, ...)");
         }
         seen += 1;
     }

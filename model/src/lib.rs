@@ -4,6 +4,7 @@
 //! The same weights serve a fused inference path (selectors) and a differentiable plain path
 //! (the trainer); see [`Path`].
 
+mod attention;
 pub mod checkpoint;
 pub mod config;
 mod device;

@@ -53,15 +53,23 @@ pub fn per_token_loss(
             .narrow(0, start, len)?
             .matmul(&head)?
             .to_dtype(DType::F32)?;
-        let max = logits.max_keepdim(D::Minus1)?;
+        let idx = targets.narrow(0, start, len)?;
+        if path == Path::Fused {
+            if let Some(l) = crate::attention::row_cross_entropy(&logits, &idx)? {
+                parts.push(l);
+                start += len;
+                continue;
+            }
+        }
+        // The max only shifts for stability; no gradient flows through it.
+        let max = logits.max_keepdim(D::Minus1)?.detach();
         let lse = (logits
             .broadcast_sub(&max)?
             .exp()?
             .sum_keepdim(D::Minus1)?
             .log()?
             + &max)?;
-        let idx = targets.narrow(0, start, len)?.unsqueeze(1)?;
-        let picked = logits.gather(&idx, 1)?;
+        let picked = logits.gather(&idx.unsqueeze(1)?, 1)?;
         parts.push((lse - picked)?.squeeze(1)?);
         start += len;
     }

@@ -263,13 +263,13 @@ impl DecoderLm {
         let groups = nh / nkv;
         let k = repeat_kv(k, groups)?;
         let v = repeat_kv(v, groups)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
+        // Scaling q (T x d) is cheaper than scaling the scores (T x T).
+        let q = (q * (1.0 / (hd as f64).sqrt()))?;
+        let scores = q.matmul(&k.t()?)?;
         let mask = &masks[&layer.window];
-        let scores = scores.broadcast_add(mask)?;
         let probs = match path {
-            Path::Fused => candle_nn::ops::softmax_last_dim(&scores)?,
-            Path::Plain => softmax_plain(&scores)?,
+            Path::Fused => crate::attention::causal_softmax(&scores, layer.window, mask)?,
+            Path::Plain => softmax_plain(&scores.broadcast_add(mask)?)?,
         };
         let out = probs.matmul(&v)?; // [B, nh, T, hd]
         let out = out.transpose(1, 2)?.reshape((b * t, nh * hd))?;

@@ -1,0 +1,192 @@
+//! `rho bench selector`: what the protocol and transport cost a selector.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use candle_core::{DType, Device, Tensor};
+use rho_protocol::client::Consumer;
+use rho_protocol::{Credit, Limits, Message};
+use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use crate::corpus::{self, SynthArgs};
+use crate::model_cmd;
+
+pub async fn run(
+    out: PathBuf,
+    preset: String,
+    seq_len: usize,
+    batch_size: usize,
+    batches: usize,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&out)?;
+    let out = out.canonicalize()?;
+    let data = out.join("data");
+    if !data.exists() {
+        corpus::write_corpus(&SynthArgs {
+            out: data.clone(),
+            shards: 2,
+            docs_per_shard: 3000,
+            noise: 0.4,
+            seed: 11,
+        })?;
+    }
+    let tokenizer = out.join("tokenizer.json");
+    if !tokenizer.exists() {
+        let d = rho_loader::DataConfig {
+            paths: vec![data.to_string_lossy().into()],
+            text_field: "text".into(),
+            format: rho_loader::FormatChoice::Auto,
+        };
+        rho_loader::train::train_bpe(&d, 8192, Some(5000), &tokenizer)?;
+    }
+    let vocab = tokenizers::Tokenizer::from_file(&tokenizer)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .get_vocab_size(true);
+    let model_dir = out.join(format!("ref-{preset}"));
+    if !model_dir.join("model.safetensors").exists() {
+        let config = model_cmd::preset_config(&preset, vocab, seq_len.max(512))?;
+        model_cmd::init_checkpoint(&model_dir, &config, 1)?;
+    }
+    let model = rho_model::checkpoint::load(&model_dir, &Device::Cpu, DType::F32)?;
+    let params: usize = rho_model::checkpoint::read_tensors(&model_dir, &Device::Cpu)?
+        .values()
+        .map(|t| t.elem_count())
+        .sum();
+    let tokens_per_batch = (batch_size * seq_len) as f64;
+    println!("reference model `{preset}`: {:.1}M parameters, vocabulary {vocab}; batches of {batch_size} x {seq_len} tokens", params as f64 / 1e6);
+
+    // 1. Bare in-process forward on batches of the same shape (after one warm-up batch).
+    let window = seq_len + 1;
+    let ids: Vec<u32> = (0..batch_size * window)
+        .map(|i| ((i * 7919) % vocab) as u32)
+        .collect();
+    let ids = Tensor::from_vec(ids, (batch_size, window), &Device::Cpu)?;
+    rho_model::per_token_loss(&model, &ids, rho_model::Path::Fused, None)?;
+    let bare = || -> anyhow::Result<f64> {
+        let t0 = Instant::now();
+        for _ in 0..batches {
+            rho_model::per_token_loss(&model, &ids, rho_model::Path::Fused, None)?;
+        }
+        Ok(tokens_per_batch * batches as f64 / t0.elapsed().as_secs_f64())
+    };
+    let before = bare()?;
+
+    // 2. The same model in a `rho selector` process fed by a `rho loader` process; this process
+    //    is the trainer. Throughput is measured between the first and the last delivery.
+    let piped = pipeline(
+        &out,
+        &model_dir,
+        &tokenizer,
+        seq_len,
+        batch_size,
+        batches + 1,
+    )
+    .await?;
+
+    // 3. The bare forward again, so that drift of the machine shows.
+    let after = bare()?;
+    let bare = (before + after) / 2.0;
+
+    println!("| measurement | tokens/s | vs bare forward |");
+    println!("|---|---|---|");
+    println!("| bare in-process forward + per-token loss (before / after the pipeline: {before:.0} / {after:.0}) | {bare:.0} | 1.000x |");
+    println!("| `rho selector` process, fed by `rho loader`, delivered over loopback | {piped:.0} | {:.3}x |", piped / bare);
+    println!(
+        "overhead of protocol and transport: {:.1}%",
+        (1.0 - piped / bare) * 100.0
+    );
+    Ok(())
+}
+
+fn credit(peer: &Bytes, run_id: &str, n: u32) -> anyhow::Result<ZmqMessage> {
+    let mut frames = vec![peer.clone()];
+    frames.extend(
+        Message::Credit(Credit {
+            run_id: run_id.into(),
+            n,
+        })
+        .encode(),
+    );
+    ZmqMessage::try_from(frames).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+async fn pipeline(
+    out: &Path,
+    model: &Path,
+    tokenizer: &Path,
+    seq_len: usize,
+    batch_size: usize,
+    batches: usize,
+) -> anyhow::Result<f64> {
+    let run_id = "bench-selector";
+    let endpoint_file = out.join("loader.endpoint");
+    let _ = std::fs::remove_file(&endpoint_file);
+    let loader_cfg = serde_json::json!({
+        "run_id": run_id, "data": {"paths": [out.join("data")]}, "tokenizer": tokenizer,
+        "seq_len": seq_len, "batch_size": batch_size, "threads": 1,
+        "endpoint": "tcp://127.0.0.1:0", "endpoint_file": endpoint_file, "exit_when_done": false,
+    });
+    std::fs::write(out.join("loader.json"), loader_cfg.to_string())?;
+    let exe = std::env::current_exe()?;
+    let mut loader = tokio::process::Command::new(&exe)
+        .args(["loader", "--config"])
+        .arg(out.join("loader.json"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !endpoint_file.exists() {
+        if Instant::now() > deadline {
+            bail!("the loader did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let loader_ep = std::fs::read_to_string(&endpoint_file)?;
+    let mut router = RouterSocket::new();
+    let trainer_ep = router.bind("tcp://127.0.0.1:0").await?.to_string();
+    let selector_cfg = serde_json::json!({
+        "run_id": run_id, "loader": loader_ep, "trainer": trainer_ep, "model": model,
+        "tokenizer": tokenizer, "prefetch": 2,
+    });
+    std::fs::write(out.join("selector.json"), selector_cfg.to_string())?;
+    let mut selector = tokio::process::Command::new(&exe)
+        .args(["selector", "--config"])
+        .arg(out.join("selector.json"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut acker = Consumer::connect(&loader_ep, run_id, Limits::default()).await?;
+    let mut first: Option<Instant> = None;
+    let mut tokens = 0f64;
+    let mut got = 0;
+    while got < batches {
+        let m = tokio::time::timeout(Duration::from_secs(300), router.recv())
+            .await
+            .context("the selector went silent")??;
+        let mut frames = m.into_vec();
+        let peer = frames.remove(0);
+        match Message::decode(&frames, &Limits::default())? {
+            Message::Heartbeat(_) => router.send(credit(&peer, run_id, 2)?).await?,
+            Message::Scored(s) => {
+                got += 1;
+                if first.is_none() {
+                    first = Some(Instant::now());
+                } else {
+                    tokens += s.batch.target_count() as f64;
+                }
+                acker.ack(vec![s.batch.seq]).await?;
+                router.send(credit(&peer, run_id, 1)?).await?;
+            }
+            other => bail!("unexpected `{}`", other.kind()),
+        }
+    }
+    let secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
+    let _ = selector.kill().await;
+    let _ = loader.kill().await;
+    Ok(tokens / secs.max(1e-9))
+}

@@ -1,0 +1,300 @@
+//! The candle backend: trains the `rho-model` decoder through its differentiable (plain) path.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rho_model::{checkpoint, per_token_loss, Config, DecoderLm, HfConfig, Path as ModelPath};
+use rho_protocol::TokenBatch;
+
+use crate::backend::{Backend, StepInput, StepStats};
+use crate::optim::{AdamW, OptimizerConfig};
+use crate::selection::{self, Selection};
+use crate::{Result, TrainerError};
+
+/// A model being trained: its variables, the decoder built on them, and the optimizer.
+pub struct CandleBackend {
+    hf_config: serde_json::Value,
+    vars: Vec<(String, Var)>,
+    model: DecoderLm,
+    optimizer: AdamW,
+    optim_config: OptimizerConfig,
+    micro_batches: usize,
+    device: Device,
+}
+
+impl CandleBackend {
+    /// A backend over the weights of a checkpoint directory.
+    pub fn from_checkpoint(
+        dir: &Path,
+        device: &Device,
+        optim: OptimizerConfig,
+        micro_batches: usize,
+    ) -> Result<Self> {
+        let text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| {
+            TrainerError::Checkpoint(format!("{}: {e}", dir.join("config.json").display()))
+        })?;
+        let hf_config: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            TrainerError::Checkpoint(format!("{}: {e}", dir.join("config.json").display()))
+        })?;
+        let tensors = checkpoint::read_tensors(dir, device)?;
+        Self::new(hf_config, tensors, device, optim, micro_batches)
+    }
+
+    /// A backend over named tensors (HF names) and the `config.json` they belong to.
+    pub fn new(
+        hf_config: serde_json::Value,
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+        optim: OptimizerConfig,
+        micro_batches: usize,
+    ) -> Result<Self> {
+        let config = HfConfig::from_json(&hf_config.to_string())?.into_config()?;
+        let mut names: Vec<String> = tensors.keys().cloned().collect();
+        names.sort();
+        let mut vars = Vec::with_capacity(names.len());
+        for n in names {
+            let t = tensors[&n].to_dtype(DType::F32)?.to_device(device)?;
+            vars.push((n, Var::from_tensor(&t)?));
+        }
+        let model = Self::build(&config, &vars)?;
+        let optimizer = AdamW::new(optim, &vars)?;
+        Ok(CandleBackend {
+            hf_config,
+            vars,
+            model,
+            optimizer,
+            optim_config: optim,
+            micro_batches: micro_batches.max(1),
+            device: device.clone(),
+        })
+    }
+
+    fn build(config: &Config, vars: &[(String, Var)]) -> Result<DecoderLm> {
+        let map: HashMap<String, Tensor> = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        Ok(DecoderLm::from_tensors(config.clone(), &map, DType::F32)?)
+    }
+
+    pub fn model(&self) -> &DecoderLm {
+        &self.model
+    }
+
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// The current weights, copied.
+    pub fn weights(&self) -> Result<HashMap<String, Tensor>> {
+        self.vars
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+            .collect()
+    }
+
+    fn ids(&self, batch: &TokenBatch, rows: std::ops::Range<usize>) -> Result<Tensor> {
+        let w = batch.window;
+        let slice = &batch.tokens[rows.start * w..rows.end * w];
+        Ok(Tensor::from_slice(slice, (rows.len(), w), &self.device)?)
+    }
+
+    /// Loss and gradients of `sum(loss * mask) / denom` over rows `rows`; gradients in var order.
+    fn grads(&self, ids: &Tensor, mask: &[f32], denom: f32) -> Result<(Tensor, Vec<Tensor>)> {
+        let losses = per_token_loss(&self.model, ids, ModelPath::Plain, None)?;
+        let m = Tensor::from_slice(mask, losses.dims(), &self.device)?;
+        let objective = ((&losses * &m)?.sum_all()? / f64::from(denom))?;
+        let store = objective.backward()?;
+        let grads = self
+            .vars
+            .iter()
+            .map(|(_, v)| match store.get(v.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => Ok(v.as_tensor().zeros_like()?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((losses, grads))
+    }
+}
+
+impl Backend for CandleBackend {
+    fn step(&mut self, step: u64, input: &StepInput, selection: &Selection) -> Result<StepStats> {
+        let b = &input.batch;
+        let (rows, t) = (b.rows, b.window - 1);
+        let valid = input.valid();
+        let n_valid = valid.iter().filter(|v| **v).count();
+        let ratio = selection.schedule.ratio(step);
+        let chunk = rows.div_ceil(self.micro_batches.min(rows));
+        let ranges: Vec<std::ops::Range<usize>> = (0..rows)
+            .step_by(chunk)
+            .map(|s| s..(s + chunk).min(rows))
+            .collect();
+
+        // The current model's losses of the whole step's batch come first: selection over the
+        // batch needs all of them. With one micro-batch the same forward also gives gradients.
+        let mut current = Vec::with_capacity(rows * t);
+        let mut single = None;
+        if ranges.len() == 1 {
+            let ids = self.ids(b, 0..rows)?;
+            let losses = per_token_loss(&self.model, &ids, ModelPath::Plain, None)?;
+            current = losses.flatten_all()?.to_vec1::<f32>()?;
+            single = Some((ids, losses));
+        } else {
+            for r in &ranges {
+                let ids = self.ids(b, r.clone())?;
+                let l = per_token_loss(&self.model, &ids, ModelPath::Plain, None)?;
+                current.extend(l.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        let mask = selection::select(
+            selection.score,
+            selection.scope,
+            ratio,
+            rows,
+            t,
+            &current,
+            input.ref_loss.as_deref(),
+            &valid,
+        );
+        let kept: f32 = mask.iter().sum();
+
+        let mut grad_norm = 0f32;
+        let lr = self.optim_config.lr_at(step);
+        if kept > 0.0 {
+            let mut total: Option<Vec<Tensor>> = None;
+            for r in &ranges {
+                let m = &mask[r.start * t..r.end * t];
+                let grads = match &single {
+                    Some((_, losses)) => {
+                        let mt = Tensor::from_slice(m, losses.dims(), &self.device)?;
+                        let objective = ((losses * &mt)?.sum_all()? / f64::from(kept))?;
+                        let store = objective.backward()?;
+                        self.vars
+                            .iter()
+                            .map(|(_, v)| match store.get(v.as_tensor()) {
+                                Some(g) => Ok(g.clone()),
+                                None => Ok(v.as_tensor().zeros_like()?),
+                            })
+                            .collect::<Result<Vec<_>>>()?
+                    }
+                    None => self.grads(&self.ids(b, r.clone())?, m, kept)?.1,
+                };
+                total = Some(match total {
+                    None => grads,
+                    Some(acc) => acc
+                        .iter()
+                        .zip(&grads)
+                        .map(|(a, g)| a + g)
+                        .collect::<candle_core::Result<Vec<_>>>()?,
+                });
+            }
+            let mut grads = total.unwrap_or_default();
+            let sq: f32 = grads
+                .iter()
+                .map(|g| {
+                    g.sqr()
+                        .and_then(|s| s.sum_all())
+                        .and_then(|s| s.to_scalar::<f32>())
+                })
+                .collect::<candle_core::Result<Vec<f32>>>()?
+                .iter()
+                .sum();
+            grad_norm = sq.sqrt();
+            if let Some(clip) = self.optim_config.grad_clip {
+                if f64::from(grad_norm) > clip {
+                    let scale = clip / (f64::from(grad_norm) + 1e-6);
+                    grads = grads
+                        .iter()
+                        .map(|g| g * scale)
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                }
+            }
+            self.optimizer.step(&self.vars, &grads, lr)?;
+        }
+
+        let loss_all = selection::masked_mean(
+            &current,
+            &valid
+                .iter()
+                .map(|&v| f32::from(u8::from(v)))
+                .collect::<Vec<_>>(),
+        );
+        let mean_excess = match &input.ref_loss {
+            Some(r) => {
+                let s: f64 = (0..current.len())
+                    .filter(|&i| valid[i])
+                    .map(|i| f64::from(current[i] - r[i]))
+                    .sum();
+                (s / n_valid.max(1) as f64) as f32
+            }
+            None => 0.0,
+        };
+        Ok(StepStats {
+            loss_selected: selection::masked_mean(&current, &mask),
+            loss_all,
+            selected_fraction: if n_valid == 0 {
+                0.0
+            } else {
+                kept / n_valid as f32
+            },
+            mean_excess,
+            lr,
+            grad_norm,
+            tokens: n_valid as u64,
+        })
+    }
+
+    fn eval(&mut self, batches: &[TokenBatch]) -> Result<f32> {
+        let (mut sum, mut count) = (0f64, 0f64);
+        for b in batches {
+            let ids = self.ids(b, 0..b.rows)?;
+            let losses =
+                per_token_loss(&self.model, &ids, ModelPath::Fused, None)?.to_vec2::<f32>()?;
+            for (row, &len) in losses.iter().zip(&b.lengths) {
+                let n = (len as usize).saturating_sub(1);
+                sum += row[..n].iter().map(|&l| f64::from(l)).sum::<f64>();
+                count += n as f64;
+            }
+        }
+        Ok(if count == 0.0 {
+            0.0
+        } else {
+            (sum / count) as f32
+        })
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        checkpoint::save(&dir.join("model"), &self.hf_config, &self.weights()?, None)?;
+        let state = self.optimizer.state();
+        let path = dir.join("optimizer.safetensors");
+        candle_core::safetensors::save(&state, &path)
+            .map_err(|e| TrainerError::Checkpoint(format!("{}: {e}", path.display())))?;
+        let meta = serde_json::json!({"adam_steps": self.optimizer.t});
+        std::fs::write(dir.join("optimizer.json"), meta.to_string())
+            .map_err(|e| TrainerError::Checkpoint(e.to_string()))?;
+        Ok(())
+    }
+
+    fn load(&mut self, dir: &Path) -> Result<()> {
+        let weights = checkpoint::read_tensors(&dir.join("model"), &self.device)?;
+        for (n, v) in &self.vars {
+            let t = weights.get(n).ok_or_else(|| {
+                TrainerError::Checkpoint(format!("checkpoint lacks weight `{n}`"))
+            })?;
+            v.set(&t.to_dtype(DType::F32)?)?;
+        }
+        let path = dir.join("optimizer.safetensors");
+        let state = candle_core::safetensors::load(&path, &self.device)
+            .map_err(|e| TrainerError::Checkpoint(format!("{}: {e}", path.display())))?;
+        let meta: serde_json::Value = std::fs::read_to_string(dir.join("optimizer.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .ok_or_else(|| {
+                TrainerError::Checkpoint(format!("{}: unreadable optimizer.json", dir.display()))
+            })?;
+        let t = meta["adam_steps"].as_u64().unwrap_or(0);
+        self.optimizer.load_state(&state, t)?;
+        Ok(())
+    }
+}

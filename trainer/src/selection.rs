@@ -1,0 +1,368 @@
+//! Token selection, the heart of Selective Language Modeling (Rho-1, Eq. 4).
+//!
+//! Every valid target position gets a score; the top `ratio` of positions by score are kept
+//! (over the whole step's batch, or within each sequence), and the loss is the mean
+//! cross-entropy over the kept positions. The backends share this module, so that every
+//! backend selects the same tokens from the same numbers.
+//!
+//! Conventions that make selection exact and reproducible:
+//! - the number kept from `n` valid positions is `round_half_up(ratio * n)`, so `ratio = 0`
+//!   keeps none and `ratio = 1` keeps all;
+//! - higher score is kept first; equal scores are broken by position (earlier first, row-major);
+//! - invalid positions (padding, masked) are never kept and never counted in `n`;
+//! - a NaN score ranks below every number.
+
+use serde::{Deserialize, Serialize};
+
+/// What ranks the tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreRule {
+    /// `L_theta - L_ref`, the paper's: tokens the model has not learned but the reference has.
+    #[default]
+    Excess,
+    /// `-L_ref`: the tokens the reference model finds easiest.
+    Reference,
+    /// `L_theta`: the tokens the current model finds hardest (no reference needed).
+    Current,
+    /// No selection: every valid token (plain causal LM).
+    None,
+}
+
+impl ScoreRule {
+    /// Whether the rule needs reference losses.
+    pub fn needs_reference(self) -> bool {
+        matches!(self, ScoreRule::Excess | ScoreRule::Reference)
+    }
+}
+
+/// Over which tokens the top-k is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// All tokens of the step's batch (the paper's).
+    #[default]
+    Batch,
+    /// Each sequence alone.
+    Sequence,
+}
+
+/// How the ratio evolves over training steps.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RatioSchedule {
+    /// The same ratio at every step.
+    Constant { ratio: f64 },
+    /// Every token for the first `steps` steps (plain causal LM), then `ratio`.
+    CausalThen { steps: u64, ratio: f64 },
+}
+
+impl Default for RatioSchedule {
+    fn default() -> Self {
+        RatioSchedule::Constant { ratio: 0.6 }
+    }
+}
+
+impl RatioSchedule {
+    /// The ratio at `step` (0-based).
+    pub fn ratio(&self, step: u64) -> f64 {
+        match *self {
+            RatioSchedule::Constant { ratio } => ratio,
+            RatioSchedule::CausalThen { steps, ratio } => {
+                if step < steps {
+                    1.0
+                } else {
+                    ratio
+                }
+            }
+        }
+    }
+
+    /// Checks the ratio lies in [0, 1].
+    pub fn validate(&self) -> Result<(), String> {
+        let r = match *self {
+            RatioSchedule::Constant { ratio } | RatioSchedule::CausalThen { ratio, .. } => ratio,
+        };
+        if (0.0..=1.0).contains(&r) {
+            Ok(())
+        } else {
+            Err(format!("ratio {r} is outside [0, 1]"))
+        }
+    }
+}
+
+/// The selection settings of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Selection {
+    #[serde(default)]
+    pub score: ScoreRule,
+    #[serde(default)]
+    pub scope: Scope,
+    #[serde(default)]
+    pub schedule: RatioSchedule,
+}
+
+/// How many of `n` valid positions a ratio keeps.
+pub fn keep_count(ratio: f64, n: usize) -> usize {
+    ((ratio * n as f64) + 0.5).floor().clamp(0.0, n as f64) as usize
+}
+
+/// The per-position score under a rule (higher is kept first).
+pub fn score(rule: ScoreRule, current: f32, reference: f32) -> f32 {
+    match rule {
+        ScoreRule::Excess => current - reference,
+        ScoreRule::Reference => -reference,
+        ScoreRule::Current => current,
+        ScoreRule::None => 0.0,
+    }
+}
+
+/// The selection mask of a step: `rows` sequences of `len` positions, row-major.
+/// `valid[i]` says whether position `i` may be selected at all. Returns 1.0 for kept positions.
+pub fn select(
+    rule: ScoreRule,
+    scope: Scope,
+    ratio: f64,
+    rows: usize,
+    len: usize,
+    current: &[f32],
+    reference: Option<&[f32]>,
+    valid: &[bool],
+) -> Vec<f32> {
+    let n = rows * len;
+    let mut mask = vec![0f32; n];
+    let scores: Vec<f32> = (0..n)
+        .map(|i| score(rule, current[i], reference.map_or(0.0, |r| r[i])))
+        .collect();
+    let mut pick = |positions: Vec<usize>| {
+        let k = if rule == ScoreRule::None {
+            positions.len()
+        } else {
+            keep_count(ratio, positions.len())
+        };
+        let mut order = positions;
+        order.sort_by(|&a, &b| {
+            let (sa, sb) = (scores[a], scores[b]);
+            // Descending by score, NaN last; ties by position.
+            match (sa.is_nan(), sb.is_nan()) {
+                (true, true) => a.cmp(&b),
+                (true, false) => std::cmp::Ordering::Greater,
+                (false, true) => std::cmp::Ordering::Less,
+                _ => sb
+                    .partial_cmp(&sa)
+                    .unwrap_or(std::cmp::Ordering::Equal)
+                    .then(a.cmp(&b)),
+            }
+        });
+        for &i in order.iter().take(k) {
+            mask[i] = 1.0;
+        }
+    };
+    match scope {
+        Scope::Batch => pick((0..n).filter(|&i| valid[i]).collect()),
+        Scope::Sequence => {
+            for r in 0..rows {
+                pick((r * len..(r + 1) * len).filter(|&i| valid[i]).collect());
+            }
+        }
+    }
+    mask
+}
+
+/// Mean of `losses` over the kept positions; 0 when none is kept.
+pub fn masked_mean(losses: &[f32], mask: &[f32]) -> f32 {
+    let (sum, count) = losses
+        .iter()
+        .zip(mask)
+        .fold((0f64, 0f64), |(s, c), (&l, &m)| {
+            (s + f64::from(l * m), c + f64::from(m))
+        });
+    if count == 0.0 {
+        0.0
+    } else {
+        (sum / count) as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Case {
+        name: &'static str,
+        rule: ScoreRule,
+        scope: Scope,
+        ratio: f64,
+        rows: usize,
+        current: Vec<f32>,
+        reference: Vec<f32>,
+        valid: Vec<bool>,
+        mask: Vec<f32>,
+        loss: f32,
+    }
+
+    fn cases() -> Vec<Case> {
+        let all = vec![true; 6];
+        vec![
+            Case {
+                name: "excess, batch, k = 0.5: the three largest L - Lref",
+                rule: ScoreRule::Excess,
+                scope: Scope::Batch,
+                ratio: 0.5,
+                rows: 2,
+                current: vec![3.0, 1.0, 4.0, 1.0, 5.0, 9.0],
+                reference: vec![1.0, 1.0, 1.0, 0.5, 5.0, 2.0],
+                // excess: 2, 0, 3, 0.5, 0, 7 -> keep 5 (7), 2 (3), 0 (2)
+                valid: all.clone(),
+                mask: vec![1.0, 0.0, 1.0, 0.0, 0.0, 1.0],
+                loss: (3.0 + 4.0 + 9.0) / 3.0,
+            },
+            Case {
+                name: "ties broken by position",
+                rule: ScoreRule::Excess,
+                scope: Scope::Batch,
+                ratio: 0.5,
+                rows: 1,
+                current: vec![2.0, 2.0, 2.0, 2.0, 1.0, 1.0],
+                reference: vec![1.0; 6],
+                valid: all.clone(),
+                mask: vec![1.0, 1.0, 1.0, 0.0, 0.0, 0.0],
+                loss: 2.0,
+            },
+            Case {
+                name: "k = 0 keeps nothing",
+                rule: ScoreRule::Excess,
+                scope: Scope::Batch,
+                ratio: 0.0,
+                rows: 2,
+                current: vec![1.0; 6],
+                reference: vec![0.0; 6],
+                valid: all.clone(),
+                mask: vec![0.0; 6],
+                loss: 0.0,
+            },
+            Case {
+                name: "k = 1 keeps every valid position, never padding",
+                rule: ScoreRule::Excess,
+                scope: Scope::Batch,
+                ratio: 1.0,
+                rows: 2,
+                current: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+                reference: vec![0.0; 6],
+                valid: vec![true, true, false, true, true, false],
+                mask: vec![1.0, 1.0, 0.0, 1.0, 1.0, 0.0],
+                loss: 3.0,
+            },
+            Case {
+                name: "a ratio that does not divide: 0.6 of 4 valid = round(2.4) = 2",
+                rule: ScoreRule::Current,
+                scope: Scope::Batch,
+                ratio: 0.6,
+                rows: 2,
+                current: vec![0.5, 9.0, 7.0, 1.0, 8.0, 100.0],
+                reference: vec![0.0; 6],
+                valid: vec![true, true, false, true, true, false],
+                mask: vec![0.0, 1.0, 0.0, 0.0, 1.0, 0.0],
+                loss: 8.5,
+            },
+            Case {
+                name: "per-sequence scope: k within each row",
+                rule: ScoreRule::Excess,
+                scope: Scope::Sequence,
+                ratio: 1.0 / 3.0,
+                rows: 2,
+                current: vec![5.0, 6.0, 7.0, 1.0, 2.0, 3.0],
+                reference: vec![0.0; 6],
+                valid: all.clone(),
+                // batch scope would keep 7 and 6; each row keeps its best
+                mask: vec![0.0, 0.0, 1.0, 0.0, 0.0, 1.0],
+                loss: 5.0,
+            },
+            Case {
+                name: "reference rule keeps the lowest reference losses",
+                rule: ScoreRule::Reference,
+                scope: Scope::Batch,
+                ratio: 0.5,
+                rows: 1,
+                current: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+                reference: vec![0.3, 5.0, 0.1, 4.0, 0.2, 9.0],
+                valid: all.clone(),
+                mask: vec![1.0, 0.0, 1.0, 0.0, 1.0, 0.0],
+                loss: 3.0,
+            },
+            Case {
+                name: "none keeps every valid token whatever the ratio",
+                rule: ScoreRule::None,
+                scope: Scope::Batch,
+                ratio: 0.1,
+                rows: 1,
+                current: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+                reference: vec![0.0; 6],
+                valid: vec![true, true, true, true, false, false],
+                mask: vec![1.0, 1.0, 1.0, 1.0, 0.0, 0.0],
+                loss: 2.5,
+            },
+            Case {
+                name: "NaN scores rank last",
+                rule: ScoreRule::Current,
+                scope: Scope::Batch,
+                ratio: 0.5,
+                rows: 1,
+                current: vec![f32::NAN, 1.0, 2.0, f32::NAN, 0.5, 3.0],
+                reference: vec![0.0; 6],
+                valid: all,
+                mask: vec![0.0, 1.0, 1.0, 0.0, 0.0, 1.0],
+                loss: 2.0,
+            },
+        ]
+    }
+
+    #[test]
+    fn hand_computed_masks_and_losses() {
+        for c in cases() {
+            let len = c.current.len() / c.rows;
+            let mask = select(
+                c.rule,
+                c.scope,
+                c.ratio,
+                c.rows,
+                len,
+                &c.current,
+                Some(&c.reference),
+                &c.valid,
+            );
+            assert_eq!(mask, c.mask, "{}", c.name);
+            let loss = masked_mean(&c.current, &mask);
+            assert!(
+                (loss - c.loss).abs() < 1e-6,
+                "{}: loss {loss} != {}",
+                c.name,
+                c.loss
+            );
+        }
+    }
+
+    #[test]
+    fn keep_counts_round_half_up() {
+        assert_eq!(keep_count(0.6, 10), 6);
+        assert_eq!(keep_count(0.6, 4), 2);
+        assert_eq!(keep_count(0.5, 5), 3);
+        assert_eq!(keep_count(0.0, 7), 0);
+        assert_eq!(keep_count(1.0, 7), 7);
+        assert_eq!(keep_count(0.7, 0), 0);
+    }
+
+    #[test]
+    fn schedules() {
+        let s = RatioSchedule::CausalThen {
+            steps: 3,
+            ratio: 0.6,
+        };
+        assert_eq!((s.ratio(0), s.ratio(2), s.ratio(3)), (1.0, 1.0, 0.6));
+        assert!(RatioSchedule::Constant { ratio: 1.5 }.validate().is_err());
+        let parsed: Selection = serde_json::from_str(r#"{"score":"excess","scope":"sequence","schedule":{"kind":"causal_then","steps":100,"ratio":0.7}}"#).unwrap();
+        assert_eq!(parsed.scope, Scope::Sequence);
+        assert_eq!(parsed.schedule.ratio(100), 0.7);
+    }
+}
