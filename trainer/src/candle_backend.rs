@@ -100,7 +100,15 @@ impl CandleBackend {
         Ok(Tensor::from_slice(slice, (rows.len(), w), &self.device)?)
     }
 
-    /// Loss and gradients of `sum(loss * mask) / denom` over rows `rows`; gradients in var order.
+    /// The objective `sum(loss * mask) / denom` of token ids `[B, W]` and its gradient for every
+    /// variable, in [`CandleBackend::vars`] order (zeros where a variable gets none).
+    pub fn gradients(&self, ids: &Tensor, mask: &[f32], denom: f32) -> Result<(f32, Vec<Tensor>)> {
+        let (losses, grads) = self.grads(ids, mask, denom)?;
+        let m = Tensor::from_slice(mask, losses.dims(), &self.device)?;
+        let objective = ((&losses * &m)?.sum_all()? / f64::from(denom))?.to_scalar::<f32>()?;
+        Ok((objective, grads))
+    }
+
     fn grads(&self, ids: &Tensor, mask: &[f32], denom: f32) -> Result<(Tensor, Vec<Tensor>)> {
         let losses = per_token_loss(&self.model, ids, ModelPath::Plain, None)?;
         let m = Tensor::from_slice(mask, losses.dims(), &self.device)?;

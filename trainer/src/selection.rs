@@ -170,11 +170,13 @@ pub fn select(
     mask
 }
 
-/// Mean of `losses` over the kept positions; 0 when none is kept.
+/// Mean of `losses` over the kept positions (those with a non-zero mask; what is not kept
+/// never contributes, not even a NaN); 0 when none is kept.
 pub fn masked_mean(losses: &[f32], mask: &[f32]) -> f32 {
     let (sum, count) = losses
         .iter()
         .zip(mask)
+        .filter(|(_, &m)| m != 0.0)
         .fold((0f64, 0f64), |(s, c), (&l, &m)| {
             (s + f64::from(l * m), c + f64::from(m))
         });
