@@ -37,6 +37,8 @@ enum Command {
     Loader(LoaderArgs),
     /// Score token batches with a reference model (the selector process).
     Selector(SelectorArgs),
+    /// Train on scored (or plain) batches: selective language modeling.
+    Trainer(TrainerArgs),
     /// Print per-token losses of a model on text, a shard or token ids.
     Score(model_cmd::ScoreArgs),
     /// Model tools.
@@ -70,6 +72,35 @@ struct SelectorArgs {
     /// Selector config (JSON); see configs/selector.json.
     #[arg(long)]
     config: PathBuf,
+}
+
+#[derive(Args)]
+struct TrainerArgs {
+    /// Trainer config (JSON); see configs/trainer.json.
+    #[arg(long)]
+    config: PathBuf,
+}
+
+/// Reads the held-out batches of a trainer's `eval.loader_config`, once.
+fn eval_batches(
+    config: &rho_trainer::TrainerConfig,
+) -> anyhow::Result<Vec<rho_protocol::TokenBatch>> {
+    let Some(eval) = &config.eval else {
+        return Ok(Vec::new());
+    };
+    let loader = rho_loader::LoaderConfig::load(&eval.loader_config)?;
+    let metrics = std::sync::Arc::new(rho_loader::metrics::Metrics::default());
+    let mut stream = rho_loader::Stream::new(&loader, metrics)?;
+    let mut out = Vec::new();
+    stream.run(0, |b| {
+        out.push(b);
+        if out.len() >= eval.max_batches {
+            rho_loader::Flow::Stop
+        } else {
+            rho_loader::Flow::Continue
+        }
+    })?;
+    Ok(out)
 }
 
 #[derive(Subcommand)]
@@ -146,6 +177,13 @@ fn main() -> anyhow::Result<()> {
             Command::Selector(args) => {
                 let config = rho_selector::SelectorConfig::load(&args.config)?;
                 let report = rho_selector::run(config, shutdown_signal()).await?;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
+            Command::Trainer(args) => {
+                let config = rho_trainer::TrainerConfig::load(&args.config)?;
+                let eval = eval_batches(&config).context("reading the held-out batches")?;
+                let report = rho_trainer::run(config, eval, shutdown_signal()).await?;
                 println!("{}", serde_json::to_string(&report)?);
                 Ok(())
             }

@@ -136,6 +136,8 @@ pub async fn serve(
     let mut producer = spawn_producer(stream.clone(), start_local, config.prefetch);
 
     let mut credits: Credits<Peer> = Credits::default();
+    // Everyone who spoke to this loader hears the `end` (a trainer that only acknowledges, too).
+    let mut peers: std::collections::HashSet<Peer> = std::collections::HashSet::new();
     let mut ledger: Ledger<Vec<Bytes>, Peer> = Ledger::new(config.max_in_flight);
     let mut pending: VecDeque<u64> = VecDeque::new();
     let mut total: Option<u64> = None;
@@ -176,9 +178,10 @@ pub async fn serve(
         Metrics::set(&metrics.in_flight, ledger.len() as u64);
         if let Some(t) = total {
             if ledger.is_empty() && pending.is_empty() && config.exit_when_done {
-                // Answer whoever still waits, then give the sends a moment to flush.
-                for (peer, _) in credits.drain() {
-                    let _ = sender.send(with_peer(&peer, &end_frames(t))).await;
+                // Tell every peer, then give the sends a moment to flush.
+                credits.drain();
+                for peer in &peers {
+                    let _ = sender.send(with_peer(peer, &end_frames(t))).await;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 break;
@@ -211,6 +214,7 @@ pub async fn serve(
                         continue;
                     }
                 };
+                peers.insert(peer.clone());
                 match message {
                     Message::Credit(c) => {
                         if let Some(t) = total.filter(|_| pending.is_empty()) {

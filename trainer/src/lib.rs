@@ -6,11 +6,16 @@
 
 pub mod backend;
 pub mod candle_backend;
+pub mod checkpoint;
+pub mod config;
 mod error;
 pub mod optim;
+pub mod run;
 pub mod selection;
 
 pub use backend::{Backend, NullBackend, StepInput, StepStats};
 pub use candle_backend::CandleBackend;
+pub use config::TrainerConfig;
 pub use error::{Result, TrainerError};
+pub use run::{run, Report};
 pub use selection::{RatioSchedule, Scope, ScoreRule, Selection};

@@ -1,0 +1,250 @@
+//! Real `rho loader` + `rho selector` + `rho trainer` processes train a tiny model: the held-out
+//! loss falls, every batch is trained on once in order, and the checkpoint is a loadable
+//! HuggingFace directory. Plain causal LM (no selector) trains from the loader directly.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const RHO: &str = env!("CARGO_BIN_EXE_rho");
+
+fn rho(args: &[&str]) {
+    let out = Command::new(RHO).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "rho {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn p(path: &Path) -> String {
+    path.to_str().unwrap().to_string()
+}
+
+fn write(path: &Path, v: &Value) {
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+fn spawn(args: &[&str]) -> Child {
+    Command::new(RHO)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_file(path: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::read_to_string(path).unwrap()
+}
+
+fn finish(child: Child, what: &str) -> Value {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what} report: {e}"))
+}
+
+/// Train and held-out corpora, a tokenizer, a reference and an initial model.
+fn setup(root: &Path) {
+    rho(&[
+        "synth",
+        "--shards",
+        "2",
+        "--docs-per-shard",
+        "120",
+        "--seed",
+        "1",
+        "--out",
+        &p(&root.join("train")),
+    ]);
+    rho(&[
+        "synth",
+        "--shards",
+        "1",
+        "--docs-per-shard",
+        "40",
+        "--seed",
+        "2",
+        "--noise",
+        "0",
+        "--out",
+        &p(&root.join("heldout")),
+    ]);
+    rho(&[
+        "tokenizer",
+        "train",
+        "--vocab-size",
+        "400",
+        "--input",
+        &p(&root.join("train")),
+        "--out",
+        &p(&root.join("tokenizer.json")),
+    ]);
+    rho(&[
+        "model",
+        "init",
+        "--preset",
+        "tiny",
+        "--seed",
+        "1",
+        "--tokenizer",
+        &p(&root.join("tokenizer.json")),
+        "--out",
+        &p(&root.join("ref")),
+    ]);
+    rho(&[
+        "model",
+        "init",
+        "--preset",
+        "tiny",
+        "--seed",
+        "2",
+        "--tokenizer",
+        &p(&root.join("tokenizer.json")),
+        "--out",
+        &p(&root.join("init")),
+    ]);
+    let loader = |data: &str, endpoint_file: Option<&str>| {
+        json!({
+            "run_id": "tr", "data": {"paths": [data]}, "tokenizer": "tokenizer.json",
+            "seq_len": 64, "batch_size": 4, "endpoint": "tcp://127.0.0.1:0",
+            "endpoint_file": endpoint_file, "max_in_flight": 8, "shuffle_window": 8,
+        })
+    };
+    write(
+        &root.join("loader.json"),
+        &loader("train", Some("loader.endpoint")),
+    );
+    write(&root.join("heldout.json"), &loader("heldout", None));
+}
+
+fn trainer_config(root: &Path, loader_ep: &str, score: &str, dir: &str) -> std::path::PathBuf {
+    let cfg = json!({
+        "run_id": "tr", "loader": loader_ep, "delivery": "tcp://127.0.0.1:0",
+        "delivery_file": format!("{dir}.delivery"), "model": "init",
+        "selection": {"score": score, "schedule": {"kind": "constant", "ratio": 0.6}},
+        "optimizer": {"lr": 0.003, "warmup_steps": 3, "weight_decay": 0.0},
+        "checkpoint": {"dir": dir, "every": 10},
+        "eval": {"loader_config": "heldout.json", "every": 5, "max_batches": 4},
+        "metrics": format!("{dir}.metrics.jsonl"),
+    });
+    let path = root.join(format!("{dir}.json"));
+    write(&path, &cfg);
+    path
+}
+
+fn check_training(report: &Value, root: &Path, dir: &str) {
+    let consumed: Vec<u64> = report["consumed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert!(consumed.len() >= 20, "only {} steps", consumed.len());
+    assert_eq!(
+        consumed,
+        (0..consumed.len() as u64).collect::<Vec<_>>(),
+        "in order, each once"
+    );
+    let evals = report["evals"].as_array().unwrap();
+    let first = evals.first().unwrap()["loss"].as_f64().unwrap();
+    let last = evals.last().unwrap()["loss"].as_f64().unwrap();
+    assert!(last < first - 0.3, "held-out loss {first} -> {last}");
+    let metrics = std::fs::read_to_string(root.join(format!("{dir}.metrics.jsonl"))).unwrap();
+    let line: Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    for key in [
+        "loss_selected",
+        "loss_all",
+        "selected_fraction",
+        "mean_excess",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "data_wait_fraction",
+    ] {
+        assert!(line.get(key).is_some(), "metrics lack {key}");
+    }
+    // The final checkpoint loads as a HuggingFace directory.
+    let ck = Path::new(report["last_checkpoint"].as_str().unwrap());
+    assert!(ck.starts_with(root.join(dir)));
+    rho_model::checkpoint::load(
+        &ck.join("model"),
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+}
+
+#[test]
+fn slm_through_loader_selector_and_trainer_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    setup(root);
+    let loader = spawn(&["loader", "--config", &p(&root.join("loader.json"))]);
+    let loader_ep = wait_file(&root.join("loader.endpoint"));
+    let trainer = spawn(&[
+        "trainer",
+        "--config",
+        &p(&trainer_config(root, &loader_ep, "excess", "slm")),
+    ]);
+    let delivery = wait_file(&root.join("slm.delivery"));
+    let sel = json!({"run_id": "tr", "loader": loader_ep, "trainer": delivery, "model": "ref", "tokenizer": "tokenizer.json"});
+    write(&root.join("selector.json"), &sel);
+    let selector = spawn(&["selector", "--config", &p(&root.join("selector.json"))]);
+    let report = finish(trainer, "trainer");
+    check_training(&report, root, "slm");
+    let line: Value = serde_json::from_str(
+        std::fs::read_to_string(root.join("slm.metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    let frac = line["selected_fraction"].as_f64().unwrap();
+    assert!((frac - 0.6).abs() < 0.01, "selected fraction {frac}");
+    let l = finish(loader, "loader");
+    assert_eq!(l["counts"]["batches_acked"], report["steps"]);
+    finish(selector, "selector");
+}
+
+#[test]
+fn causal_lm_trains_from_the_loader_directly() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    setup(root);
+    let loader = spawn(&["loader", "--config", &p(&root.join("loader.json"))]);
+    let loader_ep = wait_file(&root.join("loader.endpoint"));
+    let trainer = spawn(&[
+        "trainer",
+        "--config",
+        &p(&trainer_config(root, &loader_ep, "none", "clm")),
+    ]);
+    let report = finish(trainer, "trainer");
+    check_training(&report, root, "clm");
+    let line: Value = serde_json::from_str(
+        std::fs::read_to_string(root.join("clm.metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(line["selected_fraction"].as_f64().unwrap(), 1.0);
+    finish(loader, "loader");
+}

@@ -1,0 +1,206 @@
+//! The trainer's configuration.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+use crate::optim::OptimizerConfig;
+use crate::selection::Selection;
+use crate::{Result, TrainerError};
+
+/// Which backend trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// The `rho-model` decoder on candle.
+    #[default]
+    Candle,
+    /// Consume and acknowledge only (pipeline measurements).
+    Null,
+}
+
+/// Periodic checkpoints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Directory of `step-NNNNNNNN/` checkpoints and the `latest` pointer.
+    pub dir: PathBuf,
+    /// Every this many steps (and always at the end and on shutdown).
+    #[serde(default)]
+    pub every: Option<u64>,
+}
+
+/// Held-out evaluation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// A loader config over the held-out shards (same tokenizer); its batches are read once.
+    pub loader_config: PathBuf,
+    /// Evaluate every this many steps (and at the end).
+    pub every: u64,
+    /// At most this many held-out batches. Default 8.
+    #[serde(default = "d_eval_batches")]
+    pub max_batches: usize,
+}
+
+fn d_eval_batches() -> usize {
+    8
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerConfig {
+    #[serde(default = "d_run_id")]
+    pub run_id: String,
+    /// The loader's endpoint: acknowledgements go there, and token batches come from there when
+    /// the score rule needs no reference.
+    pub loader: String,
+    /// The endpoint this trainer binds for selectors to deliver scored batches.
+    #[serde(default = "d_delivery")]
+    pub delivery: String,
+    /// Write the bound delivery endpoint here (useful with port 0).
+    #[serde(default)]
+    pub delivery_file: Option<PathBuf>,
+    #[serde(default)]
+    pub backend: BackendChoice,
+    /// The initial weights: a HuggingFace checkpoint directory (candle backend).
+    #[serde(default)]
+    pub model: Option<PathBuf>,
+    /// `cpu` (default), `cuda` or `cuda:N`.
+    #[serde(default = "d_device")]
+    pub device: String,
+    #[serde(default)]
+    pub selection: Selection,
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
+    /// Micro-batches per step (gradient accumulation); selection still spans the whole step.
+    #[serde(default = "d_one")]
+    pub micro_batches: usize,
+    /// Stop after this many steps; default: when the stream ends.
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointConfig>,
+    /// Continue from the latest checkpoint in `checkpoint.dir` when there is one.
+    #[serde(default)]
+    pub resume: bool,
+    #[serde(default)]
+    pub eval: Option<EvalConfig>,
+    /// Scored batches each selector may have on its way to this trainer. Default 2.
+    #[serde(default = "d_credits")]
+    pub credits_per_selector: u32,
+    /// Token batches asked of the loader ahead (without selectors). Default 2.
+    #[serde(default = "d_credits")]
+    pub prefetch: u32,
+    /// JSONL metrics, one line per step.
+    #[serde(default)]
+    pub metrics: Option<PathBuf>,
+    #[serde(default = "d_max_message")]
+    pub max_message_bytes: u64,
+}
+
+fn d_run_id() -> String {
+    "rho".into()
+}
+fn d_delivery() -> String {
+    "tcp://127.0.0.1:5556".into()
+}
+fn d_device() -> String {
+    "cpu".into()
+}
+fn d_one() -> usize {
+    1
+}
+fn d_credits() -> u32 {
+    2
+}
+fn d_max_message() -> u64 {
+    256 << 20
+}
+
+impl TrainerConfig {
+    /// Reads and validates a config file; relative paths are relative to its directory.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| TrainerError::ConfigRead {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let de = &mut serde_json::Deserializer::from_str(&text);
+        let mut config: TrainerConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            TrainerError::ConfigParse {
+                path: path.to_path_buf(),
+                reason: if field == "." {
+                    e.inner().to_string()
+                } else {
+                    format!("field `{field}`: {}", e.inner())
+                },
+            }
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for p in [
+            &mut config.model,
+            &mut config.metrics,
+            &mut config.delivery_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            fix(p);
+        }
+        if let Some(c) = &mut config.checkpoint {
+            fix(&mut c.dir);
+        }
+        if let Some(e) = &mut config.eval {
+            fix(&mut e.loader_config);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field, reason: String| Err(TrainerError::ConfigField { field, reason });
+        for (name, e) in [("loader", &self.loader), ("delivery", &self.delivery)] {
+            if !e.starts_with("tcp://") && !e.starts_with("ipc://") {
+                return bad(name, format!("`{e}` is not a tcp:// or ipc:// endpoint"));
+            }
+        }
+        if self.backend == BackendChoice::Candle && self.model.is_none() {
+            return bad(
+                "model",
+                "the candle backend needs initial weights (a checkpoint directory)".into(),
+            );
+        }
+        if let Err(e) = self.selection.schedule.validate() {
+            return bad("selection.schedule", e);
+        }
+        if self.micro_batches == 0 {
+            return bad("micro_batches", "must be at least 1".into());
+        }
+        if self.credits_per_selector == 0 {
+            return bad("credits_per_selector", "must be at least 1".into());
+        }
+        if self.prefetch == 0 {
+            return bad("prefetch", "must be at least 1".into());
+        }
+        if self.optimizer.lr <= 0.0 {
+            return bad("optimizer.lr", "must be positive".into());
+        }
+        if self.resume && self.checkpoint.is_none() {
+            return bad("resume", "needs `checkpoint.dir` to resume from".into());
+        }
+        if self.eval.as_ref().is_some_and(|e| e.every == 0) {
+            return bad("eval.every", "must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Whether batches come through selectors (the score rule needs reference losses).
+    pub fn uses_selectors(&self) -> bool {
+        self.selection.score.needs_reference()
+    }
+}

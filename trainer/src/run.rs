@@ -1,0 +1,344 @@
+//! The trainer process: batches in sequence order (from selectors, or from the loader directly
+//! when the score rule needs no reference), one optimizer step per batch, acknowledgements to the
+//! loader, evaluation, checkpoints and per-step metrics.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rho_protocol::client::{ClientError, Consumer};
+use rho_protocol::{Credit, Limits, Message, TokenBatch};
+use serde::Serialize;
+use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use crate::backend::{Backend, NullBackend, StepInput};
+use crate::candle_backend::CandleBackend;
+use crate::checkpoint::{self, TrainerState};
+use crate::config::{BackendChoice, TrainerConfig};
+use crate::{Result, TrainerError};
+
+/// One evaluation.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalPoint {
+    pub step: u64,
+    pub tokens: u64,
+    pub loss: f32,
+}
+
+/// What a trainer did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub steps: u64,
+    /// The stream cursor at the end.
+    pub next_seq: u64,
+    /// Valid target tokens trained on (all steps of this run, resumed ones included).
+    pub tokens: u64,
+    /// Sequence numbers trained on by this process, in order.
+    pub consumed: Vec<u64>,
+    pub evals: Vec<EvalPoint>,
+    /// Batches received again after they were trained on or buffered (dropped).
+    pub duplicates: u64,
+    pub messages_rejected: u64,
+    pub wall_secs: f64,
+    /// Fraction of wall time spent waiting for the next batch.
+    pub data_wait_fraction: f64,
+    pub last_checkpoint: Option<std::path::PathBuf>,
+    pub interrupted: bool,
+}
+
+fn build_backend(config: &TrainerConfig) -> Result<Box<dyn Backend>> {
+    match config.backend {
+        BackendChoice::Null => Ok(Box::new(NullBackend)),
+        BackendChoice::Candle => {
+            let dir = config
+                .model
+                .as_ref()
+                .ok_or_else(|| TrainerError::ConfigField {
+                    field: "model",
+                    reason: "missing".into(),
+                })?;
+            let device = rho_model::parse_device(&config.device)?;
+            Ok(Box::new(CandleBackend::from_checkpoint(
+                dir,
+                &device,
+                config.optimizer,
+                config.micro_batches,
+            )?))
+        }
+    }
+}
+
+fn credit_to(peer: &Bytes, run_id: &str, n: u32) -> ZmqMessage {
+    let mut frames = vec![peer.clone()];
+    frames.extend(
+        Message::Credit(Credit {
+            run_id: run_id.into(),
+            n,
+        })
+        .encode(),
+    );
+    ZmqMessage::try_from(frames).unwrap_or_else(|_| ZmqMessage::from(Bytes::new()))
+}
+
+/// Runs a trainer until the stream ends (or `max_steps`), or `shutdown` resolves; checkpoints
+/// at the end either way when checkpoints are configured.
+pub async fn run(
+    config: TrainerConfig,
+    eval_batches: Vec<TokenBatch>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Report> {
+    config.validate()?;
+    let started = Instant::now();
+    let cfg = config.clone();
+    let mut backend = tokio::task::spawn_blocking(move || build_backend(&cfg))
+        .await
+        .map_err(|e| TrainerError::Transport(e.to_string()))??;
+    let mut state = TrainerState {
+        run_id: config.run_id.clone(),
+        step: 0,
+        next_seq: 0,
+        tokens: 0,
+    };
+    if let (true, Some(ck)) = (config.resume, &config.checkpoint) {
+        if let Some((dir, saved)) = checkpoint::latest(&ck.dir)? {
+            if saved.run_id != config.run_id {
+                return Err(TrainerError::Checkpoint(format!(
+                    "{} belongs to run `{}`, not `{}`",
+                    dir.display(),
+                    saved.run_id,
+                    config.run_id
+                )));
+            }
+            backend.load(&dir)?;
+            tracing::info!(checkpoint = %dir.display(), step = saved.step, next_seq = saved.next_seq, "resumed");
+            state = saved;
+        }
+    }
+    let limits = Limits {
+        max_message_bytes: config.max_message_bytes,
+        ..Limits::default()
+    };
+    let mut loader = Consumer::connect(&config.loader, &config.run_id, limits).await?;
+    if state.next_seq > 0 {
+        loader.resume(state.next_seq).await?;
+    }
+    let selectors = config.uses_selectors();
+    let (mut delivery_tx, mut delivery_rx) = if selectors {
+        let mut router = RouterSocket::new();
+        let endpoint = router
+            .bind(&config.delivery)
+            .await
+            .map_err(|e| TrainerError::Transport(format!("cannot bind {}: {e}", config.delivery)))?
+            .to_string();
+        tracing::info!(%endpoint, "trainer delivery endpoint listening");
+        if let Some(f) = &config.delivery_file {
+            let tmp = f.with_extension("tmp");
+            std::fs::write(&tmp, &endpoint)
+                .and_then(|_| std::fs::rename(&tmp, f))
+                .map_err(|e| TrainerError::Transport(format!("{}: {e}", f.display())))?;
+        }
+        let (send, mut recv) = router.split();
+        let (tx, rx) = tokio::sync::mpsc::channel::<ZmqMessage>(256);
+        tokio::spawn(async move {
+            while let Ok(m) = recv.recv().await {
+                if tx.send(m).await.is_err() {
+                    break;
+                }
+            }
+        });
+        (Some(send), Some(rx))
+    } else {
+        (None, None)
+    };
+
+    let mut metrics = match &config.metrics {
+        Some(p) => Some(
+            std::fs::File::create(p)
+                .map_err(|e| TrainerError::Transport(format!("{}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
+    let progress = indicatif::ProgressBar::new_spinner();
+    let mut report = Report::default();
+    let mut buffer: BTreeMap<u64, (StepInput, Option<Bytes>)> = BTreeMap::new();
+    let mut requested = 0u64;
+    let mut total: Option<u64> = None;
+    let mut waited = Duration::ZERO;
+    let mut last_step_end = Instant::now();
+    let first_step = state.step;
+    let eval_every = config.eval.as_ref().map(|e| e.every);
+    let checkpoint_every = config.checkpoint.as_ref().and_then(|c| c.every);
+    tokio::pin!(shutdown);
+
+    if !eval_batches.is_empty() && state.step == 0 {
+        let loss = tokio::task::block_in_place(|| backend.eval(&eval_batches))?;
+        report.evals.push(EvalPoint {
+            step: 0,
+            tokens: 0,
+            loss,
+        });
+    }
+
+    'outer: loop {
+        // Train on every batch that is next in sequence.
+        while let Some((input, peer)) = buffer.remove(&state.next_seq) {
+            waited += last_step_end.elapsed();
+            let t0 = Instant::now();
+            let stats = tokio::task::block_in_place(|| {
+                backend.step(state.step, &input, &config.selection)
+            })?;
+            let step_secs = t0.elapsed().as_secs_f64();
+            loader.ack(vec![input.batch.seq]).await?;
+            if let (Some(tx), Some(peer)) = (delivery_tx.as_mut(), peer) {
+                let _ = tx.send(credit_to(&peer, &config.run_id, 1)).await;
+            }
+            report.consumed.push(input.batch.seq);
+            state.step += 1;
+            state.next_seq += 1;
+            state.tokens += stats.tokens;
+            let mut eval_loss = None;
+            if eval_every.is_some_and(|e| state.step % e == 0) && !eval_batches.is_empty() {
+                let loss = tokio::task::block_in_place(|| backend.eval(&eval_batches))?;
+                report.evals.push(EvalPoint {
+                    step: state.step,
+                    tokens: state.tokens,
+                    loss,
+                });
+                eval_loss = Some(loss);
+            }
+            if let (Some(ck), Some(every)) = (&config.checkpoint, checkpoint_every) {
+                if state.step % every == 0 {
+                    report.last_checkpoint = Some(tokio::task::block_in_place(|| {
+                        checkpoint::save(&ck.dir, backend.as_ref(), &state)
+                    })?);
+                }
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            let line = serde_json::json!({
+                "step": state.step, "seq": input.batch.seq, "elapsed_s": elapsed,
+                "loss_selected": stats.loss_selected, "loss_all": stats.loss_all,
+                "selected_fraction": stats.selected_fraction, "mean_excess": stats.mean_excess,
+                "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens": stats.tokens,
+                "tokens_per_s": stats.tokens as f64 / step_secs.max(1e-9),
+                "data_wait_fraction": waited.as_secs_f64() / elapsed.max(1e-9),
+                "eval_loss": eval_loss, "duplicates": report.duplicates,
+            });
+            if let Some(f) = &mut metrics {
+                let _ = writeln!(f, "{line}");
+            }
+            progress.set_message(format!(
+                "trainer: step {} | loss sel {:.3} all {:.3} | selected {:.0}% | lr {:.2e} | {:.0} tok/s | waiting {:.0}%",
+                state.step, stats.loss_selected, stats.loss_all, stats.selected_fraction * 100.0, stats.lr,
+                line["tokens_per_s"].as_f64().unwrap_or(0.0), line["data_wait_fraction"].as_f64().unwrap_or(0.0) * 100.0
+            ));
+            progress.tick();
+            last_step_end = Instant::now();
+            if config
+                .max_steps
+                .is_some_and(|m| state.step - first_step >= m)
+            {
+                break 'outer;
+            }
+        }
+        if total.is_some_and(|t| state.next_seq >= t) {
+            break;
+        }
+        if !selectors {
+            let held = requested + buffer.len() as u64;
+            if held < u64::from(config.prefetch) {
+                let n = u64::from(config.prefetch) - held;
+                loader.credit(n as u32).await?;
+                requested += n;
+            }
+        }
+        tokio::select! {
+            _ = &mut shutdown => {
+                report.interrupted = true;
+                break;
+            }
+            m = loader.recv() => match m {
+                Ok(Message::Batch(b)) if !selectors && b.run_id == config.run_id => {
+                    requested = requested.saturating_sub(1);
+                    let seq = b.seq;
+                    if seq < state.next_seq || buffer.contains_key(&seq) {
+                        report.duplicates += 1;
+                    } else {
+                        buffer.insert(seq, (StepInput { batch: b, ref_loss: None }, None));
+                    }
+                }
+                Ok(Message::End(e)) => total = Some(e.total),
+                Ok(Message::Heartbeat(_)) => {}
+                Ok(other) => {
+                    report.messages_rejected += 1;
+                    tracing::warn!("refused a `{}` message from the loader", other.kind());
+                }
+                Err(ClientError::Decode(e)) => {
+                    report.messages_rejected += 1;
+                    tracing::warn!("refused a malformed message from the loader: {e}");
+                }
+                Err(e) => return Err(e.into()),
+            },
+            m = async { delivery_rx.as_mut().expect("guarded").recv().await }, if delivery_rx.is_some() => {
+                let Some(m) = m else { break };
+                let mut frames = m.into_vec();
+                if frames.is_empty() {
+                    continue;
+                }
+                let peer = frames.remove(0);
+                match Message::decode(&frames, &limits) {
+                    Ok(msg) if msg.run_id() != config.run_id => {
+                        report.messages_rejected += 1;
+                        tracing::warn!("refused a `{}` message of run `{}`", msg.kind(), msg.run_id());
+                    }
+                    Ok(Message::Heartbeat(_)) => {
+                        if let Some(tx) = delivery_tx.as_mut() {
+                            let _ = tx.send(credit_to(&peer, &config.run_id, config.credits_per_selector)).await;
+                        }
+                    }
+                    Ok(Message::Scored(s)) => {
+                        let seq = s.batch.seq;
+                        if seq < state.next_seq || buffer.contains_key(&seq) {
+                            report.duplicates += 1;
+                            if let Some(tx) = delivery_tx.as_mut() {
+                                let _ = tx.send(credit_to(&peer, &config.run_id, 1)).await;
+                            }
+                        } else {
+                            buffer.insert(seq, (StepInput { batch: s.batch, ref_loss: Some(s.ref_loss) }, Some(peer)));
+                        }
+                    }
+                    Ok(other) => {
+                        report.messages_rejected += 1;
+                        tracing::warn!("refused a `{}` message on the delivery endpoint", other.kind());
+                    }
+                    Err(e) => {
+                        report.messages_rejected += 1;
+                        tracing::warn!("refused a malformed message on the delivery endpoint: {e}");
+                    }
+                }
+            }
+        }
+    }
+    // The end: a last evaluation and checkpoint.
+    if !eval_batches.is_empty() && report.evals.last().is_none_or(|e| e.step != state.step) {
+        let loss = tokio::task::block_in_place(|| backend.eval(&eval_batches))?;
+        report.evals.push(EvalPoint {
+            step: state.step,
+            tokens: state.tokens,
+            loss,
+        });
+    }
+    if let Some(ck) = &config.checkpoint {
+        report.last_checkpoint = Some(tokio::task::block_in_place(|| {
+            checkpoint::save(&ck.dir, backend.as_ref(), &state)
+        })?);
+    }
+    progress.finish_and_clear();
+    report.steps = state.step;
+    report.next_seq = state.next_seq;
+    report.tokens = state.tokens;
+    report.wall_secs = started.elapsed().as_secs_f64();
+    report.data_wait_fraction = waited.as_secs_f64() / report.wall_secs.max(1e-9);
+    Ok(report)
+}
