@@ -14,12 +14,14 @@ fn every_config_in_configs_parses() {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         if name.starts_with("loader") {
             rho_loader::LoaderConfig::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        } else if name.starts_with("trainer") {
+            rho_trainer::TrainerConfig::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
         } else if name.starts_with("selector") {
             rho_selector::SelectorConfig::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
         } else {
-            panic!("{name}: no parser knows this config; name it after its process (loader-*.json, selector-*.json, ...)");
+            panic!("{name}: no parser knows this config; name it after its process (loader-*.json, selector-*.json, trainer-*.json)");
         }
         seen += 1;
     }
-    assert!(seen >= 2, "configs/ holds {seen} configs");
+    assert!(seen >= 6, "configs/ holds {seen} configs");
 }

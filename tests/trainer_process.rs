@@ -248,3 +248,53 @@ fn causal_lm_trains_from_the_loader_directly() {
     assert_eq!(line["selected_fraction"].as_f64().unwrap(), 1.0);
     finish(loader, "loader");
 }
+
+/// A stand-in selector delivers scored batches out of order and once twice: the trainer trains
+/// them in sequence order, once each, and counts the duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_and_duplicate_deliveries() {
+    use rho_protocol::client::Consumer;
+    use rho_protocol::{Limits, Message, Role, ScoredBatch};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    setup(root);
+    let mut loader = spawn(&["loader", "--config", &p(&root.join("loader.json"))]);
+    let loader_ep = wait_file(&root.join("loader.endpoint"));
+    let cfg = json!({
+        "run_id": "tr", "loader": loader_ep, "delivery": "tcp://127.0.0.1:0",
+        "delivery_file": "null.delivery", "backend": "null", "max_steps": 3,
+        "credits_per_selector": 8,
+    });
+    write(&root.join("null.json"), &cfg);
+    let trainer = spawn(&["trainer", "--config", &p(&root.join("null.json"))]);
+    let delivery = wait_file(&root.join("null.delivery"));
+    let mut up = Consumer::connect(&loader_ep, "tr", Limits::default())
+        .await
+        .unwrap();
+    let mut down = Consumer::connect(&delivery, "tr", Limits::default())
+        .await
+        .unwrap();
+    down.heartbeat(Role::Selector).await.unwrap();
+    up.credit(3).await.unwrap();
+    let mut batches = Vec::new();
+    while batches.len() < 3 {
+        if let Message::Batch(b) = up.recv().await.unwrap() {
+            batches.push(b);
+        }
+    }
+    let scored = |b: &rho_protocol::TokenBatch| {
+        let n = b.rows * (b.window - 1);
+        Message::Scored(ScoredBatch {
+            batch: b.clone(),
+            ref_model: rho_protocol::Fingerprint::of_bytes(b"r"),
+            ref_loss: vec![1.0; n],
+        })
+    };
+    for i in [2, 0, 0, 1] {
+        down.send(&scored(&batches[i])).await.unwrap();
+    }
+    let report = finish(trainer, "trainer");
+    assert_eq!(report["consumed"], json!([0, 1, 2]));
+    assert_eq!(report["duplicates"], 1);
+    let _ = loader.kill();
+}
