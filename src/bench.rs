@@ -13,6 +13,23 @@ use crate::corpus::{self, SynthArgs};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// Training step time of selective LM (k = 0.6, excess loss) against plain causal LM on the
+    /// same model and batches, alternating so that drift hits both alike.
+    Trainer {
+        /// Working directory (model).
+        #[arg(long, default_value = "runs/bench-trainer")]
+        out: PathBuf,
+        /// Model size: tiny, small or 20m.
+        #[arg(long, default_value = "20m")]
+        preset: String,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        /// Steps per measurement round (4 rounds of each mode).
+        #[arg(long, default_value_t = 3)]
+        steps: u64,
+    },
     /// Selector throughput (a real `rho loader` and `rho selector`, this process as the trainer)
     /// against the bare in-process forward of the same model on batches of the same shape.
     Selector {
@@ -58,6 +75,9 @@ pub enum BenchCommand {
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
+        BenchCommand::Trainer { out, preset, seq_len, batch_size, steps } => {
+            crate::bench_trainer::run(out, preset, seq_len, batch_size, steps)
+        }
         BenchCommand::Selector {
             out,
             preset,

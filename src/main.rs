@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_selector;
+mod bench_trainer;
 mod corpus;
 mod demo;
 mod model_cmd;
