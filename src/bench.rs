@@ -75,9 +75,13 @@ pub enum BenchCommand {
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
-        BenchCommand::Trainer { out, preset, seq_len, batch_size, steps } => {
-            crate::bench_trainer::run(out, preset, seq_len, batch_size, steps)
-        }
+        BenchCommand::Trainer {
+            out,
+            preset,
+            seq_len,
+            batch_size,
+            steps,
+        } => crate::bench_trainer::run(out, preset, seq_len, batch_size, steps),
         BenchCommand::Selector {
             out,
             preset,

@@ -10,15 +10,27 @@ use rho_trainer::{Backend, CandleBackend, RatioSchedule, Scope, ScoreRule, Selec
 
 use crate::model_cmd;
 
-pub fn run(out: PathBuf, preset: String, seq_len: usize, batch_size: usize, steps: u64) -> anyhow::Result<()> {
+pub fn run(
+    out: PathBuf,
+    preset: String,
+    seq_len: usize,
+    batch_size: usize,
+    steps: u64,
+) -> anyhow::Result<()> {
     let vocab = 8192;
     let dir = out.join(format!("model-{preset}"));
     if !dir.join("model.safetensors").exists() {
-        model_cmd::init_checkpoint(&dir, &model_cmd::preset_config(&preset, vocab, seq_len.max(512))?, 3)?;
+        model_cmd::init_checkpoint(
+            &dir,
+            &model_cmd::preset_config(&preset, vocab, seq_len.max(512))?,
+            3,
+        )?;
     }
     let window = seq_len + 1;
     let input = |seq: u64| {
-        let tokens = (0..batch_size * window).map(|i| ((i as u64 * 7919 + seq * 104_729) % vocab as u64) as u32).collect();
+        let tokens = (0..batch_size * window)
+            .map(|i| ((i as u64 * 7919 + seq * 104_729) % vocab as u64) as u32)
+            .collect();
         let n = batch_size * seq_len;
         StepInput {
             batch: TokenBatch {
@@ -35,17 +47,37 @@ pub fn run(out: PathBuf, preset: String, seq_len: usize, batch_size: usize, step
             ref_loss: Some((0..n).map(|i| ((i * 37) % 97) as f32 / 10.0).collect()),
         }
     };
-    let optim = OptimizerConfig { lr: 1e-4, ..Default::default() };
-    let causal = Selection { score: ScoreRule::None, scope: Scope::Batch, schedule: RatioSchedule::Constant { ratio: 1.0 } };
-    let slm = Selection { score: ScoreRule::Excess, scope: Scope::Batch, schedule: RatioSchedule::Constant { ratio: 0.6 } };
+    let optim = OptimizerConfig {
+        lr: 1e-4,
+        ..Default::default()
+    };
+    let causal = Selection {
+        score: ScoreRule::None,
+        scope: Scope::Batch,
+        schedule: RatioSchedule::Constant { ratio: 1.0 },
+    };
+    let slm = Selection {
+        score: ScoreRule::Excess,
+        scope: Scope::Batch,
+        schedule: RatioSchedule::Constant { ratio: 0.6 },
+    };
     let mut backend = CandleBackend::from_checkpoint(&dir, &Device::Cpu, optim, 1)?;
-    let params: usize = backend.vars().iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
+    let params: usize = backend
+        .vars()
+        .iter()
+        .map(|(_, v)| v.as_tensor().elem_count())
+        .sum();
     println!("model `{preset}`: {:.1}M parameters; batches of {batch_size} x {seq_len} tokens; AdamW; candle CPU f32", params as f64 / 1e6);
     backend.step(0, &input(0), &slm)?; // warm-up
     let (mut t_causal, mut t_slm) = (0f64, 0f64);
     let mut step = 1;
-    for _round in 0..4 {
-        for (sel, acc) in [(&causal, &mut t_causal), (&slm, &mut t_slm)] {
+    for round in 0..4 {
+        // Alternate which mode goes first, so that neither always follows the other.
+        let mut modes = [(&causal, &mut t_causal), (&slm, &mut t_slm)];
+        if round % 2 == 1 {
+            modes.reverse();
+        }
+        for (sel, acc) in modes {
             let t0 = Instant::now();
             for _ in 0..steps {
                 backend.step(step, &input(step), sel)?;
@@ -57,18 +89,40 @@ pub fn run(out: PathBuf, preset: String, seq_len: usize, batch_size: usize, step
     let n = (4 * steps) as f64;
     let tokens = (batch_size * seq_len) as f64;
     // Selection alone, on the same number of positions.
-    let current: Vec<f32> = (0..batch_size * seq_len).map(|i| ((i * 13) % 101) as f32 / 7.0).collect();
-    let reference: Vec<f32> = (0..batch_size * seq_len).map(|i| ((i * 37) % 97) as f32 / 10.0).collect();
+    let current: Vec<f32> = (0..batch_size * seq_len)
+        .map(|i| ((i * 13) % 101) as f32 / 7.0)
+        .collect();
+    let reference: Vec<f32> = (0..batch_size * seq_len)
+        .map(|i| ((i * 37) % 97) as f32 / 10.0)
+        .collect();
     let valid = vec![true; current.len()];
     let t0 = Instant::now();
     for _ in 0..100 {
-        std::hint::black_box(rho_trainer::selection::select(ScoreRule::Excess, Scope::Batch, 0.6, batch_size, seq_len, &current, Some(&reference), &valid));
+        std::hint::black_box(rho_trainer::selection::select(
+            ScoreRule::Excess,
+            Scope::Batch,
+            0.6,
+            batch_size,
+            seq_len,
+            &current,
+            Some(&reference),
+            &valid,
+        ));
     }
     let select_ms = t0.elapsed().as_secs_f64() / 100.0 * 1e3;
     println!("| mode | seconds/step | tokens/s | vs causal |");
     println!("|---|---|---|---|");
-    println!("| causal LM (every token) | {:.3} | {:.0} | 1.000x |", t_causal / n, tokens * n / t_causal);
-    println!("| SLM, excess loss, k = 0.6 | {:.3} | {:.0} | {:.3}x |", t_slm / n, tokens * n / t_slm, t_causal / t_slm);
+    println!(
+        "| causal LM (every token) | {:.3} | {:.0} | 1.000x |",
+        t_causal / n,
+        tokens * n / t_causal
+    );
+    println!(
+        "| SLM, excess loss, k = 0.6 | {:.3} | {:.0} | {:.3}x |",
+        t_slm / n,
+        tokens * n / t_slm,
+        t_causal / t_slm
+    );
     println!("selection alone (score, sort, mask of {} positions): {select_ms:.3} ms = {:.2}% of an SLM step", batch_size * seq_len, select_ms / 1e3 / (t_slm / n) * 100.0);
     Ok(())
 }

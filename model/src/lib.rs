@@ -4,11 +4,11 @@
 //! The same weights serve a fused inference path (selectors) and a differentiable plain path
 //! (the trainer); see [`Path`].
 
-mod attention;
 pub mod checkpoint;
 pub mod config;
 mod device;
 mod error;
+mod fused;
 pub mod init;
 pub mod loss;
 pub mod model;

@@ -54,12 +54,10 @@ pub fn per_token_loss(
             .matmul(&head)?
             .to_dtype(DType::F32)?;
         let idx = targets.narrow(0, start, len)?;
-        if path == Path::Fused {
-            if let Some(l) = crate::attention::row_cross_entropy(&logits, &idx)? {
-                parts.push(l);
-                start += len;
-                continue;
-            }
+        if let Some(l) = crate::fused::row_cross_entropy(&logits, &idx)? {
+            parts.push(l);
+            start += len;
+            continue;
         }
         // The max only shifts for stability; no gradient flows through it.
         let max = logits.max_keepdim(D::Minus1)?.detach();

@@ -267,9 +267,12 @@ impl DecoderLm {
         let q = (q * (1.0 / (hd as f64).sqrt()))?;
         let scores = q.matmul(&k.t()?)?;
         let mask = &masks[&layer.window];
-        let probs = match path {
-            Path::Fused => crate::attention::causal_softmax(&scores, layer.window, mask)?,
-            Path::Plain => softmax_plain(&scores.broadcast_add(mask)?)?,
+        let probs = match crate::fused::causal_softmax(&scores, layer.window)? {
+            Some(p) => p,
+            None => match path {
+                Path::Fused => candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?,
+                Path::Plain => softmax_plain(&scores.broadcast_add(mask)?)?,
+            },
         };
         let out = probs.matmul(&v)?; // [B, nh, T, hd]
         let out = out.transpose(1, 2)?.reshape((b * t, nh * hd))?;
