@@ -203,7 +203,7 @@ async fn credits_window_acks_end_and_refusals() {
     // Unacknowledged, at most max_in_flight (4) are out, whatever the credits.
     c.send(credit(10)).await;
     let mut seqs = vec![0, 1];
-    while let Some((h, f)) = c.recv(Duration::from_millis(500)).await {
+    while let Some((h, f)) = c.recv(Duration::from_millis(1500)).await {
         seqs.push(check_batch(&h, &f).0);
     }
     assert_eq!(seqs, vec![0, 1, 2, 3]);
@@ -218,7 +218,7 @@ async fn credits_window_acks_end_and_refusals() {
         .await;
     let mut beat = false;
     let mut rest = Vec::new();
-    while let Some((h, f)) = c.recv(Duration::from_millis(500)).await {
+    while let Some((h, f)) = c.recv(Duration::from_millis(1500)).await {
         match h["kind"].as_str().unwrap() {
             "heartbeat" => beat = h["role"] == "loader",
             "batch" => rest.push(check_batch(&h, &f).0),
