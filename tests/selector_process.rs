@@ -12,16 +12,9 @@ use rho_protocol::{Credit, Limits, Message};
 use serde_json::json;
 use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
-const RHO: &str = env!("CARGO_BIN_EXE_rho");
+mod common;
 
-fn rho(args: &[&str]) {
-    let out = Command::new(RHO).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "rho {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use common::{rho, RHO};
 
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()

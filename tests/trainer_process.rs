@@ -3,60 +3,15 @@
 //! HuggingFace directory. Plain causal LM (no selector) trains from the loader directly.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-const RHO: &str = env!("CARGO_BIN_EXE_rho");
+mod common;
 
-fn rho(args: &[&str]) {
-    let out = Command::new(RHO).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "rho {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn p(path: &Path) -> String {
-    path.to_str().unwrap().to_string()
-}
+use common::{finish, p, rho, spawn, wait_file};
 
 fn write(path: &Path, v: &Value) {
     std::fs::write(path, v.to_string()).unwrap();
-}
-
-fn spawn(args: &[&str]) -> Child {
-    Command::new(RHO)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn wait_file(path: &Path) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::fs::read_to_string(path).unwrap()
-}
-
-fn finish(child: Child, what: &str) -> Value {
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{what} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what} report: {e}"))
 }
 
 /// Train and held-out corpora, a tokenizer, a reference and an initial model.

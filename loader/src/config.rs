@@ -152,40 +152,21 @@ impl LoaderConfig {
     /// Reads, parses and validates a config file. Relative paths in it are taken relative to
     /// the file's directory.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| LoaderError::ConfigRead {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mut config = Self::parse(&text).map_err(|reason| LoaderError::ConfigParse {
-            path: path.to_path_buf(),
-            reason,
-        })?;
+        let mut config: LoaderConfig = rho_protocol::config_file::read_json(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         config.validate()?;
         Ok(config)
     }
 
-    /// Parses JSON text; an error names the field at fault (`field `data.paths`: ...`).
+    /// Parses JSON text; an error names the field at fault (``field `data.paths`: ...``).
     pub fn parse(text: &str) -> std::result::Result<Self, String> {
-        let de = &mut serde_json::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            if path == "." {
-                e.inner().to_string()
-            } else {
-                format!("field `{path}`: {}", e.inner())
-            }
-        })
+        rho_protocol::config_file::parse_json(text)
     }
 
     /// Makes relative paths relative to `base`.
     pub fn resolve_paths(&mut self, base: &Path) {
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        };
+        let fix = |p: &mut PathBuf| rho_protocol::config_file::resolve(base, p);
         fix(&mut self.tokenizer);
         for p in [
             &mut self.endpoint_file,

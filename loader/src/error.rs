@@ -4,13 +4,8 @@ use thiserror::Error;
 /// Everything that stops a loader. Bad *data* never does: it is skipped, counted and logged.
 #[derive(Debug, Error)]
 pub enum LoaderError {
-    #[error("cannot read config {path}: {source}")]
-    ConfigRead {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid config {path}: {reason}")]
-    ConfigParse { path: PathBuf, reason: String },
+    #[error(transparent)]
+    ConfigFile(#[from] rho_protocol::config_file::ConfigFileError),
     #[error("invalid config: field `{field}`: {reason}")]
     ConfigField { field: &'static str, reason: String },
     #[error("tokenizer {path}: {reason}")]

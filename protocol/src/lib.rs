@@ -11,6 +11,7 @@
 
 pub mod client;
 mod codec;
+pub mod config_file;
 mod error;
 pub mod fingerprint;
 pub mod flow;

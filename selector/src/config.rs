@@ -64,32 +64,13 @@ fn default_max_message() -> u64 {
 impl SelectorConfig {
     /// Reads and validates a config file; relative paths are relative to its directory.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| SelectorError::ConfigRead {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let de = &mut serde_json::Deserializer::from_str(&text);
-        let mut config: SelectorConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            SelectorError::ConfigParse {
-                path: path.to_path_buf(),
-                reason: if field == "." {
-                    e.inner().to_string()
-                } else {
-                    format!("field `{field}`: {}", e.inner())
-                },
-            }
-        })?;
+        let mut config: SelectorConfig = rho_protocol::config_file::read_json(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut config.model, &mut config.tokenizer] {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
+            rho_protocol::config_file::resolve(base, p);
         }
         if let Some(m) = &mut config.metrics {
-            if m.is_relative() {
-                *m = base.join(&*m);
-            }
+            rho_protocol::config_file::resolve(base, m);
         }
         config.validate()?;
         Ok(config)

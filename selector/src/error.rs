@@ -3,13 +3,8 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum SelectorError {
-    #[error("cannot read config {path}: {source}")]
-    ConfigRead {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid config {path}: {reason}")]
-    ConfigParse { path: PathBuf, reason: String },
+    #[error(transparent)]
+    ConfigFile(#[from] rho_protocol::config_file::ConfigFileError),
     #[error("invalid config: field `{field}`: {reason}")]
     ConfigField { field: &'static str, reason: String },
     #[error("model {path}: {source}")]

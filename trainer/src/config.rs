@@ -120,28 +120,9 @@ fn d_max_message() -> u64 {
 impl TrainerConfig {
     /// Reads and validates a config file; relative paths are relative to its directory.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| TrainerError::ConfigRead {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let de = &mut serde_json::Deserializer::from_str(&text);
-        let mut config: TrainerConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            TrainerError::ConfigParse {
-                path: path.to_path_buf(),
-                reason: if field == "." {
-                    e.inner().to_string()
-                } else {
-                    format!("field `{field}`: {}", e.inner())
-                },
-            }
-        })?;
+        let mut config: TrainerConfig = rho_protocol::config_file::read_json(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        };
+        let fix = |p: &mut PathBuf| rho_protocol::config_file::resolve(base, p);
         for p in [
             &mut config.model,
             &mut config.metrics,

@@ -1,0 +1,57 @@
+//! Helpers shared by the multi-process tests.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const RHO: &str = env!("CARGO_BIN_EXE_rho");
+
+/// Runs `rho ARGS` to completion and fails the test, with its stderr, if it fails.
+pub fn rho(args: &[&str]) {
+    let out = Command::new(RHO).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "rho {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Starts `rho ARGS` with stdout and stderr captured.
+pub fn spawn(args: &[&str]) -> Child {
+    Command::new(RHO)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+pub fn p(path: &Path) -> String {
+    path.to_str().unwrap().to_string()
+}
+
+/// Waits (up to a minute) for a file a process writes once it listens, and returns its text.
+pub fn wait_file(path: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::read_to_string(path).unwrap()
+}
+
+/// Waits for a process and parses the JSON report it prints on success.
+pub fn finish(child: Child, what: &str) -> serde_json::Value {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what} report: {e}"))
+}
