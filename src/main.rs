@@ -8,6 +8,7 @@ mod bench_trainer;
 mod corpus;
 mod demo;
 mod model_cmd;
+mod supervise;
 
 use std::path::PathBuf;
 
@@ -34,6 +35,11 @@ struct Cli {
 enum Command {
     /// The embedded default: synthetic corpus, tokenizer, loader and a consumer, end to end.
     Demo(demo::DemoArgs),
+    /// Start and supervise a whole pipeline (loader, selectors, trainer) from one config.
+    Run {
+        /// Run config (JSON); see configs/run.json.
+        config: PathBuf,
+    },
     /// Stream, tokenize, pack and serve batches.
     Loader(LoaderArgs),
     /// Score token batches with a reference model (the selector process).
@@ -180,6 +186,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
+            Command::Run { config } => supervise::run(&config, shutdown_signal()).await,
             Command::Loader(args) => {
                 let mut config = rho_loader::LoaderConfig::load(&args.config)?;
                 if let Some(n) = args.start_batch {

@@ -81,6 +81,10 @@ pub struct LoaderConfig {
     /// Batches issued and not yet acknowledged, at most. Default 16.
     #[serde(default = "default_in_flight")]
     pub max_in_flight: usize,
+    /// Seconds a batch may stay issued without an acknowledgement before it is handed out again
+    /// (its consumer presumed dead). Must exceed the pipeline's latency. Default 300.
+    #[serde(default = "default_lease")]
+    pub lease_secs: f64,
     /// Batches prepared ahead of requests. Default 8.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
@@ -127,6 +131,9 @@ fn default_endpoint() -> String {
 }
 fn default_in_flight() -> usize {
     16
+}
+fn default_lease() -> f64 {
+    300.0
 }
 fn default_prefetch() -> usize {
     8
@@ -235,6 +242,9 @@ impl LoaderConfig {
         }
         if self.max_in_flight == 0 {
             return Err(field("max_in_flight", "must be at least 1"));
+        }
+        if !(self.lease_secs > 0.0) {
+            return Err(field("lease_secs", "must be positive"));
         }
         if self.prefetch == 0 {
             return Err(field("prefetch", "must be at least 1"));

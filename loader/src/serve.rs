@@ -286,6 +286,14 @@ pub async fn serve(
                 }
             }
             _ = tick.tick() => {
+                // Leases: a batch out for too long goes to the next consumer that asks.
+                let lease = Duration::from_secs_f64(config.lease_secs);
+                for seq in ledger.expired(Instant::now(), lease) {
+                    if !pending.contains(&seq) {
+                        tracing::warn!(seq, "lease expired; the batch will be handed out again");
+                        pending.push_back(seq);
+                    }
+                }
                 reporter.report(&metrics.snapshot());
             }
         }

@@ -65,15 +65,19 @@ impl SelectorConfig {
     /// Reads and validates a config file; relative paths are relative to its directory.
     pub fn load(path: &Path) -> Result<Self> {
         let mut config: SelectorConfig = rho_protocol::config_file::read_json(path)?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut config.model, &mut config.tokenizer] {
-            rho_protocol::config_file::resolve(base, p);
-        }
-        if let Some(m) = &mut config.metrics {
-            rho_protocol::config_file::resolve(base, m);
-        }
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         config.validate()?;
         Ok(config)
+    }
+
+    /// Makes relative paths relative to `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        for p in [&mut self.model, &mut self.tokenizer] {
+            rho_protocol::config_file::resolve(base, p);
+        }
+        if let Some(m) = &mut self.metrics {
+            rho_protocol::config_file::resolve(base, m);
+        }
     }
 
     pub fn validate(&self) -> Result<()> {

@@ -121,26 +121,26 @@ impl TrainerConfig {
     /// Reads and validates a config file; relative paths are relative to its directory.
     pub fn load(path: &Path) -> Result<Self> {
         let mut config: TrainerConfig = rho_protocol::config_file::read_json(path)?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Makes relative paths relative to `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| rho_protocol::config_file::resolve(base, p);
-        for p in [
-            &mut config.model,
-            &mut config.metrics,
-            &mut config.delivery_file,
-        ]
-        .into_iter()
-        .flatten()
+        for p in [&mut self.model, &mut self.metrics, &mut self.delivery_file]
+            .into_iter()
+            .flatten()
         {
             fix(p);
         }
-        if let Some(c) = &mut config.checkpoint {
+        if let Some(c) = &mut self.checkpoint {
             fix(&mut c.dir);
         }
-        if let Some(e) = &mut config.eval {
+        if let Some(e) = &mut self.eval {
             fix(&mut e.loader_config);
         }
-        config.validate()?;
-        Ok(config)
     }
 
     pub fn validate(&self) -> Result<()> {
