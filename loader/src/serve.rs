@@ -217,7 +217,9 @@ pub async fn serve(
                 peers.insert(peer.clone());
                 match message {
                     Message::Credit(c) => {
-                        if let Some(t) = total.filter(|_| pending.is_empty()) {
+                        // `end` only once nothing is in flight: until then a consumer with
+                        // credit may still be needed for a redelivery.
+                        if let Some(t) = total.filter(|_| pending.is_empty() && ledger.is_empty()) {
                             let _ = sender.send(with_peer(&peer, &end_frames(t))).await;
                         } else {
                             credits.grant(peer, c.n);

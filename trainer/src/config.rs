@@ -88,6 +88,12 @@ pub struct TrainerConfig {
     /// Scored batches each selector may have on its way to this trainer. Default 2.
     #[serde(default = "d_credits")]
     pub credits_per_selector: u32,
+    /// Scored batches held while waiting for an earlier one, at most. A selector gets its credit
+    /// back as soon as its batch is buffered, while the buffer has room: a batch held up by a dead
+    /// selector then cannot stall the others, and its redelivery can get through. Keep it at
+    /// least the loader's `max_in_flight`. Default 64.
+    #[serde(default = "d_reorder")]
+    pub reorder_window: usize,
     /// Token batches asked of the loader ahead (without selectors). Default 2.
     #[serde(default = "d_credits")]
     pub prefetch: u32,
@@ -112,6 +118,9 @@ fn d_one() -> usize {
 }
 fn d_credits() -> u32 {
     2
+}
+fn d_reorder() -> usize {
+    64
 }
 fn d_max_message() -> u64 {
     256 << 20
@@ -167,6 +176,9 @@ impl TrainerConfig {
         }
         if self.prefetch == 0 {
             return bad("prefetch", "must be at least 1".into());
+        }
+        if self.reorder_window == 0 {
+            return bad("reorder_window", "must be at least 1".into());
         }
         if self.optimizer.lr <= 0.0 {
             return bad("optimizer.lr", "must be positive".into());

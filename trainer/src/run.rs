@@ -162,7 +162,9 @@ pub async fn run(
     };
     let progress = indicatif::ProgressBar::new_spinner();
     let mut report = Report::default();
-    let mut buffer: BTreeMap<u64, (StepInput, Option<Bytes>)> = BTreeMap::new();
+    let mut buffer: BTreeMap<u64, StepInput> = BTreeMap::new();
+    // Selectors whose credit waits for room in the reorder buffer.
+    let mut owed: std::collections::VecDeque<Bytes> = std::collections::VecDeque::new();
     let mut requested = 0u64;
     let mut total: Option<u64> = None;
     let mut waited = Duration::ZERO;
@@ -183,7 +185,7 @@ pub async fn run(
 
     'outer: loop {
         // Train on every batch that is next in sequence.
-        while let Some((input, peer)) = buffer.remove(&state.next_seq) {
+        while let Some(input) = buffer.remove(&state.next_seq) {
             waited += last_step_end.elapsed();
             let t0 = Instant::now();
             let stats = tokio::task::block_in_place(|| {
@@ -191,7 +193,7 @@ pub async fn run(
             })?;
             let step_secs = t0.elapsed().as_secs_f64();
             loader.ack(vec![input.batch.seq]).await?;
-            if let (Some(tx), Some(peer)) = (delivery_tx.as_mut(), peer) {
+            if let (Some(tx), Some(peer)) = (delivery_tx.as_mut(), owed.pop_front()) {
                 let _ = tx.send(credit_to(&peer, &config.run_id, 1)).await;
             }
             report.consumed.push(input.batch.seq);
@@ -265,7 +267,7 @@ pub async fn run(
                     if seq < state.next_seq || buffer.contains_key(&seq) {
                         report.duplicates += 1;
                     } else {
-                        buffer.insert(seq, (StepInput { batch: b, ref_loss: None }, None));
+                        buffer.insert(seq, StepInput { batch: b, ref_loss: None });
                     }
                 }
                 Ok(Message::End(e)) => total = Some(e.total),
@@ -301,11 +303,16 @@ pub async fn run(
                         let seq = s.batch.seq;
                         if seq < state.next_seq || buffer.contains_key(&seq) {
                             report.duplicates += 1;
+                        } else {
+                            buffer.insert(seq, StepInput { batch: s.batch, ref_loss: Some(s.ref_loss) });
+                        }
+                        // The credit goes back at once while the buffer has room.
+                        if buffer.len() < config.reorder_window {
                             if let Some(tx) = delivery_tx.as_mut() {
                                 let _ = tx.send(credit_to(&peer, &config.run_id, 1)).await;
                             }
                         } else {
-                            buffer.insert(seq, (StepInput { batch: s.batch, ref_loss: Some(s.ref_loss) }, Some(peer)));
+                            owed.push_back(peer);
                         }
                     }
                     Ok(other) => {
@@ -335,6 +342,8 @@ pub async fn run(
         })?);
     }
     progress.finish_and_clear();
+    // The last acknowledgement is queued, not necessarily sent: give it a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     report.steps = state.step;
     report.next_seq = state.next_seq;
     report.tokens = state.tokens;
