@@ -5,7 +5,8 @@
 //! config into the run directory, starts the loader, the trainer and the selectors, restarts a
 //! selector that dies, shows one progress line for the run, and on Ctrl-C or SIGTERM stops the
 //! trainer first (it checkpoints) and then the rest. Everything stays in the run directory:
-//! configs, logs, metrics, reports, checkpoints.
+//! configs, logs, metrics, reports, checkpoints, and the run's fresh secret, with which every
+//! message is signed (unless a section names its own `secret_file`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -125,6 +126,24 @@ fn last_line(path: &Path) -> Option<Value> {
     serde_json::from_str(text.lines().last()?).ok()
 }
 
+/// Writes a fresh random secret for the run's messages, readable by the owner only.
+fn new_secret(dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom for the run's secret")?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let path = dir.join("secret");
+    std::fs::write(&path, hex)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(path)
+}
+
 /// Sends SIGTERM (graceful stop) to a child.
 fn terminate(p: &Proc) {
     if let Some(pid) = p.child.id() {
@@ -153,6 +172,7 @@ pub async fn run(
     let dir = dir.canonicalize()?;
     std::fs::write(dir.join("run.json"), &text)?;
     let exe = std::env::current_exe()?;
+    let secret = new_secret(&dir)?;
 
     // Loader.
     let mut loader: LoaderConfig = section(&rc.loader, "loader", &[])?;
@@ -167,6 +187,7 @@ pub async fn run(
     loader
         .state_dir
         .get_or_insert_with(|| dir.join("loader-state"));
+    loader.secret_file.get_or_insert_with(|| secret.clone());
     loader.validate().context("run config, section `loader`")?;
     let run_id = loader.run_id.clone();
     let _ = std::fs::remove_file(dir.join("loader.endpoint"));
@@ -191,6 +212,7 @@ pub async fn run(
     trainer
         .metrics
         .get_or_insert_with(|| dir.join("trainer.metrics.jsonl"));
+    trainer.secret_file.get_or_insert_with(|| secret.clone());
     if trainer.checkpoint.is_none() {
         trainer.checkpoint = Some(rho_trainer::config::CheckpointConfig {
             dir: dir.join("checkpoints"),
@@ -220,6 +242,7 @@ pub async fn run(
         s.run_id = run_id.clone();
         s.loader = loader_ep.clone();
         s.trainer = delivery;
+        s.secret_file.get_or_insert_with(|| secret.clone());
         s.validate().context("run config, section `selector`")?;
         for i in 0..rc.selectors.max(1) {
             let mut c = s.clone();

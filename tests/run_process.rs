@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{finish, p, rho, spawn};
+
 use serde_json::{json, Value};
 
 fn setup(root: &Path) {
@@ -150,4 +151,127 @@ fn a_selector_killed_mid_run_loses_nothing_and_changes_nothing() {
         weights(root, "one") == weights(root, "two"),
         "the final weights differ"
     );
+}
+
+/// Strangers on the endpoints: garbage, unsigned and wrongly signed messages to the loader and to
+/// the trainer's delivery endpoint are refused and counted; the run is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_and_wrongly_signed_messages_are_refused() {
+    use bytes::Bytes;
+    use rho_protocol::client::Consumer;
+    use rho_protocol::{Credit, Fingerprint, Key, Limits, Message, ScoredBatch, TokenBatch};
+    use zeromq::{DealerSocket, Socket, SocketSend, ZmqMessage};
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    rho(&[
+        "synth",
+        "--shards",
+        "1",
+        "--docs-per-shard",
+        "150",
+        "--out",
+        &p(&root.join("data")),
+    ]);
+    rho(&[
+        "tokenizer",
+        "train",
+        "--vocab-size",
+        "400",
+        "--input",
+        &p(&root.join("data")),
+        "--out",
+        &p(&root.join("tokenizer.json")),
+    ]);
+    for (name, seed) in [("ref", "1"), ("init", "2")] {
+        rho(&[
+            "model",
+            "init",
+            "--preset",
+            "tiny",
+            "--seed",
+            seed,
+            "--tokenizer",
+            &p(&root.join("tokenizer.json")),
+            "--out",
+            &p(&root.join(name)),
+        ]);
+    }
+    let cfg = run_config(root, "guarded", 1);
+    let run = spawn(&["run", &p(&cfg)]);
+    let run_dir = root.join("guarded");
+    let loader_ep = common::wait_file(&run_dir.join("loader.endpoint"));
+    let delivery = common::wait_file(&run_dir.join("trainer.delivery"));
+
+    let stranger = Key::new(b"not the run's secret at all").unwrap();
+    let credit = Message::Credit(Credit {
+        run_id: "faults".into(),
+        n: 50,
+    });
+    let batch = TokenBatch {
+        run_id: "faults".into(),
+        seq: 0,
+        epoch: 0,
+        rows: 1,
+        window: 3,
+        tokenizer: Fingerprint::of_bytes(b"x"),
+        tokens: vec![1, 2, 3],
+        lengths: vec![3],
+        doc_starts: vec![vec![0]],
+    };
+    let scored = Message::Scored(ScoredBatch {
+        batch,
+        ref_model: Fingerprint::of_bytes(b"y"),
+        ref_loss: vec![0.0, 0.0],
+    });
+    for endpoint in [&loader_ep, &delivery] {
+        let mut raw = DealerSocket::new();
+        raw.connect(endpoint).await.unwrap();
+        raw.send(ZmqMessage::from(Bytes::from_static(b"\x00\xffgarbage")))
+            .await
+            .unwrap();
+        let unsigned = if endpoint == &loader_ep {
+            credit.encode()
+        } else {
+            scored.encode()
+        };
+        raw.send(ZmqMessage::try_from(unsigned).unwrap())
+            .await
+            .unwrap();
+        let mut signed = Consumer::connect_with(
+            endpoint,
+            "faults",
+            Limits::default(),
+            Some(stranger.clone()),
+        )
+        .await
+        .unwrap();
+        signed
+            .send(if endpoint == &loader_ep {
+                &credit
+            } else {
+                &scored
+            })
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let summary = finish(run, "guarded run");
+    let steps = summary["trainer"]["steps"].as_u64().unwrap();
+    let consumed: Vec<u64> = summary["trainer"]["consumed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(consumed, (0..steps).collect::<Vec<_>>());
+    assert_eq!(
+        summary["loader"]["messages_rejected"], 3,
+        "garbage, unsigned and wrongly signed credits"
+    );
+    assert_eq!(
+        summary["trainer"]["messages_rejected"], 3,
+        "garbage, unsigned and wrongly signed batches"
+    );
+    assert_eq!(summary["trainer"]["duplicates"], 0);
 }

@@ -103,6 +103,10 @@ pub struct LoaderConfig {
     /// First batch sequence number to issue (resume). Default 0.
     #[serde(default)]
     pub start_batch: u64,
+    /// The run's shared secret (a file); every message is then signed and checked. Without it,
+    /// the `RHO_SECRET` environment variable, else no authentication.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
     /// Largest message accepted. Default 256 MiB.
     #[serde(default = "default_max_message")]
     pub max_message_bytes: u64,

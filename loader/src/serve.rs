@@ -96,6 +96,12 @@ pub async fn serve(
         max_message_bytes: config.max_message_bytes,
         ..Limits::default()
     };
+    let key = rho_protocol::Key::from_config(config.secret_file.as_deref()).map_err(|reason| {
+        LoaderError::ConfigField {
+            field: "secret_file",
+            reason,
+        }
+    })?;
     let mut router = RouterSocket::new();
     let endpoint = router
         .bind(&config.endpoint)
@@ -153,7 +159,7 @@ pub async fn serve(
             run_id: run_id.clone(),
             total,
         })
-        .encode()
+        .encode_with(key.as_ref())
     };
     tokio::pin!(shutdown);
     let mut interrupted = false;
@@ -200,7 +206,7 @@ pub async fn serve(
                     continue;
                 }
                 let peer = frames.remove(0);
-                let decoded = Message::decode(&frames, &limits);
+                let decoded = Message::decode_with(&frames, &limits, key.as_ref());
                 let message = match decoded {
                     Ok(m) if m.run_id() == config.run_id => m,
                     Ok(m) => {
@@ -236,7 +242,7 @@ pub async fn serve(
                     }
                     Message::Heartbeat(_) => {
                         let reply = Message::Heartbeat(Heartbeat { run_id: config.run_id.clone(), role: Role::Loader, at_ms: now_ms() });
-                        let _ = sender.send(with_peer(&peer, &reply.encode())).await;
+                        let _ = sender.send(with_peer(&peer, &reply.encode_with(key.as_ref()))).await;
                     }
                     Message::Resume(r) => {
                         let local = local_of(r.next_seq);
@@ -262,7 +268,7 @@ pub async fn serve(
                     Ok(Produced::Batch(batch)) => {
                         let Some(peer) = credits.take() else { continue };
                         let seq = batch.seq;
-                        let frames = Message::Batch(*batch).encode();
+                        let frames = Message::Batch(*batch).encode_with(key.as_ref());
                         let sent = sender.send(with_peer(&peer, &frames)).await;
                         ledger.issue(seq, frames, peer.clone(), Instant::now());
                         if sent.is_err() {

@@ -9,7 +9,7 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use zeromq::{DealerSendHalf, DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
-use crate::{Ack, Credit, DecodeError, Heartbeat, Limits, Message, Resume, Role};
+use crate::{Ack, Credit, DecodeError, Heartbeat, Key, Limits, Message, Resume, Role};
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -29,6 +29,7 @@ pub struct Consumer {
     inbox: mpsc::Receiver<Result<Message, DecodeError>>,
     task: tokio::task::JoinHandle<()>,
     run_id: String,
+    key: Option<Key>,
 }
 
 impl Drop for Consumer {
@@ -44,6 +45,16 @@ impl Consumer {
         run_id: &str,
         limits: Limits,
     ) -> Result<Self, ClientError> {
+        Self::connect_with(endpoint, run_id, limits, None).await
+    }
+
+    /// Connects; with a key, every message sent is signed and every message received must be.
+    pub async fn connect_with(
+        endpoint: &str,
+        run_id: &str,
+        limits: Limits,
+        key: Option<Key>,
+    ) -> Result<Self, ClientError> {
         let mut socket = DealerSocket::new();
         socket
             .connect(endpoint)
@@ -54,10 +65,15 @@ impl Consumer {
             })?;
         let (sender, mut receiver) = socket.split();
         let (tx, inbox) = mpsc::channel(64);
+        let recv_key = key.clone();
         let task = tokio::spawn(async move {
             while let Ok(m) = receiver.recv().await {
                 let frames: Vec<Bytes> = m.into_vec();
-                if tx.send(Message::decode(&frames, &limits)).await.is_err() {
+                if tx
+                    .send(Message::decode_with(&frames, &limits, recv_key.as_ref()))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -67,6 +83,7 @@ impl Consumer {
             inbox,
             task,
             run_id: run_id.to_string(),
+            key,
         })
     }
 
@@ -75,7 +92,8 @@ impl Consumer {
     }
 
     pub async fn send(&mut self, message: &Message) -> Result<(), ClientError> {
-        self.send_frames(message.encode()).await
+        let frames = message.encode_with(self.key.as_ref());
+        self.send_frames(frames).await
     }
 
     /// Sends already encoded frames.

@@ -49,6 +49,8 @@ struct TensorSpec {
 struct Envelope {
     rho: u64,
     kind: String,
+    #[serde(default)]
+    auth: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -172,6 +174,61 @@ impl Message {
                 let mut h = ControlHeader::new("end", &m.run_id);
                 h.total = Some(m.total);
                 control_frames(&h)
+            }
+        }
+    }
+
+    /// Encodes and, with a key, signs: the header declares `"auth": "hmac-sha256"` and a tag
+    /// frame follows the others (see [`crate::auth`]).
+    pub fn encode_with(&self, key: Option<&crate::Key>) -> Vec<Bytes> {
+        let mut frames = self.encode();
+        if let Some(key) = key {
+            let header = &frames[0];
+            let mut signed = Vec::with_capacity(header.len() + 24);
+            signed.extend_from_slice(b"{\"auth\":\"hmac-sha256\",");
+            signed.extend_from_slice(&header[1..]);
+            frames[0] = Bytes::from(signed);
+            let tag = key.tag(&frames);
+            frames.push(Bytes::copy_from_slice(&tag));
+        }
+        frames
+    }
+
+    /// Decodes, and with a key first verifies the tag: a message without a valid tag is refused
+    /// before anything in it is parsed. Without a key, a signed message's tag is dropped unchecked.
+    pub fn decode_with(
+        frames: &[Bytes],
+        limits: &Limits,
+        key: Option<&crate::Key>,
+    ) -> Result<Message, DecodeError> {
+        let size = frames
+            .iter()
+            .fold(0u64, |acc, f| acc.saturating_add(f.len() as u64));
+        if size > limits.max_message_bytes {
+            return Err(DecodeError::TooLarge {
+                size,
+                max: limits.max_message_bytes,
+            });
+        }
+        match key {
+            Some(key) => {
+                let (tag, body) = frames.split_last().ok_or(DecodeError::Empty)?;
+                if body.is_empty() || tag.len() != crate::auth::TAG_BYTES || !key.verify(body, tag)
+                {
+                    return Err(DecodeError::Unauthenticated);
+                }
+                Self::decode(body, limits)
+            }
+            None => {
+                let signed = frames
+                    .first()
+                    .and_then(|h| serde_json::from_slice::<Envelope>(h).ok())
+                    .is_some_and(|e| e.auth.is_some());
+                if signed && frames.len() > 1 {
+                    Self::decode(&frames[..frames.len() - 1], limits)
+                } else {
+                    Self::decode(frames, limits)
+                }
             }
         }
     }

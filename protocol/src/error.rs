@@ -33,6 +33,8 @@ pub enum DecodeError {
         got: String,
         expected: &'static str,
     },
+    #[error("message is not signed with this run's secret")]
+    Unauthenticated,
     #[error("invalid field `{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
 }

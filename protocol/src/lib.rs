@@ -9,6 +9,7 @@
 //! message larger than [`Limits::max_message_bytes`] before looking inside it; and it never
 //! allocates more than the size of the frames it was given.
 
+pub mod auth;
 pub mod client;
 mod codec;
 pub mod config_file;
@@ -17,6 +18,7 @@ pub mod fingerprint;
 pub mod flow;
 pub mod messages;
 
+pub use auth::Key;
 pub use codec::{Limits, Message};
 pub use error::DecodeError;
 pub use fingerprint::Fingerprint;

@@ -249,3 +249,38 @@ fn header_layout_is_the_documented_one() {
     let frames = sample_batch().encode();
     assert_eq!(&frames[1][..8], &[0, 0, 0, 0, 1, 0, 0, 0]);
 }
+
+#[test]
+fn signed_messages_verify_and_tampering_is_refused() {
+    let key = Key::new(b"a secret of the run, 32 bytes..").unwrap();
+    let other = Key::new(b"somebody else's secret, 32 bytes").unwrap();
+    let m = sample_batch();
+    let signed = m.encode_with(Some(&key));
+    assert_eq!(signed.len(), m.encode().len() + 1);
+    let h: serde_json::Value = serde_json::from_slice(&signed[0]).unwrap();
+    assert_eq!(h["auth"], "hmac-sha256");
+    assert_eq!(
+        Message::decode_with(&signed, &Limits::default(), Some(&key)).unwrap(),
+        m
+    );
+    // A receiver without the secret still reads it.
+    assert_eq!(
+        Message::decode_with(&signed, &Limits::default(), None).unwrap(),
+        m
+    );
+    // Unsigned, signed by another key, or altered in any frame: refused.
+    let refused = |frames: &[Bytes]| {
+        matches!(
+            Message::decode_with(frames, &Limits::default(), Some(&key)),
+            Err(DecodeError::Unauthenticated)
+        )
+    };
+    assert!(refused(&m.encode()));
+    assert!(refused(&m.encode_with(Some(&other))));
+    let mut altered = signed.clone();
+    let mut tokens = altered[1].to_vec();
+    tokens[0] ^= 1;
+    altered[1] = Bytes::from(tokens);
+    assert!(refused(&altered));
+    assert!(refused(&[]));
+}

@@ -37,6 +37,10 @@ pub struct SelectorConfig {
     /// Seconds between metrics lines. Default 1.
     #[serde(default = "default_interval")]
     pub metrics_interval_secs: f64,
+    /// The run's shared secret (a file); every message is then signed and checked. Without it,
+    /// the `RHO_SECRET` environment variable, else no authentication.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
     /// Largest message accepted. Default 256 MiB.
     #[serde(default = "default_max_message")]
     pub max_message_bytes: u64,
@@ -75,8 +79,11 @@ impl SelectorConfig {
         for p in [&mut self.model, &mut self.tokenizer] {
             rho_protocol::config_file::resolve(base, p);
         }
-        if let Some(m) = &mut self.metrics {
-            rho_protocol::config_file::resolve(base, m);
+        for p in [&mut self.metrics, &mut self.secret_file]
+            .into_iter()
+            .flatten()
+        {
+            rho_protocol::config_file::resolve(base, p);
         }
     }
 

@@ -139,9 +139,16 @@ pub async fn serve(
         max_message_bytes: config.max_message_bytes,
         ..Limits::default()
     };
-    let mut trainer = Consumer::connect(&config.trainer, &config.run_id, limits).await?;
+    let key = rho_protocol::Key::from_config(config.secret_file.as_deref()).map_err(|reason| {
+        SelectorError::ConfigField {
+            field: "secret_file",
+            reason,
+        }
+    })?;
+    let mut trainer =
+        Consumer::connect_with(&config.trainer, &config.run_id, limits, key.clone()).await?;
     trainer.heartbeat(Role::Selector).await?;
-    let mut loader = Consumer::connect(&config.loader, &config.run_id, limits).await?;
+    let mut loader = Consumer::connect_with(&config.loader, &config.run_id, limits, key).await?;
     tracing::info!(loader = %config.loader, trainer = %config.trainer, "selector connected");
 
     let mut report = Report::default();

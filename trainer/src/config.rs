@@ -100,6 +100,10 @@ pub struct TrainerConfig {
     /// JSONL metrics, one line per step.
     #[serde(default)]
     pub metrics: Option<PathBuf>,
+    /// The run's shared secret (a file); every message is then signed and checked. Without it,
+    /// the `RHO_SECRET` environment variable, else no authentication.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
     #[serde(default = "d_max_message")]
     pub max_message_bytes: u64,
 }
@@ -138,9 +142,14 @@ impl TrainerConfig {
     /// Makes relative paths relative to `base`.
     pub fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| rho_protocol::config_file::resolve(base, p);
-        for p in [&mut self.model, &mut self.metrics, &mut self.delivery_file]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut self.model,
+            &mut self.metrics,
+            &mut self.delivery_file,
+            &mut self.secret_file,
+        ]
+        .into_iter()
+        .flatten()
         {
             fix(p);
         }

@@ -70,14 +70,14 @@ fn build_backend(config: &TrainerConfig) -> Result<Box<dyn Backend>> {
     }
 }
 
-fn credit_to(peer: &Bytes, run_id: &str, n: u32) -> ZmqMessage {
+fn credit_to(peer: &Bytes, run_id: &str, n: u32, key: Option<&rho_protocol::Key>) -> ZmqMessage {
     let mut frames = vec![peer.clone()];
     frames.extend(
         Message::Credit(Credit {
             run_id: run_id.into(),
             n,
         })
-        .encode(),
+        .encode_with(key),
     );
     ZmqMessage::try_from(frames).unwrap_or_else(|_| ZmqMessage::from(Bytes::new()))
 }
@@ -120,7 +120,14 @@ pub async fn run(
         max_message_bytes: config.max_message_bytes,
         ..Limits::default()
     };
-    let mut loader = Consumer::connect(&config.loader, &config.run_id, limits).await?;
+    let key = rho_protocol::Key::from_config(config.secret_file.as_deref()).map_err(|reason| {
+        TrainerError::ConfigField {
+            field: "secret_file",
+            reason,
+        }
+    })?;
+    let mut loader =
+        Consumer::connect_with(&config.loader, &config.run_id, limits, key.clone()).await?;
     if state.next_seq > 0 {
         loader.resume(state.next_seq).await?;
     }
@@ -194,7 +201,9 @@ pub async fn run(
             let step_secs = t0.elapsed().as_secs_f64();
             loader.ack(vec![input.batch.seq]).await?;
             if let (Some(tx), Some(peer)) = (delivery_tx.as_mut(), owed.pop_front()) {
-                let _ = tx.send(credit_to(&peer, &config.run_id, 1)).await;
+                let _ = tx
+                    .send(credit_to(&peer, &config.run_id, 1, key.as_ref()))
+                    .await;
             }
             report.consumed.push(input.batch.seq);
             state.step += 1;
@@ -289,14 +298,14 @@ pub async fn run(
                     continue;
                 }
                 let peer = frames.remove(0);
-                match Message::decode(&frames, &limits) {
+                match Message::decode_with(&frames, &limits, key.as_ref()) {
                     Ok(msg) if msg.run_id() != config.run_id => {
                         report.messages_rejected += 1;
                         tracing::warn!("refused a `{}` message of run `{}`", msg.kind(), msg.run_id());
                     }
                     Ok(Message::Heartbeat(_)) => {
                         if let Some(tx) = delivery_tx.as_mut() {
-                            let _ = tx.send(credit_to(&peer, &config.run_id, config.credits_per_selector)).await;
+                            let _ = tx.send(credit_to(&peer, &config.run_id, config.credits_per_selector, key.as_ref())).await;
                         }
                     }
                     Ok(Message::Scored(s)) => {
@@ -309,7 +318,7 @@ pub async fn run(
                         // The credit goes back at once while the buffer has room.
                         if buffer.len() < config.reorder_window {
                             if let Some(tx) = delivery_tx.as_mut() {
-                                let _ = tx.send(credit_to(&peer, &config.run_id, 1)).await;
+                                let _ = tx.send(credit_to(&peer, &config.run_id, 1, key.as_ref())).await;
                             }
                         } else {
                             owed.push_back(peer);
