@@ -282,5 +282,5 @@ fn signed_messages_verify_and_tampering_is_refused() {
     tokens[0] ^= 1;
     altered[1] = Bytes::from(tokens);
     assert!(refused(&altered));
-    assert!(refused(&[]));
+    assert!(Message::decode_with(&[], &Limits::default(), Some(&key)).is_err());
 }
