@@ -25,40 +25,9 @@ fn setup(root: &Path) {
         "--out",
         &p(&root.join("data")),
     ]);
-    rho(&[
-        "tokenizer",
-        "train",
-        "--vocab-size",
-        "400",
-        "--input",
-        &p(&root.join("data")),
-        "--out",
-        &p(&root.join("tokenizer.json")),
-    ]);
-    rho(&[
-        "model",
-        "init",
-        "--preset",
-        "20m",
-        "--seed",
-        "1",
-        "--tokenizer",
-        &p(&root.join("tokenizer.json")),
-        "--out",
-        &p(&root.join("ref")),
-    ]);
-    rho(&[
-        "model",
-        "init",
-        "--preset",
-        "tiny",
-        "--seed",
-        "2",
-        "--tokenizer",
-        &p(&root.join("tokenizer.json")),
-        "--out",
-        &p(&root.join("init")),
-    ]);
+    common::train_tokenizer(root, "data", 400);
+    common::init_model(root, "20m", 1, "ref");
+    common::init_model(root, "tiny", 2, "init");
 }
 
 fn run_config(root: &Path, name: &str, selectors: usize) -> std::path::PathBuf {
@@ -173,16 +142,7 @@ async fn foreign_and_wrongly_signed_messages_are_refused() {
         "--out",
         &p(&root.join("data")),
     ]);
-    rho(&[
-        "tokenizer",
-        "train",
-        "--vocab-size",
-        "400",
-        "--input",
-        &p(&root.join("data")),
-        "--out",
-        &p(&root.join("tokenizer.json")),
-    ]);
+    common::train_tokenizer(root, "data", 400);
     for (name, seed) in [("ref", "1"), ("init", "2")] {
         rho(&[
             "model",

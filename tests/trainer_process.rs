@@ -40,40 +40,9 @@ fn setup(root: &Path) {
         "--out",
         &p(&root.join("heldout")),
     ]);
-    rho(&[
-        "tokenizer",
-        "train",
-        "--vocab-size",
-        "400",
-        "--input",
-        &p(&root.join("train")),
-        "--out",
-        &p(&root.join("tokenizer.json")),
-    ]);
-    rho(&[
-        "model",
-        "init",
-        "--preset",
-        "tiny",
-        "--seed",
-        "1",
-        "--tokenizer",
-        &p(&root.join("tokenizer.json")),
-        "--out",
-        &p(&root.join("ref")),
-    ]);
-    rho(&[
-        "model",
-        "init",
-        "--preset",
-        "tiny",
-        "--seed",
-        "2",
-        "--tokenizer",
-        &p(&root.join("tokenizer.json")),
-        "--out",
-        &p(&root.join("init")),
-    ]);
+    common::train_tokenizer(root, "train", 400);
+    common::init_model(root, "tiny", 1, "ref");
+    common::init_model(root, "tiny", 2, "init");
     let loader = |data: &str, endpoint_file: Option<&str>| {
         json!({
             "run_id": "tr", "data": {"paths": [data]}, "tokenizer": "tokenizer.json",

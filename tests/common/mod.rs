@@ -55,3 +55,35 @@ pub fn finish(child: Child, what: &str) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what} report: {e}"))
 }
+
+/// `rho tokenizer train` on `root/data`, into `root/tokenizer.json`.
+pub fn train_tokenizer(root: &Path, data: &str, vocab: usize) {
+    let vocab = vocab.to_string();
+    rho(&[
+        "tokenizer",
+        "train",
+        "--vocab-size",
+        &vocab,
+        "--input",
+        &p(&root.join(data)),
+        "--out",
+        &p(&root.join("tokenizer.json")),
+    ]);
+}
+
+/// `rho model init` of a preset for `root/tokenizer.json`, into `root/name`.
+pub fn init_model(root: &Path, preset: &str, seed: u64, name: &str) {
+    let seed = seed.to_string();
+    rho(&[
+        "model",
+        "init",
+        "--preset",
+        preset,
+        "--seed",
+        &seed,
+        "--tokenizer",
+        &p(&root.join("tokenizer.json")),
+        "--out",
+        &p(&root.join(name)),
+    ]);
+}
