@@ -222,3 +222,52 @@ async fn out_of_order_and_duplicate_deliveries() {
     assert_eq!(report["duplicates"], 1);
     let _ = loader.kill();
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Processes may start in any order: here the trainer first, then the selector, the loader last.
+#[test]
+fn processes_start_in_reverse_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    setup(root);
+    let (lp, dp) = (free_port(), free_port());
+    let loader_ep = format!("tcp://127.0.0.1:{lp}");
+    let delivery_ep = format!("tcp://127.0.0.1:{dp}");
+    let cfg = json!({
+        "run_id": "tr", "loader": loader_ep, "delivery": delivery_ep, "model": "init",
+        "selection": {"score": "excess"}, "optimizer": {"lr": 0.003},
+    });
+    write(&root.join("rev-trainer.json"), &cfg);
+    let trainer = spawn(&["trainer", "--config", &p(&root.join("rev-trainer.json"))]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let sel = json!({"run_id": "tr", "loader": loader_ep, "trainer": delivery_ep, "model": "ref", "tokenizer": "tokenizer.json"});
+    write(&root.join("rev-selector.json"), &sel);
+    let selector = spawn(&["selector", "--config", &p(&root.join("rev-selector.json"))]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let loader = spawn(&[
+        "loader",
+        "--config",
+        &p(&root.join("loader.json")),
+        "--endpoint",
+        &loader_ep,
+    ]);
+    let report = finish(trainer, "trainer");
+    let steps = report["steps"].as_u64().unwrap();
+    assert!(steps > 20);
+    let consumed: Vec<u64> = report["consumed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(consumed, (0..steps).collect::<Vec<_>>());
+    finish(loader, "loader");
+    finish(selector, "selector");
+}
