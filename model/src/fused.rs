@@ -99,13 +99,18 @@ impl candle_core::CustomOp2 for SoftmaxBackward {
     }
 }
 
+/// Whether [`causal_softmax`] runs fused for tensors on `device` of `dtype`.
+pub fn causal_softmax_applies(device: &candle_core::Device, dtype: candle_core::DType) -> bool {
+    device.is_cpu() && dtype == candle_core::DType::F32
+}
+
 /// Causal (and windowed) softmax over the last dimension of square attention scores
 /// `[..., T, T]`, fused on CPU for f32 and differentiable; `None` where the fused kernel does
 /// not apply (not CPU, not f32).
 pub fn causal_softmax(scores: &Tensor, window: Option<usize>) -> Result<Option<Tensor>> {
     let dims = scores.dims();
     let square = dims.len() >= 2 && dims[dims.len() - 1] == dims[dims.len() - 2];
-    if scores.device().is_cpu() && scores.dtype() == candle_core::DType::F32 && square {
+    if causal_softmax_applies(scores.device(), scores.dtype()) && square {
         Ok(Some(
             scores.contiguous()?.apply_op1(CausalSoftmax { window })?,
         ))

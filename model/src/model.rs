@@ -188,7 +188,12 @@ impl DecoderLm {
         let h = self.config.hidden_size;
         let (cos, sin) = rope::tables(&self.config, t, &self.device)?;
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [B*T, H]
-        let masks = self.masks(t)?;
+                                                                      // On CPU (f32) the fused causal softmax needs no mask tensors: build them only elsewhere.
+        let masks = if crate::fused::causal_softmax_applies(&self.device, self.embed.dtype()) {
+            HashMap::new()
+        } else {
+            self.masks(t)?
+        };
         for layer in &self.layers {
             let normed = rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps, path)?;
             let attn = self.attention(layer, &normed, b, t, &cos, &sin, &masks, path)?;
@@ -266,13 +271,15 @@ impl DecoderLm {
         // Scaling q (T x d) is cheaper than scaling the scores (T x T).
         let q = (q * (1.0 / (hd as f64).sqrt()))?;
         let scores = q.matmul(&k.t()?)?;
-        let mask = &masks[&layer.window];
         let probs = match crate::fused::causal_softmax(&scores, layer.window)? {
             Some(p) => p,
-            None => match path {
-                Path::Fused => candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?,
-                Path::Plain => softmax_plain(&scores.broadcast_add(mask)?)?,
-            },
+            None => {
+                let masked = scores.broadcast_add(&masks[&layer.window])?;
+                match path {
+                    Path::Fused => candle_nn::ops::softmax_last_dim(&masked)?,
+                    Path::Plain => softmax_plain(&masked)?,
+                }
+            }
         };
         let out = probs.matmul(&v)?; // [B, nh, T, hd]
         let out = out.transpose(1, 2)?.reshape((b * t, nh * hd))?;

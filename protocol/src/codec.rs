@@ -201,15 +201,7 @@ impl Message {
         limits: &Limits,
         key: Option<&crate::Key>,
     ) -> Result<Message, DecodeError> {
-        let size = frames
-            .iter()
-            .fold(0u64, |acc, f| acc.saturating_add(f.len() as u64));
-        if size > limits.max_message_bytes {
-            return Err(DecodeError::TooLarge {
-                size,
-                max: limits.max_message_bytes,
-            });
-        }
+        check_size(frames, limits)?;
         match key {
             Some(key) => {
                 let (tag, body) = frames.split_last().ok_or(DecodeError::Empty)?;
@@ -235,15 +227,7 @@ impl Message {
 
     /// Decodes multipart frames into a message, validating every declared size and shape.
     pub fn decode(frames: &[Bytes], limits: &Limits) -> Result<Message, DecodeError> {
-        let size = frames
-            .iter()
-            .fold(0u64, |acc, f| acc.saturating_add(f.len() as u64));
-        if size > limits.max_message_bytes {
-            return Err(DecodeError::TooLarge {
-                size,
-                max: limits.max_message_bytes,
-            });
-        }
+        check_size(frames, limits)?;
         let header = frames.first().ok_or(DecodeError::Empty)?;
         if header.len() as u64 > limits.max_header_bytes {
             return Err(DecodeError::HeaderTooLarge {
@@ -283,6 +267,20 @@ impl Message {
             }),
         }
     }
+}
+
+/// Refuses a message whose frames add up to more than the limit, before anything else.
+fn check_size(frames: &[Bytes], limits: &Limits) -> Result<(), DecodeError> {
+    let size = frames
+        .iter()
+        .fold(0u64, |acc, f| acc.saturating_add(f.len() as u64));
+    if size > limits.max_message_bytes {
+        return Err(DecodeError::TooLarge {
+            size,
+            max: limits.max_message_bytes,
+        });
+    }
+    Ok(())
 }
 
 fn json_error(e: serde_json::Error) -> DecodeError {

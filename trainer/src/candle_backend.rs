@@ -103,16 +103,20 @@ impl CandleBackend {
     /// The objective `sum(loss * mask) / denom` of token ids `[B, W]` and its gradient for every
     /// variable, in [`CandleBackend::vars`] order (zeros where a variable gets none).
     pub fn gradients(&self, ids: &Tensor, mask: &[f32], denom: f32) -> Result<(f32, Vec<Tensor>)> {
-        let (losses, grads) = self.grads(ids, mask, denom)?;
-        let m = Tensor::from_slice(mask, losses.dims(), &self.device)?;
-        let objective = ((&losses * &m)?.sum_all()? / f64::from(denom))?.to_scalar::<f32>()?;
-        Ok((objective, grads))
+        let losses = per_token_loss(&self.model, ids, ModelPath::Plain, None)?;
+        self.backward_masked(&losses, mask, denom)
     }
 
-    fn grads(&self, ids: &Tensor, mask: &[f32], denom: f32) -> Result<(Tensor, Vec<Tensor>)> {
-        let losses = per_token_loss(&self.model, ids, ModelPath::Plain, None)?;
+    /// Backpropagates `sum(losses * mask) / denom`; returns its value and the gradient of every
+    /// variable in [`CandleBackend::vars`] order (zeros where a variable gets none).
+    fn backward_masked(
+        &self,
+        losses: &Tensor,
+        mask: &[f32],
+        denom: f32,
+    ) -> Result<(f32, Vec<Tensor>)> {
         let m = Tensor::from_slice(mask, losses.dims(), &self.device)?;
-        let objective = ((&losses * &m)?.sum_all()? / f64::from(denom))?;
+        let objective = ((losses * &m)?.sum_all()? / f64::from(denom))?;
         let store = objective.backward()?;
         let grads = self
             .vars
@@ -122,7 +126,7 @@ impl CandleBackend {
                 None => Ok(v.as_tensor().zeros_like()?),
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok((losses, grads))
+        Ok((objective.to_scalar::<f32>()?, grads))
     }
 }
 
@@ -147,7 +151,7 @@ impl Backend for CandleBackend {
             let ids = self.ids(b, 0..rows)?;
             let losses = per_token_loss(&self.model, &ids, ModelPath::Plain, None)?;
             current = losses.flatten_all()?.to_vec1::<f32>()?;
-            single = Some((ids, losses));
+            single = Some(losses);
         } else {
             for r in &ranges {
                 let ids = self.ids(b, r.clone())?;
@@ -174,19 +178,8 @@ impl Backend for CandleBackend {
             for r in &ranges {
                 let m = &mask[r.start * t..r.end * t];
                 let grads = match &single {
-                    Some((_, losses)) => {
-                        let mt = Tensor::from_slice(m, losses.dims(), &self.device)?;
-                        let objective = ((losses * &mt)?.sum_all()? / f64::from(kept))?;
-                        let store = objective.backward()?;
-                        self.vars
-                            .iter()
-                            .map(|(_, v)| match store.get(v.as_tensor()) {
-                                Some(g) => Ok(g.clone()),
-                                None => Ok(v.as_tensor().zeros_like()?),
-                            })
-                            .collect::<Result<Vec<_>>>()?
-                    }
-                    None => self.grads(&self.ids(b, r.clone())?, m, kept)?.1,
+                    Some(losses) => self.backward_masked(losses, m, kept)?.1,
+                    None => self.gradients(&self.ids(b, r.clone())?, m, kept)?.1,
                 };
                 total = Some(match total {
                     None => grads,
