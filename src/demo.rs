@@ -1,170 +1,441 @@
-//! `rho demo`: the embedded default, end to end with nothing downloaded.
+//! `rho demo`: the paper's effect, end to end, with nothing downloaded.
 //!
-//! It writes a synthetic OpenWebMath-style corpus, trains a byte-level BPE tokenizer on it,
-//! starts a real `rho loader` process on a loopback endpoint, and consumes the whole stream the
-//! way a selector or trainer does (credits, batches, acknowledgements), then reports what
-//! flowed. The reference-scoring and training stages join this pipeline as they are built.
+//! 1. Three synthetic OpenWebMath-style sets from disjoint seeds: a small curated clean set, a
+//!    large noisy training corpus and a held-out clean set (see `corpus.rs`).
+//! 2. A byte-level BPE tokenizer trained on them; two random initializations.
+//! 3. Three real pipelines, each a `rho run` with its loader, selectors and trainer processes:
+//!    the reference model, trained by plain causal LM on the curated set; then, from one
+//!    initialization, on one noisy stream, with one token budget, a causal-LM baseline and an
+//!    SLM model (k = 0.6, excess loss) scored by a selector process running the reference.
+//!    Both evaluate on the held-out set as they train.
+//! 4. A report in the run directory (`demo_report.rs`): the table, the loss curves (SVG and
+//!    PNG), a page of sample documents colored by what SLM selects, and how much of what each
+//!    rule selects is noise.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use rho_protocol::client::Consumer;
-use rho_protocol::{Limits, Message};
+use serde_json::{json, Value};
 
 use crate::corpus::{self, SynthArgs};
+use crate::demo_report;
+use crate::model_cmd;
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct DemoArgs {
-    /// Run directory (data, tokenizer, configs, metrics, report).
+    /// Run directory (data, tokenizer, models, the three runs, the report).
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
+    /// Seed of the corpora, the initializations and the data order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// A smaller corpus, for tests.
+    /// A small, fast variant (under two minutes), for tests.
     #[arg(long)]
     pub quick: bool,
+    /// Train the target models on these shards (files, directories or globs of parquet or
+    /// jsonl with a `text` field) instead of the synthetic noisy corpus.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Training steps of each target model (overrides the preset).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Training steps of the reference model (overrides the preset).
+    #[arg(long)]
+    pub reference_steps: Option<u64>,
+    /// The share of tokens SLM trains on.
+    #[arg(long, default_value_t = 0.6)]
+    pub ratio: f64,
+}
+
+/// The sizes of a demo.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub preset: &'static str,
+    pub vocab: usize,
+    pub seq_len: usize,
+    pub batch: usize,
+    pub reference_steps: u64,
+    pub steps: u64,
+    pub eval_every: u64,
+    pub eval_batches: usize,
+    pub lr: f64,
+    pub curated_docs: usize,
+    pub train_docs: usize,
+    pub heldout_docs: usize,
+    pub noise: f64,
+    pub ratio: f64,
+    pub quick: bool,
+}
+
+impl Plan {
+    pub fn quick(&self) -> bool {
+        self.quick
+    }
+
+    fn new(args: &DemoArgs) -> Plan {
+        let mut plan = if args.quick {
+            Plan {
+                preset: "tiny",
+                vocab: 512,
+                seq_len: 64,
+                batch: 8,
+                reference_steps: 60,
+                steps: 60,
+                eval_every: 3,
+                eval_batches: 2,
+                lr: 3e-3,
+                curated_docs: 300,
+                train_docs: 800,
+                heldout_docs: 60,
+                noise: 0.45,
+                ratio: args.ratio,
+                quick: args.quick,
+            }
+        } else {
+            Plan {
+                preset: "small",
+                vocab: 2048,
+                seq_len: 128,
+                batch: 16,
+                reference_steps: 500,
+                steps: 600,
+                eval_every: 30,
+                eval_batches: 8,
+                lr: 2e-3,
+                curated_docs: 3000,
+                train_docs: 10_000,
+                heldout_docs: 400,
+                noise: 0.45,
+                ratio: args.ratio,
+                quick: args.quick,
+            }
+        };
+        if let Some(s) = args.steps {
+            plan.steps = s.max(1);
+            plan.eval_every = (plan.steps / 20).max(1);
+        }
+        if let Some(s) = args.reference_steps {
+            plan.reference_steps = s.max(1);
+        }
+        plan
+    }
+
+    /// Tokens each target model reads: steps x rows x positions.
+    pub fn tokens_per_run(&self) -> u64 {
+        self.steps * (self.batch * self.seq_len) as u64
+    }
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let out = &args.out;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let out = out.canonicalize()?;
+    let plan = Plan::new(&args);
+    if !(0.0..=1.0).contains(&plan.ratio) || plan.ratio == 0.0 {
+        bail!("--ratio must be in (0, 1], got {}", plan.ratio);
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let out = args.out.canonicalize()?;
+    let stages = 7;
+    let stage = |n: usize, what: &str| eprintln!("[{n}/{stages}] {what}");
+
+    // 1. Corpora.
     let data = corpus::data_dir(&out);
-    let (shards, docs) = if args.quick { (2, 150) } else { (4, 1000) };
-    eprintln!(
-        "[1/3] writing a synthetic corpus ({shards} parquet shards) to {}",
-        data.display()
+    let sets = [
+        ("curated", plan.curated_docs, 0.0, 1u64),
+        ("train", plan.train_docs, plan.noise, 2),
+        ("heldout", plan.heldout_docs, 0.0, 3),
+    ];
+    stage(
+        1,
+        &format!(
+            "writing synthetic OpenWebMath-style shards to {} (curated clean {}, noisy training {}, held-out clean {} documents)",
+            data.display(),
+            plan.curated_docs,
+            plan.train_docs,
+            plan.heldout_docs
+        ),
     );
-    corpus::write_corpus(&SynthArgs {
-        out: data.clone(),
-        shards,
-        docs_per_shard: docs,
-        noise: 0.4,
-        seed: args.seed,
-    })?;
+    let mut synth = Vec::new();
+    for (name, docs, noise, salt) in sets {
+        let shards = if docs >= 2000 { 4 } else { 1 };
+        let a = SynthArgs {
+            out: data.join(name),
+            shards,
+            docs_per_shard: docs.div_ceil(shards),
+            noise,
+            seed: args.seed.wrapping_mul(4).wrapping_add(salt),
+        };
+        let _ = std::fs::remove_dir_all(&a.out);
+        corpus::write_corpus(&a)?;
+        synth.push(a);
+    }
+    let train_paths = match &args.data {
+        Some(d) => vec![absolute(d)?],
+        None => vec![synth[1].out.to_string_lossy().into_owned()],
+    };
 
+    // 2. Tokenizer.
     let tokenizer = out.join("tokenizer.json");
-    eprintln!(
-        "[2/3] training a byte-level BPE tokenizer: {}",
-        tokenizer.display()
+    stage(
+        2,
+        &format!(
+            "training a byte-level BPE tokenizer of {} tokens: {}",
+            plan.vocab,
+            tokenizer.display()
+        ),
     );
-    let data_cfg = rho_loader::DataConfig {
-        paths: vec![data.to_string_lossy().into_owned()],
-        text_field: "text".into(),
-        format: rho_loader::FormatChoice::Auto,
-    };
-    let trained = rho_loader::train::train_bpe(&data_cfg, 2048, None, &tokenizer)?;
-
-    let endpoint_file = out.join("loader.endpoint");
-    let _ = std::fs::remove_file(&endpoint_file);
-    let run_id = format!("demo-{}", args.seed);
-    let config = serde_json::json!({
-        "run_id": run_id,
-        "data": {"paths": ["data"]},
-        "tokenizer": "tokenizer.json",
-        "seq_len": 256,
-        "batch_size": 8,
-        "seed": args.seed,
-        "endpoint": "tcp://127.0.0.1:0",
-        "endpoint_file": "loader.endpoint",
-        "metrics": "loader.metrics.jsonl",
-        "state_dir": "state",
-    });
-    let config_path = out.join("loader.json");
-    std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)?;
-
-    eprintln!("[3/3] starting `rho loader` and consuming its stream");
-    let exe = std::env::current_exe()?;
-    let log = std::fs::File::create(out.join("loader.log"))?;
-    let mut child = tokio::process::Command::new(exe)
-        .arg("loader")
-        .arg("--config")
-        .arg(&config_path)
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the loader process")?;
-    let endpoint = wait_for_file(&endpoint_file, Duration::from_secs(60)).await?;
-
-    let consume_started = Instant::now();
-    let mut consumer = Consumer::connect(&endpoint, &run_id, Limits::default()).await?;
-    consumer.credit(4).await?;
-    let (mut batches, mut tokens, mut docs_started) = (0u64, 0u64, 0u64);
-    let mut sample = None;
-    let total = loop {
-        match consumer.recv().await? {
-            Message::Batch(b) => {
-                batches += 1;
-                tokens += b.lengths.iter().map(|&l| u64::from(l)).sum::<u64>();
-                docs_started += b.doc_starts.iter().map(|s| s.len() as u64).sum::<u64>();
-                if sample.is_none() {
-                    sample = Some(b.row(0)[..b.lengths[0].min(48) as usize].to_vec());
-                }
-                consumer.ack(vec![b.seq]).await?;
-                consumer.credit(1).await?;
-            }
-            Message::End(e) => break e.total,
-            other => bail!("unexpected `{}` message from the loader", other.kind()),
-        }
-    };
-    let consume_secs = consume_started.elapsed().as_secs_f64();
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
-    if !status.success() {
-        bail!(
-            "the loader exited with {status}; see {}",
-            out.join("loader.log").display()
-        );
-    }
-
-    let tk = tokenizers::Tokenizer::from_file(&tokenizer).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let sample_text = sample
-        .map(|ids| tk.decode(&ids, false).unwrap_or_default())
-        .unwrap_or_default();
-    let report = serde_json::json!({
-        "batches": batches,
-        "stream_total": total,
-        "tokens": tokens,
-        "documents_started": docs_started,
-        "tokenizer_vocab": trained.vocab_size,
-        "consume_seconds": consume_secs,
-        "tokens_per_second": tokens as f64 / consume_secs.max(1e-9),
-        "wall_seconds": started.elapsed().as_secs_f64(),
-    });
-    std::fs::write(
-        out.join("report.json"),
-        serde_json::to_string_pretty(&report)?,
+    let mut tok_paths = train_paths.clone();
+    tok_paths.push(synth[0].out.to_string_lossy().into_owned());
+    let trained = rho_loader::train::train_bpe(
+        &rho_loader::DataConfig {
+            paths: tok_paths,
+            text_field: "text".into(),
+            format: rho_loader::FormatChoice::Auto,
+        },
+        plan.vocab,
+        Some(20_000),
+        &tokenizer,
     )?;
-    println!("rho demo: {batches} batches, {tokens} tokens streamed from the loader in {:.1} ms ({:.0} tokens/s)", consume_secs * 1e3, tokens as f64 / consume_secs.max(1e-9));
-    println!(
-        "first window begins: {:?}",
-        sample_text.chars().take(160).collect::<String>()
+
+    // 3. Initial weights: one for the reference, one shared by both target models.
+    stage(
+        3,
+        &format!(
+            "initializing `{}` models (vocabulary {})",
+            plan.preset, trained.vocab_size
+        ),
     );
-    println!(
-        "run directory: {} (report.json, loader.metrics.jsonl, loader.log)",
-        out.display()
+    let models = out.join("models");
+    let config = model_cmd::preset_config(plan.preset, trained.vocab_size, plan.seq_len + 1)?;
+    let reference_init = models.join("reference-init");
+    let target_init = models.join("target-init");
+    model_cmd::init_checkpoint(&reference_init, &config, args.seed.wrapping_add(101))?;
+    model_cmd::init_checkpoint(&target_init, &config, args.seed.wrapping_add(202))?;
+
+    let heldout_loader = out.join("heldout-loader.json");
+    std::fs::write(
+        &heldout_loader,
+        serde_json::to_string_pretty(&json!({
+            "run_id": "demo-heldout",
+            "data": {"paths": [synth[2].out]},
+            "tokenizer": tokenizer,
+            "seq_len": plan.seq_len,
+            "batch_size": plan.batch,
+            "shuffle_window": 1,
+        }))?,
+    )?;
+
+    // 4. The reference model: plain causal LM on the curated set.
+    stage(
+        4,
+        &format!(
+            "training the reference model: {} steps of causal LM on the curated set (`rho run`)",
+            plan.reference_steps
+        ),
     );
-    if batches != total {
-        bail!("received {batches} batches but the stream announced {total}");
-    }
+    let reference = pipeline(
+        &out,
+        "reference",
+        &plan,
+        args.seed,
+        &[synth[0].out.to_string_lossy().into_owned()],
+        &tokenizer,
+        &reference_init,
+        plan.reference_steps,
+        None,
+        &heldout_loader,
+    )
+    .await?;
+    let reference_model = final_model(&reference)?;
+
+    // 5. and 6. The two target models, same start, same stream, same budget.
+    stage(
+        5,
+        &format!(
+            "training the causal-LM baseline: {} steps on the noisy corpus (`rho run`)",
+            plan.steps
+        ),
+    );
+    let causal = pipeline(
+        &out,
+        "causal",
+        &plan,
+        args.seed,
+        &train_paths,
+        &tokenizer,
+        &target_init,
+        plan.steps,
+        None,
+        &heldout_loader,
+    )
+    .await?;
+    stage(
+        6,
+        &format!(
+            "training with SLM (k = {}): {} steps on the same stream, scored by a selector process (`rho run`)",
+            plan.ratio, plan.steps
+        ),
+    );
+    let slm = pipeline(
+        &out,
+        "slm",
+        &plan,
+        args.seed,
+        &train_paths,
+        &tokenizer,
+        &target_init,
+        plan.steps,
+        Some(&reference_model),
+        &heldout_loader,
+    )
+    .await?;
+
+    // 7. The report.
+    stage(7, "writing the report");
+    let sample_docs = if args.data.is_none() {
+        Some(corpus::shard_docs(&synth[1], 0))
+    } else {
+        None
+    };
+    let inputs = demo_report::Inputs {
+        out: &out,
+        plan: &plan,
+        seed: args.seed,
+        tokenizer: &tokenizer,
+        reference_model: &reference_model,
+        slm_model: &final_model(&slm)?,
+        runs: [&reference, &causal, &slm],
+        sample_docs: sample_docs.as_deref(),
+        started,
+    };
+    let report = demo_report::write(&inputs)?;
+    println!("{}", demo_report::summary_text(&report, &out));
     Ok(())
 }
 
-async fn wait_for_file(path: &std::path::Path, timeout: Duration) -> anyhow::Result<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            if !s.is_empty() {
-                return Ok(s.trim().to_string());
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("{} did not appear within {timeout:?}", path.display());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+/// A finished `rho run`: its directory and `summary.json`.
+pub struct RunOutcome {
+    pub name: String,
+    pub dir: PathBuf,
+    pub summary: Value,
+}
+
+fn absolute(path: &str) -> anyhow::Result<String> {
+    let p = Path::new(path);
+    Ok(if p.is_absolute() {
+        path.to_string()
+    } else {
+        std::env::current_dir()?
+            .join(p)
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
+/// The model directory of a run's last checkpoint.
+fn final_model(run: &RunOutcome) -> anyhow::Result<PathBuf> {
+    let dir = run.dir.join("checkpoints");
+    let pointer = std::fs::read_to_string(dir.join("latest"))
+        .with_context(|| format!("run `{}` left no checkpoint in {}", run.name, dir.display()))?;
+    Ok(dir.join(pointer.trim()).join("model"))
+}
+
+/// Writes a run config and runs it with `rho run`, its progress on this terminal.
+#[allow(clippy::too_many_arguments)]
+async fn pipeline(
+    out: &Path,
+    name: &str,
+    plan: &Plan,
+    seed: u64,
+    data: &[String],
+    tokenizer: &Path,
+    init: &Path,
+    steps: u64,
+    reference: Option<&Path>,
+    heldout_loader: &Path,
+) -> anyhow::Result<RunOutcome> {
+    let dir = out.join("runs").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let selection = match reference {
+        Some(_) => json!({"score": "excess", "scope": "batch",
+                          "schedule": {"kind": "constant", "ratio": plan.ratio}}),
+        None => json!({"score": "none"}),
+    };
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // With a selector, the trainer and the selector share the cores; alone, the trainer has them.
+    let trainer_threads = if reference.is_some() {
+        (cores / 2).max(1)
+    } else {
+        cores
+    };
+    let mut config = json!({
+        "run_dir": ".",
+        "selectors": 1,
+        "loader": {
+            "run_id": format!("demo-{name}-{seed}"),
+            "data": {"paths": data},
+            "tokenizer": tokenizer,
+            "seq_len": plan.seq_len,
+            "batch_size": plan.batch,
+            "seed": seed,
+            "epochs": 1000,
+            "shuffle_window": 64,
+            "threads": 1,
+        },
+        "trainer": {
+            "model": init,
+            "selection": selection,
+            "optimizer": {
+                "lr": plan.lr,
+                "weight_decay": 0.1,
+                "warmup_steps": (steps / 20).max(1),
+                "decay_steps": steps,
+                "min_lr_ratio": 0.1,
+                "grad_clip": 1.0,
+            },
+            "max_steps": steps,
+            "eval": {"loader_config": heldout_loader, "every": plan.eval_every, "max_batches": plan.eval_batches},
+            "threads": trainer_threads,
+        },
+    });
+    if let Some(r) = reference {
+        config["selector"] = json!({
+            "model": r,
+            "tokenizer": tokenizer,
+            "threads": (cores - trainer_threads).max(1),
+        });
     }
+    let file = dir.join("demo-run.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&config)?)?;
+    let exe = std::env::current_exe()?;
+    let status = tokio::process::Command::new(exe)
+        .arg("run")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .status()
+        .await
+        .with_context(|| format!("starting `rho run {}`", file.display()))?;
+    if !status.success() {
+        bail!(
+            "the `{name}` pipeline failed ({status}); its logs are in {}",
+            dir.display()
+        );
+    }
+    let summary_path = dir.join("summary.json");
+    let summary: Value = serde_json::from_str(
+        &std::fs::read_to_string(&summary_path)
+            .with_context(|| format!("reading {}", summary_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", summary_path.display()))?;
+    Ok(RunOutcome {
+        name: name.to_string(),
+        dir,
+        summary,
+    })
 }

@@ -7,6 +7,7 @@ mod bench_selector;
 mod bench_trainer;
 mod corpus;
 mod demo;
+mod demo_report;
 mod model_cmd;
 mod supervise;
 
@@ -168,6 +169,20 @@ fn keep_freed_memory() {
     }
 }
 
+/// Limits model math to `threads` CPU threads: candle's matrix products read
+/// `RAYON_NUM_THREADS` and its element-wise kernels run on rayon's global pool.
+fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    let Some(n) = threads else { return Ok(()) };
+    if n == 0 {
+        anyhow::bail!("`threads` must be at least 1");
+    }
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .context("setting up the thread pool")
+}
+
 fn main() -> anyhow::Result<()> {
     keep_freed_memory();
     tracing_subscriber::fmt()
@@ -201,12 +216,14 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Selector(args) => {
                 let config = rho_selector::SelectorConfig::load(&args.config)?;
+                set_threads(config.threads)?;
                 let report = rho_selector::run(config, shutdown_signal()).await?;
                 println!("{}", serde_json::to_string(&report)?);
                 Ok(())
             }
             Command::Trainer(args) => {
                 let config = rho_trainer::TrainerConfig::load(&args.config)?;
+                set_threads(config.threads)?;
                 let eval = eval_batches(&config).context("reading the held-out batches")?;
                 let report = rho_trainer::run(config, eval, shutdown_signal()).await?;
                 println!("{}", serde_json::to_string(&report)?);

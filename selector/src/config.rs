@@ -41,6 +41,9 @@ pub struct SelectorConfig {
     /// the `RHO_SECRET` environment variable, else no authentication.
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
+    /// CPU threads for model math; default: every core (or `RAYON_NUM_THREADS`).
+    #[serde(default)]
+    pub threads: Option<usize>,
     /// Largest message accepted. Default 256 MiB.
     #[serde(default = "default_max_message")]
     pub max_message_bytes: u64,

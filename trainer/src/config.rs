@@ -104,6 +104,9 @@ pub struct TrainerConfig {
     /// the `RHO_SECRET` environment variable, else no authentication.
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
+    /// CPU threads for model math; default: every core (or `RAYON_NUM_THREADS`).
+    #[serde(default)]
+    pub threads: Option<usize>,
     #[serde(default = "d_max_message")]
     pub max_message_bytes: u64,
 }
