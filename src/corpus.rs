@@ -73,11 +73,12 @@ pub struct Doc {
 }
 
 impl Doc {
-    /// Whether byte range `start..end` overlaps a noise span.
-    pub fn is_noise(&self, start: usize, end: usize) -> bool {
+    /// The kind of noise that byte range `start..end` overlaps, if any.
+    pub fn noise_kind(&self, start: usize, end: usize) -> Option<NoiseKind> {
         self.noise
             .iter()
-            .any(|&(s, e, _)| start < e && s < end.max(start + 1))
+            .find(|&&(s, e, _)| start < e && s < end.max(start + 1))
+            .map(|&(_, _, k)| k)
     }
 
     /// Bytes of noise in the document.
@@ -369,7 +370,7 @@ mod tests {
                 assert!(s < e && e <= d.text.len());
                 // A span is one paragraph: it does not cross a paragraph break.
                 assert!(!d.text[s..e].contains("\n\n"), "{:?}", &d.text[s..e]);
-                assert!(d.is_noise(s, s + 1) && !d.is_noise(e, e + 1));
+                assert!(d.noise_kind(s, s + 1).is_some() && d.noise_kind(e, e + 1).is_none());
             }
         }
         let share = noise as f64 / total as f64;

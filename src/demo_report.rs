@@ -170,11 +170,7 @@ fn selection_analysis(inp: &Inputs, docs: &[Doc]) -> anyhow::Result<(Value, Stri
     ];
     let kind_of = |i: usize| -> Option<NoiseKind> {
         let (d, s, e) = origin[i];
-        docs[d]
-            .noise
-            .iter()
-            .find(|&&(a, b, _)| s < b && a < e.max(s + 1))
-            .map(|&(_, _, k)| k)
+        docs[d].noise_kind(s, e)
     };
     let (mut n, mut noise, mut ex, mut ex_noise, mut rf, mut rf_noise) = (0, 0, 0, 0, 0, 0);
     let mut per_kind = vec![(0usize, 0usize, 0usize); kinds.len() + 1]; // clean last
@@ -211,6 +207,10 @@ fn selection_analysis(inp: &Inputs, docs: &[Doc]) -> anyhow::Result<(Value, Stri
         "ratio": plan.ratio,
         "current_model": "the SLM model at the end of training",
         "noise_share_of_corpus": share(noise, n),
+        "noise_share_of_corpus_bytes": share(
+            docs[..used_docs].iter().map(Doc::noise_bytes).sum(),
+            docs[..used_docs].iter().map(|d| d.text.len()).sum(),
+        ),
         "noise_share_selected_by_excess": share(ex_noise, ex),
         "noise_share_selected_by_reference": share(rf_noise, rf),
         "by_kind": kind_table,
@@ -254,6 +254,8 @@ fn selection_analysis(inp: &Inputs, docs: &[Doc]) -> anyhow::Result<(Value, Stri
         for j in start..i {
             let (_, s, e) = origin[j];
             let (s, e) = (s.max(cursor), e.max(cursor));
+            // Offsets leave out the spaces a byte-level token carries: write them as they are.
+            html.push_str(&escape(&doc.text[cursor..s]));
             let text = &doc.text[s..e];
             cursor = e;
             let noisy = kind_of(j);
@@ -294,6 +296,7 @@ fn selection_analysis(inp: &Inputs, docs: &[Doc]) -> anyhow::Result<(Value, Stri
                 escape(text)
             );
         }
+        html.push_str(&escape(&doc.text[cursor..]));
         html.push_str("</div>");
     }
     html.push_str("</body></html>\n");

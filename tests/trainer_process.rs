@@ -8,54 +8,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{finish, p, rho, spawn, wait_file};
-
-fn write(path: &Path, v: &Value) {
-    std::fs::write(path, v.to_string()).unwrap();
-}
-
-/// Train and held-out corpora, a tokenizer, a reference and an initial model.
-fn setup(root: &Path) {
-    rho(&[
-        "synth",
-        "--shards",
-        "2",
-        "--docs-per-shard",
-        "120",
-        "--seed",
-        "1",
-        "--out",
-        &p(&root.join("train")),
-    ]);
-    rho(&[
-        "synth",
-        "--shards",
-        "1",
-        "--docs-per-shard",
-        "40",
-        "--seed",
-        "2",
-        "--noise",
-        "0",
-        "--out",
-        &p(&root.join("heldout")),
-    ]);
-    common::train_tokenizer(root, "train", 400);
-    common::init_model(root, "tiny", 1, "ref");
-    common::init_model(root, "tiny", 2, "init");
-    let loader = |data: &str, endpoint_file: Option<&str>| {
-        json!({
-            "run_id": "tr", "data": {"paths": [data]}, "tokenizer": "tokenizer.json",
-            "seq_len": 64, "batch_size": 4, "endpoint": "tcp://127.0.0.1:0",
-            "endpoint_file": endpoint_file, "max_in_flight": 8, "shuffle_window": 8,
-        })
-    };
-    write(
-        &root.join("loader.json"),
-        &loader("train", Some("loader.endpoint")),
-    );
-    write(&root.join("heldout.json"), &loader("heldout", None));
-}
+use common::{finish, free_port, p, rho, setup_training as setup, spawn, wait_file, write};
 
 fn trainer_config(root: &Path, loader_ep: &str, score: &str, dir: &str) -> std::path::PathBuf {
     let cfg = json!({
@@ -221,14 +174,6 @@ async fn out_of_order_and_duplicate_deliveries() {
     assert_eq!(report["consumed"], json!([0, 1, 2]));
     assert_eq!(report["duplicates"], 1);
     let _ = loader.kill();
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Processes may start in any order: here the trainer first, then the selector, the loader last.

@@ -4,6 +4,10 @@
 //! Receiving runs on its own task, so a [`Consumer`] can be polled in a `select!` loop alongside
 //! other work without losing messages.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use bytes::Bytes;
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -17,8 +21,6 @@ pub enum ClientError {
     Connect { endpoint: String, reason: String },
     #[error("transport error: {0}")]
     Transport(String),
-    #[error("the connection closed")]
-    Closed,
     #[error("refused message: {0}")]
     Decode(#[from] DecodeError),
 }
@@ -30,6 +32,11 @@ pub struct Consumer {
     task: tokio::task::JoinHandle<()>,
     run_id: String,
     key: Option<Key>,
+    endpoint: String,
+    limits: Limits,
+    /// Milliseconds after `born` at which the last message arrived (or the connection was made).
+    heard_ms: Arc<AtomicU64>,
+    born: Instant,
 }
 
 impl Drop for Consumer {
@@ -66,8 +73,12 @@ impl Consumer {
         let (sender, mut receiver) = socket.split();
         let (tx, inbox) = mpsc::channel(64);
         let recv_key = key.clone();
+        let born = Instant::now();
+        let heard_ms = Arc::new(AtomicU64::new(0));
+        let heard = heard_ms.clone();
         let task = tokio::spawn(async move {
             while let Ok(m) = receiver.recv().await {
+                heard.store(born.elapsed().as_millis() as u64, Ordering::Relaxed);
                 let frames: Vec<Bytes> = m.into_vec();
                 if tx
                     .send(Message::decode_with(&frames, &limits, recv_key.as_ref()))
@@ -84,7 +95,31 @@ impl Consumer {
             task,
             run_id: run_id.to_string(),
             key,
+            endpoint: endpoint.to_string(),
+            limits,
+            heard_ms,
+            born,
         })
+    }
+
+    /// How long since the producer last sent anything (or since the connection was made).
+    pub fn silent_for(&self) -> Duration {
+        self.born
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.heard_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Replaces the connection by a fresh one to the same endpoint (waiting until it accepts).
+    /// The producer sees a new peer: credits given on the old connection are gone with it.
+    pub async fn reconnect(&mut self) -> Result<(), ClientError> {
+        let fresh =
+            Self::connect_with(&self.endpoint, &self.run_id, self.limits, self.key.clone()).await?;
+        *self = fresh;
+        Ok(())
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
     }
 
     pub fn run_id(&self) -> &str {
@@ -146,12 +181,14 @@ impl Consumer {
         self.send(&m).await
     }
 
-    /// Receives the next message; a malformed one comes back as [`ClientError::Decode`].
+    /// Receives the next message; a malformed one comes back as [`ClientError::Decode`]. A
+    /// connection whose socket has failed yields nothing more: [`Consumer::silent_for`] grows
+    /// until the owner reconnects.
     pub async fn recv(&mut self) -> Result<Message, ClientError> {
         match self.inbox.recv().await {
             Some(Ok(m)) => Ok(m),
             Some(Err(e)) => Err(ClientError::Decode(e)),
-            None => Err(ClientError::Closed),
+            None => std::future::pending().await,
         }
     }
 }

@@ -16,12 +16,14 @@ pub mod config_file;
 mod error;
 pub mod fingerprint;
 pub mod flow;
+pub mod liveness;
 pub mod messages;
 
 pub use auth::Key;
 pub use codec::{Limits, Message};
 pub use error::DecodeError;
 pub use fingerprint::Fingerprint;
+pub use liveness::Liveness;
 pub use messages::{Ack, Credit, End, Heartbeat, Resume, Role, ScoredBatch, Shutdown, TokenBatch};
 
 /// The protocol version this crate speaks. A header whose `rho` field differs is refused.

@@ -44,6 +44,9 @@ pub struct SelectorConfig {
     /// CPU threads for model math; default: every core (or `RAYON_NUM_THREADS`).
     #[serde(default)]
     pub threads: Option<usize>,
+    /// Heartbeats to the producers and reconnection when one falls silent.
+    #[serde(default)]
+    pub liveness: rho_protocol::Liveness,
     /// Largest message accepted. Default 256 MiB.
     #[serde(default = "default_max_message")]
     pub max_message_bytes: u64,
@@ -97,6 +100,9 @@ impl SelectorConfig {
                 reason: reason.into(),
             })
         };
+        if let Err((field, reason)) = self.liveness.validate() {
+            return Err(SelectorError::ConfigField { field, reason });
+        }
         for (name, e) in [("loader", &self.loader), ("trainer", &self.trainer)] {
             if !e.starts_with("tcp://") && !e.starts_with("ipc://") {
                 return field(name, "must be a tcp:// or ipc:// endpoint");

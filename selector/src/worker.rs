@@ -32,6 +32,8 @@ pub struct Report {
     /// Time from a batch's arrival to its delivery, summed.
     pub latency_secs: f64,
     pub messages_rejected: u64,
+    /// Connections dropped and made again because a peer fell silent.
+    pub reconnects: u64,
     pub interrupted: bool,
 }
 
@@ -147,7 +149,7 @@ pub async fn serve(
     })?;
     let mut trainer =
         Consumer::connect_with(&config.trainer, &config.run_id, limits, key.clone()).await?;
-    trainer.heartbeat(Role::Selector).await?;
+    let _ = trainer.heartbeat(Role::Selector).await;
     let mut loader = Consumer::connect_with(&config.loader, &config.run_id, limits, key).await?;
     tracing::info!(loader = %config.loader, trainer = %config.trainer, "selector connected");
 
@@ -161,19 +163,38 @@ pub async fn serve(
     };
     let progress = indicatif::ProgressBar::new_spinner();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(config.metrics_interval_secs));
+    let mut beat = tokio::time::interval(config.liveness.every());
+    // `down`: batches the trainer has room for; `requested`: asked of the loader, not yet here.
     let (mut down, mut requested) = (0u64, 0u64);
     let mut queue: VecDeque<(TokenBatch, Instant)> = VecDeque::new();
     let mut scoring: Option<tokio::task::JoinHandle<Scored>> = None;
+    // Scored batches waiting for a credit from the trainer (or for it to come back).
+    let mut outbox: VecDeque<(Message, Instant)> = VecDeque::new();
     let mut ended = false;
     tokio::pin!(shutdown);
 
     loop {
-        let held = requested + queue.len() as u64 + u64::from(scoring.is_some());
+        while down > 0 {
+            let Some((scored, arrived)) = outbox.pop_front() else {
+                break;
+            };
+            if trainer.send(&scored).await.is_err() {
+                // The trainer is gone; the batch waits for the reconnection.
+                outbox.push_front((scored, arrived));
+                break;
+            }
+            down -= 1;
+            report.batches += 1;
+            report.latency_secs += arrived.elapsed().as_secs_f64();
+        }
+        let held =
+            requested + queue.len() as u64 + u64::from(scoring.is_some()) + outbox.len() as u64;
         let want = down.min(u64::from(config.prefetch));
         if !ended && held < want {
             let n = (want - held) as u32;
-            loader.credit(n).await?;
-            requested += u64::from(n);
+            if loader.credit(n).await.is_ok() {
+                requested += u64::from(n);
+            }
         }
         if scoring.is_none() {
             if let Some((batch, arrived)) = queue.pop_front() {
@@ -197,7 +218,7 @@ pub async fn serve(
                         secs: begin.elapsed().as_secs_f64(),
                     }
                 }));
-            } else if ended {
+            } else if ended && outbox.is_empty() {
                 break;
             }
         }
@@ -238,10 +259,34 @@ pub async fn serve(
                     ref_model: scorer.fingerprint().clone(),
                     ref_loss,
                 });
-                trainer.send(&scored).await?;
-                down = down.saturating_sub(1);
-                report.batches += 1;
-                report.latency_secs += done.arrived.elapsed().as_secs_f64();
+                outbox.push_back((scored, done.arrived));
+            }
+            _ = beat.tick() => {
+                let _ = loader.heartbeat(Role::Selector).await;
+                let _ = trainer.heartbeat(Role::Selector).await;
+                let timeout = config.liveness.timeout();
+                if !ended && loader.silent_for() > timeout {
+                    tracing::warn!(endpoint = %config.loader, "the loader fell silent; reconnecting");
+                    tokio::select! {
+                        r = loader.reconnect() => r?,
+                        _ = &mut shutdown => { report.interrupted = true; break; }
+                    }
+                    report.reconnects += 1;
+                    // Credits given to the old connection are gone with it.
+                    requested = 0;
+                    tracing::info!("reconnected to the loader");
+                }
+                if trainer.silent_for() > timeout {
+                    tracing::warn!(endpoint = %config.trainer, "the trainer fell silent; reconnecting");
+                    tokio::select! {
+                        r = trainer.reconnect() => r?,
+                        _ = &mut shutdown => { report.interrupted = true; break; }
+                    }
+                    report.reconnects += 1;
+                    down = 0;
+                    let _ = trainer.heartbeat(Role::Selector).await;
+                    tracing::info!("reconnected to the trainer");
+                }
             }
             _ = tick.tick() => {
                 let line = report.line(started.elapsed().as_secs_f64());

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 use std::path::Path;
+
+use serde_json::{json, Value};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -86,4 +88,61 @@ pub fn init_model(root: &Path, preset: &str, seed: u64, name: &str) {
         "--out",
         &p(&root.join(name)),
     ]);
+}
+
+pub fn write(path: &Path, v: &Value) {
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+/// Train and held-out corpora, a tokenizer, a reference (`ref`) and an initial model
+/// (`init`); loader configs `loader.json` (endpoint file `loader.endpoint`) and `heldout.json`.
+pub fn setup_training(root: &Path) {
+    rho(&[
+        "synth",
+        "--shards",
+        "2",
+        "--docs-per-shard",
+        "120",
+        "--seed",
+        "1",
+        "--out",
+        &p(&root.join("train")),
+    ]);
+    rho(&[
+        "synth",
+        "--shards",
+        "1",
+        "--docs-per-shard",
+        "40",
+        "--seed",
+        "2",
+        "--noise",
+        "0",
+        "--out",
+        &p(&root.join("heldout")),
+    ]);
+    train_tokenizer(root, "train", 400);
+    init_model(root, "tiny", 1, "ref");
+    init_model(root, "tiny", 2, "init");
+    let loader = |data: &str, endpoint_file: Option<&str>| {
+        json!({
+            "run_id": "tr", "data": {"paths": [data]}, "tokenizer": "tokenizer.json",
+            "seq_len": 64, "batch_size": 4, "endpoint": "tcp://127.0.0.1:0",
+            "endpoint_file": endpoint_file, "max_in_flight": 8, "shuffle_window": 8,
+        })
+    };
+    write(
+        &root.join("loader.json"),
+        &loader("train", Some("loader.endpoint")),
+    );
+    write(&root.join("heldout.json"), &loader("heldout", None));
+}
+
+/// A TCP port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -107,6 +107,9 @@ pub struct TrainerConfig {
     /// CPU threads for model math; default: every core (or `RAYON_NUM_THREADS`).
     #[serde(default)]
     pub threads: Option<usize>,
+    /// Heartbeats to the producers and reconnection when one falls silent.
+    #[serde(default)]
+    pub liveness: rho_protocol::Liveness,
     #[serde(default = "d_max_message")]
     pub max_message_bytes: u64,
 }
@@ -179,6 +182,9 @@ impl TrainerConfig {
         }
         if let Err(e) = self.selection.schedule.validate() {
             return bad("selection.schedule", e);
+        }
+        if let Err((field, reason)) = self.liveness.validate() {
+            return bad(field, reason);
         }
         if self.micro_batches == 0 {
             return bad("micro_batches", "must be at least 1".into());

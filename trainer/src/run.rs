@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rho_protocol::client::{ClientError, Consumer};
-use rho_protocol::{Credit, Limits, Message, TokenBatch};
+use rho_protocol::{Credit, Heartbeat, Limits, Message, Role, TokenBatch};
 use serde::Serialize;
 use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
@@ -41,6 +41,8 @@ pub struct Report {
     /// Batches received again after they were trained on or buffered (dropped).
     pub duplicates: u64,
     pub messages_rejected: u64,
+    /// Times the loader fell silent and was connected to again.
+    pub reconnects: u64,
     pub wall_secs: f64,
     /// Fraction of wall time spent waiting for the next batch.
     pub data_wait_fraction: f64,
@@ -68,6 +70,22 @@ fn build_backend(config: &TrainerConfig) -> Result<Box<dyn Backend>> {
             )?))
         }
     }
+}
+
+fn heartbeat_to(peer: &Bytes, run_id: &str, key: Option<&rho_protocol::Key>) -> ZmqMessage {
+    let at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut frames = vec![peer.clone()];
+    frames.extend(
+        Message::Heartbeat(Heartbeat {
+            run_id: run_id.into(),
+            role: Role::Trainer,
+            at_ms,
+        })
+        .encode_with(key),
+    );
+    ZmqMessage::try_from(frames).expect("at least one frame")
 }
 
 fn credit_to(peer: &Bytes, run_id: &str, n: u32, key: Option<&rho_protocol::Key>) -> ZmqMessage {
@@ -172,6 +190,9 @@ pub async fn run(
     let mut buffer: BTreeMap<u64, StepInput> = BTreeMap::new();
     // Selectors whose credit waits for room in the reorder buffer.
     let mut owed: std::collections::VecDeque<Bytes> = std::collections::VecDeque::new();
+    // Selectors that introduced themselves (each got its first credits).
+    let mut known: std::collections::HashSet<Bytes> = std::collections::HashSet::new();
+    let mut beat = tokio::time::interval(config.liveness.every());
     let mut requested = 0u64;
     let mut total: Option<u64> = None;
     let mut waited = Duration::ZERO;
@@ -199,7 +220,11 @@ pub async fn run(
                 backend.step(state.step, &input, &config.selection)
             })?;
             let step_secs = t0.elapsed().as_secs_f64();
-            loader.ack(vec![input.batch.seq]).await?;
+            if let Err(e) = loader.ack(vec![input.batch.seq]).await {
+                // The loader is away; its lease will hand the batch out again, and a duplicate
+                // is dropped here.
+                tracing::warn!(seq = input.batch.seq, "could not acknowledge: {e}");
+            }
             if let (Some(tx), Some(peer)) = (delivery_tx.as_mut(), owed.pop_front()) {
                 let _ = tx
                     .send(credit_to(&peer, &config.run_id, 1, key.as_ref()))
@@ -260,8 +285,9 @@ pub async fn run(
             let held = requested + buffer.len() as u64;
             if held < u64::from(config.prefetch) {
                 let n = u64::from(config.prefetch) - held;
-                loader.credit(n as u32).await?;
-                requested += n;
+                if loader.credit(n as u32).await.is_ok() {
+                    requested += n;
+                }
             }
         }
         tokio::select! {
@@ -291,6 +317,21 @@ pub async fn run(
                 }
                 Err(e) => return Err(e.into()),
             },
+            _ = beat.tick() => {
+                let _ = loader.heartbeat(Role::Trainer).await;
+                if total.is_none() && loader.silent_for() > config.liveness.timeout() {
+                    tracing::warn!(endpoint = %config.loader, "the loader fell silent; reconnecting");
+                    tokio::select! {
+                        r = loader.reconnect() => r?,
+                        _ = &mut shutdown => { report.interrupted = true; break; }
+                    }
+                    report.reconnects += 1;
+                    requested = 0;
+                    // A restarted loader starts wherever its config says: tell it the cursor.
+                    let _ = loader.resume(state.next_seq).await;
+                    tracing::info!(next_seq = state.next_seq, "reconnected to the loader and sent it the stream cursor");
+                }
+            }
             m = async { delivery_rx.as_mut().expect("guarded").recv().await }, if delivery_rx.is_some() => {
                 let Some(m) = m else { break };
                 let mut frames = m.into_vec();
@@ -305,7 +346,11 @@ pub async fn run(
                     }
                     Ok(Message::Heartbeat(_)) => {
                         if let Some(tx) = delivery_tx.as_mut() {
-                            let _ = tx.send(credit_to(&peer, &config.run_id, config.credits_per_selector, key.as_ref())).await;
+                            let _ = tx.send(heartbeat_to(&peer, &config.run_id, key.as_ref())).await;
+                            // A selector's first heartbeat introduces it: it gets its credits.
+                            if known.insert(peer.clone()) {
+                                let _ = tx.send(credit_to(&peer, &config.run_id, config.credits_per_selector, key.as_ref())).await;
+                            }
                         }
                     }
                     Ok(Message::Scored(s)) => {
