@@ -13,6 +13,9 @@ use crate::corpus::{self, SynthArgs};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// Pipelined SLM against sequential SLM and plain causal LM with one core per process,
+    /// selector scaling with a large reference, and memory over a long run.
+    Pipeline(crate::bench_pipeline::PipelineArgs),
     /// Training step time of selective LM (k = 0.6, excess loss) against plain causal LM on the
     /// same model and batches, alternating so that drift hits both alike.
     Trainer {
@@ -75,6 +78,7 @@ pub enum BenchCommand {
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
+        BenchCommand::Pipeline(args) => crate::bench_pipeline::run(args).await,
         BenchCommand::Trainer {
             out,
             preset,

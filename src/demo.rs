@@ -13,16 +13,16 @@
 //!    rule selects is noise.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::corpus::{self, SynthArgs};
 use crate::demo_report;
 use crate::model_cmd;
+use crate::supervise::RunOutcome;
 
 #[derive(Args, Clone)]
 pub struct DemoArgs {
@@ -316,13 +316,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A finished `rho run`: its directory and `summary.json`.
-pub struct RunOutcome {
-    pub name: String,
-    pub dir: PathBuf,
-    pub summary: Value,
-}
-
 fn absolute(path: &str) -> anyhow::Result<String> {
     let p = Path::new(path);
     Ok(if p.is_absolute() {
@@ -409,33 +402,5 @@ async fn pipeline(
             "threads": (cores - trainer_threads).max(1),
         });
     }
-    let file = dir.join("demo-run.json");
-    std::fs::write(&file, serde_json::to_string_pretty(&config)?)?;
-    let exe = std::env::current_exe()?;
-    let status = tokio::process::Command::new(exe)
-        .arg("run")
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .status()
-        .await
-        .with_context(|| format!("starting `rho run {}`", file.display()))?;
-    if !status.success() {
-        bail!(
-            "the `{name}` pipeline failed ({status}); its logs are in {}",
-            dir.display()
-        );
-    }
-    let summary_path = dir.join("summary.json");
-    let summary: Value = serde_json::from_str(
-        &std::fs::read_to_string(&summary_path)
-            .with_context(|| format!("reading {}", summary_path.display()))?,
-    )
-    .with_context(|| format!("parsing {}", summary_path.display()))?;
-    Ok(RunOutcome {
-        name: name.to_string(),
-        dir,
-        summary,
-    })
+    crate::supervise::launch(&dir, name, &config).await
 }

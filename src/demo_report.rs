@@ -10,7 +10,8 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
 use crate::corpus::{Doc, NoiseKind};
-use crate::demo::{Plan, RunOutcome};
+use crate::demo::Plan;
+use crate::supervise::RunOutcome;
 use rho_trainer::{Scope, ScoreRule};
 
 pub struct Inputs<'a> {
@@ -75,6 +76,10 @@ fn throughput(run: &RunOutcome, plan: &Plan) -> Value {
         }),
         "loader_tokens_per_s": run.summary["loader"]["tokens_per_s"],
         "pipeline_wall_seconds": run.summary["wall_seconds"],
+        "peak_resident_mib": run.memory.iter().map(|(process, samples)| {
+            let peak = samples.iter().map(|s| s.1).max().unwrap_or(0);
+            (process.clone(), json!(peak as f64 / 1024.0))
+        }).collect::<serde_json::Map<_, _>>(),
     })
 }
 

@@ -3,6 +3,7 @@
 //! This file parses arguments, sets up logging and hands over to the libraries.
 
 mod bench;
+mod bench_pipeline;
 mod bench_selector;
 mod bench_trainer;
 mod corpus;

@@ -398,3 +398,75 @@ pub async fn run(
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())
 }
+
+/// A finished `rho run`: its directory, `summary.json`, and the resident memory of each of its
+/// processes sampled while it ran.
+pub struct RunOutcome {
+    pub name: String,
+    pub dir: PathBuf,
+    pub summary: Value,
+    /// Per process (`loader`, `trainer`, `selector-N`): `(seconds since start, resident KiB)`.
+    pub memory: std::collections::BTreeMap<String, Vec<(f64, u64)>>,
+}
+
+/// Resident memory of a process, from `/proc` (Linux); `None` elsewhere or once it is gone.
+pub fn resident_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Writes `config` as `dir/<name>-run.json` and runs it with `rho run` (progress on this
+/// terminal), sampling each child's memory twice a second.
+pub async fn launch(dir: &Path, name: &str, config: &Value) -> anyhow::Result<RunOutcome> {
+    let file = dir.join(format!("{name}-run.json"));
+    std::fs::write(&file, serde_json::to_string_pretty(config)?)?;
+    let started = Instant::now();
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("run")
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting `rho run {}`", file.display()))?;
+    let mut memory: std::collections::BTreeMap<String, Vec<(f64, u64)>> = Default::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let status = loop {
+        tokio::select! {
+            s = child.wait() => break s?,
+            _ = tick.tick() => {
+                let Ok(entries) = std::fs::read_dir(dir) else { continue };
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    if path.extension().is_none_or(|e| e != "pid") {
+                        continue;
+                    }
+                    let process = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+                    let pid = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok());
+                    if let Some(kib) = pid.and_then(resident_kib) {
+                        memory.entry(process).or_default().push((started.elapsed().as_secs_f64(), kib));
+                    }
+                }
+            }
+        }
+    };
+    if !status.success() {
+        bail!(
+            "the `{name}` pipeline failed ({status}); its logs are in {}",
+            dir.display()
+        );
+    }
+    let summary_path = dir.join("summary.json");
+    let summary: Value = serde_json::from_str(
+        &std::fs::read_to_string(&summary_path)
+            .with_context(|| format!("reading {}", summary_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", summary_path.display()))?;
+    Ok(RunOutcome {
+        name: name.to_string(),
+        dir: dir.to_path_buf(),
+        summary,
+        memory,
+    })
+}

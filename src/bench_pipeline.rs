@@ -1,0 +1,359 @@
+//! `rho bench pipeline`: what the pipeline buys, one core per process.
+//!
+//! - plain causal LM: `rho run`, the trainer alone on one core, straight from the loader;
+//! - pipelined SLM: `rho run`, the selector on one core, the trainer on another;
+//! - sequential SLM: the reference forward and the training step one after the other in one
+//!   process on one core, as single-process implementations do (batches read beforehand);
+//! - selector scaling: a reference larger than anything trained, a null-backend trainer, and 1
+//!   then 2 selectors of one core each;
+//! - memory: the resident size of every process of a long pipelined SLM run, sampled twice a
+//!   second.
+//!
+//! Throughputs are steady-state: the first fifth of the steps is left out.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use clap::Args;
+use serde_json::{json, Value};
+
+use crate::corpus::{self, SynthArgs};
+use crate::model_cmd;
+use crate::supervise::{launch, RunOutcome};
+use rho_selector::scorer::{CandleScorer, Scorer};
+use rho_trainer::optim::OptimizerConfig;
+use rho_trainer::{Backend, CandleBackend, RatioSchedule, Scope, ScoreRule, Selection, StepInput};
+
+#[derive(Args)]
+pub struct PipelineArgs {
+    /// Working directory (corpus, tokenizer, models, runs).
+    #[arg(long, default_value = "runs/bench-pipeline")]
+    pub out: PathBuf,
+    /// Size of the trained model and of its reference.
+    #[arg(long, default_value = "small")]
+    pub preset: String,
+    /// Size of the reference in the selector-scaling runs (larger than `preset`).
+    #[arg(long, default_value = "20m")]
+    pub scaling_preset: String,
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Training steps of each throughput run.
+    #[arg(long, default_value_t = 40)]
+    pub steps: u64,
+    /// Batches of each selector-scaling run.
+    #[arg(long, default_value_t = 40)]
+    pub scaling_batches: u64,
+    /// Steps of the long run whose memory is sampled.
+    #[arg(long, default_value_t = 300)]
+    pub long_steps: u64,
+}
+
+struct Setup {
+    data: PathBuf,
+    tokenizer: PathBuf,
+    init: PathBuf,
+    reference: PathBuf,
+    scaling_reference: PathBuf,
+}
+
+fn setup(a: &PipelineArgs, out: &Path) -> anyhow::Result<Setup> {
+    let data = out.join("data");
+    if !data.exists() {
+        corpus::write_corpus(&SynthArgs {
+            out: data.clone(),
+            shards: 4,
+            docs_per_shard: 3000,
+            noise: 0.45,
+            seed: 21,
+        })?;
+    }
+    let tokenizer = out.join("tokenizer.json");
+    if !tokenizer.exists() {
+        let d = rho_loader::DataConfig {
+            paths: vec![data.to_string_lossy().into()],
+            text_field: "text".into(),
+            format: rho_loader::FormatChoice::Auto,
+        };
+        rho_loader::train::train_bpe(&d, 2048, Some(5000), &tokenizer)?;
+    }
+    let vocab = tokenizers::Tokenizer::from_file(&tokenizer)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer.display()))?
+        .get_vocab_size(true);
+    let model = |name: &str, preset: &str, seed: u64| -> anyhow::Result<PathBuf> {
+        let dir = out.join(name);
+        if !dir.join("model.safetensors").exists() {
+            let config = model_cmd::preset_config(preset, vocab, a.seq_len + 1)?;
+            model_cmd::init_checkpoint(&dir, &config, seed)?;
+        }
+        Ok(dir)
+    };
+    Ok(Setup {
+        init: model(&format!("init-{}", a.preset), &a.preset, 1)?,
+        reference: model(&format!("ref-{}", a.preset), &a.preset, 2)?,
+        scaling_reference: model(&format!("ref-{}", a.scaling_preset), &a.scaling_preset, 3)?,
+        data,
+        tokenizer,
+    })
+}
+
+/// A run config: the loader, and the trainer and selectors on one thread each.
+fn run_config(
+    a: &PipelineArgs,
+    s: &Setup,
+    selection: Value,
+    backend: &str,
+    reference: Option<&Path>,
+    selectors: usize,
+    steps: u64,
+) -> Value {
+    let mut c = json!({
+        "run_dir": ".",
+        "selectors": selectors,
+        "loader": {
+            "run_id": "bench-pipeline",
+            "data": {"paths": [s.data]},
+            "tokenizer": s.tokenizer,
+            "seq_len": a.seq_len,
+            "batch_size": a.batch_size,
+            "epochs": 100,
+            "threads": 1,
+        },
+        "trainer": {
+            "backend": backend,
+            "model": s.init,
+            "selection": selection,
+            "optimizer": {"lr": 1e-3},
+            "max_steps": steps,
+            "threads": 1,
+        },
+    });
+    if let Some(r) = reference {
+        c["selector"] = json!({"model": r, "tokenizer": s.tokenizer, "threads": 1, "prefetch": 2});
+    }
+    c
+}
+
+/// Steady-state tokens/s of a run's trainer, from its per-step metrics.
+fn steady_tokens_per_s(run: &RunOutcome, tokens_per_step: f64) -> anyhow::Result<f64> {
+    let path = run.dir.join("trainer.metrics.jsonl");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let points: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_f64()?, v["elapsed_s"].as_f64()?)))
+        .collect();
+    anyhow::ensure!(points.len() >= 5, "{}: too few steps", path.display());
+    let (s0, t0) = points[points.len() / 5];
+    let (s1, t1) = points[points.len() - 1];
+    Ok((s1 - s0) * tokens_per_step / (t1 - t0).max(1e-9))
+}
+
+fn fresh(dir: PathBuf) -> anyhow::Result<PathBuf> {
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Reference forward then training step, one after the other, in this process.
+fn sequential(a: &PipelineArgs, s: &Setup, selection: &Selection) -> anyhow::Result<f64> {
+    let loader = rho_loader::LoaderConfig::parse(
+        &json!({
+            "run_id": "bench-pipeline", "data": {"paths": [s.data]}, "tokenizer": s.tokenizer,
+            "seq_len": a.seq_len, "batch_size": a.batch_size, "threads": 1,
+        })
+        .to_string(),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let metrics = std::sync::Arc::new(rho_loader::metrics::Metrics::default());
+    let mut stream = rho_loader::Stream::new(&loader, metrics)?;
+    let mut batches = Vec::new();
+    stream.run(0, |b| {
+        batches.push(b);
+        if batches.len() as u64 >= a.steps {
+            rho_loader::Flow::Stop
+        } else {
+            rho_loader::Flow::Continue
+        }
+    })?;
+    let scorer = CandleScorer::load(&s.reference, &Device::Cpu, DType::F32, None)?;
+    let optim = OptimizerConfig {
+        lr: 1e-3,
+        ..Default::default()
+    };
+    let mut backend = CandleBackend::from_checkpoint(&s.init, &Device::Cpu, optim, 1)?;
+    let warm = batches.len() / 5;
+    let mut clock = Instant::now();
+    let mut tokens = 0u64;
+    for (step, batch) in batches.into_iter().enumerate() {
+        if step == warm {
+            clock = Instant::now();
+            tokens = 0;
+        }
+        let ref_loss = scorer.score(&batch)?;
+        tokens += ((batch.window - 1) * batch.rows) as u64;
+        backend.step(
+            step as u64,
+            &StepInput {
+                batch,
+                ref_loss: Some(ref_loss),
+            },
+            selection,
+        )?;
+    }
+    Ok(tokens as f64 / clock.elapsed().as_secs_f64())
+}
+
+/// Resident MiB of each process at a quarter, half and the end of a run, and the peak.
+fn memory_table(run: &RunOutcome) -> Vec<(String, [f64; 4])> {
+    run.memory
+        .iter()
+        .filter(|(_, samples)| samples.len() >= 4)
+        .map(|(process, samples)| {
+            let at = |f: f64| samples[((samples.len() - 1) as f64 * f) as usize].1 as f64 / 1024.0;
+            let peak = samples.iter().map(|s| s.1).max().unwrap_or(0) as f64 / 1024.0;
+            (process.clone(), [at(0.25), at(0.5), at(1.0), peak])
+        })
+        .collect()
+}
+
+pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
+    crate::set_threads(Some(1))?;
+    std::fs::create_dir_all(&a.out)?;
+    let out = a.out.canonicalize()?;
+    let s = setup(&a, &out)?;
+    let per_step = (a.batch_size * a.seq_len) as f64;
+    let slm = Selection {
+        score: ScoreRule::Excess,
+        scope: Scope::Batch,
+        schedule: RatioSchedule::Constant { ratio: 0.6 },
+    };
+    let slm_json = serde_json::to_value(slm)?;
+    let none = json!({"score": "none"});
+
+    eprintln!("[1/6] plain causal LM, trainer on one core");
+    let dir = fresh(out.join("causal"))?;
+    let causal = launch(
+        &dir,
+        "causal",
+        &run_config(&a, &s, none.clone(), "candle", None, 0, a.steps),
+    )
+    .await?;
+    let causal_tps = steady_tokens_per_s(&causal, per_step)?;
+
+    eprintln!("[2/6] pipelined SLM, selector and trainer on one core each");
+    let dir = fresh(out.join("pipelined"))?;
+    let pipelined = launch(
+        &dir,
+        "pipelined",
+        &run_config(
+            &a,
+            &s,
+            slm_json.clone(),
+            "candle",
+            Some(&s.reference),
+            1,
+            a.steps,
+        ),
+    )
+    .await?;
+    let pipelined_tps = steady_tokens_per_s(&pipelined, per_step)?;
+
+    eprintln!(
+        "[3/6] sequential SLM, reference forward and training step in one process on one core"
+    );
+    let sequential_tps = sequential(&a, &s, &slm)?;
+
+    let mut scaling = Vec::new();
+    for (i, n) in [1usize, 2].into_iter().enumerate() {
+        eprintln!(
+            "[{}/6] {n} selector(s) with the `{}` reference, null-backend trainer",
+            4 + i,
+            a.scaling_preset
+        );
+        let dir = fresh(out.join(format!("scaling-{n}")))?;
+        let run = launch(
+            &dir,
+            &format!("scaling-{n}"),
+            &run_config(
+                &a,
+                &s,
+                slm_json.clone(),
+                "null",
+                Some(&s.scaling_reference),
+                n,
+                a.scaling_batches,
+            ),
+        )
+        .await?;
+        scaling.push(steady_tokens_per_s(&run, per_step)?);
+    }
+
+    eprintln!(
+        "[6/6] a long pipelined SLM run ({} steps), memory sampled",
+        a.long_steps
+    );
+    let dir = fresh(out.join("long"))?;
+    let long = launch(
+        &dir,
+        "long",
+        &run_config(
+            &a,
+            &s,
+            slm_json,
+            "candle",
+            Some(&s.reference),
+            1,
+            a.long_steps,
+        ),
+    )
+    .await?;
+
+    println!(
+        "model `{}` trained, reference `{}`; batches of {} x {} tokens; one thread per process",
+        a.preset, a.preset, a.batch_size, a.seq_len
+    );
+    println!("| mode | tokens/s | vs plain causal LM |\n|---|---|---|");
+    for (mode, tps) in [
+        ("plain causal LM (trainer alone)", causal_tps),
+        ("pipelined SLM (selector + trainer)", pipelined_tps),
+        ("sequential SLM (one process)", sequential_tps),
+    ] {
+        println!("| {mode} | {tps:.0} | {:.3}x |", tps / causal_tps);
+    }
+    println!(
+        "\nselector scaling, `{}` reference, null-backend trainer:\n| selectors | tokens/s | vs 1 |\n|---|---|---|",
+        a.scaling_preset
+    );
+    for (n, tps) in scaling.iter().enumerate() {
+        println!("| {} | {tps:.0} | {:.2}x |", n + 1, tps / scaling[0]);
+    }
+    println!(
+        "\nresident memory (MiB) of a {}-step pipelined SLM run:\n| process | at 25% | at 50% | at the end | peak |\n|---|---|---|---|---|",
+        a.long_steps
+    );
+    for (process, m) in memory_table(&long) {
+        println!(
+            "| {process} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            m[0], m[1], m[2], m[3]
+        );
+    }
+    let report = json!({
+        "causal_tokens_per_s": causal_tps,
+        "pipelined_slm_tokens_per_s": pipelined_tps,
+        "sequential_slm_tokens_per_s": sequential_tps,
+        "pipelined_over_causal": pipelined_tps / causal_tps,
+        "sequential_over_causal": sequential_tps / causal_tps,
+        "scaling_tokens_per_s": scaling,
+        "memory_mib": memory_table(&long).into_iter().map(|(p, m)| (p, json!(m))).collect::<serde_json::Map<_, _>>(),
+    });
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    Ok(())
+}
