@@ -76,6 +76,40 @@ pub enum BenchCommand {
     },
 }
 
+/// A synthetic corpus in `out/data` and a BPE tokenizer of `vocab` tokens trained on it in
+/// `out/tokenizer.json` (both kept between runs); returns them and the vocabulary size.
+pub fn synthetic_corpus(
+    out: &std::path::Path,
+    shards: usize,
+    docs_per_shard: usize,
+    seed: u64,
+    vocab: usize,
+) -> anyhow::Result<(PathBuf, PathBuf, usize)> {
+    let data = out.join("data");
+    if !data.exists() {
+        corpus::write_corpus(&SynthArgs {
+            out: data.clone(),
+            shards,
+            docs_per_shard,
+            noise: 0.45,
+            seed,
+        })?;
+    }
+    let tokenizer = out.join("tokenizer.json");
+    if !tokenizer.exists() {
+        let d = rho_loader::DataConfig {
+            paths: vec![data.to_string_lossy().into()],
+            text_field: "text".into(),
+            format: rho_loader::FormatChoice::Auto,
+        };
+        rho_loader::train::train_bpe(&d, vocab, Some(5000), &tokenizer)?;
+    }
+    let vocab = tokenizers::Tokenizer::from_file(&tokenizer)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer.display()))?
+        .get_vocab_size(true);
+    Ok((data, tokenizer, vocab))
+}
+
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Pipeline(args) => crate::bench_pipeline::run(args).await,

@@ -19,7 +19,6 @@ use candle_core::{DType, Device};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::corpus::{self, SynthArgs};
 use crate::model_cmd;
 use crate::supervise::{launch, RunOutcome};
 use rho_selector::scorer::{CandleScorer, Scorer};
@@ -61,28 +60,7 @@ struct Setup {
 }
 
 fn setup(a: &PipelineArgs, out: &Path) -> anyhow::Result<Setup> {
-    let data = out.join("data");
-    if !data.exists() {
-        corpus::write_corpus(&SynthArgs {
-            out: data.clone(),
-            shards: 4,
-            docs_per_shard: 3000,
-            noise: 0.45,
-            seed: 21,
-        })?;
-    }
-    let tokenizer = out.join("tokenizer.json");
-    if !tokenizer.exists() {
-        let d = rho_loader::DataConfig {
-            paths: vec![data.to_string_lossy().into()],
-            text_field: "text".into(),
-            format: rho_loader::FormatChoice::Auto,
-        };
-        rho_loader::train::train_bpe(&d, 2048, Some(5000), &tokenizer)?;
-    }
-    let vocab = tokenizers::Tokenizer::from_file(&tokenizer)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer.display()))?
-        .get_vocab_size(true);
+    let (data, tokenizer, vocab) = crate::bench::synthetic_corpus(out, 4, 3000, 21, 2048)?;
     let model = |name: &str, preset: &str, seed: u64| -> anyhow::Result<PathBuf> {
         let dir = out.join(name);
         if !dir.join("model.safetensors").exists() {

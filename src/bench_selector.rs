@@ -11,7 +11,6 @@ use rho_protocol::client::Consumer;
 use rho_protocol::{Credit, Limits, Message};
 use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
-use crate::corpus::{self, SynthArgs};
 use crate::model_cmd;
 
 pub async fn run(
@@ -23,28 +22,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
     let out = out.canonicalize()?;
-    let data = out.join("data");
-    if !data.exists() {
-        corpus::write_corpus(&SynthArgs {
-            out: data.clone(),
-            shards: 2,
-            docs_per_shard: 3000,
-            noise: 0.4,
-            seed: 11,
-        })?;
-    }
-    let tokenizer = out.join("tokenizer.json");
-    if !tokenizer.exists() {
-        let d = rho_loader::DataConfig {
-            paths: vec![data.to_string_lossy().into()],
-            text_field: "text".into(),
-            format: rho_loader::FormatChoice::Auto,
-        };
-        rho_loader::train::train_bpe(&d, 8192, Some(5000), &tokenizer)?;
-    }
-    let vocab = tokenizers::Tokenizer::from_file(&tokenizer)
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .get_vocab_size(true);
+    let (_, tokenizer, vocab) = crate::bench::synthetic_corpus(&out, 2, 3000, 11, 8192)?;
     let model_dir = out.join(format!("ref-{preset}"));
     if !model_dir.join("model.safetensors").exists() {
         let config = model_cmd::preset_config(&preset, vocab, seq_len.max(512))?;
