@@ -1,0 +1,135 @@
+"""Token selection (Rho-1's Selective Language Modeling), exactly as rho's Rust trainer does it.
+
+Conventions (shared with ``trainer/src/selection.rs``, checked on ``tests/vectors/selection.json``):
+
+- a score per valid target position: ``excess`` = current loss - reference loss (float32),
+  ``reference`` = -reference loss, ``current`` = current loss; ``none`` keeps every valid one;
+- from ``n`` valid positions (of the whole batch, or of each sequence) the ``floor(ratio * n +
+  0.5)`` highest scores are kept;
+- equal scores are broken by position (earlier first, row-major); NaN ranks below every number;
+- invalid positions (padding) are never kept and never counted.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+RULES = ("excess", "reference", "current", "none")
+SCOPES = ("batch", "sequence")
+
+
+def keep_count(ratio: float, n: int) -> int:
+    """How many of ``n`` valid positions are kept at ``ratio`` (round half up)."""
+    return int(min(max(np.floor(ratio * n + 0.5), 0), n))
+
+
+def _check(rule: str, scope: str) -> None:
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+
+
+def select_mask(current, reference, valid, ratio: float, scope: str = "batch", rule: str = "excess") -> np.ndarray:
+    """The selection mask (float32 of 0 and 1, shape ``[rows, len]``) in numpy."""
+    _check(rule, scope)
+    current = np.asarray(current, dtype=np.float32)
+    reference = np.asarray(reference, dtype=np.float32)
+    valid = np.asarray(valid, dtype=bool)
+    if current.ndim == 1:
+        current, reference, valid = current[None], reference[None], valid[None]
+    with np.errstate(invalid="ignore"):  # inf - inf is NaN, as in Rust
+        if rule == "excess":
+            score = current - reference
+        elif rule == "reference":
+            score = -reference
+        else:
+            score = current
+    mask = np.zeros(current.shape, dtype=np.float32)
+    groups = [slice(None)] if scope == "batch" else [slice(r, r + 1) for r in range(current.shape[0])]
+    for g in groups:
+        s, v, m = score[g].reshape(-1), valid[g].reshape(-1), mask[g].reshape(-1)
+        idx = np.flatnonzero(v)
+        k = len(idx) if rule == "none" else keep_count(ratio, len(idx))
+        if k == 0:
+            continue
+        key = s[idx]
+        nan = np.isnan(key)
+        key = np.where(nan, -np.inf, key).astype(np.float32)
+        # Descending by score (stable: ties stay in position order), then NaN last (stable).
+        order = np.argsort(-key, kind="stable")
+        order = order[np.argsort(nan[order], kind="stable")]
+        m[idx[order[:k]]] = 1.0
+        mask[g] = m.reshape(mask[g].shape)
+    return mask
+
+
+def select_mask_torch(current, reference, valid, ratio: float, scope: str = "batch", rule: str = "excess"):
+    """The same selection on torch tensors, on their device (no gradient flows through it)."""
+    import torch
+
+    _check(rule, scope)
+    with torch.no_grad():
+        current = current.float()
+        reference = reference.float()
+        valid = valid.bool()
+        if current.dim() == 1:
+            current, reference, valid = current[None], reference[None], valid[None]
+        if rule == "excess":
+            score = current - reference
+        elif rule == "reference":
+            score = -reference
+        else:
+            score = current
+        mask = torch.zeros_like(current)
+        rows = [None] if scope == "batch" else list(range(current.shape[0]))
+        for r in rows:
+            s = score.reshape(-1) if r is None else score[r]
+            v = valid.reshape(-1) if r is None else valid[r]
+            idx = torch.nonzero(v, as_tuple=False).reshape(-1)
+            k = idx.numel() if rule == "none" else keep_count(ratio, idx.numel())
+            if k == 0:
+                continue
+            key = s[idx]
+            nan = torch.isnan(key)
+            key = torch.where(nan, torch.full_like(key, float("-inf")), key)
+            order = torch.argsort(-key, stable=True)
+            order = order[torch.argsort(nan[order].to(torch.int8), stable=True)]
+            keep = idx[order[:k]]
+            if r is None:
+                mask.view(-1)[keep] = 1.0
+            else:
+                mask[r][keep] = 1.0
+        return mask
+
+
+def slm_loss(
+    logits,
+    labels,
+    ref_loss,
+    ratio: float = 0.6,
+    scope: str = "batch",
+    valid=None,
+    rule: str = "excess",
+    return_mask: bool = False,
+):
+    """Selective Language Modeling loss in PyTorch.
+
+    ``logits``: ``[B, T, V]`` for the inputs ``tokens[:, :-1]``; ``labels``: ``[B, T]`` targets
+    ``tokens[:, 1:]``; ``ref_loss``: ``[B, T]`` reference losses from the stream; ``valid``:
+    ``[B, T]`` bool (default: every position). Returns the mean cross-entropy over the kept
+    positions (0 when none is kept), and the mask with ``return_mask``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b, t, v = logits.shape
+    ce = F.cross_entropy(logits.float().reshape(b * t, v), labels.reshape(b * t).long(), reduction="none").view(b, t)
+    if valid is None:
+        valid = torch.ones((b, t), dtype=torch.bool, device=logits.device)
+    mask = select_mask_torch(ce.detach(), ref_loss.to(ce.device), valid.to(ce.device), ratio, scope, rule)
+    kept = mask.sum()
+    loss = (ce * mask).sum() / kept.clamp(min=1.0)
+    return (loss, mask) if return_mask else loss

@@ -1,0 +1,393 @@
+"""A trainer's end of a rho pipeline: scored batches in sequence order, for any training loop.
+
+:class:`RhoStream` plays the part of ``rho trainer`` in the protocol (docs/PROTOCOL.md): it binds
+the delivery endpoint that selectors send scored batches to (or, for plain causal LM, asks the
+loader for token batches directly), grants credits, answers heartbeats, reorders by sequence
+number, drops duplicates, checks every message's run id and signature, acknowledges each batch
+to the loader once the next one is asked for, and reconnects to a loader that falls silent,
+telling it where to resume. A background thread does all of it, so heartbeats go on while the
+training loop computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import zmq
+
+from .protocol import Key, Limits, Message, ProtocolError, control, decode
+
+log = logging.getLogger("rho_stream")
+
+
+@dataclass
+class Batch:
+    """One batch of the stream. ``tokens[b]`` holds inputs ``[:-1]`` and targets ``[1:]``; target
+    position ``t`` is valid when ``t + 1 < lengths[b]``; ``ref_loss`` (scored streams) holds the
+    reference loss of every target position (0 where not valid)."""
+
+    seq: int
+    epoch: int
+    tokenizer: str
+    lengths: np.ndarray
+    doc_starts: List[List[int]]
+    tokens: Any
+    ref_loss: Any = None
+    ref_model: Optional[str] = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def window(self) -> int:
+        return int(self.tokens.shape[1])
+
+    def valid(self) -> np.ndarray:
+        """``[rows, window - 1]`` bool: the target positions that count."""
+        t = np.arange(self.window - 1)[None, :]
+        return (t + 1) < self.lengths[:, None]
+
+
+@dataclass
+class Stats:
+    batches: int = 0
+    duplicates: int = 0
+    messages_rejected: int = 0
+    reconnects: int = 0
+    selectors_seen: int = 0
+
+
+_END = object()
+
+
+class RhoStream:
+    """Iterate over a rho pipeline's batches as its trainer.
+
+    ``loader``: the loader's endpoint (acknowledgements, heartbeats and resumes go there; token
+    batches come from there when ``scored`` is false). ``delivery``: the endpoint to bind for
+    selectors (port 0 picks one; see :attr:`delivery_endpoint`). ``secret`` / ``secret_file``:
+    the run's shared secret (default: ``RHO_SECRET``, else unsigned). ``rank`` / ``world``:
+    consume the sequence numbers ``rank, rank + world, ...`` of a loader sharded the same way
+    (data parallelism: one pipeline per rank). ``as_torch``: yield torch tensors
+    (``pin_memory`` for faster host-to-device copies).
+    """
+
+    def __init__(
+        self,
+        loader: str,
+        run_id: str,
+        *,
+        scored: bool = True,
+        delivery: str = "tcp://127.0.0.1:0",
+        secret: Optional[bytes] = None,
+        secret_file: Optional[str] = None,
+        credits_per_selector: int = 2,
+        reorder_window: int = 64,
+        prefetch: int = 2,
+        heartbeat_secs: float = 1.0,
+        peer_timeout_secs: float = 30.0,
+        rank: int = 0,
+        world: int = 1,
+        as_torch: bool = False,
+        pin_memory: bool = False,
+        limits: Limits = Limits(),
+    ):
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank {rank} / world {world}: need 0 <= rank < world")
+        if peer_timeout_secs <= heartbeat_secs:
+            raise ValueError("peer_timeout_secs must be larger than heartbeat_secs")
+        self.loader, self.run_id, self.scored = loader, run_id, scored
+        self.key = Key(secret) if secret is not None else Key.from_config(secret_file)
+        self.credits_per_selector, self.reorder_window, self.prefetch = credits_per_selector, reorder_window, prefetch
+        self.heartbeat_secs, self.peer_timeout_secs = heartbeat_secs, peer_timeout_secs
+        self.rank, self.world = rank, world
+        self.as_torch, self.pin_memory, self.limits = as_torch, pin_memory, limits
+        self.stats = Stats()
+        self.total: Optional[int] = None
+        # The cursor: the next sequence number the training loop needs.
+        self._next_seq = rank
+        self._yielded: Optional[int] = None
+        self._out: "queue.Queue[Any]" = queue.Queue()
+        self._commands: "queue.Queue[tuple]" = queue.Queue()
+        self._stop = threading.Event()
+        self._ctx = zmq.Context.instance()
+        self._delivery = None
+        self.delivery_endpoint: Optional[str] = None
+        if scored:
+            self._delivery = self._ctx.socket(zmq.ROUTER)
+            self._delivery.setsockopt(zmq.LINGER, 0)
+            self._delivery.bind(delivery)
+            self.delivery_endpoint = self._delivery.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    # The cursor, for checkpoints.
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The stream cursor: save it with the model; :meth:`load_state_dict` resumes there."""
+        nxt = self._next_seq if self._yielded is None else self._yielded + self.world
+        return {"run_id": self.run_id, "next_seq": nxt, "rank": self.rank, "world": self.world}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Continue the stream at a saved cursor (before iterating, or at any time)."""
+        if state.get("run_id") != self.run_id:
+            raise ValueError(f"the cursor belongs to run {state.get('run_id')!r}, not {self.run_id!r}")
+        nxt = int(state["next_seq"])
+        if nxt % self.world != self.rank:
+            raise ValueError(f"cursor {nxt} is not a sequence number of rank {self.rank} of {self.world}")
+        self._yielded = None
+        self._next_seq = nxt
+        if self._thread is not None:
+            # Drop what is queued; the I/O thread resumes the loader.
+            while True:
+                try:
+                    self._out.get_nowait()
+                except queue.Empty:
+                    break
+            self._commands.put(("resume", nxt))
+
+    # Iteration.
+
+    def __iter__(self):
+        self.start()
+        return self
+
+    def start(self) -> "RhoStream":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="rho-stream", daemon=True)
+            self._thread.start()
+        return self
+
+    def __next__(self) -> Batch:
+        self.start()
+        if self._yielded is not None:
+            # The previous batch is consumed: acknowledge it.
+            self._commands.put(("ack", self._yielded))
+            self._next_seq = self._yielded + self.world
+            self._yielded = None
+        while True:
+            if self.total is not None and self._next_seq >= self.total:
+                raise StopIteration
+            try:
+                item = self._out.get(timeout=0.5)
+            except queue.Empty:
+                if self._error is not None:
+                    raise RuntimeError(f"rho_stream I/O thread failed: {self._error}") from self._error
+                continue
+            if item is _END:
+                raise StopIteration
+            if item.seq != self._next_seq:
+                continue  # left over from before a resume
+            self._yielded = item.seq
+            self.stats.batches += 1
+            return self._convert(item)
+
+    def _convert(self, b: Batch) -> Batch:
+        if not self.as_torch:
+            return b
+        import torch
+
+        def t(a):
+            x = torch.from_numpy(np.array(a, copy=True))
+            return x.pin_memory() if self.pin_memory else x
+
+        b.tokens = t(b.tokens.astype(np.int64))
+        if b.ref_loss is not None:
+            b.ref_loss = t(b.ref_loss)
+        return b
+
+    def close(self) -> None:
+        """Acknowledges the last batch, stops the I/O thread and closes the sockets."""
+        if self._yielded is not None:
+            self._commands.put(("ack", self._yielded))
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._delivery is not None:
+            self._delivery.close(0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # The I/O thread.
+
+    def _loader_socket(self):
+        s = self._ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(self.loader)
+        return s
+
+    def _send(self, sock, frames, peer: Optional[bytes] = None) -> None:
+        try:
+            sock.send_multipart(([peer] if peer is not None else []) + frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # no connected peer now; liveness brings it back
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # surfaced by __next__
+            self._error = e
+            log.exception("rho_stream I/O thread failed")
+
+    def _loop(self) -> None:
+        run_id, key = self.run_id, self.key
+        loader = self._loader_socket()
+        buffer: Dict[int, Batch] = {}
+        queued = set()  # sequence numbers handed to the training loop's queue
+        owed: List[bytes] = []
+        known = set()
+        requested = 0
+        cursor = self._next_seq  # the next sequence number to hand over, in order
+        heard = time.monotonic()
+        last_beat = 0.0
+        ended = False
+        if cursor != self.rank:
+            self._send(loader, control("resume", run_id, key, next_seq=cursor))
+        self._send(loader, control("heartbeat", run_id, key, role="trainer", at_ms=int(time.time() * 1000)))
+        poller = zmq.Poller()
+        poller.register(loader, zmq.POLLIN)
+        if self._delivery is not None:
+            poller.register(self._delivery, zmq.POLLIN)
+
+        def held() -> int:
+            return len(buffer) + self._out.qsize()
+
+        def accept(b: Batch, peer: Optional[bytes]) -> None:
+            nonlocal requested
+            if not self.scored:
+                requested = max(requested - 1, 0)
+            if b.seq % self.world != self.rank:
+                self.stats.messages_rejected += 1
+                log.warning("refused batch %d: not a sequence number of rank %d of %d", b.seq, self.rank, self.world)
+            elif b.seq < cursor or b.seq in buffer:
+                self.stats.duplicates += 1
+            else:
+                buffer[b.seq] = b
+            if peer is not None:
+                if held() < self.reorder_window:
+                    self._send(self._delivery, control("credit", run_id, key, n=1), peer)
+                else:
+                    owed.append(peer)
+
+        while not self._stop.is_set():
+            now = time.monotonic()
+            # Commands from the training loop.
+            while True:
+                try:
+                    cmd, arg = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if cmd == "ack":
+                    self._send(loader, control("ack", run_id, key, seqs=[arg]))
+                    if owed and self._delivery is not None:
+                        self._send(self._delivery, control("credit", run_id, key, n=1), owed.pop(0))
+                elif cmd == "resume":
+                    cursor = arg
+                    ended = False
+                    buffer.clear()
+                    requested = 0
+                    self._send(loader, control("resume", run_id, key, next_seq=arg))
+            # Hand over what is next in order.
+            while cursor in buffer:
+                self._out.put(buffer.pop(cursor))
+                cursor += self.world
+            # Plain causal LM: ask the loader directly.
+            if not self.scored and self.total is None:
+                want = self.prefetch - (requested + held())
+                if want > 0:
+                    self._send(loader, control("credit", run_id, key, n=want))
+                    requested += want
+            # Liveness.
+            if now - last_beat >= self.heartbeat_secs:
+                last_beat = now
+                self._send(loader, control("heartbeat", run_id, key, role="trainer", at_ms=int(time.time() * 1000)))
+                if self.total is None and now - heard > self.peer_timeout_secs:
+                    log.warning("the loader fell silent; reconnecting to %s", self.loader)
+                    poller.unregister(loader)
+                    loader.close(0)
+                    loader = self._loader_socket()
+                    poller.register(loader, zmq.POLLIN)
+                    requested = 0
+                    heard = now
+                    self.stats.reconnects += 1
+                    self._send(loader, control("resume", run_id, key, next_seq=cursor))
+            for sock, _ in poller.poll(timeout=20):
+                while True:
+                    try:
+                        frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+                    except zmq.Again:
+                        break
+                    peer = None
+                    if sock is self._delivery:
+                        peer, frames = frames[0], frames[1:]
+                    else:
+                        heard = time.monotonic()
+                    try:
+                        m = decode(frames, self.limits, key)
+                    except ProtocolError as e:
+                        self.stats.messages_rejected += 1
+                        log.warning("refused a message: %s", e)
+                        continue
+                    if m.run_id != run_id:
+                        self.stats.messages_rejected += 1
+                        log.warning("refused a `%s` message of run %r", m.kind, m.run_id)
+                        continue
+                    self._handle(m, peer, sock is self._delivery, accept, known)
+            if not ended and self.total is not None and cursor >= self.total and not buffer:
+                ended = True
+                self._out.put(_END)
+        loader.close(0)
+
+    def _handle(self, m: Message, peer, from_delivery: bool, accept, known) -> None:
+        run_id, key = self.run_id, self.key
+        kind = m.kind
+        if from_delivery:
+            if kind == "heartbeat":
+                self._send(self._delivery, control("heartbeat", run_id, key, role="trainer", at_ms=int(time.time() * 1000)), peer)
+                if peer not in known:
+                    known.add(peer)
+                    self.stats.selectors_seen += 1
+                    self._send(self._delivery, control("credit", run_id, key, n=self.credits_per_selector), peer)
+            elif kind == "scored":
+                accept(self._batch(m), peer)
+            else:
+                self.stats.messages_rejected += 1
+                log.warning("refused a `%s` message on the delivery endpoint", kind)
+            return
+        if kind == "batch" and not self.scored:
+            accept(self._batch(m), None)
+        elif kind == "end":
+            self.total = int(m.header["total"])
+        elif kind == "heartbeat":
+            pass
+        elif kind == "shutdown":
+            log.info("the loader asked to stop: %s", m.header.get("reason"))
+            self.total = self.total if self.total is not None else 0
+        else:
+            self.stats.messages_rejected += 1
+            log.warning("refused a `%s` message from the loader", kind)
+
+    @staticmethod
+    def _batch(m: Message) -> Batch:
+        h = m.header
+        return Batch(
+            seq=int(h["seq"]),
+            epoch=int(h["epoch"]),
+            tokenizer=h["tokenizer"],
+            lengths=np.asarray(h["lengths"], dtype=np.int64),
+            doc_starts=h["doc_starts"],
+            tokens=m.tokens,
+            ref_loss=m.ref_loss,
+            ref_model=h.get("ref_model"),
+        )

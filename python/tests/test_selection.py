@@ -1,0 +1,87 @@
+"""The selection of rho_stream against the masks of the Rust selection
+(tests/vectors/selection.json, written by trainer/tests/vectors.rs)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from rho_stream import keep_count, select_mask
+
+
+def _float(v):
+    if v is None:
+        return math.nan
+    if v == "inf":
+        return math.inf
+    if v == "-inf":
+        return -math.inf
+    return float(v)
+
+
+def cases():
+    data = json.loads((ROOT / "tests" / "vectors" / "selection.json").read_text())
+    for c in data["cases"]:
+        shape = (c["rows"], c["len"])
+        yield (
+            c["name"],
+            c["rule"],
+            c["scope"],
+            c["ratio"],
+            np.array([_float(x) for x in c["current"]], dtype=np.float32).reshape(shape),
+            np.array([_float(x) for x in c["reference"]], dtype=np.float32).reshape(shape),
+            np.array(c["valid"], dtype=bool).reshape(shape),
+            np.array(c["mask"], dtype=np.float32).reshape(shape),
+        )
+
+
+CASES = list(cases())
+
+
+def test_there_are_vectors():
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_numpy_selection_gives_the_rust_masks(case):
+    name, rule, scope, ratio, cur, ref, valid, expected = case
+    np.testing.assert_array_equal(select_mask(cur, ref, valid, ratio, scope, rule), expected)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_torch_selection_gives_the_rust_masks(case):
+    torch = pytest.importorskip("torch")
+    from rho_stream import select_mask_torch
+
+    name, rule, scope, ratio, cur, ref, valid, expected = case
+    got = select_mask_torch(torch.from_numpy(cur), torch.from_numpy(ref), torch.from_numpy(valid), ratio, scope, rule)
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_keep_count_rounds_half_up():
+    assert [keep_count(0.5, n) for n in range(6)] == [0, 1, 1, 2, 2, 3]
+    assert keep_count(0.0, 7) == 0 and keep_count(1.0, 7) == 7
+
+
+def test_slm_loss_is_the_mean_over_kept_positions():
+    torch = pytest.importorskip("torch")
+    from rho_stream import slm_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    ref = torch.rand(2, 5, generator=g) * 3
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    valid[1, 4] = False
+    loss, mask = slm_loss(logits, labels, ref, 0.6, "batch", valid, return_mask=True)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(10, 11), labels.reshape(10), reduction="none").view(2, 5)
+    expected_mask = select_mask(ce.detach().numpy(), ref.numpy(), valid.numpy(), 0.6, "batch", "excess")
+    np.testing.assert_array_equal(mask.numpy(), expected_mask)
+    assert mask.sum().item() == keep_count(0.6, 9)
+    assert torch.allclose(loss, (ce * mask).sum() / mask.sum())
+    loss.backward()
+    # Positions left out get no gradient.
+    grads = logits.grad.abs().sum(-1)
+    assert torch.all((grads > 0) == (mask > 0))
