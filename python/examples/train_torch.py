@@ -1,0 +1,131 @@
+"""Train a HuggingFace `transformers` causal LM with Selective Language Modeling on a rho stream.
+
+rho's loader and selectors do the data work (tokenize, pack, order, score with the reference);
+this loop only trains. One process:
+
+    rho loader --config loader.json            # endpoint tcp://127.0.0.1:5555
+    python python/examples/train_torch.py --loader tcp://127.0.0.1:5555 --run-id my-run \\
+        --model path/to/hf-checkpoint --delivery tcp://127.0.0.1:5556 --out ckpt/
+    rho selector --config selector.json        # trainer: tcp://127.0.0.1:5556
+
+Data parallel with torchrun: one pipeline per rank, each loader configured with `rank` and
+`world` so that the ranks receive disjoint batches (rank r gets sequence numbers r, r + world,
+...); `{rank}` in an endpoint is replaced by the process's rank:
+
+    torchrun --nproc-per-node 2 python/examples/train_torch.py \\
+        --loader 'tcp://127.0.0.1:555{rank}' --delivery 'tcp://127.0.0.1:556{rank}' ...
+
+A checkpoint holds the model, the optimizer, the step and the stream cursor of every rank;
+`--resume` continues from it, and the loaders are moved to the saved cursors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rho_stream import RhoStream, slm_loss  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--loader", required=True, help="loader endpoint ({rank} is replaced)")
+    ap.add_argument("--delivery", default="tcp://127.0.0.1:0", help="endpoint for the selectors ({rank} is replaced)")
+    ap.add_argument("--delivery-file", help="write the bound delivery endpoint here ({rank} is replaced)")
+    ap.add_argument("--run-id", required=True)
+    ap.add_argument("--model", required=True, help="HuggingFace checkpoint directory")
+    ap.add_argument("--secret-file", help="the run's secret (default: RHO_SECRET, else unsigned)")
+    ap.add_argument("--score", choices=["excess", "reference", "current", "none"], default="excess")
+    ap.add_argument("--ratio", type=float, default=0.6)
+    ap.add_argument("--scope", choices=["batch", "sequence"], default="batch")
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: at the end of the stream)")
+    ap.add_argument("--out", required=True, help="checkpoint directory")
+    ap.add_argument("--every", type=int, default=100, help="checkpoint every this many steps")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else args.device)
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    stream = RhoStream(
+        args.loader.format(rank=rank),
+        args.run_id,
+        scored=args.score in ("excess", "reference"),
+        delivery=args.delivery.format(rank=rank),
+        secret_file=args.secret_file,
+        rank=rank,
+        world=world,
+        as_torch=True,
+        pin_memory=device.type == "cuda",
+    )
+    if stream.delivery_endpoint:
+        print(f"rank {rank}: selectors deliver to {stream.delivery_endpoint}", flush=True)
+        if args.delivery_file:
+            Path(args.delivery_file.format(rank=rank)).write_text(stream.delivery_endpoint)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    step = 0
+    ckpt = out / f"state-rank{rank}.pt"
+    if args.resume and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        stream.load_state_dict(state["stream"])
+        step = state["step"]
+        print(f"rank {rank}: resumed at step {step}, stream cursor {state['stream']['next_seq']}", flush=True)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    def save() -> None:
+        torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "stream": stream.state_dict(), "step": step}, ckpt)
+        if rank == 0:
+            model.save_pretrained(out / "model")
+
+    started = time.time()
+    for batch in stream:
+        tokens = batch.tokens.to(device, non_blocking=True)
+        valid = torch.from_numpy(batch.valid()).to(device)
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        logits = ddp(input_ids=inputs).logits
+        if args.score == "none":
+            ref = torch.zeros_like(labels, dtype=torch.float32)
+            loss = slm_loss(logits, labels, ref, 1.0, args.scope, valid, rule="none")
+        else:
+            ref = batch.ref_loss.to(device, non_blocking=True)
+            loss = slm_loss(logits, labels, ref, args.ratio, args.scope, valid, rule=args.score)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if rank == 0 and (step % 10 == 0 or step == 1):
+            print(f"step {step} seq {batch.seq} loss {loss.item():.4f} ({time.time() - started:.1f} s)", flush=True)
+        if step % args.every == 0:
+            save()
+        if args.steps and step >= args.steps:
+            break
+    save()
+    stream.close()
+    print(f"rank {rank}: {step} steps, stream {stream.stats}", flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
