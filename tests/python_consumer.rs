@@ -21,7 +21,14 @@ fn pytest_suite_passes_against_this_binary() {
         String::from_utf8_lossy(&probe.stderr)
     );
     let out = Command::new(&python)
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "python/tests"])
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "python/tests",
+        ])
         .current_dir(root)
         .env("RHO_BIN", env!("CARGO_BIN_EXE_rho"))
         .output()

@@ -187,8 +187,16 @@ fn cases() -> Vec<Value> {
         let current: Vec<f32> = (0..n).map(|_| value(&mut rng)).collect();
         let reference: Vec<f32> = (0..n).map(|_| value(&mut rng)).collect();
         let valid: Vec<bool> = (0..n).map(|_| rng.below(8) != 0).collect();
-        let ratio = [0.0, 0.1, 0.25, 0.5, 0.6, 0.7, 1.0, rng.below(1000) as f64 / 1000.0]
-            [rng.below(8) as usize];
+        let ratio = [
+            0.0,
+            0.1,
+            0.25,
+            0.5,
+            0.6,
+            0.7,
+            1.0,
+            rng.below(1000) as f64 / 1000.0,
+        ][rng.below(8) as usize];
         let rule = rules[rng.below(4) as usize];
         let scope = if rng.below(2) == 0 {
             Scope::Batch
@@ -225,9 +233,8 @@ fn selection_gives_the_committed_masks() {
     let cases = v["cases"].as_array().unwrap();
     assert!(cases.len() >= 40);
     for c in cases {
-        let floats = |k: &str| -> Vec<f32> {
-            c[k].as_array().unwrap().iter().map(from_json).collect()
-        };
+        let floats =
+            |k: &str| -> Vec<f32> { c[k].as_array().unwrap().iter().map(from_json).collect() };
         let rule: ScoreRule = serde_json::from_value(c["rule"].clone()).unwrap();
         let scope: Scope = serde_json::from_value(c["scope"].clone()).unwrap();
         let valid: Vec<bool> = c["valid"]
