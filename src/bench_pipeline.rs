@@ -225,26 +225,35 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
 
     eprintln!("[2/6] pipelined SLM, selector and trainer on one core each");
     let dir = fresh(out.join("pipelined"))?;
-    let pipelined = launch(
-        &dir,
-        "pipelined",
-        &run_config(
-            &a,
-            &s,
-            slm_json.clone(),
-            "candle",
-            Some(&s.reference),
-            1,
-            a.steps,
-        ),
-    )
-    .await?;
+    let cache_dir = fresh(out.join("cache"))?;
+    let mut config = run_config(
+        &a,
+        &s,
+        slm_json.clone(),
+        "candle",
+        Some(&s.reference),
+        1,
+        a.steps,
+    );
+    config["selector"]["cache_out"] = json!(cache_dir);
+    let pipelined = launch(&dir, "pipelined", &config).await?;
     let pipelined_tps = steady_tokens_per_s(&pipelined, per_step)?;
 
     eprintln!(
         "[3/6] sequential SLM, reference forward and training step in one process on one core"
     );
     let sequential_tps = sequential(&a, &s, &slm)?;
+
+    eprintln!("[3b] SLM from the scored cache the pipelined run wrote, no selector");
+    let dir = fresh(out.join("cached"))?;
+    let mut config = run_config(&a, &s, slm_json.clone(), "candle", None, 0, a.steps);
+    config["loader"]["scored"] = json!(cache_dir);
+    config["trainer"]["source"] = json!("loader");
+    let cached = launch(&dir, "cached", &config).await?;
+    let cached_tps = steady_tokens_per_s(&cached, per_step)?;
+    let cache = rho_protocol::cache::CacheReader::open(&cache_dir)?;
+    let cache_bytes_per_token =
+        cache.bytes() as f64 / (cache.len() as f64 * ((a.seq_len + 1) * a.batch_size) as f64);
 
     let mut scaling = Vec::new();
     for (i, n) in [1usize, 2].into_iter().enumerate() {
@@ -300,9 +309,14 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
         ("plain causal LM (trainer alone)", causal_tps),
         ("pipelined SLM (selector + trainer)", pipelined_tps),
         ("sequential SLM (one process)", sequential_tps),
+        ("SLM from the scored cache (no selector)", cached_tps),
     ] {
         println!("| {mode} | {tps:.0} | {:.3}x |", tps / causal_tps);
     }
+    println!(
+        "\nscored cache: {:.2} bytes per token (tokens and reference losses)",
+        cache_bytes_per_token
+    );
     println!(
         "\nselector scaling, `{}` reference, null-backend trainer:\n| selectors | tokens/s | vs 1 |\n|---|---|---|",
         a.scaling_preset
@@ -326,6 +340,8 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
         "sequential_slm_tokens_per_s": sequential_tps,
         "pipelined_over_causal": pipelined_tps / causal_tps,
         "sequential_over_causal": sequential_tps / causal_tps,
+        "cached_slm_tokens_per_s": cached_tps,
+        "cache_bytes_per_token": cache_bytes_per_token,
         "scaling_tokens_per_s": scaling,
         "memory_mib": memory_table(&long).into_iter().map(|(p, m)| (p, json!(m))).collect::<serde_json::Map<_, _>>(),
     });

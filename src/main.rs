@@ -74,6 +74,9 @@ struct LoaderArgs {
     /// Bind this endpoint (overrides `endpoint`).
     #[arg(long)]
     endpoint: Option<String>,
+    /// Serve the scored batches of this cache instead of tokenizing (overrides `scored`).
+    #[arg(long)]
+    scored: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -81,6 +84,9 @@ struct SelectorArgs {
     /// Selector config (JSON); see configs/selector.json.
     #[arg(long)]
     config: PathBuf,
+    /// Also write every scored batch to this cache directory (overrides `cache_out`).
+    #[arg(long)]
+    cache_out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -211,12 +217,18 @@ fn main() -> anyhow::Result<()> {
                 if let Some(e) = args.endpoint {
                     config.endpoint = e;
                 }
+                if let Some(dir) = args.scored {
+                    config.scored = Some(dir);
+                }
                 let report = rho_loader::run(config, shutdown_signal()).await?;
                 println!("{}", serde_json::to_string(&report)?);
                 Ok(())
             }
             Command::Selector(args) => {
-                let config = rho_selector::SelectorConfig::load(&args.config)?;
+                let mut config = rho_selector::SelectorConfig::load(&args.config)?;
+                if let Some(dir) = args.cache_out {
+                    config.cache_out = Some(dir);
+                }
                 set_threads(config.threads)?;
                 let report = rho_selector::run(config, shutdown_signal()).await?;
                 println!("{}", serde_json::to_string(&report)?);

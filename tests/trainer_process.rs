@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{finish, free_port, p, rho, setup_training as setup, spawn, wait_file, write};
+use common::{finish, free_port, p, setup_training as setup, spawn, wait_file, write};
 
 fn trainer_config(root: &Path, loader_ep: &str, score: &str, dir: &str) -> std::path::PathBuf {
     let cfg = json!({

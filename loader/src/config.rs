@@ -113,6 +113,13 @@ pub struct LoaderConfig {
     /// Exit once every batch was issued and acknowledged. Default true.
     #[serde(default = "yes")]
     pub exit_when_done: bool,
+    /// Serve the scored batches of this cache (written by `rho selector --cache-out`) instead of
+    /// tokenizing `data`: a pipeline without selectors (docs/CACHE.md).
+    #[serde(default)]
+    pub scored: Option<PathBuf>,
+    /// With `scored`: the reference model fingerprint (`sha256:...`) the cache must come from.
+    #[serde(default)]
+    pub scored_ref_model: Option<String>,
 }
 
 fn default_text_field() -> String {
@@ -177,6 +184,9 @@ impl LoaderConfig {
 
     /// Makes relative paths relative to `base`.
     pub fn resolve_paths(&mut self, base: &Path) {
+        if let Some(p) = &mut self.scored {
+            rho_protocol::config_file::resolve(base, p);
+        }
         let fix = |p: &mut PathBuf| rho_protocol::config_file::resolve(base, p);
         fix(&mut self.tokenizer);
         for p in [
@@ -237,6 +247,12 @@ impl LoaderConfig {
         }
         if self.world == 0 {
             return Err(field("world", "must be at least 1"));
+        }
+        if self.scored.is_some() && self.world != 1 {
+            return Err(field(
+                "world",
+                "a scored cache is served by one loader (world = 1)",
+            ));
         }
         if self.rank >= self.world {
             return Err(field(

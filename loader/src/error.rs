@@ -23,6 +23,8 @@ pub enum LoaderError {
     },
     #[error("transport: {0}")]
     Transport(String),
+    #[error(transparent)]
+    Cache(#[from] rho_protocol::cache::CacheError),
     #[error("tokenizer training failed: {0}")]
     Training(String),
 }

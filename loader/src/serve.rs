@@ -34,15 +34,49 @@ pub struct Report {
 }
 
 enum Produced {
-    Batch(Box<rho_protocol::TokenBatch>),
-    End { total_local: u64 },
+    /// A `batch`, or a `scored` batch from a cache, with its sequence number.
+    Item(u64, Box<Message>),
+    End {
+        total_local: u64,
+    },
     Failed(String),
+}
+
+/// Where batches come from: the tokenizing stream, or a cache of scored batches.
+pub enum Source {
+    Tokens(Stream),
+    Cache(rho_protocol::cache::CacheReader),
+}
+
+impl Source {
+    fn run(
+        &mut self,
+        start: u64,
+        emit: &mut dyn FnMut(Message, u64) -> Flow,
+    ) -> Result<Option<u64>> {
+        match self {
+            Source::Tokens(stream) => stream.run(start, |batch| {
+                let seq = batch.seq;
+                emit(Message::Batch(batch), seq)
+            }),
+            Source::Cache(cache) => {
+                let total = cache.contiguous();
+                for seq in start..total {
+                    let scored = cache.read(seq)?;
+                    if emit(Message::Scored(scored), seq) == Flow::Stop {
+                        return Ok(None);
+                    }
+                }
+                Ok(Some(total))
+            }
+        }
+    }
 }
 
 type Peer = Bytes;
 
 fn spawn_producer(
-    stream: Arc<Mutex<Stream>>,
+    stream: Arc<Mutex<Source>>,
     start: u64,
     prefetch: usize,
 ) -> flume::Receiver<Produced> {
@@ -51,8 +85,8 @@ fn spawn_producer(
         .name("rho-producer".into())
         .spawn(move || {
             let mut stream = stream.lock().unwrap_or_else(|e| e.into_inner());
-            let result = stream.run(start, |batch| {
-                if tx.send(Produced::Batch(Box::new(batch))).is_ok() {
+            let result = stream.run(start, &mut |message, seq| {
+                if tx.send(Produced::Item(seq, Box::new(message))).is_ok() {
                     Flow::Continue
                 } else {
                     Flow::Stop
@@ -87,7 +121,7 @@ fn with_peer(peer: &Peer, frames: &[Bytes]) -> ZmqMessage {
 /// `exit_when_done`), a shutdown message arrives, or `shutdown` resolves.
 pub async fn serve(
     config: &LoaderConfig,
-    stream: Stream,
+    stream: Source,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Report> {
@@ -265,10 +299,9 @@ pub async fn serve(
             }
             item = producer.recv_async(), if want_new => {
                 match item {
-                    Ok(Produced::Batch(batch)) => {
+                    Ok(Produced::Item(seq, message)) => {
                         let Some(peer) = credits.take() else { continue };
-                        let seq = batch.seq;
-                        let frames = Message::Batch(*batch).encode_with(key.as_ref());
+                        let frames = message.encode_with(key.as_ref());
                         let sent = sender.send(with_peer(&peer, &frames)).await;
                         ledger.issue(seq, frames, peer.clone(), Instant::now());
                         if sent.is_err() {

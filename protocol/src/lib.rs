@@ -10,6 +10,7 @@
 //! allocates more than the size of the frames it was given.
 
 pub mod auth;
+pub mod cache;
 pub mod client;
 mod codec;
 pub mod config_file;

@@ -47,6 +47,10 @@ pub struct SelectorConfig {
     /// Heartbeats to the producers and reconnection when one falls silent.
     #[serde(default)]
     pub liveness: rho_protocol::Liveness,
+    /// Also write every scored batch to this cache directory (docs/CACHE.md); `rho loader
+    /// --scored DIR` serves it later without selectors.
+    #[serde(default)]
+    pub cache_out: Option<PathBuf>,
     /// Largest message accepted. Default 256 MiB.
     #[serde(default = "default_max_message")]
     pub max_message_bytes: u64,
@@ -85,9 +89,13 @@ impl SelectorConfig {
         for p in [&mut self.model, &mut self.tokenizer] {
             rho_protocol::config_file::resolve(base, p);
         }
-        for p in [&mut self.metrics, &mut self.secret_file]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut self.metrics,
+            &mut self.secret_file,
+            &mut self.cache_out,
+        ]
+        .into_iter()
+        .flatten()
         {
             rho_protocol::config_file::resolve(base, p);
         }

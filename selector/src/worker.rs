@@ -34,6 +34,8 @@ pub struct Report {
     pub messages_rejected: u64,
     /// Connections dropped and made again because a peer fell silent.
     pub reconnects: u64,
+    /// Bytes written to the scored cache (`cache_out`).
+    pub cache_bytes: u64,
     pub interrupted: bool,
 }
 
@@ -171,6 +173,23 @@ pub async fn serve(
     // Scored batches waiting for a credit from the trainer (or for it to come back).
     let mut outbox: VecDeque<(Message, Instant)> = VecDeque::new();
     let mut ended = false;
+    let mut cache = match &config.cache_out {
+        Some(dir) => {
+            let w = rho_protocol::cache::CacheWriter::create(
+                dir,
+                rho_protocol::cache::CacheHeader {
+                    version: 1,
+                    run_id: config.run_id.clone(),
+                    tokenizer: tokenizer.clone(),
+                    ref_model: scorer.fingerprint().clone(),
+                },
+            )
+            .map_err(|e| SelectorError::Transport(format!("cache: {e}")))?;
+            tracing::info!(file = %w.path().display(), "writing scored batches to the cache");
+            Some(w)
+        }
+        None => None,
+    };
     tokio::pin!(shutdown);
 
     loop {
@@ -254,12 +273,17 @@ pub async fn serve(
                 report.tokens += done.batch.target_count() as u64;
                 report.score_secs += done.secs;
                 report.queue_wait_secs += done.started.duration_since(done.arrived).as_secs_f64();
-                let scored = Message::Scored(ScoredBatch {
+                let scored = ScoredBatch {
                     batch: done.batch,
                     ref_model: scorer.fingerprint().clone(),
                     ref_loss,
-                });
-                outbox.push_back((scored, done.arrived));
+                };
+                if let Some(w) = cache.as_mut() {
+                    tokio::task::block_in_place(|| w.append(&scored))
+                        .map_err(|e| SelectorError::Transport(format!("cache: {e}")))?;
+                    report.cache_bytes = w.bytes;
+                }
+                outbox.push_back((Message::Scored(scored), done.arrived));
             }
             _ = beat.tick() => {
                 let _ = loader.heartbeat(Role::Selector).await;

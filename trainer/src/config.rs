@@ -18,6 +18,17 @@ pub enum BackendChoice {
     Null,
 }
 
+/// Where a trainer's batches come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// Selectors when the score rule needs reference losses, else the loader.
+    #[default]
+    Auto,
+    Selectors,
+    Loader,
+}
+
 /// Periodic checkpoints.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -110,6 +121,11 @@ pub struct TrainerConfig {
     /// Heartbeats to the producers and reconnection when one falls silent.
     #[serde(default)]
     pub liveness: rho_protocol::Liveness,
+    /// Where batches come from: `selectors` (scored, on the delivery endpoint; the default when
+    /// the score rule needs reference losses) or `loader` (straight from the loader: token
+    /// batches, or scored batches of a cache served with `rho loader --scored`).
+    #[serde(default)]
+    pub source: Source,
     #[serde(default = "d_max_message")]
     pub max_message_bytes: u64,
 }
@@ -212,6 +228,6 @@ impl TrainerConfig {
 
     /// Whether batches come through selectors (the score rule needs reference losses).
     pub fn uses_selectors(&self) -> bool {
-        self.selection.score.needs_reference()
+        self.selection.score.needs_reference() && self.source != Source::Loader
     }
 }

@@ -296,13 +296,24 @@ pub async fn run(
                 break;
             }
             m = loader.recv() => match m {
-                Ok(Message::Batch(b)) if !selectors && b.run_id == config.run_id => {
+                Ok(m @ (Message::Batch(_) | Message::Scored(_))) if !selectors && m.run_id() == config.run_id => {
+                    let (b, ref_loss) = match m {
+                        Message::Scored(s) => (s.batch, Some(s.ref_loss)),
+                        Message::Batch(b) => (b, None),
+                        _ => unreachable!("matched above"),
+                    };
+                    if ref_loss.is_none() && config.selection.score.needs_reference() {
+                        return Err(TrainerError::ConfigField {
+                            field: "source",
+                            reason: format!("the loader sends token batches without reference losses, but `selection.score` = {:?} needs them: serve a scored cache (`rho loader --scored`) or use selectors", config.selection.score),
+                        });
+                    }
                     requested = requested.saturating_sub(1);
                     let seq = b.seq;
                     if seq < state.next_seq || buffer.contains_key(&seq) {
                         report.duplicates += 1;
                     } else {
-                        buffer.insert(seq, StepInput { batch: b, ref_loss: None });
+                        buffer.insert(seq, StepInput { batch: b, ref_loss });
                     }
                 }
                 Ok(Message::End(e)) => total = Some(e.total),

@@ -1,0 +1,145 @@
+//! Score once, train many times: a selector writes the scored batches of a live SLM run to a
+//! cache (`--cache-out`); `rho loader --scored` serves that cache to a trainer with no selector,
+//! which ends with the same weights as the live run. A cache of another tokenizer, and a damaged
+//! one, are refused with the file named.
+
+mod common;
+
+use std::path::Path;
+
+use common::{finish, free_port, p, setup_training, spawn, write};
+use serde_json::{json, Value};
+
+fn trainer_config(root: &Path, name: &str, loader: &str, source: &str) -> std::path::PathBuf {
+    let cfg = json!({
+        "run_id": "tr", "loader": loader, "delivery": format!("tcp://127.0.0.1:{}", free_port()),
+        "model": "init", "source": source,
+        "selection": {"score": "excess", "schedule": {"kind": "constant", "ratio": 0.6}},
+        "optimizer": {"lr": 0.003, "warmup_steps": 3},
+        "checkpoint": {"dir": format!("{name}-checkpoints")},
+    });
+    let path = root.join(format!("{name}-trainer.json"));
+    write(&path, &cfg);
+    path
+}
+
+fn weights(root: &Path, name: &str) -> Vec<u8> {
+    let dir = root.join(format!("{name}-checkpoints"));
+    let latest = std::fs::read_to_string(dir.join("latest")).unwrap();
+    std::fs::read(dir.join(latest.trim()).join("model/model.safetensors")).unwrap()
+}
+
+fn loader_config(root: &Path) -> (String, std::path::PathBuf) {
+    let ep = format!("tcp://127.0.0.1:{}", free_port());
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("loader.json")).unwrap()).unwrap();
+    cfg["endpoint"] = json!(ep);
+    cfg["endpoint_file"] = Value::Null;
+    let path = root.join(format!("loader-{}.json", ep.rsplit(':').next().unwrap()));
+    write(&path, &cfg);
+    (ep, path)
+}
+
+#[test]
+fn training_from_the_cache_equals_training_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    setup_training(root);
+
+    // Live: loader, a selector that also writes the cache, trainer.
+    let (ep, loader_cfg) = loader_config(root);
+    let trainer_cfg = trainer_config(root, "live", &ep, "selectors");
+    let loader = spawn(&["loader", "--config", &p(&loader_cfg)]);
+    let delivery: Value =
+        serde_json::from_str(&std::fs::read_to_string(&trainer_cfg).unwrap()).unwrap();
+    let sel = json!({"run_id": "tr", "loader": ep, "trainer": delivery["delivery"], "model": "ref", "tokenizer": "tokenizer.json"});
+    write(&root.join("selector.json"), &sel);
+    let trainer = spawn(&["trainer", "--config", &p(&trainer_cfg)]);
+    let selector = spawn(&[
+        "selector",
+        "--config",
+        &p(&root.join("selector.json")),
+        "--cache-out",
+        &p(&root.join("cache")),
+    ]);
+    let live = finish(trainer, "live trainer");
+    finish(loader, "loader");
+    let sel_report = finish(selector, "selector");
+    assert!(sel_report["cache_bytes"].as_u64().unwrap() > 0);
+
+    // From the cache: no selector at all.
+    let (ep, loader_cfg) = loader_config(root);
+    let trainer_cfg = trainer_config(root, "cached", &ep, "loader");
+    let loader = spawn(&[
+        "loader",
+        "--config",
+        &p(&loader_cfg),
+        "--scored",
+        &p(&root.join("cache")),
+    ]);
+    let trainer = spawn(&["trainer", "--config", &p(&trainer_cfg)]);
+    let cached = finish(trainer, "trainer fed by the cache");
+    finish(loader, "loader serving the cache");
+    assert_eq!(live["steps"], cached["steps"]);
+    assert_eq!(live["consumed"], cached["consumed"]);
+    assert!(
+        weights(root, "live") == weights(root, "cached"),
+        "training from the cache ended with other weights"
+    );
+
+    // Another tokenizer: refused, both fingerprints named.
+    let (_, other_cfg) = loader_config(root);
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&other_cfg).unwrap()).unwrap();
+    common::rho(&[
+        "tokenizer",
+        "train",
+        "--vocab-size",
+        "350",
+        "--input",
+        &p(&root.join("train")),
+        "--out",
+        &p(&root.join("other-tokenizer.json")),
+    ]);
+    cfg["tokenizer"] = json!("other-tokenizer.json");
+    cfg["scored"] = json!("cache");
+    write(&other_cfg, &cfg);
+    let out = std::process::Command::new(common::RHO)
+        .args(["loader", "--config", &p(&other_cfg)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("was made with tokenizer"),
+        "{err}"
+    );
+
+    // A flipped byte in a part file: the loader stops, naming the file.
+    let part = std::fs::read_dir(root.join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "rsc"))
+        .unwrap();
+    let mut bytes = std::fs::read(&part).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0x10;
+    std::fs::write(&part, &bytes).unwrap();
+    let (ep, loader_cfg) = loader_config(root);
+    let trainer_cfg = trainer_config(root, "damaged", &ep, "loader");
+    let loader = spawn(&[
+        "loader",
+        "--config",
+        &p(&loader_cfg),
+        "--scored",
+        &p(&root.join("cache")),
+    ]);
+    let mut trainer = spawn(&["trainer", "--config", &p(&trainer_cfg)]);
+    let out = loader.wait_with_output().unwrap();
+    let _ = trainer.kill();
+    let _ = trainer.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(part.file_name().unwrap().to_str().unwrap()),
+        "{err}"
+    );
+}
