@@ -208,7 +208,7 @@ impl LoaderConfig {
 
     /// Checks every field that serde cannot; the error names the field.
     pub fn validate(&self) -> Result<()> {
-        if self.data.paths.is_empty() {
+        if self.data.paths.is_empty() && self.scored.is_none() {
             return Err(field(
                 "data.paths",
                 "name at least one file, directory or glob",
