@@ -40,6 +40,17 @@ fn loader_config(root: &Path) -> (String, std::path::PathBuf) {
     (ep, path)
 }
 
+/// `rho loader --scored cache`.
+fn serve_cache(root: &Path, config: &Path) -> std::process::Child {
+    spawn(&[
+        "loader",
+        "--config",
+        &p(config),
+        "--scored",
+        &p(&root.join("cache")),
+    ])
+}
+
 #[test]
 fn training_from_the_cache_equals_training_live() {
     let dir = tempfile::tempdir().unwrap();
@@ -70,13 +81,7 @@ fn training_from_the_cache_equals_training_live() {
     // From the cache: no selector at all.
     let (ep, loader_cfg) = loader_config(root);
     let trainer_cfg = trainer_config(root, "cached", &ep, "loader");
-    let loader = spawn(&[
-        "loader",
-        "--config",
-        &p(&loader_cfg),
-        "--scored",
-        &p(&root.join("cache")),
-    ]);
+    let loader = serve_cache(root, &loader_cfg);
     let trainer = spawn(&["trainer", "--config", &p(&trainer_cfg)]);
     let cached = finish(trainer, "trainer fed by the cache");
     finish(loader, "loader serving the cache");
@@ -126,13 +131,7 @@ fn training_from_the_cache_equals_training_live() {
     std::fs::write(&part, &bytes).unwrap();
     let (ep, loader_cfg) = loader_config(root);
     let trainer_cfg = trainer_config(root, "damaged", &ep, "loader");
-    let loader = spawn(&[
-        "loader",
-        "--config",
-        &p(&loader_cfg),
-        "--scored",
-        &p(&root.join("cache")),
-    ]);
+    let loader = serve_cache(root, &loader_cfg);
     let mut trainer = spawn(&["trainer", "--config", &p(&trainer_cfg)]);
     let out = loader.wait_with_output().unwrap();
     let _ = trainer.kill();

@@ -42,12 +42,7 @@ fn quick_demo_reports_what_its_runs_measured() {
         // Same budget: both runs trained the same number of steps, consuming batches 0..N.
         let steps = trainer["steps"].as_u64().unwrap();
         assert_eq!(steps, report["steps_per_run"].as_u64().unwrap());
-        let consumed: Vec<u64> = trainer["consumed"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect();
+        let consumed = common::consumed(&trainer);
         assert_eq!(consumed, (0..steps).collect::<Vec<_>>(), "{run}");
         let [rows, len] = [0, 1].map(|i| report["batch"][i].as_u64().unwrap());
         assert_eq!(

@@ -146,12 +146,7 @@ fn trainer_then_loader_killed_and_restarted_end_with_the_same_weights() {
     let selector_report = finish(selector, "selector");
 
     // The restarted trainer resumed at a checkpoint and trained every later batch once, in order.
-    let consumed: Vec<u64> = report["consumed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
+    let consumed = common::consumed(&report);
     let first = consumed[0];
     assert!(first > 0 && first % 5 == 0, "resumed at {first}");
     assert_eq!(consumed, (first..steps).collect::<Vec<_>>());

@@ -97,12 +97,7 @@ fn a_selector_killed_mid_run_loses_nothing_and_changes_nothing() {
     assert!(killed.success());
     let summary = finish(faulty, "run with a killed selector");
 
-    let consumed: Vec<u64> = summary["trainer"]["consumed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
+    let consumed = common::consumed(&summary["trainer"]);
     assert_eq!(
         consumed,
         (0..steps).collect::<Vec<_>>(),
@@ -218,12 +213,7 @@ async fn foreign_and_wrongly_signed_messages_are_refused() {
     }
     let summary = finish(run, "guarded run");
     let steps = summary["trainer"]["steps"].as_u64().unwrap();
-    let consumed: Vec<u64> = summary["trainer"]["consumed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
+    let consumed = common::consumed(&summary["trainer"]);
     assert_eq!(consumed, (0..steps).collect::<Vec<_>>());
     assert_eq!(
         summary["loader"]["messages_rejected"], 3,

@@ -26,12 +26,7 @@ fn trainer_config(root: &Path, loader_ep: &str, score: &str, dir: &str) -> std::
 }
 
 fn check_training(report: &Value, root: &Path, dir: &str) {
-    let consumed: Vec<u64> = report["consumed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
+    let consumed = common::consumed(&report);
     assert!(consumed.len() >= 20, "only {} steps", consumed.len());
     assert_eq!(
         consumed,
@@ -206,12 +201,7 @@ fn processes_start_in_reverse_order() {
     let report = finish(trainer, "trainer");
     let steps = report["steps"].as_u64().unwrap();
     assert!(steps > 20);
-    let consumed: Vec<u64> = report["consumed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
+    let consumed = common::consumed(&report);
     assert_eq!(consumed, (0..steps).collect::<Vec<_>>());
     finish(loader, "loader");
     finish(selector, "selector");

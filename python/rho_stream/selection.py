@@ -32,6 +32,15 @@ def _check(rule: str, scope: str) -> None:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
 
 
+def _score(rule: str, current, reference):
+    """The per-position score of a rule (higher is kept first), for numpy arrays or tensors."""
+    if rule == "excess":
+        return current - reference
+    if rule == "reference":
+        return -reference
+    return current
+
+
 def select_mask(current, reference, valid, ratio: float, scope: str = "batch", rule: str = "excess") -> np.ndarray:
     """The selection mask (float32 of 0 and 1, shape ``[rows, len]``) in numpy."""
     _check(rule, scope)
@@ -41,12 +50,7 @@ def select_mask(current, reference, valid, ratio: float, scope: str = "batch", r
     if current.ndim == 1:
         current, reference, valid = current[None], reference[None], valid[None]
     with np.errstate(invalid="ignore"):  # inf - inf is NaN, as in Rust
-        if rule == "excess":
-            score = current - reference
-        elif rule == "reference":
-            score = -reference
-        else:
-            score = current
+        score = _score(rule, current, reference)
     mask = np.zeros(current.shape, dtype=np.float32)
     groups = [slice(None)] if scope == "batch" else [slice(r, r + 1) for r in range(current.shape[0])]
     for g in groups:
@@ -77,12 +81,7 @@ def select_mask_torch(current, reference, valid, ratio: float, scope: str = "bat
         valid = valid.bool()
         if current.dim() == 1:
             current, reference, valid = current[None], reference[None], valid[None]
-        if rule == "excess":
-            score = current - reference
-        elif rule == "reference":
-            score = -reference
-        else:
-            score = current
+        score = _score(rule, current, reference)
         mask = torch.zeros_like(current)
         rows = [None] if scope == "batch" else list(range(current.shape[0]))
         for r in rows:

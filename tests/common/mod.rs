@@ -146,3 +146,13 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// The sequence numbers a trainer report says were trained on, in order.
+pub fn consumed(report: &Value) -> Vec<u64> {
+    report["consumed"]
+        .as_array()
+        .expect("`consumed` in the trainer report")
+        .iter()
+        .map(|v| v.as_u64().expect("a sequence number"))
+        .collect()
+}
