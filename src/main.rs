@@ -6,6 +6,7 @@ mod bench;
 mod bench_pipeline;
 mod bench_selector;
 mod bench_trainer;
+mod concentrate;
 mod corpus;
 mod demo;
 mod demo_report;
@@ -61,6 +62,8 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Write a synthetic OpenWebMath-style corpus as parquet shards.
     Synth(corpus::SynthArgs),
+    /// Keep the tokens a scoring rule selects as a smaller dataset (parquet with a token mask).
+    Concentrate(concentrate::ConcentrateArgs),
 }
 
 #[derive(Args)]
@@ -268,6 +271,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Bench(cmd) => bench::run(cmd).await,
             Command::Synth(args) => corpus::run(args),
+            Command::Concentrate(args) => concentrate::run(args),
         }
     })
 }

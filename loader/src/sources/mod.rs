@@ -7,7 +7,9 @@
 mod jsonl;
 mod parquet;
 
-pub use self::parquet::{write_shard as write_parquet_shard, Row};
+pub use self::parquet::{
+    write_shard as write_parquet_shard, write_shard_with_tokens, Row, TokenColumns,
+};
 
 use std::path::{Path, PathBuf};
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::column::reader::{get_typed_column_reader, ColumnReaderImpl};
-use parquet::data_type::{ByteArray, ByteArrayType};
+use parquet::data_type::{ByteArray, ByteArrayType, Int32Type};
 use parquet::file::properties::WriterProperties;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::file::writer::SerializedFileWriter;
@@ -190,14 +190,51 @@ pub struct Row {
 /// Writes rows as a zstd-compressed parquet shard with the OpenWebMath schema, `rows_per_group`
 /// rows per row group.
 pub fn write_shard(path: &Path, rows: &[Row], rows_per_group: usize) -> std::io::Result<()> {
-    let schema = parse_message_type(
-        "message schema {
+    write_rows(path, rows, None, rows_per_group)
+}
+
+/// Per-document token columns: the ids of the document's tokens and, for each, a mask value.
+#[derive(Debug, Clone, Default)]
+pub struct TokenColumns {
+    pub token_ids: Vec<u32>,
+    pub mask: Vec<u8>,
+}
+
+/// Writes rows with two more columns, `token_ids` (list of uint32) and `mask` (list of uint8),
+/// one entry per token of the row's document.
+pub fn write_shard_with_tokens(
+    path: &Path,
+    rows: &[Row],
+    tokens: &[TokenColumns],
+    rows_per_group: usize,
+) -> std::io::Result<()> {
+    if rows.len() != tokens.len() {
+        return Err(std::io::Error::other("one TokenColumns per row"));
+    }
+    write_rows(path, rows, Some(tokens), rows_per_group)
+}
+
+fn write_rows(
+    path: &Path,
+    rows: &[Row],
+    tokens: Option<&[TokenColumns]>,
+    rows_per_group: usize,
+) -> std::io::Result<()> {
+    let extra = if tokens.is_some() {
+        "REQUIRED group token_ids (LIST) { REPEATED group list { REQUIRED INT32 element (UINT_32); } }
+         REQUIRED group mask (LIST) { REPEATED group list { REQUIRED INT32 element (UINT_8); } }"
+    } else {
+        ""
+    };
+    let schema = parse_message_type(&format!(
+        "message schema {{
             OPTIONAL BYTE_ARRAY url (UTF8);
             OPTIONAL BYTE_ARRAY text (UTF8);
             OPTIONAL BYTE_ARRAY date (UTF8);
             OPTIONAL BYTE_ARRAY metadata (UTF8);
-        }",
-    )
+            {extra}
+        }}"
+    ))
     .map_err(std::io::Error::other)?;
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
@@ -205,7 +242,8 @@ pub fn write_shard(path: &Path, rows: &[Row], rows_per_group: usize) -> std::io:
     let file = File::create(path)?;
     let mut writer = SerializedFileWriter::new(file, Arc::new(schema), Arc::new(props))
         .map_err(std::io::Error::other)?;
-    for group in rows.chunks(rows_per_group.max(1)) {
+    let step = rows_per_group.max(1);
+    for (g, group) in rows.chunks(step).enumerate() {
         let mut rg = writer.next_row_group().map_err(std::io::Error::other)?;
         let columns: [Vec<Option<&str>>; 4] = [
             group.iter().map(|r| Some(r.url.as_str())).collect(),
@@ -229,8 +267,100 @@ pub fn write_shard(path: &Path, rows: &[Row], rows_per_group: usize) -> std::io:
                 .map_err(std::io::Error::other)?;
             col.close().map_err(std::io::Error::other)?;
         }
+        if let Some(tokens) = tokens {
+            let group_tokens = &tokens[g * step..g * step + group.len()];
+            let lists: [Vec<Vec<i32>>; 2] = [
+                group_tokens
+                    .iter()
+                    .map(|t| t.token_ids.iter().map(|&x| x as i32).collect())
+                    .collect(),
+                group_tokens
+                    .iter()
+                    .map(|t| t.mask.iter().map(|&x| i32::from(x)).collect())
+                    .collect(),
+            ];
+            for list in lists {
+                let mut col = rg
+                    .next_column()
+                    .map_err(std::io::Error::other)?
+                    .ok_or_else(|| std::io::Error::other("schema has fewer columns"))?;
+                // A required list of required values: an empty list is one level pair (0, 0)
+                // with no value; a value is defined at level 1, repeated (1) after the first.
+                let (mut values, mut defs, mut reps) = (Vec::new(), Vec::new(), Vec::new());
+                for row in &list {
+                    if row.is_empty() {
+                        defs.push(0);
+                        reps.push(0);
+                    }
+                    for (i, &v) in row.iter().enumerate() {
+                        values.push(v);
+                        defs.push(1);
+                        reps.push(i16::from(i > 0));
+                    }
+                }
+                col.typed::<Int32Type>()
+                    .write_batch(&values, Some(&defs), Some(&reps))
+                    .map_err(std::io::Error::other)?;
+                col.close().map_err(std::io::Error::other)?;
+            }
+        }
         rg.close().map_err(std::io::Error::other)?;
     }
     writer.close().map_err(std::io::Error::other)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod token_column_tests {
+    use super::*;
+    use parquet::record::{ListAccessor, RowAccessor};
+
+    #[test]
+    fn token_columns_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.parquet");
+        let row = |t: &str| Row {
+            url: "u".into(),
+            text: Some(t.into()),
+            date: "d".into(),
+            metadata: "{}".into(),
+        };
+        let rows = [row("a"), row(""), row("b")];
+        let tokens = [
+            TokenColumns {
+                token_ids: vec![5, 4_000_000_000, 7],
+                mask: vec![0, 1, 1],
+            },
+            TokenColumns::default(),
+            TokenColumns {
+                token_ids: vec![9],
+                mask: vec![1],
+            },
+        ];
+        write_shard_with_tokens(&path, &rows, &tokens, 2).unwrap();
+        let reader = SerializedFileReader::new(File::open(&path).unwrap()).unwrap();
+        let got: Vec<(Vec<u32>, Vec<u8>)> = reader
+            .get_row_iter(None)
+            .unwrap()
+            .map(|r| {
+                let r = r.unwrap();
+                let ids = r.get_list(4).unwrap();
+                let mask = r.get_list(5).unwrap();
+                (
+                    (0..ids.len()).map(|i| ids.get_uint(i).unwrap()).collect(),
+                    (0..mask.len())
+                        .map(|i| mask.get_ubyte(i).unwrap())
+                        .collect(),
+                )
+            })
+            .collect();
+        let expected: Vec<(Vec<u32>, Vec<u8>)> = tokens
+            .iter()
+            .map(|t| (t.token_ids.clone(), t.mask.clone()))
+            .collect();
+        assert_eq!(got, expected);
+        // The text column still reads as a shard of documents.
+        let docs: Vec<Event> = ParquetDocs::open(&path, "text").unwrap().collect();
+        assert_eq!(docs.len(), 3);
+    }
 }
