@@ -119,6 +119,20 @@ fn training_from_the_cache_equals_training_live() {
         "{err}"
     );
 
+    // Another reference model than the one named: refused.
+    cfg["tokenizer"] = json!("tokenizer.json");
+    cfg["scored_ref_model"] = json!(format!("sha256:{}", "0".repeat(64)));
+    write(&other_cfg, &cfg);
+    let out = std::process::Command::new(common::RHO)
+        .args(["loader", "--config", &p(&other_cfg)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("was scored by reference"),
+        "{err}"
+    );
+
     // A flipped byte in a part file: the loader stops, naming the file.
     let part = std::fs::read_dir(root.join("cache"))
         .unwrap()
