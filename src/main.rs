@@ -36,7 +36,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The embedded default: synthetic corpus, tokenizer, loader and a consumer, end to end.
+    /// The paper's effect end to end: reference, causal-LM and SLM pipelines on a synthetic corpus, and a report.
     Demo(demo::DemoArgs),
     /// Start and supervise a whole pipeline (loader, selectors, trainer) from one config.
     Run {

@@ -51,6 +51,20 @@ fn serve_cache(root: &Path, config: &Path) -> std::process::Child {
     ])
 }
 
+/// Runs `rho loader` on a config it must refuse; returns what it said.
+fn refused(config: &Path) -> String {
+    let out = std::process::Command::new(common::RHO)
+        .args(["loader", "--config", &p(config)])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "the loader accepted {}",
+        config.display()
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn training_from_the_cache_equals_training_live() {
     let dir = tempfile::tempdir().unwrap();
@@ -109,29 +123,15 @@ fn training_from_the_cache_equals_training_live() {
     cfg["tokenizer"] = json!("other-tokenizer.json");
     cfg["scored"] = json!("cache");
     write(&other_cfg, &cfg);
-    let out = std::process::Command::new(common::RHO)
-        .args(["loader", "--config", &p(&other_cfg)])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("was made with tokenizer"),
-        "{err}"
-    );
+    let err = refused(&other_cfg);
+    assert!(err.contains("was made with tokenizer"), "{err}");
 
     // Another reference model than the one named: refused.
     cfg["tokenizer"] = json!("tokenizer.json");
     cfg["scored_ref_model"] = json!(format!("sha256:{}", "0".repeat(64)));
     write(&other_cfg, &cfg);
-    let out = std::process::Command::new(common::RHO)
-        .args(["loader", "--config", &p(&other_cfg)])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("was scored by reference"),
-        "{err}"
-    );
+    let err = refused(&other_cfg);
+    assert!(err.contains("was scored by reference"), "{err}");
 
     // A flipped byte in a part file: the loader stops, naming the file.
     let part = std::fs::read_dir(root.join("cache"))
