@@ -554,8 +554,13 @@ pub fn markdown(r: &Value) -> String {
 
 /// What the terminal shows at the end.
 pub fn summary_text(r: &Value, out: &Path) -> String {
+    let page = if r["selection"].is_null() {
+        ""
+    } else {
+        ", selection.html"
+    };
     format!(
-        "\n{}\nwall time {:.0} s. Report: {} (report.md, loss.svg, loss.png, selection.html; runs/ holds each pipeline's configs, logs and metrics)",
+        "\n{}\nwall time {:.0} s. Report: {} (report.md, loss.svg, loss.png{page}; runs/ holds each pipeline's configs, logs and metrics)",
         markdown(r),
         r["wall_seconds"].as_f64().unwrap_or(0.0),
         out.join("report.json").display()
