@@ -26,7 +26,7 @@ fn trainer_config(root: &Path, loader_ep: &str, score: &str, dir: &str) -> std::
 }
 
 fn check_training(report: &Value, root: &Path, dir: &str) {
-    let consumed = common::consumed(&report);
+    let consumed = common::consumed(report);
     assert!(consumed.len() >= 20, "only {} steps", consumed.len());
     assert_eq!(
         consumed,

@@ -46,7 +46,7 @@ pub async fn run(config: LoaderConfig, shutdown: impl Future<Output = ()>) -> Re
         vocab = stream.tokenizer().vocab_size(),
         "loader ready"
     );
-    let stream = serve::Source::Tokens(stream);
+    let stream = serve::Source::Tokens(Box::new(stream));
     serve::serve(&config, stream, metrics, shutdown).await
 }
 

@@ -44,7 +44,7 @@ enum Produced {
 
 /// Where batches come from: the tokenizing stream, or a cache of scored batches.
 pub enum Source {
-    Tokens(Stream),
+    Tokens(Box<Stream>),
     Cache(rho_protocol::cache::CacheReader),
 }
 
