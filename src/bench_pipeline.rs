@@ -213,7 +213,7 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
     let slm_json = serde_json::to_value(slm)?;
     let none = json!({"score": "none"});
 
-    eprintln!("[1/6] plain causal LM, trainer on one core");
+    eprintln!("[1/7] plain causal LM, trainer on one core");
     let dir = fresh(out.join("causal"))?;
     let causal = launch(
         &dir,
@@ -223,7 +223,7 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
     .await?;
     let causal_tps = steady_tokens_per_s(&causal, per_step)?;
 
-    eprintln!("[2/6] pipelined SLM, selector and trainer on one core each");
+    eprintln!("[2/7] pipelined SLM, selector and trainer on one core each");
     let dir = fresh(out.join("pipelined"))?;
     let cache_dir = fresh(out.join("cache"))?;
     let mut config = run_config(
@@ -240,11 +240,11 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
     let pipelined_tps = steady_tokens_per_s(&pipelined, per_step)?;
 
     eprintln!(
-        "[3/6] sequential SLM, reference forward and training step in one process on one core"
+        "[3/7] sequential SLM, reference forward and training step in one process on one core"
     );
     let sequential_tps = sequential(&a, &s, &slm)?;
 
-    eprintln!("[3b] SLM from the scored cache the pipelined run wrote, no selector");
+    eprintln!("[4/7] SLM from the scored cache the pipelined run wrote, no selector");
     let dir = fresh(out.join("cached"))?;
     let mut config = run_config(&a, &s, slm_json.clone(), "candle", None, 0, a.steps);
     config["loader"]["scored"] = json!(cache_dir);
@@ -258,8 +258,8 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
     let mut scaling = Vec::new();
     for (i, n) in [1usize, 2].into_iter().enumerate() {
         eprintln!(
-            "[{}/6] {n} selector(s) with the `{}` reference, null-backend trainer",
-            4 + i,
+            "[{}/7] {n} selector(s) with the `{}` reference, null-backend trainer",
+            5 + i,
             a.scaling_preset
         );
         let dir = fresh(out.join(format!("scaling-{n}")))?;
@@ -281,7 +281,7 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
     }
 
     eprintln!(
-        "[6/6] a long pipelined SLM run ({} steps), memory sampled",
+        "[7/7] a long pipelined SLM run ({} steps), memory sampled",
         a.long_steps
     );
     let dir = fresh(out.join("long"))?;

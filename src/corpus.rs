@@ -143,7 +143,7 @@ fn pick<'a>(rng: &mut SplitMix64, items: &[&'a str]) -> &'a str {
 }
 
 fn chance(rng: &mut SplitMix64, p: f64) -> bool {
-    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 1.0 < p
+    ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
 }
 
 fn is_prime(n: i64) -> bool {

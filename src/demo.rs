@@ -236,19 +236,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             plan.reference_steps
         ),
     );
-    let reference = pipeline(
-        &out,
-        "reference",
-        &plan,
-        args.seed,
-        &[synth[0].out.to_string_lossy().into_owned()],
-        &tokenizer,
-        &reference_init,
-        plan.reference_steps,
-        None,
-        &heldout_loader,
-    )
-    .await?;
+    let pipes = Pipelines {
+        out: &out,
+        plan: &plan,
+        seed: args.seed,
+        tokenizer: &tokenizer,
+        heldout_loader: &heldout_loader,
+    };
+    let curated = [synth[0].out.to_string_lossy().into_owned()];
+    let reference = pipes
+        .run(
+            "reference",
+            &curated,
+            &reference_init,
+            plan.reference_steps,
+            None,
+        )
+        .await?;
     let reference_model = final_model(&reference)?;
 
     // 5. and 6. The two target models, same start, same stream, same budget.
@@ -259,19 +263,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             plan.steps
         ),
     );
-    let causal = pipeline(
-        &out,
-        "causal",
-        &plan,
-        args.seed,
-        &train_paths,
-        &tokenizer,
-        &target_init,
-        plan.steps,
-        None,
-        &heldout_loader,
-    )
-    .await?;
+    let causal = pipes
+        .run("causal", &train_paths, &target_init, plan.steps, None)
+        .await?;
     stage(
         6,
         &format!(
@@ -279,19 +273,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             plan.ratio, plan.steps
         ),
     );
-    let slm = pipeline(
-        &out,
-        "slm",
-        &plan,
-        args.seed,
-        &train_paths,
-        &tokenizer,
-        &target_init,
-        plan.steps,
-        Some(&reference_model),
-        &heldout_loader,
-    )
-    .await?;
+    let slm = pipes
+        .run(
+            "slm",
+            &train_paths,
+            &target_init,
+            plan.steps,
+            Some(&reference_model),
+        )
+        .await?;
 
     // 7. The report.
     stage(7, "writing the report");
@@ -336,71 +326,85 @@ fn final_model(run: &RunOutcome) -> anyhow::Result<PathBuf> {
     Ok(dir.join(pointer.trim()).join("model"))
 }
 
-/// Writes a run config and runs it with `rho run`, its progress on this terminal.
-#[allow(clippy::too_many_arguments)]
-async fn pipeline(
-    out: &Path,
-    name: &str,
-    plan: &Plan,
+/// What the demo's three pipelines share.
+struct Pipelines<'a> {
+    out: &'a Path,
+    plan: &'a Plan,
     seed: u64,
-    data: &[String],
-    tokenizer: &Path,
-    init: &Path,
-    steps: u64,
-    reference: Option<&Path>,
-    heldout_loader: &Path,
-) -> anyhow::Result<RunOutcome> {
-    let dir = out.join("runs").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let selection = match reference {
-        Some(_) => json!({"score": "excess", "scope": "batch",
+    tokenizer: &'a Path,
+    heldout_loader: &'a Path,
+}
+
+impl Pipelines<'_> {
+    /// Writes a run config and runs it with `rho run`, its progress on this terminal: causal LM,
+    /// or SLM scored by a selector when `reference` is given.
+    async fn run(
+        &self,
+        name: &str,
+        data: &[String],
+        init: &Path,
+        steps: u64,
+        reference: Option<&Path>,
+    ) -> anyhow::Result<RunOutcome> {
+        let (out, plan, seed, tokenizer, heldout_loader) = (
+            self.out,
+            self.plan,
+            self.seed,
+            self.tokenizer,
+            self.heldout_loader,
+        );
+        let dir = out.join("runs").join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let selection = match reference {
+            Some(_) => json!({"score": "excess", "scope": "batch",
                           "schedule": {"kind": "constant", "ratio": plan.ratio}}),
-        None => json!({"score": "none"}),
-    };
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    // With a selector, the trainer and the selector share the cores; alone, the trainer has them.
-    let trainer_threads = if reference.is_some() {
-        (cores / 2).max(1)
-    } else {
-        cores
-    };
-    let mut config = json!({
-        "run_dir": ".",
-        "selectors": 1,
-        "loader": {
-            "run_id": format!("demo-{name}-{seed}"),
-            "data": {"paths": data},
-            "tokenizer": tokenizer,
-            "seq_len": plan.seq_len,
-            "batch_size": plan.batch,
-            "seed": seed,
-            "epochs": 1000,
-            "shuffle_window": 64,
-            "threads": 1,
-        },
-        "trainer": {
-            "model": init,
-            "selection": selection,
-            "optimizer": {
-                "lr": plan.lr,
-                "weight_decay": 0.1,
-                "warmup_steps": (steps / 20).max(1),
-                "decay_steps": steps,
-                "min_lr_ratio": 0.1,
-                "grad_clip": 1.0,
+            None => json!({"score": "none"}),
+        };
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        // With a selector, the trainer and the selector share the cores; alone, the trainer has them.
+        let trainer_threads = if reference.is_some() {
+            (cores / 2).max(1)
+        } else {
+            cores
+        };
+        let mut config = json!({
+            "run_dir": ".",
+            "selectors": 1,
+            "loader": {
+                "run_id": format!("demo-{name}-{seed}"),
+                "data": {"paths": data},
+                "tokenizer": tokenizer,
+                "seq_len": plan.seq_len,
+                "batch_size": plan.batch,
+                "seed": seed,
+                "epochs": 1000,
+                "shuffle_window": 64,
+                "threads": 1,
             },
-            "max_steps": steps,
-            "eval": {"loader_config": heldout_loader, "every": plan.eval_every, "max_batches": plan.eval_batches},
-            "threads": trainer_threads,
-        },
-    });
-    if let Some(r) = reference {
-        config["selector"] = json!({
-            "model": r,
-            "tokenizer": tokenizer,
-            "threads": (cores - trainer_threads).max(1),
+            "trainer": {
+                "model": init,
+                "selection": selection,
+                "optimizer": {
+                    "lr": plan.lr,
+                    "weight_decay": 0.1,
+                    "warmup_steps": (steps / 20).max(1),
+                    "decay_steps": steps,
+                    "min_lr_ratio": 0.1,
+                    "grad_clip": 1.0,
+                },
+                "max_steps": steps,
+                "eval": {"loader_config": heldout_loader, "every": plan.eval_every, "max_batches": plan.eval_batches},
+                "threads": trainer_threads,
+            },
         });
+        if let Some(r) = reference {
+            config["selector"] = json!({
+                "model": r,
+                "tokenizer": tokenizer,
+                "threads": (cores - trainer_threads).max(1),
+            });
+        }
+        crate::supervise::launch(&dir, name, &config).await
     }
-    crate::supervise::launch(&dir, name, &config).await
 }

@@ -68,11 +68,7 @@ fn wait_step(root: &Path, name: &str, step: u64) {
     let path = root.join(format!("{name}-trainer.metrics.jsonl"));
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let last = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|t| t.lines().last().map(str::to_string))
-            .and_then(|l| serde_json::from_str::<Value>(&l).ok())
-            .and_then(|v| v["step"].as_u64());
+        let last = common::last_metrics(&path).and_then(|v| v["step"].as_u64());
         if last.is_some_and(|s| s >= step) {
             return;
         }

@@ -80,14 +80,7 @@ fn slm_through_loader_selector_and_trainer_processes() {
     let selector = spawn(&["selector", "--config", &p(&root.join("selector.json"))]);
     let report = finish(trainer, "trainer");
     check_training(&report, root, "slm");
-    let line: Value = serde_json::from_str(
-        std::fs::read_to_string(root.join("slm.metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap(),
-    )
-    .unwrap();
+    let line = common::last_metrics(&root.join("slm.metrics.jsonl")).unwrap();
     let frac = line["selected_fraction"].as_f64().unwrap();
     assert!((frac - 0.6).abs() < 0.01, "selected fraction {frac}");
     let l = finish(loader, "loader");
@@ -109,14 +102,7 @@ fn causal_lm_trains_from_the_loader_directly() {
     ]);
     let report = finish(trainer, "trainer");
     check_training(&report, root, "clm");
-    let line: Value = serde_json::from_str(
-        std::fs::read_to_string(root.join("clm.metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap(),
-    )
-    .unwrap();
+    let line = common::last_metrics(&root.join("clm.metrics.jsonl")).unwrap();
     assert_eq!(line["selected_fraction"].as_f64().unwrap(), 1.0);
     finish(loader, "loader");
 }

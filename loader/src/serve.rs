@@ -11,6 +11,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rho_protocol::client::addressed;
 use rho_protocol::flow::{AckOutcome, Credits, Ledger};
 use rho_protocol::{End, Heartbeat, Limits, Message, Role};
 use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
@@ -109,14 +110,6 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn with_peer(peer: &Peer, frames: &[Bytes]) -> ZmqMessage {
-    let mut all = Vec::with_capacity(frames.len() + 1);
-    all.push(peer.clone());
-    all.extend_from_slice(frames);
-    // `all` has at least two frames, so this cannot fail.
-    ZmqMessage::try_from(all).unwrap_or_else(|_| ZmqMessage::from(Bytes::new()))
-}
-
 /// Binds the endpoint and serves `stream` until it is exhausted and acknowledged (with
 /// `exit_when_done`), a shutdown message arrives, or `shutdown` resolves.
 pub async fn serve(
@@ -126,10 +119,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Report> {
     let started = Instant::now();
-    let limits = Limits {
-        max_message_bytes: config.max_message_bytes,
-        ..Limits::default()
-    };
+    let limits = Limits::with_max_message_bytes(config.max_message_bytes);
     let key = rho_protocol::Key::from_config(config.secret_file.as_deref()).map_err(|reason| {
         LoaderError::ConfigField {
             field: "secret_file",
@@ -208,7 +198,7 @@ pub async fn serve(
                 continue;
             };
             Metrics::add(&metrics.redeliveries, 1);
-            if sender.send(with_peer(&peer, &frames)).await.is_err() {
+            if sender.send(addressed(&peer, &frames)).await.is_err() {
                 credits.forget(&peer);
                 pending.push_front(seq);
             } else {
@@ -221,7 +211,7 @@ pub async fn serve(
                 // Tell every peer, then give the sends a moment to flush.
                 credits.drain();
                 for peer in &peers {
-                    let _ = sender.send(with_peer(peer, &end_frames(t))).await;
+                    let _ = sender.send(addressed(peer, &end_frames(t))).await;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 break;
@@ -260,7 +250,7 @@ pub async fn serve(
                         // `end` only once nothing is in flight: until then a consumer with
                         // credit may still be needed for a redelivery.
                         if let Some(t) = total.filter(|_| pending.is_empty() && ledger.is_empty()) {
-                            let _ = sender.send(with_peer(&peer, &end_frames(t))).await;
+                            let _ = sender.send(addressed(&peer, &end_frames(t))).await;
                         } else {
                             credits.grant(peer, c.n);
                         }
@@ -276,7 +266,7 @@ pub async fn serve(
                     }
                     Message::Heartbeat(_) => {
                         let reply = Message::Heartbeat(Heartbeat { run_id: config.run_id.clone(), role: Role::Loader, at_ms: now_ms() });
-                        let _ = sender.send(with_peer(&peer, &reply.encode_with(key.as_ref()))).await;
+                        let _ = sender.send(addressed(&peer, &reply.encode_with(key.as_ref()))).await;
                     }
                     Message::Resume(r) => {
                         let local = local_of(r.next_seq);
@@ -302,7 +292,7 @@ pub async fn serve(
                     Ok(Produced::Item(seq, message)) => {
                         let Some(peer) = credits.take() else { continue };
                         let frames = message.encode_with(key.as_ref());
-                        let sent = sender.send(with_peer(&peer, &frames)).await;
+                        let sent = sender.send(addressed(&peer, &frames)).await;
                         ledger.issue(seq, frames, peer.clone(), Instant::now());
                         if sent.is_err() {
                             credits.forget(&peer);

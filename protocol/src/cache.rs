@@ -105,8 +105,14 @@ impl CacheWriter {
         &self.path
     }
 
-    /// Appends one scored batch (its fingerprints must be the cache's).
-    pub fn append(&mut self, scored: &ScoredBatch) -> Result<(), CacheError> {
+    /// Appends one `scored` message (its fingerprints must be the cache's).
+    pub fn append(&mut self, message: &Message) -> Result<(), CacheError> {
+        let Message::Scored(scored) = message else {
+            return Err(file_err(
+                &self.path,
+                format!("a cache holds `scored` messages, not `{}`", message.kind()),
+            ));
+        };
         if scored.ref_model != self.header.ref_model
             || scored.batch.tokenizer != self.header.tokenizer
         {
@@ -118,32 +124,44 @@ impl CacheWriter {
                 ),
             ));
         }
-        let frames = Message::Scored(scored.clone()).encode();
-        let mut payload = Vec::with_capacity(frames.iter().map(|f| f.len() + 8).sum::<usize>() + 4);
-        payload.extend_from_slice(&(frames.len() as u32).to_le_bytes());
-        for f in &frames {
-            payload.extend_from_slice(&(f.len() as u64).to_le_bytes());
-            payload.extend_from_slice(f);
+        // The payload is the frame count, then each frame's length and bytes: hashed and
+        // written frame by frame, never assembled in memory.
+        let frames = message.encode();
+        let count = (frames.len() as u32).to_le_bytes();
+        let lens: Vec<[u8; 8]> = frames
+            .iter()
+            .map(|f| (f.len() as u64).to_le_bytes())
+            .collect();
+        let len = 4 + frames.iter().map(|f| 8 + f.len() as u64).sum::<u64>();
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&count);
+        for (l, f) in lens.iter().zip(&frames) {
+            hasher.update(l);
+            hasher.update(f);
         }
-        let crc = crc32fast::hash(&payload);
+        let crc = hasher.finalize();
         let write = |w: &mut std::io::BufWriter<File>| -> std::io::Result<()> {
-            w.write_all(&(payload.len() as u64).to_le_bytes())?;
+            w.write_all(&len.to_le_bytes())?;
             w.write_all(&crc.to_le_bytes())?;
-            w.write_all(&payload)?;
+            w.write_all(&count)?;
+            for (l, f) in lens.iter().zip(&frames) {
+                w.write_all(l)?;
+                w.write_all(f)?;
+            }
             w.flush()
         };
         write(&mut self.file).map_err(|e| file_err(&self.path, e))?;
         let entry = IndexEntry {
             seq: scored.batch.seq,
             offset: self.offset,
-            len: payload.len() as u64,
+            len,
             crc,
         };
         let line = serde_json::to_string(&entry).map_err(|e| file_err(&self.path, e))?;
         writeln!(self.index, "{line}")
             .and_then(|_| self.index.flush())
             .map_err(|e| file_err(&self.path, e))?;
-        let n = 12 + payload.len() as u64;
+        let n = 12 + len;
         self.offset += n;
         self.bytes += n;
         self.records += 1;
@@ -313,7 +331,7 @@ impl CacheReader {
                 format!("batch {seq}: checksum mismatch (corrupted)"),
             ));
         }
-        let frames = split_frames(&payload)
+        let frames = split_frames(Bytes::from(payload))
             .ok_or_else(|| file_err(&path, format!("batch {seq}: malformed record")))?;
         match Message::decode(&frames, &self.limits) {
             Ok(Message::Scored(s)) if s.batch.seq == seq => Ok(s),
@@ -326,17 +344,17 @@ impl CacheReader {
     }
 }
 
-fn split_frames(payload: &[u8]) -> Option<Vec<Bytes>> {
+/// The frames of a record's payload, as slices of it (no copy).
+fn split_frames(payload: Bytes) -> Option<Vec<Bytes>> {
     let n = u32::from_le_bytes(payload.get(..4)?.try_into().ok()?) as usize;
     let mut at = 4;
     let mut frames = Vec::with_capacity(n.min(16));
     for _ in 0..n {
         let len = u64::from_le_bytes(payload.get(at..at + 8)?.try_into().ok()?) as usize;
         at += 8;
-        frames.push(Bytes::copy_from_slice(
-            payload.get(at..at.checked_add(len)?)?,
-        ));
-        at += len;
+        let end = at.checked_add(len).filter(|&e| e <= payload.len())?;
+        frames.push(payload.slice(at..end));
+        at = end;
     }
     (at == payload.len()).then_some(frames)
 }
@@ -379,10 +397,10 @@ mod tests {
         let mut a = CacheWriter::create(dir.path(), header()).unwrap();
         let mut b = CacheWriter::create(dir.path(), header()).unwrap();
         for seq in [0, 2, 3] {
-            a.append(&scored(seq)).unwrap();
+            a.append(&Message::Scored(scored(seq))).unwrap();
         }
-        b.append(&scored(1)).unwrap();
-        b.append(&scored(2)).unwrap(); // a duplicate, as after a redelivery
+        b.append(&Message::Scored(scored(1))).unwrap();
+        b.append(&Message::Scored(scored(2))).unwrap(); // a duplicate, as after a redelivery
         let mut r = CacheReader::open(dir.path()).unwrap();
         assert_eq!((r.contiguous(), r.len()), (4, 4));
         for seq in 0..4 {
@@ -391,7 +409,7 @@ mod tests {
         // A foreign batch is refused at writing.
         let mut other = scored(9);
         other.ref_model = Fingerprint::of_bytes(b"other");
-        assert!(a.append(&other).is_err());
+        assert!(a.append(&Message::Scored(other)).is_err());
 
         // One flipped byte: named by checksum.
         let path = a.path().to_path_buf();

@@ -25,6 +25,15 @@ pub enum ClientError {
     Decode(#[from] DecodeError),
 }
 
+/// A message for one peer of a ROUTER socket: its identity frame, then the message's frames.
+pub fn addressed(peer: &Bytes, frames: &[Bytes]) -> ZmqMessage {
+    let mut all = Vec::with_capacity(frames.len() + 1);
+    all.push(peer.clone());
+    all.extend_from_slice(frames);
+    // `all` has at least the identity frame, so this cannot fail.
+    ZmqMessage::try_from(all).unwrap_or_else(|_| ZmqMessage::from(Bytes::new()))
+}
+
 /// A connection to one producer.
 pub struct Consumer {
     sender: DealerSendHalf,
@@ -109,13 +118,20 @@ impl Consumer {
             .saturating_sub(Duration::from_millis(self.heard_ms.load(Ordering::Relaxed)))
     }
 
-    /// Replaces the connection by a fresh one to the same endpoint (waiting until it accepts).
-    /// The producer sees a new peer: credits given on the old connection are gone with it.
-    pub async fn reconnect(&mut self) -> Result<(), ClientError> {
-        let fresh =
-            Self::connect_with(&self.endpoint, &self.run_id, self.limits, self.key.clone()).await?;
+    /// Replaces the connection by a fresh one to the same endpoint (waiting until it accepts),
+    /// unless `stop` resolves first: then `Ok(false)` and the old connection stays. The producer
+    /// sees a new peer: credits given on the old connection are gone with it.
+    pub async fn reconnect_or<F: std::future::Future + Unpin>(
+        &mut self,
+        stop: &mut F,
+    ) -> Result<bool, ClientError> {
+        tracing::warn!(endpoint = %self.endpoint, silent_ms = self.silent_for().as_millis() as u64, "reconnecting");
+        let fresh = tokio::select! {
+            c = Self::connect_with(&self.endpoint, &self.run_id, self.limits, self.key.clone()) => c?,
+            _ = stop => return Ok(false),
+        };
         *self = fresh;
-        Ok(())
+        Ok(true)
     }
 
     pub fn endpoint(&self) -> &str {

@@ -15,6 +15,17 @@ pub struct Limits {
     pub max_header_bytes: u64,
 }
 
+impl Limits {
+    /// The default limits with another largest message size (a process config's
+    /// `max_message_bytes`).
+    pub fn with_max_message_bytes(max_message_bytes: u64) -> Self {
+        Limits {
+            max_message_bytes,
+            ..Limits::default()
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {

@@ -12,8 +12,6 @@ Conventions (shared with ``trainer/src/selection.rs``, checked on ``tests/vector
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 RULES = ("excess", "reference", "current", "none")

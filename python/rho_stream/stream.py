@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -227,6 +227,9 @@ class RhoStream:
         s.connect(self.loader)
         return s
 
+    def _heartbeat(self):
+        return control("heartbeat", self.run_id, self.key, role="trainer", at_ms=int(time.time() * 1000))
+
     def _send(self, sock, frames, peer: Optional[bytes] = None) -> None:
         try:
             sock.send_multipart(([peer] if peer is not None else []) + frames, flags=zmq.NOBLOCK)
@@ -244,7 +247,6 @@ class RhoStream:
         run_id, key = self.run_id, self.key
         loader = self._loader_socket()
         buffer: Dict[int, Batch] = {}
-        queued = set()  # sequence numbers handed to the training loop's queue
         owed: List[bytes] = []
         known = set()
         requested = 0
@@ -254,7 +256,7 @@ class RhoStream:
         ended = False
         if cursor != self.rank:
             self._send(loader, control("resume", run_id, key, next_seq=cursor))
-        self._send(loader, control("heartbeat", run_id, key, role="trainer", at_ms=int(time.time() * 1000)))
+        self._send(loader, self._heartbeat())
         poller = zmq.Poller()
         poller.register(loader, zmq.POLLIN)
         if self._delivery is not None:
@@ -311,7 +313,7 @@ class RhoStream:
             # Liveness.
             if now - last_beat >= self.heartbeat_secs:
                 last_beat = now
-                self._send(loader, control("heartbeat", run_id, key, role="trainer", at_ms=int(time.time() * 1000)))
+                self._send(loader, self._heartbeat())
                 if self.total is None and now - heard > self.peer_timeout_secs:
                     log.warning("the loader fell silent; reconnecting to %s", self.loader)
                     poller.unregister(loader)
@@ -354,7 +356,7 @@ class RhoStream:
         kind = m.kind
         if from_delivery:
             if kind == "heartbeat":
-                self._send(self._delivery, control("heartbeat", run_id, key, role="trainer", at_ms=int(time.time() * 1000)), peer)
+                self._send(self._delivery, self._heartbeat(), peer)
                 if peer not in known:
                     known.add(peer)
                     self.stats.selectors_seen += 1

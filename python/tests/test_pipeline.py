@@ -3,7 +3,6 @@ mid-stream, a selector killed mid-run, and foreign or wrongly signed messages.""
 
 import os
 import signal
-import time
 
 import numpy as np
 import zmq

@@ -139,10 +139,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Report> {
     let started = Instant::now();
-    let limits = Limits {
-        max_message_bytes: config.max_message_bytes,
-        ..Limits::default()
-    };
+    let limits = Limits::with_max_message_bytes(config.max_message_bytes);
     let key = rho_protocol::Key::from_config(config.secret_file.as_deref()).map_err(|reason| {
         SelectorError::ConfigField {
             field: "secret_file",
@@ -278,22 +275,22 @@ pub async fn serve(
                     ref_model: scorer.fingerprint().clone(),
                     ref_loss,
                 };
+                let scored = Message::Scored(scored);
                 if let Some(w) = cache.as_mut() {
                     tokio::task::block_in_place(|| w.append(&scored))
                         .map_err(|e| SelectorError::Transport(format!("cache: {e}")))?;
                     report.cache_bytes = w.bytes;
                 }
-                outbox.push_back((Message::Scored(scored), done.arrived));
+                outbox.push_back((scored, done.arrived));
             }
             _ = beat.tick() => {
                 let _ = loader.heartbeat(Role::Selector).await;
                 let _ = trainer.heartbeat(Role::Selector).await;
                 let timeout = config.liveness.timeout();
                 if !ended && loader.silent_for() > timeout {
-                    tracing::warn!(endpoint = %config.loader, "the loader fell silent; reconnecting");
-                    tokio::select! {
-                        r = loader.reconnect() => r?,
-                        _ = &mut shutdown => { report.interrupted = true; break; }
+                    if !loader.reconnect_or(&mut shutdown).await? {
+                        report.interrupted = true;
+                        break;
                     }
                     report.reconnects += 1;
                     // Credits given to the old connection are gone with it.
@@ -301,10 +298,9 @@ pub async fn serve(
                     tracing::info!("reconnected to the loader");
                 }
                 if trainer.silent_for() > timeout {
-                    tracing::warn!(endpoint = %config.trainer, "the trainer fell silent; reconnecting");
-                    tokio::select! {
-                        r = trainer.reconnect() => r?,
-                        _ = &mut shutdown => { report.interrupted = true; break; }
+                    if !trainer.reconnect_or(&mut shutdown).await? {
+                        report.interrupted = true;
+                        break;
                     }
                     report.reconnects += 1;
                     down = 0;

@@ -156,3 +156,9 @@ pub fn consumed(report: &Value) -> Vec<u64> {
         .map(|v| v.as_u64().expect("a sequence number"))
         .collect()
 }
+
+/// The last line of a JSONL metrics file, parsed; `None` while there is none.
+pub fn last_metrics(path: &Path) -> Option<Value> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(text.lines().last()?).ok()
+}

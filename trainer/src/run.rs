@@ -72,32 +72,27 @@ fn build_backend(config: &TrainerConfig) -> Result<Box<dyn Backend>> {
     }
 }
 
-fn heartbeat_to(peer: &Bytes, run_id: &str, key: Option<&rho_protocol::Key>) -> ZmqMessage {
+/// A message for one selector on the delivery endpoint.
+fn to_peer(peer: &Bytes, message: Message, key: Option<&rho_protocol::Key>) -> ZmqMessage {
+    rho_protocol::client::addressed(peer, &message.encode_with(key))
+}
+
+fn credit(run_id: &str, n: u32) -> Message {
+    Message::Credit(Credit {
+        run_id: run_id.into(),
+        n,
+    })
+}
+
+fn heartbeat(run_id: &str) -> Message {
     let at_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let mut frames = vec![peer.clone()];
-    frames.extend(
-        Message::Heartbeat(Heartbeat {
-            run_id: run_id.into(),
-            role: Role::Trainer,
-            at_ms,
-        })
-        .encode_with(key),
-    );
-    ZmqMessage::try_from(frames).expect("at least one frame")
-}
-
-fn credit_to(peer: &Bytes, run_id: &str, n: u32, key: Option<&rho_protocol::Key>) -> ZmqMessage {
-    let mut frames = vec![peer.clone()];
-    frames.extend(
-        Message::Credit(Credit {
-            run_id: run_id.into(),
-            n,
-        })
-        .encode_with(key),
-    );
-    ZmqMessage::try_from(frames).unwrap_or_else(|_| ZmqMessage::from(Bytes::new()))
+    Message::Heartbeat(Heartbeat {
+        run_id: run_id.into(),
+        role: Role::Trainer,
+        at_ms,
+    })
 }
 
 /// Runs a trainer until the stream ends (or `max_steps`), or `shutdown` resolves; checkpoints
@@ -134,10 +129,7 @@ pub async fn run(
             state = saved;
         }
     }
-    let limits = Limits {
-        max_message_bytes: config.max_message_bytes,
-        ..Limits::default()
-    };
+    let limits = Limits::with_max_message_bytes(config.max_message_bytes);
     let key = rho_protocol::Key::from_config(config.secret_file.as_deref()).map_err(|reason| {
         TrainerError::ConfigField {
             field: "secret_file",
@@ -227,7 +219,7 @@ pub async fn run(
             }
             if let (Some(tx), Some(peer)) = (delivery_tx.as_mut(), owed.pop_front()) {
                 let _ = tx
-                    .send(credit_to(&peer, &config.run_id, 1, key.as_ref()))
+                    .send(to_peer(&peer, credit(&config.run_id, 1), key.as_ref()))
                     .await;
             }
             report.consumed.push(input.batch.seq);
@@ -331,10 +323,9 @@ pub async fn run(
             _ = beat.tick() => {
                 let _ = loader.heartbeat(Role::Trainer).await;
                 if total.is_none() && loader.silent_for() > config.liveness.timeout() {
-                    tracing::warn!(endpoint = %config.loader, "the loader fell silent; reconnecting");
-                    tokio::select! {
-                        r = loader.reconnect() => r?,
-                        _ = &mut shutdown => { report.interrupted = true; break; }
+                    if !loader.reconnect_or(&mut shutdown).await? {
+                        report.interrupted = true;
+                        break;
                     }
                     report.reconnects += 1;
                     requested = 0;
@@ -357,10 +348,10 @@ pub async fn run(
                     }
                     Ok(Message::Heartbeat(_)) => {
                         if let Some(tx) = delivery_tx.as_mut() {
-                            let _ = tx.send(heartbeat_to(&peer, &config.run_id, key.as_ref())).await;
+                            let _ = tx.send(to_peer(&peer, heartbeat(&config.run_id), key.as_ref())).await;
                             // A selector's first heartbeat introduces it: it gets its credits.
                             if known.insert(peer.clone()) {
-                                let _ = tx.send(credit_to(&peer, &config.run_id, config.credits_per_selector, key.as_ref())).await;
+                                let _ = tx.send(to_peer(&peer, credit(&config.run_id, config.credits_per_selector), key.as_ref())).await;
                             }
                         }
                     }
@@ -374,7 +365,7 @@ pub async fn run(
                         // The credit goes back at once while the buffer has room.
                         if buffer.len() < config.reorder_window {
                             if let Some(tx) = delivery_tx.as_mut() {
-                                let _ = tx.send(credit_to(&peer, &config.run_id, 1, key.as_ref())).await;
+                                let _ = tx.send(to_peer(&peer, credit(&config.run_id, 1), key.as_ref())).await;
                             }
                         } else {
                             owed.push_back(peer);

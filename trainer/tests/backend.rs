@@ -98,7 +98,7 @@ fn gradients_agree_with_finite_differences() {
             let g = flat(g);
             for &i in &[0, base.len() / 3, base.len() - 1] {
                 let eps = 1e-2f32;
-                let mut objective = |delta: f32| {
+                let objective = |delta: f32| {
                     let mut p = base.clone();
                     p[i] += delta;
                     var.set(&Tensor::from_vec(p, var.as_tensor().dims(), &Device::Cpu).unwrap())
