@@ -104,9 +104,7 @@ pub fn synthetic_corpus(
         };
         rho_loader::train::train_bpe(&d, vocab, Some(5000), &tokenizer)?;
     }
-    let vocab = tokenizers::Tokenizer::from_file(&tokenizer)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer.display()))?
-        .get_vocab_size(true);
+    let vocab = crate::load_tokenizer(&tokenizer)?.get_vocab_size(true);
     Ok((data, tokenizer, vocab))
 }
 
@@ -207,7 +205,7 @@ async fn bench_loader(
         })
         .collect();
     let bytes: usize = docs.iter().map(String::len).sum();
-    let tk = tokenizers::Tokenizer::from_file(&tokenizer).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let tk = crate::load_tokenizer(&tokenizer)?;
     let t0 = Instant::now();
     let mut raw_tokens = 0usize;
     for d in &docs {

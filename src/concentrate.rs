@@ -90,8 +90,7 @@ pub fn run(a: ConcentrateArgs) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&a.ratio) {
         anyhow::bail!("--ratio must be within 0..=1, got {}", a.ratio);
     }
-    let tk = tokenizers::Tokenizer::from_file(&a.tokenizer)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", a.tokenizer.display()))?;
+    let tk = crate::load_tokenizer(&a.tokenizer)?;
     let device = Device::Cpu;
     let reference = rho_model::checkpoint::load(&a.reference, &device, DType::F32)
         .with_context(|| format!("loading the reference {}", a.reference.display()))?;

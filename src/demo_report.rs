@@ -96,8 +96,7 @@ struct Scored {
 /// final SLM model as the current model: how much of what each keeps is noise.
 fn selection_analysis(inp: &Inputs, docs: &[Doc]) -> anyhow::Result<(Value, String)> {
     let plan = inp.plan;
-    let tk = tokenizers::Tokenizer::from_file(inp.tokenizer)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", inp.tokenizer.display()))?;
+    let tk = crate::load_tokenizer(inp.tokenizer)?;
     let device = Device::Cpu;
     let reference = rho_model::checkpoint::load(inp.reference_model, &device, DType::F32)?;
     let current = rho_model::checkpoint::load(inp.slm_model, &device, DType::F32)?;

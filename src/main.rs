@@ -99,6 +99,13 @@ struct TrainerArgs {
     config: PathBuf,
 }
 
+/// Loads a `tokenizer.json` as every rho process does: its own padding and truncation off.
+pub(crate) fn load_tokenizer(path: &std::path::Path) -> anyhow::Result<tokenizers::Tokenizer> {
+    rho_protocol::tokenizer::load(path)
+        .map(|t| t.tokenizer)
+        .map_err(|e| anyhow::anyhow!("tokenizer {}: {e}", path.display()))
+}
+
 /// Reads the held-out batches of a trainer's `eval.loader_config`, once.
 fn eval_batches(
     config: &rho_trainer::TrainerConfig,
@@ -141,27 +148,69 @@ enum TokenizerCommand {
     },
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
+/// Resolves on Ctrl-C, SIGTERM or SIGHUP (a closed terminal), or when the supervisor that
+/// started this process is gone.
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let unix = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::terminate()), signal(SignalKind::hangup())) {
+            (Ok(mut term), Ok(mut hup)) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = hup.recv() => {},
+                }
             }
-            Err(_) => std::future::pending::<()>().await,
+            _ => std::future::pending::<()>().await,
         }
     };
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
+    let unix = std::future::pending::<()>();
     tokio::select! {
         _ = ctrl_c => {},
-        _ = term => {},
+        _ = unix => {},
+        _ = supervisor_gone() => {},
     }
 }
+
+/// A process started by `rho run` dies with it: `rho run` puts its pid in `RHO_SUPERVISOR_PID`,
+/// and this resolves as soon as this process's parent is no longer that pid (the supervisor was
+/// killed, even by SIGKILL, and this process was handed to another parent). Pending otherwise.
+async fn supervisor_gone() {
+    #[cfg(unix)]
+    if let Some(pid) = std::env::var(supervise::SUPERVISOR_PID_VAR)
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+    {
+        loop {
+            if std::os::unix::process::parent_id() != pid {
+                tracing::warn!(supervisor = pid, "the supervisor is gone: stopping");
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+    std::future::pending::<()>().await
+}
+
+/// Prints a process's report on stdout; a stdout that cannot be written (a full disk under
+/// `rho run`) is logged, not a panic.
+fn print_report(report: &impl serde::Serialize) -> anyhow::Result<()> {
+    use std::io::Write;
+    let line = serde_json::to_string(report)?;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|_| out.flush()) {
+        tracing::warn!("cannot write the report to stdout: {e}");
+    }
+    Ok(())
+}
+
+/// The exit status of a process stopped by a signal before its work was done (128 + SIGINT),
+/// so that scripts can tell it from a finished one.
+pub(crate) const EXIT_STOPPED: i32 = 130;
 
 /// mimalloc's `mi_option_purge_delay` (mimalloc.h, v2).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
@@ -182,9 +231,14 @@ fn keep_freed_memory() {
 /// Limits model math to `threads` CPU threads: candle's matrix products read
 /// `RAYON_NUM_THREADS` and its element-wise kernels run on rayon's global pool.
 fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
-    let Some(n) = threads else { return Ok(()) };
+    let Some(mut n) = threads else { return Ok(()) };
     if n == 0 {
         anyhow::bail!("`threads` must be at least 1");
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    if n > cores {
+        tracing::warn!(threads = n, cores, "`threads` is more than this machine's cores: using {cores}");
+        n = cores;
     }
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     rayon::ThreadPoolBuilder::new()
@@ -211,7 +265,10 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
-            Command::Run { config } => supervise::run(&config, shutdown_signal()).await,
+            Command::Run { config } => match supervise::run(&config, shutdown_signal()).await? {
+                supervise::RunEnd::Finished => Ok(()),
+                supervise::RunEnd::Stopped => std::process::exit(EXIT_STOPPED),
+            },
             Command::Loader(args) => {
                 let mut config = rho_loader::LoaderConfig::load(&args.config)?;
                 if let Some(n) = args.start_batch {
@@ -224,8 +281,7 @@ fn main() -> anyhow::Result<()> {
                     config.scored = Some(dir);
                 }
                 let report = rho_loader::run(config, shutdown_signal()).await?;
-                println!("{}", serde_json::to_string(&report)?);
-                Ok(())
+                print_report(&report)
             }
             Command::Selector(args) => {
                 let mut config = rho_selector::SelectorConfig::load(&args.config)?;
@@ -234,15 +290,18 @@ fn main() -> anyhow::Result<()> {
                 }
                 set_threads(config.threads)?;
                 let report = rho_selector::run(config, shutdown_signal()).await?;
-                println!("{}", serde_json::to_string(&report)?);
-                Ok(())
+                print_report(&report)
             }
             Command::Trainer(args) => {
                 let config = rho_trainer::TrainerConfig::load(&args.config)?;
                 set_threads(config.threads)?;
                 let eval = eval_batches(&config).context("reading the held-out batches")?;
                 let report = rho_trainer::run(config, eval, shutdown_signal()).await?;
-                println!("{}", serde_json::to_string(&report)?);
+                print_report(&report)?;
+                if report.interrupted {
+                    tracing::warn!(step = report.steps, "stopped before the stream ended");
+                    std::process::exit(EXIT_STOPPED);
+                }
                 Ok(())
             }
             Command::Score(args) => model_cmd::score(args),

@@ -68,9 +68,7 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
         } => {
             let vocab = match (vocab_size, &tokenizer) {
                 (Some(v), _) => v,
-                (None, Some(t)) => tokenizers::Tokenizer::from_file(t)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", t.display()))?
-                    .get_vocab_size(true),
+                (None, Some(t)) => crate::load_tokenizer(t)?.get_vocab_size(true),
                 (None, None) => bail!("give --vocab-size or --tokenizer"),
             };
             let config = preset_config(&preset, vocab, max_positions)?;
@@ -141,8 +139,7 @@ pub fn score(args: ScoreArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| args.model.join("tokenizer.json"));
     let load_tokenizer = || {
-        tokenizers::Tokenizer::from_file(&tokenizer_path)
-            .map_err(|e| anyhow::anyhow!("tokenizer {}: {e}", tokenizer_path.display()))
+        crate::load_tokenizer(&tokenizer_path)
     };
     let special = !args.no_special_tokens;
     let mut tokenizer = None;

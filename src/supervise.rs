@@ -24,12 +24,17 @@ use tokio::process::{Child, Command};
 struct RunConfig {
     /// Where configs, logs, metrics, reports and checkpoints go (relative to the config file).
     run_dir: PathBuf,
-    /// Selector processes (ignored when the trainer's score rule needs no reference).
+    /// Selector processes, at least 1 when the trainer's score rule needs reference losses
+    /// (ignored otherwise).
     #[serde(default = "one")]
     selectors: usize,
     /// Restart a selector that dies before the stream ends. Default true.
     #[serde(default = "yes")]
     restart_selectors: bool,
+    /// A selector that fails this many times in a row, each time within
+    /// `SHORT_LIFE` of its start, ends the run with its last error. Default 5.
+    #[serde(default = "five")]
+    max_selector_failures: u32,
     loader: Value,
     #[serde(default)]
     selector: Option<Value>,
@@ -42,11 +47,34 @@ fn one() -> usize {
 fn yes() -> bool {
     true
 }
+fn five() -> u32 {
+    5
+}
+
+/// The environment variable through which a child learns its supervisor's pid (it stops when
+/// its parent is no longer that process).
+pub const SUPERVISOR_PID_VAR: &str = "RHO_SUPERVISOR_PID";
+
+/// A selector that dies sooner than this after its start failed "at once": repeated, it is a
+/// configuration error, not bad luck.
+const SHORT_LIFE: Duration = Duration::from_secs(30);
+/// The first restart waits this long, each further one twice as long, up to `MAX_BACKOFF`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 struct Proc {
     name: String,
     child: Child,
     config: PathBuf,
+    started: Instant,
+    /// Failures in a row, each soon after a start.
+    quick_failures: u32,
+    /// Exited and waiting to be restarted at this moment.
+    restart_at: Option<Instant>,
+    /// Exited for good.
+    done: bool,
+    /// Exited for good after a failure.
+    failed: bool,
 }
 
 /// Parses a process section of the run config; endpoints are placeholders the supervisor fills.
@@ -65,6 +93,17 @@ fn section<T: serde::de::DeserializeOwned>(
         .map_err(|e| anyhow::anyhow!("run config, section `{name}`: {e}"))
 }
 
+/// Writes a file; the error names it.
+fn write(path: &Path, bytes: impl AsRef<[u8]>) -> anyhow::Result<()> {
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// A line for the person at the terminal; a terminal that is gone is not an error.
+fn say(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{text}");
+}
+
 fn start(
     exe: &Path,
     dir: &Path,
@@ -73,9 +112,13 @@ fn start(
     config: &Value,
 ) -> anyhow::Result<Proc> {
     let path = dir.join(format!("{name}.json"));
-    std::fs::write(&path, serde_json::to_string_pretty(config)?)?;
-    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-    let report = std::fs::File::create(dir.join(format!("{name}.report.json")))?;
+    write(&path, serde_json::to_string_pretty(config)?)?;
+    let log_path = dir.join(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let report_path = dir.join(format!("{name}.report.json"));
+    let report = std::fs::File::create(&report_path)
+        .with_context(|| format!("creating {}", report_path.display()))?;
     let child = Command::new(exe)
         .args([command, "--config"])
         .arg(&path)
@@ -83,22 +126,29 @@ fn start(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         )
+        .env(SUPERVISOR_PID_VAR, std::process::id().to_string())
+        .stdin(std::process::Stdio::null())
         .stdout(report)
         .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {name}"))?;
     if let Some(pid) = child.id() {
-        std::fs::write(dir.join(format!("{name}.pid")), pid.to_string())?;
+        write(&dir.join(format!("{name}.pid")), pid.to_string())?;
     }
     Ok(Proc {
         name: name.to_string(),
         child,
         config: path,
+        started: Instant::now(),
+        quick_failures: 0,
+        restart_at: None,
+        done: false,
+        failed: false,
     })
 }
 
-async fn wait_file(path: &Path, procs: &mut [Proc]) -> anyhow::Result<String> {
+async fn wait_file(path: &Path, dir: &Path, procs: &mut [Proc]) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         if let Ok(s) = std::fs::read_to_string(path) {
@@ -109,8 +159,9 @@ async fn wait_file(path: &Path, procs: &mut [Proc]) -> anyhow::Result<String> {
         for p in procs.iter_mut() {
             if let Some(status) = p.child.try_wait()? {
                 bail!(
-                    "{} exited during start-up ({status}); see its log in the run directory",
-                    p.name
+                    "{} exited during start-up ({status}){}",
+                    p.name,
+                    last_error(&dir.join(format!("{}.log", p.name)))
                 );
             }
         }
@@ -126,6 +177,20 @@ fn last_line(path: &Path) -> Option<Value> {
     serde_json::from_str(text.lines().last()?).ok()
 }
 
+/// The last error a process logged, as `": <line> (see <log>)"`, or a pointer to its log.
+fn last_error(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("Error:") || l.contains("ERROR"))
+        .or_else(|| text.lines().rev().find(|l| !l.trim().is_empty()));
+    match line {
+        Some(l) => format!(": {} (see {})", l.trim(), log.display()),
+        None => format!("; see {}", log.display()),
+    }
+}
+
 /// Writes a fresh random secret for the run's messages, readable by the owner only.
 fn new_secret(dir: &Path) -> anyhow::Result<PathBuf> {
     use std::io::Read;
@@ -135,11 +200,12 @@ fn new_secret(dir: &Path) -> anyhow::Result<PathBuf> {
         .context("reading /dev/urandom for the run's secret")?;
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let path = dir.join("secret");
-    std::fs::write(&path, hex)?;
+    write(&path, hex)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting {}", path.display()))?;
     }
     Ok(path)
 }
@@ -153,10 +219,137 @@ fn terminate(p: &Proc) {
     }
 }
 
+/// Moves what an earlier attempt left in the run directory (logs, metrics, reports, the
+/// summary) into `attempts/N/`, so that a rerun keeps them. Returns the attempt's directory.
+fn keep_earlier_attempt(dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let mut files = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let kept = name == "summary.json"
+            || name.ends_with(".log")
+            || name.ends_with(".metrics.jsonl")
+            || name.ends_with(".report.json");
+        if kept && entry.path().is_file() {
+            files.push(entry.path());
+        }
+    }
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let attempts = dir.join("attempts");
+    let mut n = 1;
+    while attempts.join(n.to_string()).exists() {
+        n += 1;
+    }
+    let to = attempts.join(n.to_string());
+    std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
+    for f in files {
+        let dest = to.join(f.file_name().unwrap_or_default());
+        std::fs::rename(&f, &dest).with_context(|| format!("moving {} to {}", f.display(), dest.display()))?;
+    }
+    Ok(Some(to))
+}
+
+/// Checks a model directory against the tokenizer and the window it will see.
+fn check_model(
+    field: &str,
+    model: &Path,
+    tokenizer: &Path,
+    tokenizer_vocab: usize,
+    seq_len: usize,
+) -> anyhow::Result<()> {
+    let m = rho_model::checkpoint::inspect(model)
+        .map_err(|e| anyhow::anyhow!("run config, `{field}`: {e}"))?;
+    if m.vocab_size < tokenizer_vocab {
+        bail!(
+            "run config, `{field}`: {} has a vocabulary of {} ids, but the tokenizer {} has {}: the model cannot score every token",
+            model.display(),
+            m.vocab_size,
+            tokenizer.display(),
+            tokenizer_vocab
+        );
+    }
+    if m.max_positions < seq_len {
+        bail!(
+            "run config, `{field}`: {} holds sequences of at most {} positions (max_position_embeddings), but the loader's seq_len is {seq_len}",
+            model.display(),
+            m.max_positions
+        );
+    }
+    Ok(())
+}
+
+/// What can be found wrong before any process starts: the models, the tokenizers and the
+/// window length against each other.
+fn preflight(
+    loader: &LoaderConfig,
+    selector: Option<&SelectorConfig>,
+    trainer: &TrainerConfig,
+) -> anyhow::Result<()> {
+    if loader.scored.is_some() {
+        return Ok(());
+    }
+    let tok = rho_protocol::tokenizer::load(&loader.tokenizer).map_err(|e| {
+        anyhow::anyhow!(
+            "run config, `loader.tokenizer` {}: {e}",
+            loader.tokenizer.display()
+        )
+    })?;
+    let vocab = tok.tokenizer.get_vocab_size(true);
+    if let Some(s) = selector {
+        let theirs = rho_protocol::tokenizer::load(&s.tokenizer).map_err(|e| {
+            anyhow::anyhow!("run config, `selector.tokenizer` {}: {e}", s.tokenizer.display())
+        })?;
+        if theirs.fingerprint != tok.fingerprint {
+            bail!(
+                "run config: `selector.tokenizer` {} is not the loader's tokenizer {}: the selectors would refuse every batch",
+                s.tokenizer.display(),
+                loader.tokenizer.display()
+            );
+        }
+        check_model("selector.model", &s.model, &loader.tokenizer, vocab, loader.seq_len)?;
+    }
+    if let (rho_trainer::config::BackendChoice::Candle, Some(m)) = (trainer.backend, &trainer.model) {
+        check_model("trainer.model", m, &loader.tokenizer, vocab, loader.seq_len)?;
+    }
+    Ok(())
+}
+
+/// Waits until no other process holds `dir` (a trainer of an earlier supervisor finishing its
+/// last checkpoint), for at most `limit`.
+async fn wait_for_owner(dir: &Path, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    let mut said = false;
+    loop {
+        match rho_protocol::lock::DirLock::acquire(dir) {
+            Ok(_) => return Ok(()),
+            Err(e @ rho_protocol::lock::LockError::Io { .. }) => return Err(e.into()),
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
+            Err(e) => {
+                if !said {
+                    say(&format!("waiting: {e}"));
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// How a supervised run ended (errors aside).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The stream ended, or the trainer's `max_steps`.
+    Finished,
+    /// Stopped by a signal before that; the run resumes from its checkpoint when run again.
+    Stopped,
+}
+
 pub async fn run(
     file: &Path,
     shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<RunEnd> {
     let started = Instant::now();
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
@@ -166,15 +359,17 @@ pub async fn run(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     }
-    .canonicalize()?;
+    .canonicalize()
+    .with_context(|| format!("resolving the directory of {}", file.display()))?;
     let dir = base.join(&rc.run_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let dir = dir.canonicalize()?;
-    std::fs::write(dir.join("run.json"), &text)?;
-    let exe = std::env::current_exe()?;
-    let secret = new_secret(&dir)?;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))?;
+    // One owner per run directory: held until this process exits, however it exits.
+    let _owner = rho_protocol::lock::DirLock::acquire(&dir)?;
 
-    // Loader.
+    // Every section is parsed and checked before anything is written or started.
     let mut loader: LoaderConfig = section(&rc.loader, "loader", &[])?;
     loader.resolve_paths(&base);
     if rc.loader.get("endpoint").is_none() {
@@ -187,6 +382,44 @@ pub async fn run(
     loader
         .state_dir
         .get_or_insert_with(|| dir.join("loader-state"));
+    let mut trainer: TrainerConfig = section(&rc.trainer, "trainer", &["loader"])?;
+    trainer.resolve_paths(&base);
+    if rc.trainer.get("delivery").is_none() {
+        trainer.delivery = "tcp://127.0.0.1:0".into();
+    }
+    trainer.delivery_file = Some(dir.join("trainer.delivery"));
+    trainer
+        .metrics
+        .get_or_insert_with(|| dir.join("trainer.metrics.jsonl"));
+    if trainer.checkpoint.is_none() {
+        trainer.checkpoint = Some(rho_trainer::config::CheckpointConfig {
+            dir: dir.join("checkpoints"),
+            every: None,
+            overwrite: false,
+        });
+    }
+    let uses_selectors = trainer.uses_selectors();
+    let selector = if uses_selectors {
+        if rc.selectors == 0 {
+            bail!("run config, `selectors`: 0, but the trainer's score rule ({:?}) needs reference losses from at least one selector; or serve a scored cache and set `trainer.source` to \"loader\"", trainer.selection.score);
+        }
+        let section_value = rc.selector.clone().ok_or_else(|| anyhow::anyhow!("run config: the trainer's score rule needs selectors, but there is no `selector` section"))?;
+        let mut s: SelectorConfig = section(&section_value, "selector", &["loader", "trainer"])?;
+        s.resolve_paths(&base);
+        Some(s)
+    } else {
+        None
+    };
+    preflight(&loader, selector.as_ref(), &trainer)?;
+
+    if let Some(kept) = keep_earlier_attempt(&dir)? {
+        say(&format!("kept the earlier attempt's logs, metrics and reports in {}", kept.display()));
+    }
+    write(&dir.join("run.json"), &text)?;
+    let exe = std::env::current_exe()?;
+    let secret = new_secret(&dir)?;
+
+    // Loader.
     loader.secret_file.get_or_insert_with(|| secret.clone());
     loader.validate().context("run config, section `loader`")?;
     let run_id = loader.run_id.clone();
@@ -198,30 +431,18 @@ pub async fn run(
         "loader",
         &serde_json::to_value(&loader)?,
     )?];
-    let loader_ep = wait_file(&dir.join("loader.endpoint"), &mut procs).await?;
+    let loader_ep = wait_file(&dir.join("loader.endpoint"), &dir, &mut procs).await?;
 
     // Trainer.
-    let mut trainer: TrainerConfig = section(&rc.trainer, "trainer", &["loader"])?;
-    trainer.resolve_paths(&base);
     trainer.run_id = run_id.clone();
     trainer.loader = loader_ep.clone();
-    if rc.trainer.get("delivery").is_none() {
-        trainer.delivery = "tcp://127.0.0.1:0".into();
-    }
-    trainer.delivery_file = Some(dir.join("trainer.delivery"));
-    trainer
-        .metrics
-        .get_or_insert_with(|| dir.join("trainer.metrics.jsonl"));
     trainer.secret_file.get_or_insert_with(|| secret.clone());
-    if trainer.checkpoint.is_none() {
-        trainer.checkpoint = Some(rho_trainer::config::CheckpointConfig {
-            dir: dir.join("checkpoints"),
-            every: None,
-        });
-    }
     trainer
         .validate()
         .context("run config, section `trainer`")?;
+    if let Some(ck) = &trainer.checkpoint {
+        wait_for_owner(&ck.dir, Duration::from_secs(120)).await?;
+    }
     let _ = std::fs::remove_file(dir.join("trainer.delivery"));
     procs.push(start(
         &exe,
@@ -230,21 +451,17 @@ pub async fn run(
         "trainer",
         &serde_json::to_value(&trainer)?,
     )?);
-    let uses_selectors = trainer.uses_selectors();
 
     // Selectors.
     let mut selector_config = None;
-    if uses_selectors {
-        let delivery = wait_file(&dir.join("trainer.delivery"), &mut procs).await?;
-        let section_value = rc.selector.clone().ok_or_else(|| anyhow::anyhow!("run config: the trainer's score rule needs selectors, but there is no `selector` section"))?;
-        let mut s: SelectorConfig = section(&section_value, "selector", &["loader", "trainer"])?;
-        s.resolve_paths(&base);
+    if let Some(mut s) = selector {
+        let delivery = wait_file(&dir.join("trainer.delivery"), &dir, &mut procs).await?;
         s.run_id = run_id.clone();
         s.loader = loader_ep.clone();
         s.trainer = delivery;
         s.secret_file.get_or_insert_with(|| secret.clone());
         s.validate().context("run config, section `selector`")?;
-        for i in 0..rc.selectors.max(1) {
+        for i in 0..rc.selectors {
             let mut c = s.clone();
             c.metrics
                 .get_or_insert_with(|| dir.join(format!("selector-{i}.metrics.jsonl")));
@@ -258,15 +475,11 @@ pub async fn run(
         }
         selector_config = Some(s);
     }
-    eprintln!(
+    say(&format!(
         "rho run `{run_id}`: loader on {loader_ep}, {} selector(s), run directory {}",
-        if uses_selectors {
-            rc.selectors.max(1)
-        } else {
-            0
-        },
+        if uses_selectors { rc.selectors } else { 0 },
         dir.display()
-    );
+    ));
 
     let progress = indicatif::ProgressBar::new_spinner();
     let mut restarts = 0u64;
@@ -281,67 +494,20 @@ pub async fn run(
             }
             _ = tick.tick() => {}
         }
-        let mut trainer_done = None;
-        let mut failure = None;
-        let mut loader_alive = true;
-        for p in procs.iter_mut() {
-            if let Some(status) = p.child.try_wait()? {
-                if p.name == "trainer" {
-                    trainer_done = Some(status);
-                } else if p.name == "loader" {
-                    loader_alive = false;
-                    if !status.success() {
-                        failure = Some(format!(
-                            "the loader failed ({status}); see {}",
-                            dir.join("loader.log").display()
-                        ));
-                    }
-                }
-            }
-        }
-        if let Some(f) = failure {
-            break Err(anyhow::anyhow!(f));
-        }
-        if let Some(status) = trainer_done {
-            if status.success() {
+        match watch(&mut procs, &dir, &exe, &rc, selector_config.as_ref(), &mut restarts, &progress) {
+            Ok(Watch::Running) => {}
+            Ok(Watch::Finished) => break Ok(()),
+            Ok(Watch::Stopped) => {
+                interrupted = true;
                 break Ok(());
             }
-            break Err(anyhow::anyhow!(
-                "the trainer failed ({status}); see {}",
-                dir.join("trainer.log").display()
-            ));
-        }
-        // A selector that died while there is work left is replaced.
-        if let Some(s) = &selector_config {
-            for i in 0..procs.len() {
-                if !procs[i].name.starts_with("selector") {
-                    continue;
-                }
-                let Some(status) = procs[i].child.try_wait()? else {
-                    continue;
-                };
-                if status.success() || !loader_alive || !rc.restart_selectors {
-                    continue;
-                }
-                restarts += 1;
-                let name = procs[i].name.clone();
-                tracing::warn!(selector = %name, %status, "selector died; restarting it");
-                let mut c = s.clone();
-                c.metrics = Some(dir.join(format!("{name}.metrics.jsonl")));
-                let _ = std::fs::rename(
-                    dir.join(format!("{name}.log")),
-                    dir.join(format!("{name}.{restarts}.log")),
-                );
-                procs[i] = start(&exe, &dir, &name, "selector", &serde_json::to_value(&c)?)?;
-            }
+            Err(e) => break Err(e),
         }
         let t = last_line(&dir.join("trainer.metrics.jsonl"));
         let l = last_line(&dir.join("loader.metrics.jsonl"));
         let alive = procs
             .iter_mut()
-            .filter(|p| p.name.starts_with("selector"))
-            .filter_map(|p| p.child.try_wait().ok())
-            .filter(|s| s.is_none())
+            .filter(|p| p.name.starts_with("selector") && p.restart_at.is_none() && !p.done)
             .count();
         let get =
             |v: &Option<Value>, k: &str| v.as_ref().and_then(|v| v[k].as_f64()).unwrap_or(0.0);
@@ -352,6 +518,9 @@ pub async fn run(
         progress.tick();
     };
     progress.finish_and_clear();
+    if interrupted {
+        say(&format!("rho run `{run_id}`: stopping (the trainer checkpoints first)"));
+    }
 
     // Stop: the trainer first (it checkpoints on SIGTERM), then whatever still runs.
     if let Some(t) = procs.iter().find(|p| p.name == "trainer") {
@@ -373,30 +542,161 @@ pub async fn run(
     }
     let trainer_report: Option<Value> = std::fs::read_to_string(dir.join("trainer.report.json"))
         .ok()
-        .and_then(|s| serde_json::from_str(&s).ok());
+        .and_then(|s| serde_json::from_str(s.lines().last().unwrap_or_default()).ok());
+    let steps = trainer_report
+        .as_ref()
+        .and_then(|r| r["steps"].as_u64())
+        .or_else(|| last_line(&dir.join("trainer.metrics.jsonl")).and_then(|l| l["step"].as_u64()))
+        .unwrap_or(0);
     let summary = json!({
         "run_id": run_id,
         "run_dir": dir,
         "wall_seconds": started.elapsed().as_secs_f64(),
         "selector_restarts": restarts,
         "interrupted": interrupted,
+        "failed": outcome.as_ref().err().map(|e| format!("{e:#}")),
+        "steps": steps,
         "configs": procs.iter().map(|p| p.config.clone()).collect::<Vec<_>>(),
         "trainer": trainer_report,
         "loader": last_line(&dir.join("loader.metrics.jsonl")),
     });
-    std::fs::write(
-        dir.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?,
-    )?;
+    // The run's own failure is what the user needs first; a summary that cannot be written
+    // (a full disk) is said after it, never in its place.
+    let written = rho_protocol::jsonl::write_atomic(
+        &dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    );
+    if let Err(e) = &written {
+        tracing::warn!("cannot write the run's summary: {e}");
+    }
     outcome?;
-    let steps = summary["trainer"]["steps"].as_u64().unwrap_or(0);
-    eprintln!(
+    written.map_err(|e| anyhow::anyhow!("writing the summary: {e}"))?;
+    if interrupted {
+        say(&format!(
+            "rho run `{run_id}` stopped at step {steps} after {:.1} s (interrupted); run the same command to resume; summary in {}",
+            started.elapsed().as_secs_f64(),
+            dir.join("summary.json").display()
+        ));
+        return Ok(RunEnd::Stopped);
+    }
+    say(&format!(
         "rho run `{run_id}` finished: {steps} steps in {:.1} s; summary in {}",
         started.elapsed().as_secs_f64(),
         dir.join("summary.json").display()
-    );
-    println!("{}", serde_json::to_string(&summary)?);
-    Ok(())
+    ));
+    {
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), "{}", serde_json::to_string(&summary)?);
+    }
+    Ok(RunEnd::Finished)
+}
+
+/// What one look at the processes found.
+enum Watch {
+    Running,
+    Finished,
+    Stopped,
+}
+
+/// Looks at every process once: the end of the run, a failure, a selector to restart (with
+/// backoff) or to give up on.
+fn watch(
+    procs: &mut [Proc],
+    dir: &Path,
+    exe: &Path,
+    rc: &RunConfig,
+    selector: Option<&SelectorConfig>,
+    restarts: &mut u64,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<Watch> {
+    let mut loader_alive = true;
+    for p in procs.iter_mut().filter(|p| !p.name.starts_with("selector")) {
+        let Some(status) = p.child.try_wait()? else {
+            continue;
+        };
+        let log = dir.join(format!("{}.log", p.name));
+        if p.name == "loader" {
+            loader_alive = false;
+            if !status.success() {
+                bail!("the loader failed ({status}){}", last_error(&log));
+            }
+        } else if p.name == "trainer" {
+            if status.success() {
+                return Ok(Watch::Finished);
+            }
+            if status.code() == Some(crate::EXIT_STOPPED) {
+                return Ok(Watch::Stopped);
+            }
+            bail!("the trainer failed ({status}){}", last_error(&log));
+        }
+    }
+    let Some(s) = selector else {
+        return Ok(Watch::Running);
+    };
+    let now = Instant::now();
+    for i in 0..procs.len() {
+        if !procs[i].name.starts_with("selector") || procs[i].done {
+            continue;
+        }
+        let name = procs[i].name.clone();
+        let log = dir.join(format!("{name}.log"));
+        if let Some(at) = procs[i].restart_at {
+            if now >= at {
+                *restarts += 1;
+                let mut c = s.clone();
+                c.metrics = Some(dir.join(format!("{name}.metrics.jsonl")));
+                let _ = std::fs::rename(&log, dir.join(format!("{name}.{restarts}.log")));
+                let failures = procs[i].quick_failures;
+                procs[i] = start(exe, dir, &name, "selector", &serde_json::to_value(&c)?)?;
+                procs[i].quick_failures = failures;
+            }
+            continue;
+        }
+        let Some(status) = procs[i].child.try_wait()? else {
+            // Alive long enough: its earlier failures were not a pattern.
+            if procs[i].started.elapsed() > SHORT_LIFE {
+                procs[i].quick_failures = 0;
+            }
+            continue;
+        };
+        if status.success() || !loader_alive {
+            procs[i].done = true;
+            continue;
+        }
+        let why = last_error(&log);
+        if !rc.restart_selectors {
+            procs[i].done = true;
+            procs[i].failed = true;
+            progress.suspend(|| {
+                tracing::warn!(selector = %name, %status, "selector exited and is not restarted (`restart_selectors` is false){why}")
+            });
+            continue;
+        }
+        procs[i].quick_failures = if procs[i].started.elapsed() < SHORT_LIFE {
+            procs[i].quick_failures + 1
+        } else {
+            1
+        };
+        let failures = procs[i].quick_failures;
+        if failures >= rc.max_selector_failures {
+            bail!("{name} failed {failures} times in a row, each within {} s of its start ({status}){why}", SHORT_LIFE.as_secs());
+        }
+        let backoff = FIRST_BACKOFF
+            .saturating_mul(1 << (failures - 1).min(16))
+            .min(MAX_BACKOFF);
+        progress.suspend(|| {
+            tracing::warn!(selector = %name, %status, "selector died; restarting it in {:.1} s{why}", backoff.as_secs_f64())
+        });
+        procs[i].restart_at = Some(now + backoff);
+    }
+    let mut selectors = procs.iter().filter(|p| p.name.starts_with("selector"));
+    if loader_alive && selectors.all(|p| p.failed) {
+        bail!(
+            "every selector has exited and none is restarted (`restart_selectors` is false): the trainer cannot get scored batches; see the selector logs in {}",
+            dir.display()
+        );
+    }
+    Ok(Watch::Running)
 }
 
 /// A finished `rho run`: its directory, `summary.json`, and the resident memory of each of its

@@ -64,9 +64,12 @@ pub struct LoaderConfig {
     /// Windows shuffled together (a block); 1 keeps corpus order. Default 64.
     #[serde(default = "default_shuffle_window")]
     pub shuffle_window: usize,
-    /// This loader's shard set when several loaders split a corpus: shards `i` with `i % world == rank`.
+    /// This loader's rank when `world` loaders split one stream (data parallelism): it issues
+    /// the global batches `g` with `g % world == rank`, and every rank issues the same number
+    /// (docs/PROTOCOL.md, "Several ranks"). Default 0.
     #[serde(default)]
     pub rank: u32,
+    /// Ranks splitting the stream. Default 1.
     #[serde(default = "one_u32")]
     pub world: u32,
     /// Tokenizer threads; 0 = every core. Default 0.

@@ -1,7 +1,6 @@
 //! The loader's counters, named in one place, and their JSONL and terminal reports.
 
 use serde::Serialize;
-use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
@@ -82,7 +81,7 @@ impl Counts {
 
 /// Writes one JSON line per interval: counters and rates since start.
 pub struct Reporter {
-    file: Option<std::fs::File>,
+    file: Option<rho_protocol::jsonl::JsonLines>,
     start: Instant,
     progress: indicatif::ProgressBar,
 }
@@ -98,14 +97,10 @@ struct Line<'a> {
 }
 
 impl Reporter {
-    pub fn new(path: Option<&Path>) -> std::io::Result<Self> {
+    /// The error names the metrics file.
+    pub fn new(path: Option<&Path>) -> Result<Self, String> {
         let file = match path {
-            Some(p) => {
-                if let Some(dir) = p.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                Some(std::fs::File::create(p)?)
-            }
+            Some(p) => Some(rho_protocol::jsonl::JsonLines::open(p, false)?),
             None => None,
         };
         let progress = indicatif::ProgressBar::new_spinner();
@@ -130,10 +125,7 @@ impl Reporter {
             mb_per_s: counts.text_bytes as f64 / elapsed / 1e6,
         };
         if let Some(f) = &mut self.file {
-            if let Ok(mut s) = serde_json::to_vec(&line) {
-                s.push(b'\n');
-                let _ = f.write_all(&s);
-            }
+            f.append(&line);
         }
         self.progress.set_message(format!(
             "docs {} | tokens {} ({:.0}/s, {:.1} MB/s) | batches sent {} acked {} in flight {} | skipped {} damaged {}",

@@ -172,9 +172,9 @@ pub async fn serve(
     let mut pending: VecDeque<u64> = VecDeque::new();
     let mut total: Option<u64> = None;
     let mut reporter =
-        Reporter::new(config.metrics.as_deref()).map_err(|source| LoaderError::Io {
-            path: config.metrics.clone().unwrap_or_default(),
-            source,
+        Reporter::new(config.metrics.as_deref()).map_err(|reason| LoaderError::ConfigField {
+            field: "metrics",
+            reason,
         })?;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(config.metrics_interval_secs));
     let run_id = config.run_id.clone();

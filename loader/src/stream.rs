@@ -58,27 +58,20 @@ pub struct Stream {
 impl Stream {
     /// Discovers this loader's shards, loads the tokenizer and opens the shard index.
     pub fn new(config: &LoaderConfig, metrics: Arc<Metrics>) -> Result<Self> {
-        let all = sources::discover(&config.data)?;
-        let shards: Vec<Shard> = all
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i as u64 % u64::from(config.world) == u64::from(config.rank))
-            .map(|(_, s)| s.clone())
-            .collect();
-        if shards.is_empty() {
-            return Err(LoaderError::ConfigField {
-                field: "rank",
-                reason: format!(
-                    "rank {} of {} gets none of the {} shards",
-                    config.rank,
-                    config.world,
-                    all.len()
-                ),
-            });
-        }
+        // Every rank reads the whole corpus: the ranks split the one stream batch by batch
+        // (see `Batcher`), so that they all end with the same number of batches.
+        let shards = sources::discover(&config.data)?;
         let tokenizer = Arc::new(TextTokenizer::load(config)?);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = if config.threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            cores
+        } else if config.threads > cores {
+            tracing::warn!(
+                threads = config.threads,
+                cores,
+                "`threads` is more than this machine's cores: using {cores}"
+            );
+            cores
         } else {
             config.threads
         };
@@ -129,8 +122,14 @@ impl Stream {
     }
 
     /// Produces this loader's batches from its `start`-th on, handing each to `emit`. Returns
-    /// the number of batches the whole stream holds when it ran to its end, `None` if `emit`
+    /// the number of batches this loader's stream holds when it ran to its end, `None` if `emit`
     /// stopped it.
+    ///
+    /// With `world` > 1, the stream is the one a single loader would produce, split batch by
+    /// batch: global batch `g` goes to rank `g % world`, with sequence number `g`, and the stream
+    /// ends for every rank after `floor(G / world)` batches of its own (`G`: global batches), so
+    /// that ranks stepping together under data parallelism all end together. The last
+    /// `G % world` global batches (fewer than `world`) are dropped, and said so in the log.
     pub fn run(
         &mut self,
         start: u64,
@@ -139,15 +138,18 @@ impl Stream {
         let b = self.config.batch_size as u64;
         let window = self.config.window();
         let s = self.config.shuffle_window as u64;
-        let (mut epoch, mut w0, mut shard_pos, mut token_skip) = if start == 0 {
+        // The global batch where this rank's `start`-th batch's group of `world` begins.
+        let group_start = start * u64::from(self.config.world);
+        let (mut epoch, mut w0, mut shard_pos, mut token_skip) = if group_start == 0 {
             (0, 0, 0, 0)
         } else {
-            self.locate(start, start * b)?
+            self.locate(start, group_start * b)?
         };
         let mut batcher = Batcher {
             rows: Vec::with_capacity(self.config.batch_size),
             first_epoch: 0,
-            next: start,
+            next: group_start,
+            held: None,
             batch_size: self.config.batch_size,
             window,
             world: u64::from(self.config.world),
@@ -217,7 +219,19 @@ impl Stream {
                 return Ok(None);
             }
         }
-        Ok(Some(batcher.next))
+        let world = u64::from(self.config.world);
+        if let Some(dropped) = batcher.held.take() {
+            let tokens: u64 = dropped.lengths.iter().map(|&l| u64::from(l)).sum();
+            tracing::info!(
+                seq = dropped.seq,
+                tokens,
+                global_batches = batcher.next,
+                world,
+                "dropped this rank's last batch: the stream's last {} batch(es) do not make a batch for every rank, and every rank ends with the same number",
+                batcher.next % world
+            );
+        }
+        Ok(Some(batcher.next / world))
     }
 
     /// Finds where global window `g` starts: (epoch, window in epoch, shard position in the
@@ -450,12 +464,14 @@ impl<F: FnMut(TokenBatch) -> Flow> Assembler<'_, F> {
     }
 }
 
-/// Groups windows into batches.
+/// Groups windows into batches: the global stream's batches, of which this rank keeps its own.
 struct Batcher {
     rows: Vec<Window>,
     first_epoch: u64,
-    /// Local index of the batch being assembled.
+    /// Global index (and sequence number) of the batch being assembled.
     next: u64,
+    /// This rank's batch of the current group of `world`, until the group is complete.
+    held: Option<TokenBatch>,
     batch_size: usize,
     window: usize,
     world: u64,
@@ -470,16 +486,42 @@ impl Batcher {
             self.first_epoch = epoch;
         }
         self.rows.push(w);
-        (self.rows.len() == self.batch_size).then(|| self.take())
+        if self.rows.len() == self.batch_size {
+            self.complete()
+        } else {
+            None
+        }
     }
 
     fn finish(&mut self) -> Option<TokenBatch> {
-        (!self.rows.is_empty()).then(|| self.take())
+        if self.rows.is_empty() {
+            None
+        } else {
+            self.complete()
+        }
+    }
+
+    /// A global batch is complete: keep it when it is this rank's, and hand out this rank's
+    /// batch once every rank of its group has one.
+    fn complete(&mut self) -> Option<TokenBatch> {
+        let g = self.next;
+        if g % self.world == self.rank {
+            let batch = self.take();
+            self.held = Some(batch);
+        } else {
+            self.rows.clear();
+            self.next += 1;
+        }
+        if g % self.world == self.world - 1 {
+            self.held.take()
+        } else {
+            None
+        }
     }
 
     fn take(&mut self) -> TokenBatch {
         let rows = std::mem::take(&mut self.rows);
-        let seq = self.next * self.world + self.rank;
+        let seq = self.next;
         self.next += 1;
         let mut tokens = Vec::with_capacity(rows.len() * self.window);
         let mut lengths = Vec::with_capacity(rows.len());

@@ -58,9 +58,11 @@ impl TextTokenizer {
             path: path.to_path_buf(),
             reason,
         };
-        let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let tokenizer =
-            Tokenizer::from_bytes(&bytes).map_err(|e| err(format!("not a tokenizer.json: {e}")))?;
+        let rho_protocol::tokenizer::LoadedTokenizer {
+            tokenizer,
+            fingerprint,
+            ..
+        } = rho_protocol::tokenizer::load(path).map_err(err)?;
         let resolve =
             |want: Option<Option<&str>>, defaults: &[&str], field: &'static str| match want {
                 None => Ok(None),
@@ -88,7 +90,7 @@ impl TextTokenizer {
         let bos = resolve(bos, &BOS_NAMES, "bos_token")?;
         let eos = resolve(eos, &EOS_NAMES, "eos_token")?;
         Ok(TextTokenizer {
-            fingerprint: Fingerprint::of_bytes(&bytes),
+            fingerprint,
             tokenizer,
             bos,
             eos,

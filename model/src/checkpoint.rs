@@ -134,3 +134,63 @@ pub fn save(
     .map_err(|e| err(&path, e.to_string()))?;
     Ok(())
 }
+
+/// What a checkpoint directory promises, checked without loading its weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inspected {
+    pub vocab_size: usize,
+    /// The longest sequence its positions cover (`max_position_embeddings`).
+    pub max_positions: usize,
+}
+
+/// Checks a checkpoint directory cheaply, before a process depends on it: `config.json` is
+/// there and understood, and every weight file is there and exactly as long as its safetensors
+/// header says (a truncated download or copy is found here, with the file named).
+pub fn inspect(dir: &Path) -> Result<Inspected> {
+    if !dir.is_dir() {
+        return Err(err(dir, "not a directory"));
+    }
+    let config = read_config(dir)?.into_config()?;
+    for file in weight_files(dir)? {
+        check_safetensors_length(&file)?;
+    }
+    Ok(Inspected {
+        vocab_size: config.vocab_size,
+        max_positions: config.max_position_embeddings,
+    })
+}
+
+fn check_safetensors_length(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let bad = |reason: String| err(path, reason);
+    let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let len = f.metadata().map_err(|e| bad(e.to_string()))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|e| bad(format!("no safetensors header: {e}")))?;
+    let n = u64::from_le_bytes(n);
+    if n > 100 << 20 || 8 + n > len {
+        return Err(bad(format!(
+            "truncated or not a safetensors file ({len} bytes, header of {n})"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("unreadable header: {e}")))?;
+    let end = header
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.as_str() != "__metadata__")
+        .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    if 8 + n + end != len {
+        return Err(bad(format!(
+            "{len} bytes, but its header describes {} (truncated or damaged)",
+            8 + n + end
+        )));
+    }
+    Ok(())
+}

@@ -125,7 +125,16 @@ impl Consumer {
         &mut self,
         stop: &mut F,
     ) -> Result<bool, ClientError> {
-        tracing::warn!(endpoint = %self.endpoint, silent_ms = self.silent_for().as_millis() as u64, "reconnecting");
+        let signing = if self.key.is_some() {
+            "signed with this process's secret (`secret_file` or RHO_SECRET)"
+        } else {
+            "unsigned (no `secret_file`, no RHO_SECRET)"
+        };
+        tracing::warn!(
+            endpoint = %self.endpoint,
+            silent_ms = self.silent_for().as_millis() as u64,
+            "no answer: reconnecting. If that process is running, it may be refusing this one's messages, which are {signing}: every process of a run needs the same secret, and the refusing side logs `refused`"
+        );
         let fresh = tokio::select! {
             c = Self::connect_with(&self.endpoint, &self.run_id, self.limits, self.key.clone()) => c?,
             _ = stop => return Ok(false),

@@ -16,8 +16,11 @@ mod codec;
 pub mod config_file;
 mod error;
 pub mod fingerprint;
+pub mod jsonl;
 pub mod flow;
 pub mod liveness;
+pub mod lock;
+pub mod tokenizer;
 pub mod messages;
 
 pub use auth::Key;

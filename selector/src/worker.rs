@@ -62,9 +62,8 @@ pub fn tokenizer_identity(path: &Path) -> Result<(Fingerprint, usize)> {
         path: path.to_path_buf(),
         reason,
     };
-    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let tk = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| err(e.to_string()))?;
-    Ok((Fingerprint::of_bytes(&bytes), tk.get_vocab_size(true)))
+    let t = rho_protocol::tokenizer::load(path).map_err(err)?;
+    Ok((t.fingerprint, t.tokenizer.get_vocab_size(true)))
 }
 
 /// Loads the reference model of a config and checks it against the tokenizer.
@@ -155,8 +154,7 @@ pub async fn serve(
     let mut report = Report::default();
     let mut metrics = match &config.metrics {
         Some(p) => Some(
-            std::fs::File::create(p)
-                .map_err(|e| SelectorError::Transport(format!("{}: {e}", p.display())))?,
+            rho_protocol::jsonl::JsonLines::open(p, false).map_err(SelectorError::Transport)?,
         ),
         None => None,
     };
@@ -311,8 +309,7 @@ pub async fn serve(
             _ = tick.tick() => {
                 let line = report.line(started.elapsed().as_secs_f64());
                 if let Some(f) = &mut metrics {
-                    use std::io::Write;
-                    let _ = writeln!(f, "{line}");
+                    f.append(&line);
                 }
                 progress.set_message(format!(
                     "selector: {} batches, {:.0} tokens/s, queue {}, credits {}",
@@ -324,8 +321,7 @@ pub async fn serve(
     }
     report.wall_secs = started.elapsed().as_secs_f64();
     if let Some(f) = &mut metrics {
-        use std::io::Write;
-        let _ = writeln!(f, "{}", report.line(report.wall_secs));
+        f.append(&report.line(report.wall_secs));
     }
     progress.finish_and_clear();
     Ok(report)

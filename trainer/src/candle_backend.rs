@@ -272,8 +272,9 @@ impl Backend for CandleBackend {
         candle_core::safetensors::save(&state, &path)
             .map_err(|e| TrainerError::Checkpoint(format!("{}: {e}", path.display())))?;
         let meta = serde_json::json!({"adam_steps": self.optimizer.t});
-        std::fs::write(dir.join("optimizer.json"), meta.to_string())
-            .map_err(|e| TrainerError::Checkpoint(e.to_string()))?;
+        let path = dir.join("optimizer.json");
+        std::fs::write(&path, meta.to_string())
+            .map_err(|e| TrainerError::Checkpoint(format!("{}: {e}", path.display())))?;
         Ok(())
     }
 

@@ -38,6 +38,10 @@ pub struct CheckpointConfig {
     /// Every this many steps (and always at the end and on shutdown).
     #[serde(default)]
     pub every: Option<u64>,
+    /// Without `resume`, remove the checkpoints an earlier run left in `dir` and start afresh.
+    /// Default false: a run that does not resume refuses a directory holding checkpoints.
+    #[serde(default)]
+    pub overwrite: bool,
 }
 
 /// Held-out evaluation.
@@ -91,7 +95,7 @@ pub struct TrainerConfig {
     pub max_steps: Option<u64>,
     #[serde(default)]
     pub checkpoint: Option<CheckpointConfig>,
-    /// Continue from the latest checkpoint in `checkpoint.dir` when there is one.
+    /// Continue from the newest complete checkpoint in `checkpoint.dir` when there is one.
     #[serde(default)]
     pub resume: bool,
     #[serde(default)]

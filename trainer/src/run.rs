@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -114,8 +113,11 @@ pub async fn run(
         next_seq: 0,
         tokens: 0,
     };
-    if let (true, Some(ck)) = (config.resume, &config.checkpoint) {
-        if let Some((dir, saved)) = checkpoint::latest(&ck.dir)? {
+    let mut checkpoints = None;
+    if let Some(ck) = &config.checkpoint {
+        let (held, found) = checkpoint::Checkpoints::open(&ck.dir, config.resume, ck.overwrite)?;
+        checkpoints = Some(held);
+        if let Some((dir, saved)) = found {
             if saved.run_id != config.run_id {
                 return Err(TrainerError::Checkpoint(format!(
                     "{} belongs to run `{}`, not `{}`",
@@ -136,18 +138,13 @@ pub async fn run(
             reason,
         }
     })?;
-    let mut loader =
-        Consumer::connect_with(&config.loader, &config.run_id, limits, key.clone()).await?;
-    if state.next_seq > 0 {
-        loader.resume(state.next_seq).await?;
-    }
     let selectors = config.uses_selectors();
     let (mut delivery_tx, mut delivery_rx) = if selectors {
         let mut router = RouterSocket::new();
         let endpoint = router
             .bind(&config.delivery)
             .await
-            .map_err(|e| TrainerError::Transport(format!("cannot bind {}: {e}", config.delivery)))?
+            .map_err(|e| TrainerError::Transport(format!("cannot bind the delivery endpoint {} (field `delivery`): {e}", config.delivery)))?
             .to_string();
         tracing::info!(%endpoint, "trainer delivery endpoint listening");
         if let Some(f) = &config.delivery_file {
@@ -169,11 +166,24 @@ pub async fn run(
     } else {
         (None, None)
     };
+    // The delivery endpoint is bound (or refused) first: connecting waits for the loader.
+    tracing::info!(loader = %config.loader, "connecting to the loader");
+    let mut loader =
+        Consumer::connect_with(&config.loader, &config.run_id, limits, key.clone()).await?;
+    if state.next_seq > 0 {
+        loader.resume(state.next_seq).await?;
+    }
 
+    // A resumed run continues its metrics file; a fresh one starts it empty.
+    let resumed = state.step > 0;
     let mut metrics = match &config.metrics {
         Some(p) => Some(
-            std::fs::File::create(p)
-                .map_err(|e| TrainerError::Transport(format!("{}: {e}", p.display())))?,
+            rho_protocol::jsonl::JsonLines::open(p, resumed).map_err(|reason| {
+                TrainerError::ConfigField {
+                    field: "metrics",
+                    reason,
+                }
+            })?,
         ),
         None => None,
     };
@@ -236,10 +246,10 @@ pub async fn run(
                 });
                 eval_loss = Some(loss);
             }
-            if let (Some(ck), Some(every)) = (&config.checkpoint, checkpoint_every) {
+            if let (Some(ck), Some(every)) = (checkpoints.as_mut(), checkpoint_every) {
                 if state.step % every == 0 {
                     report.last_checkpoint = Some(tokio::task::block_in_place(|| {
-                        checkpoint::save(&ck.dir, backend.as_ref(), &state)
+                        ck.save(backend.as_ref(), &state)
                     })?);
                 }
             }
@@ -254,7 +264,7 @@ pub async fn run(
                 "eval_loss": eval_loss, "duplicates": report.duplicates,
             });
             if let Some(f) = &mut metrics {
-                let _ = writeln!(f, "{line}");
+                f.append(&line);
             }
             progress.set_message(format!(
                 "trainer: step {} | loss sel {:.3} all {:.3} | selected {:.0}% | lr {:.2e} | {:.0} tok/s | waiting {:.0}%",
@@ -392,9 +402,9 @@ pub async fn run(
             loss,
         });
     }
-    if let Some(ck) = &config.checkpoint {
+    if let Some(ck) = checkpoints.as_mut() {
         report.last_checkpoint = Some(tokio::task::block_in_place(|| {
-            checkpoint::save(&ck.dir, backend.as_ref(), &state)
+            ck.save(backend.as_ref(), &state)
         })?);
     }
     progress.finish_and_clear();
