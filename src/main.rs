@@ -247,6 +247,22 @@ fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
         .context("setting up the thread pool")
 }
 
+/// stderr for the logs, where a failed write is dropped: a log that cannot be written (a full
+/// disk, a supervisor gone with the other end of the pipe) never stops a process that can still
+/// work. (The stock writer reports the failure with `eprintln!`, which panics.)
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     keep_freed_memory();
     tracing_subscriber::fmt()
@@ -254,7 +270,7 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogWriter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 struct RunConfig {
     /// Where configs, logs, metrics, reports and checkpoints go (relative to the config file).
@@ -62,9 +62,15 @@ const SHORT_LIFE: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// The last lines a process wrote to stderr, kept in memory: its last error reaches the
+/// terminal even when its log file cannot be written (a full disk).
+type Tail = std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>;
+const TAIL_LINES: usize = 50;
+
 struct Proc {
     name: String,
     child: Child,
+    tail: Tail,
     config: PathBuf,
     started: Instant,
     /// Failures in a row, each soon after a start.
@@ -116,10 +122,11 @@ fn start(
     let log_path = dir.join(format!("{name}.log"));
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
+    let tail = Tail::default();
     let report_path = dir.join(format!("{name}.report.json"));
     let report = std::fs::File::create(&report_path)
         .with_context(|| format!("creating {}", report_path.display()))?;
-    let child = Command::new(exe)
+    let mut child = Command::new(exe)
         .args([command, "--config"])
         .arg(&path)
         .env(
@@ -129,16 +136,20 @@ fn start(
         .env(SUPERVISOR_PID_VAR, std::process::id().to_string())
         .stdin(std::process::Stdio::null())
         .stdout(report)
-        .stderr(log)
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {name}"))?;
+    if let Some(stderr) = child.stderr.take() {
+        tokio::spawn(copy_log(stderr, log, log_path, tail.clone()));
+    }
     if let Some(pid) = child.id() {
         write(&dir.join(format!("{name}.pid")), pid.to_string())?;
     }
     Ok(Proc {
         name: name.to_string(),
         child,
+        tail,
         config: path,
         started: Instant::now(),
         quick_failures: 0,
@@ -146,6 +157,42 @@ fn start(
         done: false,
         failed: false,
     })
+}
+
+/// Copies a child's stderr into its log file line by line, keeping the last lines in `tail`.
+/// A log that cannot be written is warned about once; the copy goes on (the child must never
+/// block on a full pipe).
+async fn copy_log(
+    stderr: tokio::process::ChildStderr,
+    mut log: std::fs::File,
+    path: PathBuf,
+    tail: Tail,
+) {
+    use std::io::Write;
+    use tokio::io::AsyncBufReadExt;
+    let mut reader = tokio::io::BufReader::new(stderr);
+    let mut line = Vec::new();
+    let mut failed = false;
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if let Err(e) = log.write_all(&line) {
+            if !failed {
+                tracing::warn!(log = %path.display(), "cannot write a process's log: {e}; its last lines are kept in memory");
+                failed = true;
+            }
+        }
+        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+        if let Ok(mut t) = tail.lock() {
+            if t.len() == TAIL_LINES {
+                t.pop_front();
+            }
+            t.push_back(text);
+        }
+    }
 }
 
 async fn wait_file(path: &Path, dir: &Path, procs: &mut [Proc]) -> anyhow::Result<String> {
@@ -158,10 +205,12 @@ async fn wait_file(path: &Path, dir: &Path, procs: &mut [Proc]) -> anyhow::Resul
         }
         for p in procs.iter_mut() {
             if let Some(status) = p.child.try_wait()? {
+                // Let the log copy catch up with the last lines.
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 bail!(
                     "{} exited during start-up ({status}){}",
                     p.name,
-                    last_error(&dir.join(format!("{}.log", p.name)))
+                    last_error(p, dir)
                 );
             }
         }
@@ -178,17 +227,40 @@ fn last_line(path: &Path) -> Option<Value> {
 }
 
 /// The last error a process logged, as `": <line> (see <log>)"`, or a pointer to its log.
-fn last_error(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let line = text
-        .lines()
+fn last_error(p: &Proc, dir: &Path) -> String {
+    let log = dir.join(format!("{}.log", p.name));
+    let lines: Vec<String> = p
+        .tail
+        .lock()
+        .map(|t| t.iter().cloned().collect())
+        .unwrap_or_default();
+    let line = lines
+        .iter()
         .rev()
         .find(|l| l.starts_with("Error:") || l.contains("ERROR"))
-        .or_else(|| text.lines().rev().find(|l| !l.trim().is_empty()));
+        .or_else(|| lines.iter().rev().find(|l| !l.trim().is_empty()));
     match line {
-        Some(l) => format!(": {} (see {})", l.trim(), log.display()),
+        Some(l) => format!(": {} (see {})", strip_ansi(l.trim()), log.display()),
         None => format!("; see {}", log.display()),
     }
+}
+
+/// Removes terminal color sequences.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Writes a fresh random secret for the run's messages, readable by the owner only.
@@ -309,6 +381,10 @@ fn preflight(
             );
         }
         check_model("selector.model", &s.model, &loader.tokenizer, vocab, loader.seq_len)?;
+        let device = rho_model::parse_device(&s.device)
+            .map_err(|e| anyhow::anyhow!("run config, `selector.device`: {e}"))?;
+        rho_model::parse_dtype(&s.dtype, &device)
+            .map_err(|e| anyhow::anyhow!("run config, `selector.dtype`: {e}"))?;
     }
     if let (rho_trainer::config::BackendChoice::Candle, Some(m)) = (trainer.backend, &trainer.model) {
         check_model("trainer.model", m, &loader.tokenizer, vocab, loader.seq_len)?;
@@ -494,7 +570,7 @@ pub async fn run(
             }
             _ = tick.tick() => {}
         }
-        match watch(&mut procs, &dir, &exe, &rc, selector_config.as_ref(), &mut restarts, &progress) {
+        match watch(&mut procs, &dir, &exe, &rc, selector_config.as_ref(), &mut restarts, &progress).await {
             Ok(Watch::Running) => {}
             Ok(Watch::Finished) => break Ok(()),
             Ok(Watch::Stopped) => {
@@ -526,8 +602,20 @@ pub async fn run(
     if let Some(t) = procs.iter().find(|p| p.name == "trainer") {
         terminate(t);
     }
+    let mut outcome = outcome;
     for p in procs.iter_mut().filter(|p| p.name == "trainer") {
-        let _ = tokio::time::timeout(Duration::from_secs(120), p.child.wait()).await;
+        let status = tokio::time::timeout(Duration::from_secs(120), p.child.wait()).await;
+        // A trainer that fails as it stops (its last checkpoint) is a failure of the run.
+        if let (Ok(Ok(status)), true) = (status, outcome.is_ok()) {
+            let stopped = status.success() || status.code() == Some(crate::EXIT_STOPPED);
+            if !stopped && status.code().is_some() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                outcome = Err(anyhow::anyhow!(
+                    "the trainer failed as it stopped ({status}){}",
+                    last_error(p, &dir)
+                ));
+            }
+        }
     }
     for p in procs.iter().filter(|p| p.name != "trainer") {
         terminate(p);
@@ -600,7 +688,7 @@ enum Watch {
 
 /// Looks at every process once: the end of the run, a failure, a selector to restart (with
 /// backoff) or to give up on.
-fn watch(
+async fn watch(
     procs: &mut [Proc],
     dir: &Path,
     exe: &Path,
@@ -614,11 +702,14 @@ fn watch(
         let Some(status) = p.child.try_wait()? else {
             continue;
         };
-        let log = dir.join(format!("{}.log", p.name));
+        if !status.success() {
+            // Let the log copy catch up with the last lines.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         if p.name == "loader" {
             loader_alive = false;
             if !status.success() {
-                bail!("the loader failed ({status}){}", last_error(&log));
+                bail!("the loader failed ({status}){}", last_error(p, dir));
             }
         } else if p.name == "trainer" {
             if status.success() {
@@ -627,7 +718,7 @@ fn watch(
             if status.code() == Some(crate::EXIT_STOPPED) {
                 return Ok(Watch::Stopped);
             }
-            bail!("the trainer failed ({status}){}", last_error(&log));
+            bail!("the trainer failed ({status}){}", last_error(p, dir));
         }
     }
     let Some(s) = selector else {
@@ -663,7 +754,8 @@ fn watch(
             procs[i].done = true;
             continue;
         }
-        let why = last_error(&log);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let why = last_error(&procs[i], dir);
         if !rc.restart_selectors {
             procs[i].done = true;
             procs[i].failed = true;
@@ -769,4 +861,46 @@ pub async fn launch(dir: &Path, name: &str, config: &Value) -> anyhow::Result<Ru
         summary,
         memory,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_run_config_field_is_in_the_config_reference() {
+        let rc: RunConfig = serde_json::from_value(json!({
+            "run_dir": "r", "loader": {}, "trainer": {}, "selector": {}
+        }))
+        .unwrap();
+        let doc = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/CONFIG.md"),
+        )
+        .unwrap();
+        let section = &doc[doc.find("## Run").unwrap()..];
+        let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+        let listed: Vec<&str> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .collect();
+        let fields: Vec<String> = serde_json::to_value(&rc)
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        for f in &fields {
+            assert!(listed.contains(&f.as_str()), "docs/CONFIG.md, Run: `{f}` not documented");
+        }
+        for l in &listed {
+            assert!(fields.iter().any(|f| f == l), "docs/CONFIG.md, Run: no field `{l}`");
+        }
+    }
+
+    #[test]
+    fn color_codes_are_stripped_from_a_logged_error() {
+        assert_eq!(strip_ansi("\u{1b}[31mERROR\u{1b}[0m boom"), "ERROR boom");
+    }
 }

@@ -49,3 +49,72 @@ fn every_config_in_configs_parses() {
     }
     assert!(seen >= 6, "configs/ holds {seen} configs");
 }
+
+/// The dotted names of every field of a serialized config (`data.paths`, `optimizer.lr`, ...).
+/// Enum-valued objects (`selection.schedule`) are one field.
+fn field_names(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
+    let Some(map) = v.as_object() else { return };
+    for (k, child) in map {
+        let name = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        if child.is_object() && child.get("kind").is_none() {
+            field_names(&name, child, out);
+        }
+        out.push(name);
+    }
+}
+
+/// The `field` column of the table under a `## heading` of docs/CONFIG.md.
+fn documented(doc: &str, heading: &str) -> Vec<String> {
+    let start = doc
+        .find(&format!("## {heading}"))
+        .unwrap_or_else(|| panic!("docs/CONFIG.md has no `## {heading}`"));
+    let section = &doc[start..];
+    let end = section[3..].find("\n## ").map_or(section.len(), |i| i + 3);
+    section[..end]
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(String::from)
+        .collect()
+}
+
+fn assert_documented(heading: &str, config: &impl serde::Serialize) {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/CONFIG.md"))
+        .unwrap();
+    let listed = documented(&doc, heading);
+    let mut fields = Vec::new();
+    field_names("", &serde_json::to_value(config).unwrap(), &mut fields);
+    let missing: Vec<_> = fields.iter().filter(|f| !listed.contains(f)).collect();
+    assert!(missing.is_empty(), "docs/CONFIG.md, {heading}: not documented: {missing:?}");
+    let stale: Vec<_> = listed.iter().filter(|f| !fields.contains(f)).collect();
+    assert!(stale.is_empty(), "docs/CONFIG.md, {heading}: no such field: {stale:?}");
+}
+
+#[test]
+fn every_config_field_is_in_the_config_reference() {
+    let loader: rho_loader::LoaderConfig = serde_json::from_value(serde_json::json!({
+        "data": {"paths": ["x"]}, "tokenizer": "t.json", "seq_len": 8, "batch_size": 2,
+    }))
+    .unwrap();
+    assert_documented("Loader", &loader);
+    let selector: rho_selector::SelectorConfig = serde_json::from_value(serde_json::json!({
+        "loader": "tcp://127.0.0.1:1", "trainer": "tcp://127.0.0.1:2",
+        "model": "m", "tokenizer": "t.json",
+    }))
+    .unwrap();
+    assert_documented("Selector", &selector);
+    let trainer: rho_trainer::TrainerConfig = serde_json::from_value(serde_json::json!({
+        "loader": "tcp://127.0.0.1:1", "model": "m",
+        "checkpoint": {"dir": "c"}, "eval": {"loader_config": "h.json", "every": 10},
+    }))
+    .unwrap();
+    let mut fields = serde_json::to_value(&trainer).unwrap();
+    // The liveness fields are listed once, under the selector.
+    fields.as_object_mut().unwrap().remove("liveness");
+    fields["liveness"] = serde_json::json!(null);
+    assert_documented("Trainer", &fields);
+}

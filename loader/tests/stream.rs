@@ -209,3 +209,32 @@ fn ranks_split_one_stream_batch_by_batch_and_all_end_with_the_same_count() {
         assert_eq!(seen, (0..g / w * w).collect::<Vec<_>>());
     }
 }
+
+#[test]
+fn a_tokenizer_files_own_padding_and_truncation_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    parquet_corpus(&data, 2, 20);
+    let plain = bpe_tokenizer(&data, &dir.path().join("bpe.json"));
+    // The same tokenizer as many published files ship it: fixed padding and truncation to 16.
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&plain).unwrap()).unwrap();
+    json["padding"] = serde_json::json!({"strategy": {"Fixed": 16}, "direction": "Right",
+        "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "<pad>"});
+    json["truncation"] = serde_json::json!({"direction": "Right", "max_length": 16,
+        "strategy": "LongestFirst", "stride": 0});
+    let padded = dir.path().join("padded.json");
+    std::fs::write(&padded, json.to_string()).unwrap();
+    // Loaded as is, that file would cut every document to 16 ids.
+    let raw = tokenizers::Tokenizer::from_file(&padded).unwrap();
+    let long = "a long document ".repeat(40);
+    assert_eq!(raw.encode(long.as_str(), false).unwrap().len(), 16);
+
+    let (want, counts) = batches(&config(&data, &plain, 31, 3), 0);
+    let (got, padded_counts) = batches(&config(&data, &padded, 31, 3), 0);
+    assert_eq!(counts.tokens, padded_counts.tokens);
+    assert_eq!(want.len(), got.len());
+    for (a, b) in want.iter().zip(&got) {
+        assert!(a.tokens == b.tokens && a.lengths == b.lengths, "batch {}", a.seq);
+    }
+}
