@@ -62,10 +62,19 @@ const SHORT_LIFE: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// The last lines a process wrote to stderr, kept in memory: its last error reaches the
-/// terminal even when its log file cannot be written (a full disk).
-type Tail = std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>;
+/// What a process wrote to stderr, kept in memory: its last error reaches the terminal even
+/// when its log file cannot be written (a full disk).
+#[derive(Default)]
+struct TailState {
+    /// The last lines.
+    lines: std::collections::VecDeque<String>,
+    /// The last error report (`Error: ...` and its causes, up to a backtrace).
+    error: Vec<String>,
+    in_error: bool,
+}
+type Tail = std::sync::Arc<std::sync::Mutex<TailState>>;
 const TAIL_LINES: usize = 50;
+const ERROR_LINES: usize = 12;
 
 struct Proc {
     name: String,
@@ -134,6 +143,8 @@ fn start(
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         )
         .env(SUPERVISOR_PID_VAR, std::process::id().to_string())
+        // Errors are reported with their causes; a backtrace would bury them in the log.
+        .env("RUST_LIB_BACKTRACE", "0")
         .stdin(std::process::Stdio::null())
         .stdout(report)
         .stderr(std::process::Stdio::piped())
@@ -185,12 +196,21 @@ async fn copy_log(
                 failed = true;
             }
         }
-        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+        let text = strip_ansi(String::from_utf8_lossy(&line).trim_end());
         if let Ok(mut t) = tail.lock() {
-            if t.len() == TAIL_LINES {
-                t.pop_front();
+            if text.starts_with("Error:") {
+                t.error.clear();
+                t.in_error = true;
+            } else if text.starts_with("Stack backtrace:") || text.starts_with("stack backtrace:") {
+                t.in_error = false;
             }
-            t.push_back(text);
+            if t.in_error && t.error.len() < ERROR_LINES && !text.trim().is_empty() {
+                t.error.push(text.trim().to_string());
+            }
+            if t.lines.len() == TAIL_LINES {
+                t.lines.pop_front();
+            }
+            t.lines.push_back(text);
         }
     }
 }
@@ -226,21 +246,34 @@ fn last_line(path: &Path) -> Option<Value> {
     serde_json::from_str(text.lines().last()?).ok()
 }
 
-/// The last error a process logged, as `": <line> (see <log>)"`, or a pointer to its log.
+/// The last error a process reported (`Error: ...` and its causes), else its last logged
+/// error or line, as `": <text> (see <log>)"`, or a pointer to its log.
 fn last_error(p: &Proc, dir: &Path) -> String {
     let log = dir.join(format!("{}.log", p.name));
-    let lines: Vec<String> = p
+    let (error, lines) = p
         .tail
         .lock()
-        .map(|t| t.iter().cloned().collect())
+        .map(|t| (t.error.clone(), t.lines.iter().cloned().collect::<Vec<_>>()))
         .unwrap_or_default();
-    let line = lines
-        .iter()
-        .rev()
-        .find(|l| l.starts_with("Error:") || l.contains("ERROR"))
-        .or_else(|| lines.iter().rev().find(|l| !l.trim().is_empty()));
-    match line {
-        Some(l) => format!(": {} (see {})", strip_ansi(l.trim()), log.display()),
+    let text = if !error.is_empty() {
+        Some(
+            error
+                .iter()
+                .filter(|l| *l != "Caused by:")
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(" "),
+        )
+    } else {
+        lines
+            .iter()
+            .rev()
+            .find(|l| l.contains("ERROR"))
+            .or_else(|| lines.iter().rev().find(|l| !l.trim().is_empty()))
+            .map(|l| l.trim().to_string())
+    };
+    match text {
+        Some(t) => format!(": {t} (see {})", log.display()),
         None => format!("; see {}", log.display()),
     }
 }
@@ -359,6 +392,16 @@ fn preflight(
     selector: Option<&SelectorConfig>,
     trainer: &TrainerConfig,
 ) -> anyhow::Result<()> {
+    if let (Some(ck), false) = (&trainer.checkpoint, trainer.resume) {
+        let existing = rho_trainer::checkpoint::list(&ck.dir)?;
+        if let (Some((_, newest)), false) = (existing.first(), ck.overwrite) {
+            bail!(
+                "run config, `trainer.checkpoint.dir`: {} holds checkpoints of an earlier run (newest: {}); a run never writes over checkpoints it did not make: set `trainer.resume: true` to continue it, `trainer.checkpoint.overwrite: true` to start afresh, or choose another directory",
+                ck.dir.display(),
+                newest.display()
+            );
+        }
+    }
     if loader.scored.is_some() {
         return Ok(());
     }

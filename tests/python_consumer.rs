@@ -2,8 +2,8 @@
 //! `rho` binary: codec, selection against the shared vectors, and whole pipelines (a full
 //! stream, a resume mid-stream, a selector killed mid-run, wrongly signed messages).
 //!
-//! Needs `python3` with the packages of `python/requirements-test.txt` (`.ci/run` installs
-//! them); torch is optional (its tests are skipped without it).
+//! Needs the packages of `python/requirements-test.txt`: `scripts/test` (the README's test
+//! command) makes an environment with them and points `PYTHON` at it.
 
 use std::process::Command;
 
@@ -17,7 +17,7 @@ fn pytest_suite_passes_against_this_binary() {
         .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
     assert!(
         probe.status.success(),
-        "{python} lacks the Python test packages: pip install -r python/requirements-test.txt\n{}",
+        "{python} lacks the Python test packages: run the tests with scripts/test, which sets them up (or set PYTHON to a python with python/requirements-test.txt)\n{}",
         String::from_utf8_lossy(&probe.stderr)
     );
     let out = Command::new(&python)

@@ -18,17 +18,7 @@ fn world() -> &'static Path {
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        rho(&[
-            "synth",
-            "--shards",
-            "2",
-            "--docs-per-shard",
-            "100",
-            "--seed",
-            "3",
-            "--out",
-            &p(&root.join("data")),
-        ]);
+        common::synth(root, "data", 2, 100, 3);
         common::train_tokenizer(root, "data", 400);
         common::init_model(root, "tiny", 1, "ref");
         common::init_model(root, "tiny", 2, "init");
@@ -58,6 +48,17 @@ fn run_config(name: &str, edit: impl FnOnce(&mut Value)) -> (PathBuf, PathBuf) {
     let path = home.join("run.json");
     std::fs::write(&path, cfg.to_string()).unwrap();
     (path, home.join("run"))
+}
+
+/// Starts `rho run CONFIG`, its output captured.
+fn start_run(config: &Path) -> std::process::Child {
+    Command::new(common::RHO)
+        .args(["run", &p(config)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 fn run_to_end(config: &Path) -> Output {
@@ -119,13 +120,7 @@ fn wait_step(run_dir: &Path, step: u64) {
 #[test]
 fn the_processes_of_a_run_die_with_their_supervisor_and_a_run_directory_has_one_owner() {
     let (config, run_dir) = run_config("orphans", |_| {});
-    let mut supervisor = Command::new(common::RHO)
-        .args(["run", &p(&config)])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut supervisor = start_run(&config);
     wait_step(&run_dir, 3);
     let children: Vec<u32> = ["loader", "trainer", "selector-0"]
         .iter()
@@ -180,13 +175,7 @@ fn the_processes_of_a_run_die_with_their_supervisor_and_a_run_directory_has_one_
 #[test]
 fn an_interrupted_run_says_where_it_stopped_and_exits_with_130() {
     let (config, run_dir) = run_config("sigint", |_| {});
-    let supervisor = Command::new(common::RHO)
-        .args(["run", &p(&config)])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let supervisor = start_run(&config);
     wait_step(&run_dir, 3);
     signal(supervisor.id(), "-INT");
     let out = supervisor.wait_with_output().unwrap();
@@ -338,13 +327,7 @@ fn a_selector_that_can_never_start_ends_the_run_with_its_error() {
     let (config, run_dir) = run_config("no-restart", |c| {
         c["restart_selectors"] = json!(false);
     });
-    let supervisor = Command::new(common::RHO)
-        .args(["run", &p(&config)])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let supervisor = start_run(&config);
     wait_step(&run_dir, 2);
     signal(pid_of(&run_dir, "selector-0"), "-KILL");
     let out = supervisor.wait_with_output().unwrap();
@@ -428,13 +411,7 @@ fn a_full_disk_names_the_file_keeps_metrics_whole_and_reports_the_first_cause() 
         c["trainer"]["checkpoint"]["every"] = json!(1000);
         c["trainer"]["max_steps"] = json!(60);
     });
-    let supervisor = Command::new(common::RHO)
-        .args(["run", &p(&config)])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let supervisor = start_run(&config);
     wait_step(&run_dir, 3);
     // Fill the disk.
     let filler = run_dir.join("filler");
@@ -495,4 +472,40 @@ fn a_read_only_run_directory_is_named() {
     assert!(!out.status.success());
     assert!(said.contains(&p(&run_dir)), "{said}");
     assert!(said.contains("Read-only file system"), "{said}");
+}
+
+/// Rule: a process refused for its secret is told where to look, in its own log.
+#[test]
+fn a_selector_with_another_secret_says_so_in_its_log() {
+    let w = world();
+    let wrong = w.join("wrong-secret");
+    std::fs::write(&wrong, "not the run's secret").unwrap();
+    let (config, run_dir) = run_config("secret", |c| {
+        c["selector"]["secret_file"] = json!(p(&wrong));
+        c["selector"]["liveness"] = json!({"heartbeat_secs": 0.2, "peer_timeout_secs": 1.0});
+    });
+    let mut supervisor = start_run(&config);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let log = run_dir.join("selector-0.log");
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("same secret") {
+            assert!(text.contains("secret_file"), "{text}");
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = supervisor.kill();
+            panic!("the selector's log never said what may be wrong: {text}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The refusing side counts and logs it.
+    let loader = std::fs::read_to_string(run_dir.join("loader.log")).unwrap_or_default();
+    let trainer = std::fs::read_to_string(run_dir.join("trainer.log")).unwrap_or_default();
+    assert!(
+        loader.contains("refused") || trainer.contains("refused"),
+        "{loader}\n{trainer}"
+    );
+    signal(supervisor.id(), "-INT");
+    let _ = supervisor.wait();
 }

@@ -14,17 +14,7 @@ use common::{finish, p, rho, spawn};
 use serde_json::{json, Value};
 
 fn setup(root: &Path) {
-    rho(&[
-        "synth",
-        "--shards",
-        "2",
-        "--docs-per-shard",
-        "100",
-        "--seed",
-        "3",
-        "--out",
-        &p(&root.join("data")),
-    ]);
+    common::synth(root, "data", 2, 100, 3);
     common::train_tokenizer(root, "data", 400);
     common::init_model(root, "20m", 1, "ref");
     common::init_model(root, "tiny", 2, "init");

@@ -58,6 +58,21 @@ pub fn finish(child: Child, what: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what} report: {e}"))
 }
 
+/// `rho synth`: `shards` shards of `docs` documents each, from `seed`, into `root/out`.
+pub fn synth(root: &Path, out: &str, shards: u32, docs: u32, seed: u64) {
+    rho(&[
+        "synth",
+        "--shards",
+        &shards.to_string(),
+        "--docs-per-shard",
+        &docs.to_string(),
+        "--seed",
+        &seed.to_string(),
+        "--out",
+        &p(&root.join(out)),
+    ]);
+}
+
 /// `rho tokenizer train` on `root/data`, into `root/tokenizer.json`.
 pub fn train_tokenizer(root: &Path, data: &str, vocab: usize) {
     let vocab = vocab.to_string();
