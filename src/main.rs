@@ -157,7 +157,10 @@ async fn shutdown_signal() {
     #[cfg(unix)]
     let unix = async {
         use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::hangup())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
             (Ok(mut term), Ok(mut hup)) => {
                 tokio::select! {
                     _ = term.recv() => {},
@@ -237,7 +240,11 @@ fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
     }
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     if n > cores {
-        tracing::warn!(threads = n, cores, "`threads` is more than this machine's cores: using {cores}");
+        tracing::warn!(
+            threads = n,
+            cores,
+            "`threads` is more than this machine's cores: using {cores}"
+        );
         n = cores;
     }
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());

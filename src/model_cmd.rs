@@ -138,9 +138,7 @@ pub fn score(args: ScoreArgs) -> anyhow::Result<()> {
         .tokenizer
         .clone()
         .unwrap_or_else(|| args.model.join("tokenizer.json"));
-    let load_tokenizer = || {
-        crate::load_tokenizer(&tokenizer_path)
-    };
+    let load_tokenizer = || crate::load_tokenizer(&tokenizer_path);
     let special = !args.no_special_tokens;
     let mut tokenizer = None;
     let rows: Vec<Vec<u32>> = if let Some(text) = &args.text {

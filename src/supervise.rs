@@ -351,7 +351,8 @@ fn keep_earlier_attempt(dir: &Path) -> anyhow::Result<Option<PathBuf>> {
     std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
     for f in files {
         let dest = to.join(f.file_name().unwrap_or_default());
-        std::fs::rename(&f, &dest).with_context(|| format!("moving {} to {}", f.display(), dest.display()))?;
+        std::fs::rename(&f, &dest)
+            .with_context(|| format!("moving {} to {}", f.display(), dest.display()))?;
     }
     Ok(Some(to))
 }
@@ -414,7 +415,10 @@ fn preflight(
     let vocab = tok.tokenizer.get_vocab_size(true);
     if let Some(s) = selector {
         let theirs = rho_protocol::tokenizer::load(&s.tokenizer).map_err(|e| {
-            anyhow::anyhow!("run config, `selector.tokenizer` {}: {e}", s.tokenizer.display())
+            anyhow::anyhow!(
+                "run config, `selector.tokenizer` {}: {e}",
+                s.tokenizer.display()
+            )
         })?;
         if theirs.fingerprint != tok.fingerprint {
             bail!(
@@ -423,13 +427,20 @@ fn preflight(
                 loader.tokenizer.display()
             );
         }
-        check_model("selector.model", &s.model, &loader.tokenizer, vocab, loader.seq_len)?;
+        check_model(
+            "selector.model",
+            &s.model,
+            &loader.tokenizer,
+            vocab,
+            loader.seq_len,
+        )?;
         let device = rho_model::parse_device(&s.device)
             .map_err(|e| anyhow::anyhow!("run config, `selector.device`: {e}"))?;
         rho_model::parse_dtype(&s.dtype, &device)
             .map_err(|e| anyhow::anyhow!("run config, `selector.dtype`: {e}"))?;
     }
-    if let (rho_trainer::config::BackendChoice::Candle, Some(m)) = (trainer.backend, &trainer.model) {
+    if let (rho_trainer::config::BackendChoice::Candle, Some(m)) = (trainer.backend, &trainer.model)
+    {
         check_model("trainer.model", m, &loader.tokenizer, vocab, loader.seq_len)?;
     }
     Ok(())
@@ -517,6 +528,9 @@ pub async fn run(
             overwrite: false,
         });
     }
+    if rc.max_selector_failures == 0 {
+        bail!("run config, `max_selector_failures`: must be at least 1");
+    }
     let uses_selectors = trainer.uses_selectors();
     let selector = if uses_selectors {
         if rc.selectors == 0 {
@@ -529,10 +543,20 @@ pub async fn run(
     } else {
         None
     };
+    loader.validate().context("run config, section `loader`")?;
+    trainer
+        .validate()
+        .context("run config, section `trainer`")?;
+    if let Some(s) = &selector {
+        s.validate().context("run config, section `selector`")?;
+    }
     preflight(&loader, selector.as_ref(), &trainer)?;
 
     if let Some(kept) = keep_earlier_attempt(&dir)? {
-        say(&format!("kept the earlier attempt's logs, metrics and reports in {}", kept.display()));
+        say(&format!(
+            "kept the earlier attempt's logs, metrics and reports in {}",
+            kept.display()
+        ));
     }
     write(&dir.join("run.json"), &text)?;
     let exe = std::env::current_exe()?;
@@ -613,7 +637,17 @@ pub async fn run(
             }
             _ = tick.tick() => {}
         }
-        match watch(&mut procs, &dir, &exe, &rc, selector_config.as_ref(), &mut restarts, &progress).await {
+        match watch(
+            &mut procs,
+            &dir,
+            &exe,
+            &rc,
+            selector_config.as_ref(),
+            &mut restarts,
+            &progress,
+        )
+        .await
+        {
             Ok(Watch::Running) => {}
             Ok(Watch::Finished) => break Ok(()),
             Ok(Watch::Stopped) => {
@@ -638,7 +672,9 @@ pub async fn run(
     };
     progress.finish_and_clear();
     if interrupted {
-        say(&format!("rho run `{run_id}`: stopping (the trainer checkpoints first)"));
+        say(&format!(
+            "rho run `{run_id}`: stopping (the trainer checkpoints first)"
+        ));
     }
 
     // Stop: the trainer first (it checkpoints on SIGTERM), then whatever still runs.
@@ -767,62 +803,11 @@ async fn watch(
     let Some(s) = selector else {
         return Ok(Watch::Running);
     };
-    let now = Instant::now();
-    for i in 0..procs.len() {
-        if !procs[i].name.starts_with("selector") || procs[i].done {
-            continue;
-        }
-        let name = procs[i].name.clone();
-        let log = dir.join(format!("{name}.log"));
-        if let Some(at) = procs[i].restart_at {
-            if now >= at {
-                *restarts += 1;
-                let mut c = s.clone();
-                c.metrics = Some(dir.join(format!("{name}.metrics.jsonl")));
-                let _ = std::fs::rename(&log, dir.join(format!("{name}.{restarts}.log")));
-                let failures = procs[i].quick_failures;
-                procs[i] = start(exe, dir, &name, "selector", &serde_json::to_value(&c)?)?;
-                procs[i].quick_failures = failures;
-            }
-            continue;
-        }
-        let Some(status) = procs[i].child.try_wait()? else {
-            // Alive long enough: its earlier failures were not a pattern.
-            if procs[i].started.elapsed() > SHORT_LIFE {
-                procs[i].quick_failures = 0;
-            }
-            continue;
-        };
-        if status.success() || !loader_alive {
-            procs[i].done = true;
-            continue;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let why = last_error(&procs[i], dir);
-        if !rc.restart_selectors {
-            procs[i].done = true;
-            procs[i].failed = true;
-            progress.suspend(|| {
-                tracing::warn!(selector = %name, %status, "selector exited and is not restarted (`restart_selectors` is false){why}")
-            });
-            continue;
-        }
-        procs[i].quick_failures = if procs[i].started.elapsed() < SHORT_LIFE {
-            procs[i].quick_failures + 1
-        } else {
-            1
-        };
-        let failures = procs[i].quick_failures;
-        if failures >= rc.max_selector_failures {
-            bail!("{name} failed {failures} times in a row, each within {} s of its start ({status}){why}", SHORT_LIFE.as_secs());
-        }
-        let backoff = FIRST_BACKOFF
-            .saturating_mul(1 << (failures - 1).min(16))
-            .min(MAX_BACKOFF);
-        progress.suspend(|| {
-            tracing::warn!(selector = %name, %status, "selector died; restarting it in {:.1} s{why}", backoff.as_secs_f64())
-        });
-        procs[i].restart_at = Some(now + backoff);
+    for p in procs
+        .iter_mut()
+        .filter(|p| p.name.starts_with("selector") && !p.done)
+    {
+        watch_selector(p, dir, exe, rc, s, loader_alive, restarts, progress).await?;
     }
     let mut selectors = procs.iter().filter(|p| p.name.starts_with("selector"));
     if loader_alive && selectors.all(|p| p.failed) {
@@ -832,6 +817,77 @@ async fn watch(
         );
     }
     Ok(Watch::Running)
+}
+
+/// One look at a selector: restart it when its backoff is over, notice that it exited, and
+/// decide whether it is restarted (with backoff), given up on, or the run ends.
+#[allow(clippy::too_many_arguments)]
+async fn watch_selector(
+    p: &mut Proc,
+    dir: &Path,
+    exe: &Path,
+    rc: &RunConfig,
+    config: &SelectorConfig,
+    loader_alive: bool,
+    restarts: &mut u64,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<()> {
+    let now = Instant::now();
+    let name = p.name.clone();
+    if let Some(at) = p.restart_at {
+        if now >= at {
+            *restarts += 1;
+            let mut c = config.clone();
+            c.metrics = Some(dir.join(format!("{name}.metrics.jsonl")));
+            let log = dir.join(format!("{name}.log"));
+            let _ = std::fs::rename(&log, dir.join(format!("{name}.{restarts}.log")));
+            let failures = p.quick_failures;
+            *p = start(exe, dir, &name, "selector", &serde_json::to_value(&c)?)?;
+            p.quick_failures = failures;
+        }
+        return Ok(());
+    }
+    let Some(status) = p.child.try_wait()? else {
+        // Alive long enough: its earlier failures were not a pattern.
+        if p.started.elapsed() > SHORT_LIFE {
+            p.quick_failures = 0;
+        }
+        return Ok(());
+    };
+    if status.success() || !loader_alive {
+        p.done = true;
+        return Ok(());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let why = last_error(p, dir);
+    if !rc.restart_selectors {
+        p.done = true;
+        p.failed = true;
+        progress.suspend(|| {
+            tracing::warn!(selector = %name, %status, "selector exited and is not restarted (`restart_selectors` is false){why}")
+        });
+        return Ok(());
+    }
+    p.quick_failures = if p.started.elapsed() < SHORT_LIFE {
+        p.quick_failures + 1
+    } else {
+        1
+    };
+    let failures = p.quick_failures;
+    if failures >= rc.max_selector_failures {
+        bail!(
+            "{name} failed {failures} times in a row, each within {} s of its start ({status}){why}",
+            SHORT_LIFE.as_secs()
+        );
+    }
+    let backoff = FIRST_BACKOFF
+        .saturating_mul(1 << (failures - 1).min(16))
+        .min(MAX_BACKOFF);
+    progress.suspend(|| {
+        tracing::warn!(selector = %name, %status, "selector died; restarting it in {:.1} s{why}", backoff.as_secs_f64())
+    });
+    p.restart_at = Some(now + backoff);
+    Ok(())
 }
 
 /// A finished `rho run`: its directory, `summary.json`, and the resident memory of each of its
@@ -860,6 +916,8 @@ pub async fn launch(dir: &Path, name: &str, config: &Value) -> anyhow::Result<Ru
     let mut child = Command::new(std::env::current_exe()?)
         .arg("run")
         .arg(&file)
+        // The run dies with this process, as a run's processes die with `rho run`.
+        .env(SUPERVISOR_PID_VAR, std::process::id().to_string())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
         .kill_on_drop(true)
@@ -916,10 +974,9 @@ mod tests {
             "run_dir": "r", "loader": {}, "trainer": {}, "selector": {}
         }))
         .unwrap();
-        let doc = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/CONFIG.md"),
-        )
-        .unwrap();
+        let doc =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/CONFIG.md"))
+                .unwrap();
         let section = &doc[doc.find("## Run").unwrap()..];
         let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
         let listed: Vec<&str> = section
@@ -935,10 +992,16 @@ mod tests {
             .cloned()
             .collect();
         for f in &fields {
-            assert!(listed.contains(&f.as_str()), "docs/CONFIG.md, Run: `{f}` not documented");
+            assert!(
+                listed.contains(&f.as_str()),
+                "docs/CONFIG.md, Run: `{f}` not documented"
+            );
         }
         for l in &listed {
-            assert!(fields.iter().any(|f| f == l), "docs/CONFIG.md, Run: no field `{l}`");
+            assert!(
+                fields.iter().any(|f| f == l),
+                "docs/CONFIG.md, Run: no field `{l}`"
+            );
         }
     }
 

@@ -89,9 +89,15 @@ fn assert_documented(heading: &str, config: &impl serde::Serialize) {
     let mut fields = Vec::new();
     field_names("", &serde_json::to_value(config).unwrap(), &mut fields);
     let missing: Vec<_> = fields.iter().filter(|f| !listed.contains(f)).collect();
-    assert!(missing.is_empty(), "docs/CONFIG.md, {heading}: not documented: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "docs/CONFIG.md, {heading}: not documented: {missing:?}"
+    );
     let stale: Vec<_> = listed.iter().filter(|f| !fields.contains(f)).collect();
-    assert!(stale.is_empty(), "docs/CONFIG.md, {heading}: no such field: {stale:?}");
+    assert!(
+        stale.is_empty(),
+        "docs/CONFIG.md, {heading}: no such field: {stale:?}"
+    );
 }
 
 #[test]

@@ -111,7 +111,10 @@ fn wait_step(run_dir: &Path, step: u64) {
         if last >= step {
             return;
         }
-        assert!(Instant::now() < deadline, "the run never reached step {step}");
+        assert!(
+            Instant::now() < deadline,
+            "the run never reached step {step}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -153,7 +156,10 @@ fn the_processes_of_a_run_die_with_their_supervisor_and_a_run_directory_has_one_
     let resumed = run_to_end(&config);
     assert!(resumed.status.success(), "{}", stderr(&resumed));
     let killed_metrics = run_dir.join("attempts/1/trainer.metrics.jsonl");
-    assert!(killed_metrics.is_file(), "the killed attempt's metrics were not kept");
+    assert!(
+        killed_metrics.is_file(),
+        "the killed attempt's metrics were not kept"
+    );
     let summary: Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
             .unwrap();
@@ -238,7 +244,8 @@ fn configuration_errors_are_refused_before_anything_starts() {
     t["normalizer"] = json!({"type": "Lowercase"});
     std::fs::write(&other, t.to_string()).unwrap();
 
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, Vec<String>)> = vec![
+    type Edit<'a> = Box<dyn Fn(&mut Value) + 'a>;
+    let cases: Vec<(&str, Edit, Vec<String>)> = vec![
         (
             "no-config",
             Box::new(|c: &mut Value| c["selector"]["model"] = json!(p(&broken))),
@@ -262,7 +269,10 @@ fn configuration_errors_are_refused_before_anything_starts() {
         (
             "other-tokenizer",
             Box::new(|c: &mut Value| c["selector"]["tokenizer"] = json!(p(&other))),
-            vec!["selector.tokenizer".into(), "not the loader's tokenizer".into()],
+            vec![
+                "selector.tokenizer".into(),
+                "not the loader's tokenizer".into(),
+            ],
         ),
         (
             "half-on-cpu",
@@ -301,7 +311,11 @@ fn a_selector_that_can_never_start_ends_the_run_with_its_error() {
     let w = world();
     let mismatch = w.join("mismatch");
     common::init_model(w, "small", 1, "mismatch");
-    std::fs::copy(w.join("ref/model.safetensors"), mismatch.join("model.safetensors")).unwrap();
+    std::fs::copy(
+        w.join("ref/model.safetensors"),
+        mismatch.join("model.safetensors"),
+    )
+    .unwrap();
     let (config, run_dir) = run_config("crashloop", |c| {
         c["selector"]["model"] = json!(p(&mismatch));
         c["max_selector_failures"] = json!(3);
@@ -373,7 +387,10 @@ fn a_taken_delivery_port_is_reported_at_once() {
     let out = child.wait_with_output().unwrap();
     assert!(!status.success());
     let said = stderr(&out);
-    assert!(said.contains("delivery") && said.contains(&port.to_string()), "{said}");
+    assert!(
+        said.contains("delivery") && said.contains(&port.to_string()),
+        "{said}"
+    );
 }
 
 /// A tmpfs of `mib` MiB mounted at `dir` (root only); `None` where mounting is not allowed.
@@ -383,7 +400,14 @@ impl Tmpfs {
     fn mount(dir: &Path, mib: u32) -> Option<Tmpfs> {
         std::fs::create_dir_all(dir).unwrap();
         let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs", &p(dir)])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m"),
+                "tmpfs",
+                &p(dir),
+            ])
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());

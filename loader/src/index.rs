@@ -96,7 +96,9 @@ impl ShardIndex {
             key: self.key.clone(),
             shards: self.shards.clone(),
         };
-        let tmp = file.with_extension("json.tmp");
+        // A temporary file of this process's own: the loaders of several ranks may share a
+        // `state_dir` (their counts agree: every rank reads the whole corpus).
+        let tmp = file.with_extension(format!("json.tmp.{}", std::process::id()));
         std::fs::write(&tmp, serde_json::to_vec_pretty(&body)?)?;
         std::fs::rename(&tmp, file)
     }

@@ -184,7 +184,10 @@ fn ranks_split_one_stream_batch_by_batch_and_all_end_with_the_same_count() {
     let mut cfg = config(&data, &tok, 15, 2);
     let (whole, _) = batches(&cfg, 0);
     let g = whole.len() as u64;
-    assert!([2, 3, 4].iter().any(|w| g % w != 0), "{g} batches leave no tail to drop");
+    assert!(
+        [2, 3, 4].iter().any(|w| !g.is_multiple_of(*w)),
+        "{g} batches leave no tail to drop"
+    );
     for world in [2u32, 3, 4] {
         cfg.world = world;
         let w = u64::from(world);
@@ -197,12 +200,18 @@ fn ranks_split_one_stream_batch_by_batch_and_all_end_with_the_same_count() {
                 let seq = i as u64 * w + u64::from(rank);
                 assert_eq!(b.seq, seq);
                 // Exactly the single loader's batch of that sequence number.
-                assert!(b.tokens == whole[seq as usize].tokens, "world {world} seq {seq}");
+                assert!(
+                    b.tokens == whole[seq as usize].tokens,
+                    "world {world} seq {seq}"
+                );
             }
             seen.extend(bs.iter().map(|b| b.seq));
             // Resume works per rank too.
             let (resumed, _) = batches(&cfg, 2);
-            assert!(resumed[..] == bs[2..], "world {world} rank {rank}: resume differs");
+            assert!(
+                resumed[..] == bs[2..],
+                "world {world} rank {rank}: resume differs"
+            );
         }
         // Together the ranks cover the stream but its last `g % world` batches.
         seen.sort();
@@ -235,6 +244,10 @@ fn a_tokenizer_files_own_padding_and_truncation_change_nothing() {
     assert_eq!(counts.tokens, padded_counts.tokens);
     assert_eq!(want.len(), got.len());
     for (a, b) in want.iter().zip(&got) {
-        assert!(a.tokens == b.tokens && a.lengths == b.lengths, "batch {}", a.seq);
+        assert!(
+            a.tokens == b.tokens && a.lengths == b.lengths,
+            "batch {}",
+            a.seq
+        );
     }
 }

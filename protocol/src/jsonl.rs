@@ -113,7 +113,9 @@ impl<S: Sink> JsonLines<S> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let tmp = path.with_file_name(format!(
         ".{}.tmp",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
     ));
     let result = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
     if let Err(e) = result {
@@ -156,7 +158,14 @@ mod tests {
 
     #[test]
     fn a_full_disk_leaves_whole_lines_only_and_writing_resumes_when_there_is_room() {
-        let mut m = JsonLines::new(Path::new("m.jsonl"), Full { data: vec![], room: 30 }, 0);
+        let mut m = JsonLines::new(
+            Path::new("m.jsonl"),
+            Full {
+                data: vec![],
+                room: 30,
+            },
+            0,
+        );
         for step in 0..5 {
             m.append(&serde_json::json!({ "step": step, "loss": 1.5 }));
         }
@@ -185,10 +194,18 @@ mod tests {
         let mut m = JsonLines::open(&p, false).unwrap();
         m.append(&serde_json::json!({ "step": 1 }));
         drop(m);
-        std::fs::OpenOptions::new().append(true).open(&p).unwrap().write_all(b"{\"st").unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .unwrap()
+            .write_all(b"{\"st")
+            .unwrap();
         let mut m = JsonLines::open(&p, true).unwrap();
         m.append(&serde_json::json!({ "step": 2 }));
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), "{\"step\":1}\n{\"step\":2}\n");
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "{\"step\":1}\n{\"step\":2}\n"
+        );
     }
 
     #[test]

@@ -16,12 +16,12 @@ mod codec;
 pub mod config_file;
 mod error;
 pub mod fingerprint;
-pub mod jsonl;
 pub mod flow;
+pub mod jsonl;
 pub mod liveness;
 pub mod lock;
-pub mod tokenizer;
 pub mod messages;
+pub mod tokenizer;
 
 pub use auth::Key;
 pub use codec::{Limits, Message};

@@ -56,7 +56,11 @@ impl DirLock {
                 return Err(LockError::Held {
                     dir: dir.to_path_buf(),
                     lock: path.clone(),
-                    pid: if pid.is_empty() { "unknown".into() } else { pid.to_string() },
+                    pid: if pid.is_empty() {
+                        "unknown".into()
+                    } else {
+                        pid.to_string()
+                    },
                 });
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io(&path)(e)),

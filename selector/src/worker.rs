@@ -153,9 +153,9 @@ pub async fn serve(
 
     let mut report = Report::default();
     let mut metrics = match &config.metrics {
-        Some(p) => Some(
-            rho_protocol::jsonl::JsonLines::open(p, false).map_err(SelectorError::Transport)?,
-        ),
+        Some(p) => {
+            Some(rho_protocol::jsonl::JsonLines::open(p, false).map_err(SelectorError::Transport)?)
+        }
         None => None,
     };
     let progress = indicatif::ProgressBar::new_spinner();

@@ -84,7 +84,7 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
             }
         }
     }
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|e| std::cmp::Reverse(e.0));
     Ok(out)
 }
 
@@ -148,14 +148,18 @@ fn write_manifest(dir: &Path) -> Result<()> {
 /// what is wrong.
 pub fn verify(dir: &Path) -> std::result::Result<TrainerState, String> {
     let manifest_path = dir.join(MANIFEST);
-    let text = std::fs::read_to_string(&manifest_path)
-        .map_err(|e| format!("{}: {e} (an incomplete checkpoint)", manifest_path.display()))?;
+    let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
+        format!(
+            "{}: {e} (an incomplete checkpoint)",
+            manifest_path.display()
+        )
+    })?;
     #[derive(Deserialize)]
     struct Manifest {
         files: BTreeMap<String, FileEntry>,
     }
-    let manifest: Manifest = serde_json::from_str(&text)
-        .map_err(|e| format!("{}: {e}", manifest_path.display()))?;
+    let manifest: Manifest =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", manifest_path.display()))?;
     if !manifest.files.contains_key("state.json") {
         return Err(format!("{}: lists no state.json", manifest_path.display()));
     }
@@ -170,7 +174,10 @@ pub fn verify(dir: &Path) -> std::result::Result<TrainerState, String> {
             ));
         }
         if crc32 != want.crc32 {
-            return Err(format!("{}: CRC-32 differs from the manifest", path.display()));
+            return Err(format!(
+                "{}: CRC-32 differs from the manifest",
+                path.display()
+            ));
         }
     }
     let state_path = dir.join("state.json");
@@ -250,7 +257,9 @@ fn leftovers(dir: &Path) -> Vec<PathBuf> {
         .filter(|e| {
             let n = e.file_name();
             let n = n.to_string_lossy();
-            n == POINTER_TMP || n.strip_prefix(TMP_PREFIX).is_some_and(|s| step_of_name(s).is_some())
+            n == POINTER_TMP
+                || n.strip_prefix(TMP_PREFIX)
+                    .is_some_and(|s| step_of_name(s).is_some())
         })
         .map(|e| e.path())
         .collect()
@@ -412,8 +421,14 @@ mod tests {
         std::fs::remove_file(d.path().join("latest")).unwrap();
         let (_c, found) = Checkpoints::open(d.path(), true, false).unwrap();
         let (path, s) = found.unwrap();
-        assert_eq!((path.file_name().unwrap().to_str().unwrap(), s.step), ("step-00000150", 150));
-        assert_eq!(std::fs::read_to_string(d.path().join("latest")).unwrap(), "step-00000150");
+        assert_eq!(
+            (path.file_name().unwrap().to_str().unwrap(), s.step),
+            ("step-00000150", 150)
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("latest")).unwrap(),
+            "step-00000150"
+        );
     }
 
     #[test]
@@ -435,13 +450,17 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         saved_run(d.path(), &[50]);
         std::fs::remove_file(d.path().join("step-00000050/manifest.json")).unwrap();
-        let e = Checkpoints::open(d.path(), true, false).unwrap_err().to_string();
+        let e = Checkpoints::open(d.path(), true, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("step-00000050"), "{e}");
         assert!(e.contains("none is complete"), "{e}");
         // A pointer to nothing is refused too, rather than a fresh start.
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("latest"), "step-00000050").unwrap();
-        let e = Checkpoints::open(d.path(), true, false).unwrap_err().to_string();
+        let e = Checkpoints::open(d.path(), true, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("latest"), "{e}");
     }
 
@@ -449,8 +468,13 @@ mod tests {
     fn a_fresh_run_never_writes_over_an_earlier_runs_checkpoints() {
         let d = tempfile::tempdir().unwrap();
         saved_run(d.path(), &[50, 100]);
-        let e = Checkpoints::open(d.path(), false, false).unwrap_err().to_string();
-        assert!(e.contains("overwrite") && e.contains("step-00000100"), "{e}");
+        let e = Checkpoints::open(d.path(), false, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("overwrite") && e.contains("step-00000100"),
+            "{e}"
+        );
         assert!(d.path().join("step-00000050").is_dir());
         // Told to: the earlier checkpoints go first, so that the directory holds one run.
         let (mut c, found) = Checkpoints::open(d.path(), false, true).unwrap();
@@ -470,7 +494,10 @@ mod tests {
         assert_eq!(found.unwrap().1.step, 50);
         c.save(&NullBackend, &state(50)).unwrap();
         let e = c.save(&NullBackend, &state(100)).unwrap_err().to_string();
-        assert!(e.contains("step-00000100") && e.contains("did not make"), "{e}");
+        assert!(
+            e.contains("step-00000100") && e.contains("did not make"),
+            "{e}"
+        );
         // Its own checkpoints it may write again.
         c.save(&NullBackend, &state(120)).unwrap();
         c.save(&NullBackend, &state(120)).unwrap();
@@ -480,7 +507,9 @@ mod tests {
     fn one_trainer_per_directory() {
         let d = tempfile::tempdir().unwrap();
         let _first = Checkpoints::open(d.path(), true, false).unwrap();
-        let e = Checkpoints::open(d.path(), true, false).unwrap_err().to_string();
+        let e = Checkpoints::open(d.path(), true, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("in use") && e.contains("pid"), "{e}");
     }
 }

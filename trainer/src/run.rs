@@ -144,7 +144,12 @@ pub async fn run(
         let endpoint = router
             .bind(&config.delivery)
             .await
-            .map_err(|e| TrainerError::Transport(format!("cannot bind the delivery endpoint {} (field `delivery`): {e}", config.delivery)))?
+            .map_err(|e| {
+                TrainerError::Transport(format!(
+                    "cannot bind the delivery endpoint {} (field `delivery`): {e}",
+                    config.delivery
+                ))
+            })?
             .to_string();
         tracing::info!(%endpoint, "trainer delivery endpoint listening");
         if let Some(f) = &config.delivery_file {
@@ -176,17 +181,16 @@ pub async fn run(
 
     // A resumed run continues its metrics file; a fresh one starts it empty.
     let resumed = state.step > 0;
-    let mut metrics = match &config.metrics {
-        Some(p) => Some(
-            rho_protocol::jsonl::JsonLines::open(p, resumed).map_err(|reason| {
-                TrainerError::ConfigField {
+    let mut metrics =
+        match &config.metrics {
+            Some(p) => Some(rho_protocol::jsonl::JsonLines::open(p, resumed).map_err(
+                |reason| TrainerError::ConfigField {
                     field: "metrics",
                     reason,
-                }
-            })?,
-        ),
-        None => None,
-    };
+                },
+            )?),
+            None => None,
+        };
     let progress = indicatif::ProgressBar::new_spinner();
     let mut report = Report::default();
     let mut buffer: BTreeMap<u64, StepInput> = BTreeMap::new();
