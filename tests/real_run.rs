@@ -99,16 +99,7 @@ fn signal(pid: u32, sig: &str) {
 fn wait_step(run_dir: &Path, step: u64) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let last = std::fs::read_to_string(run_dir.join("trainer.metrics.jsonl"))
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .last()
-                    .and_then(|l| serde_json::from_str::<Value>(l).ok())
-            })
-            .and_then(|v| v["step"].as_u64())
-            .unwrap_or(0);
-        if last >= step {
+        if common::last_step(run_dir) >= step {
             return;
         }
         assert!(

@@ -46,15 +46,7 @@ fn weights(root: &Path, name: &str) -> Vec<u8> {
 }
 
 fn last_step(root: &Path, name: &str) -> u64 {
-    std::fs::read_to_string(root.join(name).join("trainer.metrics.jsonl"))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .last()
-                .and_then(|l| serde_json::from_str::<Value>(l).ok())
-        })
-        .and_then(|v| v["step"].as_u64())
-        .unwrap_or(0)
+    common::last_step(&root.join(name))
 }
 
 #[test]

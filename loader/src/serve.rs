@@ -11,10 +11,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rho_protocol::client::addressed;
 use rho_protocol::flow::{AckOutcome, Credits, Ledger};
+use rho_protocol::producer::{Incoming, Producer, ProducerError};
 use rho_protocol::{End, Heartbeat, Limits, Message, Role};
-use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::config::LoaderConfig;
 use crate::metrics::{Counts, Metrics, Reporter};
@@ -126,31 +125,20 @@ pub async fn serve(
             reason,
         }
     })?;
-    let mut router = RouterSocket::new();
-    let endpoint = router
-        .bind(&config.endpoint)
-        .await
-        .map_err(|e| LoaderError::Transport(format!("cannot bind {}: {e}", config.endpoint)))?
-        .to_string();
+    let mut socket = Producer::bind(
+        &config.endpoint,
+        config.endpoint_file.as_deref(),
+        &config.run_id,
+        limits,
+        key.clone(),
+    )
+    .await
+    .map_err(|e| match e {
+        ProducerError::EndpointFile { path, source } => LoaderError::Io { path, source },
+        other => LoaderError::Transport(other.to_string()),
+    })?;
+    let endpoint = socket.endpoint().to_string();
     tracing::info!(%endpoint, "loader listening");
-    if let Some(file) = &config.endpoint_file {
-        let tmp = file.with_extension("tmp");
-        std::fs::write(&tmp, &endpoint)
-            .and_then(|_| std::fs::rename(&tmp, file))
-            .map_err(|source| LoaderError::Io {
-                path: file.clone(),
-                source,
-            })?;
-    }
-    let (mut sender, mut receiver) = router.split();
-    let (inbox_tx, mut inbox) = tokio::sync::mpsc::channel::<ZmqMessage>(1024);
-    let recv_task = tokio::spawn(async move {
-        while let Ok(m) = receiver.recv().await {
-            if inbox_tx.send(m).await.is_err() {
-                break;
-            }
-        }
-    });
 
     let (world, rank) = (u64::from(config.world), u64::from(config.rank));
     let local_of = move |seq: u64| seq.saturating_sub(rank).div_ceil(world);
@@ -198,7 +186,7 @@ pub async fn serve(
                 continue;
             };
             Metrics::add(&metrics.redeliveries, 1);
-            if sender.send(addressed(&peer, &frames)).await.is_err() {
+            if socket.send_frames(&peer, &frames).await.is_err() {
                 credits.forget(&peer);
                 pending.push_front(seq);
             } else {
@@ -211,7 +199,7 @@ pub async fn serve(
                 // Tell every peer, then give the sends a moment to flush.
                 credits.drain();
                 for peer in &peers {
-                    let _ = sender.send(addressed(peer, &end_frames(t))).await;
+                    let _ = socket.send_frames(peer, &end_frames(t)).await;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 break;
@@ -223,34 +211,17 @@ pub async fn serve(
                 interrupted = true;
                 break;
             }
-            msg = inbox.recv() => {
-                let Some(msg) = msg else { break };
-                let mut frames = msg.into_vec();
-                if frames.is_empty() {
-                    continue;
-                }
-                let peer = frames.remove(0);
-                let decoded = Message::decode_with(&frames, &limits, key.as_ref());
-                let message = match decoded {
-                    Ok(m) if m.run_id() == config.run_id => m,
-                    Ok(m) => {
-                        Metrics::add(&metrics.messages_rejected, 1);
-                        tracing::warn!("refused a `{}` message of run `{}` (this is run `{}`)", m.kind(), m.run_id(), config.run_id);
-                        continue;
-                    }
-                    Err(e) => {
-                        Metrics::add(&metrics.messages_rejected, 1);
-                        tracing::warn!("refused a malformed message: {e}");
-                        continue;
-                    }
-                };
+            incoming = socket.recv() => {
+                let Some(incoming) = incoming else { break };
+                Metrics::set(&metrics.messages_rejected, socket.refused());
+                let Incoming::Message { peer, message } = incoming else { continue };
                 peers.insert(peer.clone());
                 match message {
                     Message::Credit(c) => {
                         // `end` only once nothing is in flight: until then a consumer with
                         // credit may still be needed for a redelivery.
                         if let Some(t) = total.filter(|_| pending.is_empty() && ledger.is_empty()) {
-                            let _ = sender.send(addressed(&peer, &end_frames(t))).await;
+                            let _ = socket.send_frames(&peer, &end_frames(t)).await;
                         } else {
                             credits.grant(peer, c.n);
                         }
@@ -266,7 +237,7 @@ pub async fn serve(
                     }
                     Message::Heartbeat(_) => {
                         let reply = Message::Heartbeat(Heartbeat { run_id: config.run_id.clone(), role: Role::Loader, at_ms: now_ms() });
-                        let _ = sender.send(addressed(&peer, &reply.encode_with(key.as_ref()))).await;
+                        let _ = socket.send(&peer, &reply).await;
                     }
                     Message::Resume(r) => {
                         let local = local_of(r.next_seq);
@@ -282,8 +253,8 @@ pub async fn serve(
                         break;
                     }
                     other => {
-                        Metrics::add(&metrics.messages_rejected, 1);
-                        tracing::warn!("refused a `{}` message: a loader does not take those", other.kind());
+                        socket.refuse(peer, &format!("a `{}` message: a loader does not take those", other.kind()));
+                        Metrics::set(&metrics.messages_rejected, socket.refused());
                     }
                 }
             }
@@ -292,7 +263,7 @@ pub async fn serve(
                     Ok(Produced::Item(seq, message)) => {
                         let Some(peer) = credits.take() else { continue };
                         let frames = message.encode_with(key.as_ref());
-                        let sent = sender.send(addressed(&peer, &frames)).await;
+                        let sent = socket.send_frames(&peer, &frames).await;
                         ledger.issue(seq, frames, peer.clone(), Instant::now());
                         if sent.is_err() {
                             credits.forget(&peer);
@@ -307,7 +278,6 @@ pub async fn serve(
                         total = Some(t);
                     }
                     Ok(Produced::Failed(reason)) => {
-                        recv_task.abort();
                         reporter.finish(&metrics.snapshot());
                         return Err(LoaderError::Transport(format!("the stream failed: {reason}")));
                     }
@@ -329,7 +299,6 @@ pub async fn serve(
             }
         }
     }
-    recv_task.abort();
     let counts = metrics.snapshot();
     reporter.finish(&counts);
     Ok(Report {

@@ -193,9 +193,119 @@ impl<T, P: Clone> Ledger<T, P> {
     }
 }
 
+/// Whether [`Reorder::insert`] kept an item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// Kept, to be handed out in order.
+    New,
+    /// Already handed out or already held: dropped.
+    Duplicate,
+}
+
+/// The consumer's side of in-order delivery: items arrive by sequence number in any order, at
+/// most once each is kept, and they leave strictly in sequence order from a cursor.
+#[derive(Debug)]
+pub struct Reorder<T> {
+    next: u64,
+    held: BTreeMap<u64, T>,
+    capacity: usize,
+}
+
+impl<T> Reorder<T> {
+    /// Hands items out from `next` on; `capacity` is how many it holds before
+    /// [`Reorder::has_room`] says no (insertion itself never refuses a new item).
+    pub fn new(next: u64, capacity: usize) -> Self {
+        Reorder {
+            next,
+            held: BTreeMap::new(),
+            capacity,
+        }
+    }
+
+    /// Keeps `item` unless `seq` was handed out already or is held.
+    pub fn insert(&mut self, seq: u64, item: T) -> Inserted {
+        if seq < self.next || self.held.contains_key(&seq) {
+            return Inserted::Duplicate;
+        }
+        self.held.insert(seq, item);
+        Inserted::New
+    }
+
+    /// The item at the cursor, if it is here; the cursor moves past it.
+    pub fn pop(&mut self) -> Option<T> {
+        let item = self.held.remove(&self.next)?;
+        self.next += 1;
+        Some(item)
+    }
+
+    /// The next sequence number to hand out (the stream cursor).
+    pub fn next(&self) -> u64 {
+        self.next
+    }
+
+    /// Items held, waiting for an earlier one.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Whether it holds fewer items than its capacity.
+    pub fn has_room(&self) -> bool {
+        self.held.len() < self.capacity
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reorder_hands_out_in_order_once_each() {
+        let mut r = Reorder::new(5, 3);
+        assert_eq!(r.insert(7, "g"), Inserted::New);
+        assert_eq!(r.insert(4, "old"), Inserted::Duplicate);
+        assert_eq!(r.pop(), None);
+        assert_eq!(r.insert(5, "e"), Inserted::New);
+        assert_eq!(r.insert(7, "again"), Inserted::Duplicate);
+        assert!(r.has_room());
+        assert_eq!(r.insert(6, "f"), Inserted::New);
+        assert!(!r.has_room());
+        assert_eq!(
+            (r.pop(), r.pop(), r.pop(), r.pop()),
+            (Some("e"), Some("f"), Some("g"), None)
+        );
+        assert_eq!((r.next(), r.len()), (8, 0));
+        assert_eq!(r.insert(6, "late"), Inserted::Duplicate);
+    }
+
+    proptest::proptest! {
+        /// Whatever order and duplication the items arrive in, what leaves is every sequence
+        /// number from the cursor on, once, in order.
+        #[test]
+        fn reorder_yields_each_seq_once_in_order(
+            arrivals in proptest::collection::vec(0u64..40, 0..200),
+            start in 0u64..10,
+        ) {
+            let mut r = Reorder::new(start, usize::MAX);
+            let mut out = Vec::new();
+            for seq in arrivals.iter().copied() {
+                r.insert(seq, seq);
+                while let Some(s) = r.pop() {
+                    out.push(s);
+                }
+            }
+            let expected: Vec<u64> = (start..r.next()).collect();
+            proptest::prop_assert_eq!(&out, &expected);
+            for s in &out {
+                proptest::prop_assert!(arrivals.contains(s));
+            }
+            // What is still held is ahead of the cursor and arrived.
+            proptest::prop_assert!(!arrivals.contains(&r.next()));
+        }
+    }
 
     #[test]
     fn credits_round_robin_in_request_order() {

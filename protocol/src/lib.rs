@@ -1,5 +1,8 @@
 //! The rho wire protocol: the messages that the loader, the selectors and the trainer exchange,
-//! their codec, and the flow-control and acknowledgement primitives they share.
+//! their codec, and the flow-control and acknowledgement primitives they share: both ends of a
+//! connection ([`client::Consumer`], [`producer::Producer`]), credits, the in-flight ledger and
+//! the reorder buffer ([`flow`]). Beside them, what every process does the same way: loading a
+//! tokenizer ([`tokenizer`]), owning a directory ([`lock`]), writing metrics lines ([`jsonl`]).
 //!
 //! Every message is one ZeroMQ multipart message: a JSON header frame, then raw little-endian
 //! tensor frames whose shapes the header declares. `docs/PROTOCOL.md` is the normative
@@ -21,6 +24,7 @@ pub mod jsonl;
 pub mod liveness;
 pub mod lock;
 pub mod messages;
+pub mod producer;
 pub mod tokenizer;
 
 pub use auth::Key;

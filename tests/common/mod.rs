@@ -47,6 +47,19 @@ pub fn wait_file(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap()
 }
 
+/// The step of the last line of `run_dir/trainer.metrics.jsonl` (0 before the first).
+pub fn last_step(run_dir: &Path) -> u64 {
+    std::fs::read_to_string(run_dir.join("trainer.metrics.jsonl"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .last()
+                .and_then(|l| serde_json::from_str::<Value>(l).ok())
+        })
+        .and_then(|v| v["step"].as_u64())
+        .unwrap_or(0)
+}
+
 /// Waits for a process and parses the JSON report it prints on success.
 pub fn finish(child: Child, what: &str) -> serde_json::Value {
     let out = child.wait_with_output().unwrap();

@@ -2,15 +2,15 @@
 //! when the score rule needs no reference), one optimizer step per batch, acknowledgements to the
 //! loader, evaluation, checkpoints and per-step metrics.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rho_protocol::client::{ClientError, Consumer};
+use rho_protocol::flow::{Inserted, Reorder};
+use rho_protocol::producer::{Incoming, Producer, ProducerError};
 use rho_protocol::{Credit, Heartbeat, Limits, Message, Role, TokenBatch};
 use serde::Serialize;
-use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::backend::{Backend, NullBackend, StepInput};
 use crate::candle_backend::CandleBackend;
@@ -69,11 +69,6 @@ fn build_backend(config: &TrainerConfig) -> Result<Box<dyn Backend>> {
             )?))
         }
     }
-}
-
-/// A message for one selector on the delivery endpoint.
-fn to_peer(peer: &Bytes, message: Message, key: Option<&rho_protocol::Key>) -> ZmqMessage {
-    rho_protocol::client::addressed(peer, &message.encode_with(key))
 }
 
 fn credit(run_id: &str, n: u32) -> Message {
@@ -139,37 +134,30 @@ pub async fn run(
         }
     })?;
     let selectors = config.uses_selectors();
-    let (mut delivery_tx, mut delivery_rx) = if selectors {
-        let mut router = RouterSocket::new();
-        let endpoint = router
-            .bind(&config.delivery)
-            .await
-            .map_err(|e| {
-                TrainerError::Transport(format!(
-                    "cannot bind the delivery endpoint {} (field `delivery`): {e}",
-                    config.delivery
-                ))
-            })?
-            .to_string();
-        tracing::info!(%endpoint, "trainer delivery endpoint listening");
-        if let Some(f) = &config.delivery_file {
-            let tmp = f.with_extension("tmp");
-            std::fs::write(&tmp, &endpoint)
-                .and_then(|_| std::fs::rename(&tmp, f))
-                .map_err(|e| TrainerError::Transport(format!("{}: {e}", f.display())))?;
-        }
-        let (send, mut recv) = router.split();
-        let (tx, rx) = tokio::sync::mpsc::channel::<ZmqMessage>(256);
-        tokio::spawn(async move {
-            while let Ok(m) = recv.recv().await {
-                if tx.send(m).await.is_err() {
-                    break;
-                }
-            }
-        });
-        (Some(send), Some(rx))
+    let mut delivery = if selectors {
+        let p = Producer::bind(
+            &config.delivery,
+            config.delivery_file.as_deref(),
+            &config.run_id,
+            limits,
+            key.clone(),
+        )
+        .await
+        .map_err(|e| match e {
+            ProducerError::Bind { .. } => TrainerError::ConfigField {
+                field: "delivery",
+                reason: e.to_string(),
+            },
+            ProducerError::EndpointFile { .. } => TrainerError::ConfigField {
+                field: "delivery_file",
+                reason: e.to_string(),
+            },
+            other => TrainerError::Transport(other.to_string()),
+        })?;
+        tracing::info!(endpoint = %p.endpoint(), "trainer delivery endpoint listening");
+        Some(p)
     } else {
-        (None, None)
+        None
     };
     // The delivery endpoint is bound (or refused) first: connecting waits for the loader.
     tracing::info!(loader = %config.loader, "connecting to the loader");
@@ -193,7 +181,8 @@ pub async fn run(
         };
     let progress = indicatif::ProgressBar::new_spinner();
     let mut report = Report::default();
-    let mut buffer: BTreeMap<u64, StepInput> = BTreeMap::new();
+    // Batches by sequence number, handed to training in order from the stream cursor.
+    let mut buffer: Reorder<StepInput> = Reorder::new(state.next_seq, config.reorder_window);
     // Selectors whose credit waits for room in the reorder buffer.
     let mut owed: std::collections::VecDeque<Bytes> = std::collections::VecDeque::new();
     // Selectors that introduced themselves (each got its first credits).
@@ -219,7 +208,7 @@ pub async fn run(
 
     'outer: loop {
         // Train on every batch that is next in sequence.
-        while let Some(input) = buffer.remove(&state.next_seq) {
+        while let Some(input) = buffer.pop() {
             waited += last_step_end.elapsed();
             let t0 = Instant::now();
             let stats = tokio::task::block_in_place(|| {
@@ -231,14 +220,13 @@ pub async fn run(
                 // is dropped here.
                 tracing::warn!(seq = input.batch.seq, "could not acknowledge: {e}");
             }
-            if let (Some(tx), Some(peer)) = (delivery_tx.as_mut(), owed.pop_front()) {
-                let _ = tx
-                    .send(to_peer(&peer, credit(&config.run_id, 1), key.as_ref()))
-                    .await;
+            if let (Some(d), Some(peer)) = (delivery.as_mut(), owed.pop_front()) {
+                let _ = d.send(&peer, &credit(&config.run_id, 1)).await;
             }
             report.consumed.push(input.batch.seq);
             state.step += 1;
             state.next_seq += 1;
+            debug_assert_eq!(state.next_seq, buffer.next());
             state.tokens += stats.tokens;
             let mut eval_loss = None;
             if eval_every.is_some_and(|e| state.step % e == 0) && !eval_batches.is_empty() {
@@ -316,10 +304,8 @@ pub async fn run(
                     }
                     requested = requested.saturating_sub(1);
                     let seq = b.seq;
-                    if seq < state.next_seq || buffer.contains_key(&seq) {
+                    if buffer.insert(seq, StepInput { batch: b, ref_loss }) == Inserted::Duplicate {
                         report.duplicates += 1;
-                    } else {
-                        buffer.insert(seq, StepInput { batch: b, ref_loss });
                     }
                 }
                 Ok(Message::End(e)) => total = Some(e.total),
@@ -348,50 +334,31 @@ pub async fn run(
                     tracing::info!(next_seq = state.next_seq, "reconnected to the loader and sent it the stream cursor");
                 }
             }
-            m = async { delivery_rx.as_mut().expect("guarded").recv().await }, if delivery_rx.is_some() => {
-                let Some(m) = m else { break };
-                let mut frames = m.into_vec();
-                if frames.is_empty() {
-                    continue;
-                }
-                let peer = frames.remove(0);
-                match Message::decode_with(&frames, &limits, key.as_ref()) {
-                    Ok(msg) if msg.run_id() != config.run_id => {
-                        report.messages_rejected += 1;
-                        tracing::warn!("refused a `{}` message of run `{}`", msg.kind(), msg.run_id());
-                    }
-                    Ok(Message::Heartbeat(_)) => {
-                        if let Some(tx) = delivery_tx.as_mut() {
-                            let _ = tx.send(to_peer(&peer, heartbeat(&config.run_id), key.as_ref())).await;
-                            // A selector's first heartbeat introduces it: it gets its credits.
-                            if known.insert(peer.clone()) {
-                                let _ = tx.send(to_peer(&peer, credit(&config.run_id, config.credits_per_selector), key.as_ref())).await;
-                            }
+            m = async { delivery.as_mut().expect("guarded").recv().await }, if delivery.is_some() => {
+                let (Some(incoming), Some(d)) = (m, delivery.as_mut()) else { break };
+                match incoming {
+                    Incoming::Refused { .. } => {}
+                    Incoming::Message { peer, message: Message::Heartbeat(_) } => {
+                        let _ = d.send(&peer, &heartbeat(&config.run_id)).await;
+                        // A selector's first heartbeat introduces it: it gets its credits.
+                        if known.insert(peer.clone()) {
+                            let _ = d.send(&peer, &credit(&config.run_id, config.credits_per_selector)).await;
                         }
                     }
-                    Ok(Message::Scored(s)) => {
+                    Incoming::Message { peer, message: Message::Scored(s) } => {
                         let seq = s.batch.seq;
-                        if seq < state.next_seq || buffer.contains_key(&seq) {
+                        if buffer.insert(seq, StepInput { batch: s.batch, ref_loss: Some(s.ref_loss) }) == Inserted::Duplicate {
                             report.duplicates += 1;
-                        } else {
-                            buffer.insert(seq, StepInput { batch: s.batch, ref_loss: Some(s.ref_loss) });
                         }
                         // The credit goes back at once while the buffer has room.
-                        if buffer.len() < config.reorder_window {
-                            if let Some(tx) = delivery_tx.as_mut() {
-                                let _ = tx.send(to_peer(&peer, credit(&config.run_id, 1), key.as_ref())).await;
-                            }
+                        if buffer.has_room() {
+                            let _ = d.send(&peer, &credit(&config.run_id, 1)).await;
                         } else {
                             owed.push_back(peer);
                         }
                     }
-                    Ok(other) => {
-                        report.messages_rejected += 1;
-                        tracing::warn!("refused a `{}` message on the delivery endpoint", other.kind());
-                    }
-                    Err(e) => {
-                        report.messages_rejected += 1;
-                        tracing::warn!("refused a malformed message on the delivery endpoint: {e}");
+                    Incoming::Message { peer, message } => {
+                        d.refuse(peer, &format!("a `{}` message on the delivery endpoint", message.kind()));
                     }
                 }
             }
@@ -414,6 +381,7 @@ pub async fn run(
     progress.finish_and_clear();
     // The last acknowledgement is queued, not necessarily sent: give it a moment.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    report.messages_rejected += delivery.as_ref().map_or(0, Producer::refused);
     report.steps = state.step;
     report.next_seq = state.next_seq;
     report.tokens = state.tokens;
