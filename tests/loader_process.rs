@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::{json, Value};
@@ -59,7 +59,7 @@ fn write_config(root: &Path, name: &str, extra: Value) -> PathBuf {
 }
 
 fn start(root: &Path, name: &str, config: &Path) -> (std::process::Child, String) {
-    let child = Command::new(RHO)
+    let mut child = Command::new(RHO)
         .arg("loader")
         .arg("--config")
         .arg(config)
@@ -68,13 +68,13 @@ fn start(root: &Path, name: &str, config: &Path) -> (std::process::Child, String
         .spawn()
         .unwrap();
     let file = root.join(format!("{name}.endpoint"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(s) = std::fs::read_to_string(&file) {
-            return (child, s);
+    match rho_protocol::producer::wait_endpoint(&file, Duration::from_secs(60)) {
+        Some(endpoint) => (child, endpoint),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the loader never listened");
         }
-        assert!(Instant::now() < deadline, "the loader never listened");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

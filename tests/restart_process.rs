@@ -144,7 +144,7 @@ fn trainer_then_loader_killed_and_restarted_end_with_the_same_weights() {
     // The restarted trainer resumed at a checkpoint and trained every later batch once, in order.
     let consumed = common::consumed(&report);
     let first = consumed[0];
-    assert!(first > 0 && first % 5 == 0, "resumed at {first}");
+    assert!(first > 0 && first.is_multiple_of(5), "resumed at {first}");
     assert_eq!(consumed, (first..steps).collect::<Vec<_>>());
     assert_eq!(report["steps"].as_u64().unwrap(), steps);
     assert!(report["reconnects"].as_u64().unwrap() >= 1, "{report}");

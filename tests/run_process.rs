@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{finish, p, rho, spawn};
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 fn setup(root: &Path) {
     common::synth(root, "data", 2, 100, 3);

@@ -155,6 +155,7 @@ async fn out_of_order_and_duplicate_deliveries() {
     assert_eq!(report["consumed"], json!([0, 1, 2]));
     assert_eq!(report["duplicates"], 1);
     let _ = loader.kill();
+    let _ = loader.wait();
 }
 
 /// Processes may start in any order: here the trainer first, then the selector, the loader last.

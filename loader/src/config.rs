@@ -266,7 +266,7 @@ impl LoaderConfig {
         if self.max_in_flight == 0 {
             return Err(field("max_in_flight", "must be at least 1"));
         }
-        if !(self.lease_secs > 0.0) {
+        if self.lease_secs.is_nan() || self.lease_secs <= 0.0 {
             return Err(field("lease_secs", "must be positive"));
         }
         if self.prefetch == 0 {
@@ -275,7 +275,7 @@ impl LoaderConfig {
         if self.max_doc_bytes < 1024 {
             return Err(field("max_doc_bytes", "must be at least 1024"));
         }
-        if !(self.metrics_interval_secs > 0.0) {
+        if self.metrics_interval_secs.is_nan() || self.metrics_interval_secs <= 0.0 {
             return Err(field("metrics_interval_secs", "must be positive"));
         }
         if !self.endpoint.starts_with("tcp://") && !self.endpoint.starts_with("ipc://") {

@@ -153,7 +153,7 @@ impl HfConfig {
             return Err(bad("num_attention_heads", "must be positive"));
         }
         let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        if num_kv_heads == 0 || self.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !self.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(bad(
                 "num_key_value_heads",
                 format!(
@@ -165,7 +165,7 @@ impl HfConfig {
         let head_dim = self
             .head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(bad(
                 "head_dim",
                 format!("{head_dim} must be even and positive"),

@@ -179,7 +179,8 @@ fn a_claimed_shape_larger_than_the_frame_is_refused() {
 
 #[test]
 fn inconsistent_fields_name_the_field() {
-    let cases: Vec<(Box<dyn FnOnce(&mut serde_json::Value)>, &str)> = vec![
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let cases: Vec<(Edit, &str)> = vec![
         (
             Box::new(|h| h["lengths"] = serde_json::json!([5, 3])),
             "lengths",

@@ -119,7 +119,7 @@ impl SelectorConfig {
         if self.prefetch == 0 {
             return field("prefetch", "must be at least 1");
         }
-        if !(self.metrics_interval_secs > 0.0) {
+        if self.metrics_interval_secs.is_nan() || self.metrics_interval_secs <= 0.0 {
             return field("metrics_interval_secs", "must be positive");
         }
         if self.loss_chunk == Some(0) {

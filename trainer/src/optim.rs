@@ -205,7 +205,7 @@ mod tests {
         let vars = vec![("w".to_string(), var.clone())];
         let mut opt = AdamW::new(c, &vars).unwrap();
         let g = Tensor::new(&[[2.0f32]], &Device::Cpu).unwrap();
-        opt.step(&vars, &[g.clone()], 0.1).unwrap();
+        opt.step(&vars, std::slice::from_ref(&g), 0.1).unwrap();
         // p = 1 * (1 - 0.05) - 0.1 * 1 = 0.85 (the first Adam step is lr * sign(g))
         let p1 = var.as_tensor().to_vec2::<f32>().unwrap()[0][0];
         assert!((p1 - 0.85).abs() < 1e-6, "{p1}");

@@ -229,7 +229,8 @@ pub async fn run(
             debug_assert_eq!(state.next_seq, buffer.next());
             state.tokens += stats.tokens;
             let mut eval_loss = None;
-            if eval_every.is_some_and(|e| state.step % e == 0) && !eval_batches.is_empty() {
+            if eval_every.is_some_and(|e| state.step.is_multiple_of(e)) && !eval_batches.is_empty()
+            {
                 let loss = tokio::task::block_in_place(|| backend.eval(&eval_batches))?;
                 report.evals.push(EvalPoint {
                     step: state.step,
@@ -239,7 +240,7 @@ pub async fn run(
                 eval_loss = Some(loss);
             }
             if let (Some(ck), Some(every)) = (checkpoints.as_mut(), checkpoint_every) {
-                if state.step % every == 0 {
+                if state.step.is_multiple_of(every) {
                     report.last_checkpoint = Some(tokio::task::block_in_place(|| {
                         ck.save(backend.as_ref(), &state)
                     })?);

@@ -120,6 +120,9 @@ pub fn score(rule: ScoreRule, current: f32, reference: f32) -> f32 {
 
 /// The selection mask of a step: `rows` sequences of `len` positions, row-major.
 /// `valid[i]` says whether position `i` may be selected at all. Returns 1.0 for kept positions.
+// Eight plain arguments: this is the function the selection vectors pin down, shared by the
+// backends and mirrored by the Python consumer; a `Selection::mask` taking a struct is planned.
+#[allow(clippy::too_many_arguments)]
 pub fn select(
     rule: ScoreRule,
     scope: Scope,
