@@ -43,7 +43,7 @@ pub enum ModelCommand {
         out: PathBuf,
         /// `tiny` (2 layers, hidden 64), `small` (4 layers, hidden 128) or `20m` (8 layers, hidden 384).
         #[arg(long, default_value = "tiny")]
-        preset: String,
+        preset: rho_model::Preset,
         /// Vocabulary size; default: the size of --tokenizer's vocabulary.
         #[arg(long)]
         vocab_size: Option<usize>,
@@ -71,7 +71,7 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
                 (None, Some(t)) => crate::load_tokenizer(t)?.get_vocab_size(true),
                 (None, None) => bail!("give --vocab-size or --tokenizer"),
             };
-            let config = preset_config(&preset, vocab, max_positions)?;
+            let config = preset.hf_config(vocab, max_positions);
             init_checkpoint(&out, &config, seed)?;
             if let Some(t) = tokenizer {
                 std::fs::copy(&t, out.join("tokenizer.json"))
@@ -86,37 +86,14 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     }
 }
 
-/// The `config.json` of a preset size.
+/// The `config.json` of a preset size (see [`rho_model::Preset`]).
 pub fn preset_config(
     preset: &str,
     vocab: usize,
     max_positions: usize,
 ) -> anyhow::Result<serde_json::Value> {
-    let (hidden, layers, heads, kv, inter) = match preset {
-        "tiny" => (64, 2, 4, 2, 172),
-        "small" => (128, 4, 4, 4, 344),
-        "20m" => (384, 8, 6, 6, 1024),
-        other => bail!("unknown preset `{other}` (tiny, small, 20m)"),
-    };
-    Ok(serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv,
-        "head_dim": hidden / heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": max_positions,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": false,
-        "attention_bias": false,
-        "mlp_bias": false,
-        "torch_dtype": "float32",
-    }))
+    let preset: rho_model::Preset = preset.parse().map_err(anyhow::Error::msg)?;
+    Ok(preset.hf_config(vocab, max_positions))
 }
 
 /// Writes a randomly initialized checkpoint for a `config.json`.

@@ -12,6 +12,7 @@ mod fused;
 pub mod init;
 pub mod loss;
 pub mod model;
+pub mod preset;
 pub mod rope;
 
 pub use config::{Config, Family, HfConfig, RopeScaling};
@@ -19,3 +20,4 @@ pub use device::{parse_device, parse_dtype};
 pub use error::{ModelError, Result};
 pub use loss::per_token_loss;
 pub use model::{DecoderLm, Path};
+pub use preset::Preset;
