@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use clap::Args;
 use rho_loader::sources::{self, Event, Row, TokenColumns};
 use rho_trainer::{Scope, ScoreRule};
@@ -48,37 +48,6 @@ pub struct ConcentrateArgs {
     pub docs_per_shard: usize,
     #[arg(long)]
     pub out: PathBuf,
-}
-
-/// Per-token losses of `ids` under `model`: `losses[i]` for token `i + 1`, windows of
-/// `seq_len + 1` tokens overlapping by one so that every token but the first is predicted once.
-fn token_losses(
-    model: &rho_model::DecoderLm,
-    ids: &[u32],
-    seq_len: usize,
-) -> anyhow::Result<Vec<f32>> {
-    let n = ids.len();
-    if n < 2 {
-        return Ok(Vec::new());
-    }
-    let windows = (n - 1).div_ceil(seq_len);
-    let w = seq_len.min(n - 1) + 1;
-    let mut flat = vec![0u32; windows * w];
-    for k in 0..windows {
-        let start = k * seq_len;
-        let end = (start + w).min(n);
-        flat[k * w..k * w + (end - start)].copy_from_slice(&ids[start..end]);
-    }
-    let t = Tensor::from_vec(flat, (windows, w), model.device())?;
-    let l = rho_model::per_token_loss(model, &t, rho_model::Path::Fused, None)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let mut out = Vec::with_capacity(n - 1);
-    for k in 0..windows {
-        let targets = (n - 1 - k * seq_len).min(w - 1);
-        out.extend_from_slice(&l[k * (w - 1)..k * (w - 1) + targets]);
-    }
-    Ok(out)
 }
 
 pub fn run(a: ConcentrateArgs) -> anyhow::Result<()> {
@@ -149,9 +118,9 @@ pub fn run(a: ConcentrateArgs) -> anyhow::Result<()> {
                 .encode(text.as_str(), false)
                 .map_err(|e| anyhow::anyhow!("{} row {row}: {e}", shard.path.display()))?;
             let ids = enc.get_ids().to_vec();
-            let l_ref = token_losses(&reference, &ids, a.seq_len)?;
+            let l_ref = rho_model::loss::document_losses(&reference, &ids, a.seq_len)?;
             let l_cur = match &current {
-                Some(m) => token_losses(m, &ids, a.seq_len)?,
+                Some(m) => rho_model::loss::document_losses(m, &ids, a.seq_len)?,
                 None => vec![0.0; l_ref.len()],
             };
             let n = l_ref.len();

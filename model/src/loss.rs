@@ -73,3 +73,37 @@ pub fn per_token_loss(
     }
     Ok(Tensor::cat(&parts, 0)?.reshape((b, t))?)
 }
+
+/// Per-token losses of one document of any length: `losses[i]` for token `i + 1`, from windows
+/// of `seq_len + 1` tokens that overlap by one, so that every token but the first is predicted
+/// exactly once (with at most `seq_len` tokens of context). Fused path.
+pub fn document_losses(model: &DecoderLm, ids: &[u32], seq_len: usize) -> Result<Vec<f32>> {
+    let n = ids.len();
+    if n < 2 {
+        return Ok(Vec::new());
+    }
+    if seq_len == 0 {
+        return Err(ModelError::Config {
+            field: "seq_len",
+            reason: "must be at least 1".into(),
+        });
+    }
+    let windows = (n - 1).div_ceil(seq_len);
+    let w = seq_len.min(n - 1) + 1;
+    let mut flat = vec![0u32; windows * w];
+    for k in 0..windows {
+        let start = k * seq_len;
+        let end = (start + w).min(n);
+        flat[k * w..k * w + (end - start)].copy_from_slice(&ids[start..end]);
+    }
+    let t = Tensor::from_vec(flat, (windows, w), model.device())?;
+    let l = per_token_loss(model, &t, Path::Fused, None)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let mut out = Vec::with_capacity(n - 1);
+    for k in 0..windows {
+        let targets = (n - 1 - k * seq_len).min(w - 1);
+        out.extend_from_slice(&l[k * (w - 1)..k * (w - 1) + targets]);
+    }
+    Ok(out)
+}

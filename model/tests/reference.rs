@@ -131,3 +131,33 @@ fn bad_inputs_are_named() {
 fn tiny_llama3_rope_scaling_matches_transformers() {
     check("tiny-llama3-rope");
 }
+
+/// A document longer than a window is scored in overlapping windows: every token but the first
+/// once; with a window as long as the document, the losses are those of one row.
+#[test]
+fn document_losses_cover_every_token_once() {
+    let dir = fixture("tiny-llama");
+    let r = reference(&dir);
+    let model = checkpoint::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    let ids: Vec<u32> = r.ids.concat();
+    let n = ids.len();
+    let whole = rho_model::loss::document_losses(&model, &ids, n - 1).unwrap();
+    let row = Tensor::from_vec(ids.clone(), (1, n), &Device::Cpu).unwrap();
+    let direct = per_token_loss(&model, &row, Path::Fused, None)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_eq!(whole, direct[0]);
+    for seq_len in [1, 3, 5] {
+        let pieces = rho_model::loss::document_losses(&model, &ids, seq_len).unwrap();
+        assert_eq!(pieces.len(), n - 1, "seq_len {seq_len}");
+        // The first window sees the same context as the whole row.
+        for (a, b) in pieces[..seq_len].iter().zip(&whole[..seq_len]) {
+            assert!((a - b).abs() < 1e-5, "seq_len {seq_len}: {a} vs {b}");
+        }
+        assert!(pieces.iter().all(|l| l.is_finite() && *l > 0.0));
+    }
+    assert!(rho_model::loss::document_losses(&model, &ids[..1], 4)
+        .unwrap()
+        .is_empty());
+}
