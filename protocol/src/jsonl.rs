@@ -102,10 +102,6 @@ impl<S: Sink> JsonLines<S> {
     pub fn lost(&self) -> u64 {
         self.lost
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename: the file is whole or as it

@@ -169,11 +169,6 @@ impl Producer {
             .await
             .map_err(|e| ProducerError::Transport(e.to_string()))
     }
-
-    /// The key messages are signed with.
-    pub fn key(&self) -> Option<&Key> {
-        self.key.as_ref()
-    }
 }
 
 /// Writes `endpoint` to `file` through a temporary file and a rename, so that a reader sees the

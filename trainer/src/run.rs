@@ -225,8 +225,8 @@ pub async fn run(
             }
             report.consumed.push(input.batch.seq);
             state.step += 1;
-            state.next_seq += 1;
-            debug_assert_eq!(state.next_seq, buffer.next());
+            // The cursor is the reorder buffer's: it moved past the batch just popped.
+            state.next_seq = buffer.next();
             state.tokens += stats.tokens;
             let mut eval_loss = None;
             if eval_every.is_some_and(|e| state.step.is_multiple_of(e)) && !eval_batches.is_empty()
