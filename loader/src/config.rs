@@ -278,12 +278,7 @@ impl LoaderConfig {
         if self.metrics_interval_secs.is_nan() || self.metrics_interval_secs <= 0.0 {
             return Err(field("metrics_interval_secs", "must be positive"));
         }
-        if !self.endpoint.starts_with("tcp://") && !self.endpoint.starts_with("ipc://") {
-            return Err(field(
-                "endpoint",
-                format!("`{}` is not a tcp:// or ipc:// endpoint", self.endpoint),
-            ));
-        }
+        rho_protocol::check_endpoint(&self.endpoint).map_err(|r| field("endpoint", r))?;
         Ok(())
     }
 

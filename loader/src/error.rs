@@ -16,13 +16,17 @@ pub enum LoaderError {
     EmptyCorpus { shards: usize },
     #[error("cannot start at batch {seq}: the stream holds {total} batches")]
     SeekPastEnd { seq: u64, total: u64 },
-    #[error("{path}: {source}")]
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("transport: {0}")]
-    Transport(String),
+    #[error("the endpoint")]
+    Producer(#[from] rho_protocol::producer::ProducerError),
+    #[error("a blocking task")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("the stream failed")]
+    Stream(#[source] Box<LoaderError>),
     #[error(transparent)]
     Cache(#[from] rho_protocol::cache::CacheError),
     #[error("tokenizer training failed: {0}")]

@@ -6,6 +6,8 @@
 //! `run(config, shutdown)` is the whole process; `Stream` is the deterministic batch sequence
 //! alone (what tests and benchmarks drive directly).
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 pub mod config;
 mod error;
 pub mod index;
@@ -37,9 +39,7 @@ pub async fn run(config: LoaderConfig, shutdown: impl Future<Output = ()>) -> Re
     }
     let cfg = config.clone();
     let m = metrics.clone();
-    let stream = tokio::task::spawn_blocking(move || Stream::new(&cfg, m))
-        .await
-        .map_err(|e| LoaderError::Transport(format!("start-up task failed: {e}")))??;
+    let stream = tokio::task::spawn_blocking(move || Stream::new(&cfg, m)).await??;
     tracing::info!(
         shards = stream.shards().len(),
         tokenizer = %stream.tokenizer().fingerprint(),

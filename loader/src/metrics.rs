@@ -1,6 +1,6 @@
 //! The loader's counters, named in one place, and their JSONL and terminal reports.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
@@ -12,7 +12,7 @@ macro_rules! counters {
         pub struct Metrics { $($(#[$doc])* pub $name: AtomicU64,)* }
 
         /// A point-in-time copy of [`Metrics`].
-        #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+        #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
         pub struct Counts { $(pub $name: u64,)* }
 
         impl Metrics {
@@ -86,14 +86,15 @@ pub struct Reporter {
     progress: indicatif::ProgressBar,
 }
 
-#[derive(Serialize)]
-struct Line<'a> {
-    elapsed_s: f64,
+/// One line of the loader's metrics file: the counters so far and the rates since the start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LoaderMetrics {
+    pub elapsed_s: f64,
     #[serde(flatten)]
-    counts: &'a Counts,
-    docs_per_s: f64,
-    tokens_per_s: f64,
-    mb_per_s: f64,
+    pub counts: Counts,
+    pub docs_per_s: f64,
+    pub tokens_per_s: f64,
+    pub mb_per_s: f64,
 }
 
 impl Reporter {
@@ -117,9 +118,9 @@ impl Reporter {
 
     pub fn report(&mut self, counts: &Counts) {
         let elapsed = self.start.elapsed().as_secs_f64().max(1e-9);
-        let line = Line {
+        let line = LoaderMetrics {
             elapsed_s: elapsed,
-            counts,
+            counts: counts.clone(),
             docs_per_s: counts.docs as f64 / elapsed,
             tokens_per_s: counts.tokens as f64 / elapsed,
             mb_per_s: counts.text_bytes as f64 / elapsed / 1e6,

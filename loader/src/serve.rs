@@ -6,14 +6,14 @@
 //! the stream at the given sequence number.
 
 use bytes::Bytes;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rho_protocol::flow::{AckOutcome, Credits, Ledger};
-use rho_protocol::producer::{Incoming, Producer, ProducerError};
-use rho_protocol::{End, Heartbeat, Limits, Message, Role};
+use rho_protocol::producer::{Incoming, Peer, Producer, ProducerError};
+use rho_protocol::{End, Heartbeat, Key, Limits, Message, Role};
 
 use crate::config::LoaderConfig;
 use crate::metrics::{Counts, Metrics, Reporter};
@@ -39,7 +39,7 @@ enum Produced {
     End {
         total_local: u64,
     },
-    Failed(String),
+    Failed(LoaderError),
 }
 
 /// Where batches come from: the tokenizing stream, or a cache of scored batches.
@@ -73,8 +73,6 @@ impl Source {
     }
 }
 
-type Peer = Bytes;
-
 fn spawn_producer(
     stream: Arc<Mutex<Source>>,
     start: u64,
@@ -95,18 +93,12 @@ fn spawn_producer(
             let last = match result {
                 Ok(Some(total_local)) => Produced::End { total_local },
                 Ok(None) => return,
-                Err(e) => Produced::Failed(e.to_string()),
+                Err(e) => Produced::Failed(e),
             };
             let _ = tx.send(last);
         })
         .expect("spawning the producer thread");
     rx
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Binds the endpoint and serves `stream` until it is exhausted and acknowledged (with
@@ -117,195 +109,341 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Report> {
-    let started = Instant::now();
-    let limits = Limits::with_max_message_bytes(config.max_message_bytes);
-    let key = rho_protocol::Key::from_config(config.secret_file.as_deref()).map_err(|reason| {
-        LoaderError::ConfigField {
-            field: "secret_file",
-            reason,
-        }
-    })?;
-    let mut socket = Producer::bind(
-        &config.endpoint,
-        config.endpoint_file.as_deref(),
-        &config.run_id,
-        limits,
-        key.clone(),
-    )
-    .await
-    .map_err(|e| match e {
-        ProducerError::EndpointFile { path, source } => LoaderError::Io { path, source },
-        other => LoaderError::Transport(other.to_string()),
-    })?;
-    let endpoint = socket.endpoint().to_string();
-    tracing::info!(%endpoint, "loader listening");
+    Loader::start(config, stream, metrics)
+        .await?
+        .run(shutdown)
+        .await
+}
 
-    let (world, rank) = (u64::from(config.world), u64::from(config.rank));
-    let local_of = move |seq: u64| seq.saturating_sub(rank).div_ceil(world);
-    let start_local = local_of(config.start_batch);
-    let end_seq = move |total_local: u64| {
-        if total_local == 0 {
-            0
-        } else {
-            (total_local - 1) * world + rank + 1
-        }
-    };
-    let stream = Arc::new(Mutex::new(stream));
-    let mut producer = spawn_producer(stream.clone(), start_local, config.prefetch);
+/// Whether the loop goes on after an event.
+type Step = std::ops::ControlFlow<()>;
 
-    let mut credits: Credits<Peer> = Credits::default();
-    // Everyone who spoke to this loader hears the `end` (a trainer that only acknowledges, too).
-    let mut peers: std::collections::HashSet<Peer> = std::collections::HashSet::new();
-    let mut ledger: Ledger<Vec<Bytes>, Peer> = Ledger::new(config.max_in_flight);
-    let mut pending: VecDeque<u64> = VecDeque::new();
-    let mut total: Option<u64> = None;
-    let mut reporter =
-        Reporter::new(config.metrics.as_deref()).map_err(|reason| LoaderError::ConfigField {
-            field: "metrics",
-            reason,
+/// Where this rank's batches sit in the whole stream: rank `r` of `world` serves the sequence
+/// numbers `r, r + world, r + 2 world, ...`, which its source counts locally as `0, 1, 2, ...`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RankStride {
+    world: u64,
+    rank: u64,
+}
+
+impl RankStride {
+    /// The local position of the first of this rank's sequence numbers at or after `seq`.
+    pub(crate) fn local_of(self, seq: u64) -> u64 {
+        seq.saturating_sub(self.rank).div_ceil(self.world)
+    }
+
+    /// One past the last sequence number of a rank whose source yielded `total_local` batches.
+    pub(crate) fn end_seq(self, total_local: u64) -> u64 {
+        match total_local {
+            0 => 0,
+            n => (n - 1) * self.world + self.rank + 1,
+        }
+    }
+}
+
+/// A loader process: its socket, the producer thread feeding it, the consumers' credits and
+/// the ledger of batches in flight. Each event of the loop in [`Loader::run`] is one method.
+pub struct Loader {
+    config: LoaderConfig,
+    socket: Producer,
+    key: Option<Key>,
+    stride: RankStride,
+    source: Arc<Mutex<Source>>,
+    producer: flume::Receiver<Produced>,
+    metrics: Arc<Metrics>,
+    reporter: Reporter,
+    credits: Credits<Peer>,
+    /// Everyone who spoke to this loader hears the `end` (a trainer that only acknowledges, too).
+    peers: HashSet<Peer>,
+    ledger: Ledger<Vec<Bytes>, Peer>,
+    /// Batches to hand out again (their consumer vanished or their lease expired).
+    pending: VecDeque<u64>,
+    /// The stream's length, once the source is exhausted.
+    total: Option<u64>,
+    interrupted: bool,
+    started: Instant,
+}
+
+impl Loader {
+    /// Binds the endpoint (and writes the endpoint file) and starts the producer thread at
+    /// `start_batch`.
+    pub async fn start(
+        config: &LoaderConfig,
+        source: Source,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        let started = Instant::now();
+        let limits = Limits::with_max_message_bytes(config.max_message_bytes);
+        let key = Key::from_config(config.secret_file.as_deref()).map_err(|reason| {
+            LoaderError::ConfigField {
+                field: "secret_file",
+                reason,
+            }
         })?;
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(config.metrics_interval_secs));
-    let run_id = config.run_id.clone();
-    let end_frames = |total: u64| {
-        Message::End(End {
-            run_id: run_id.clone(),
-            total,
+        let socket = Producer::bind(
+            &config.endpoint,
+            config.endpoint_file.as_deref(),
+            &config.run_id,
+            limits,
+            key.clone(),
+        )
+        .await
+        .map_err(|e| match e {
+            ProducerError::EndpointFile { path, source } => LoaderError::Io { path, source },
+            other => other.into(),
+        })?;
+        tracing::info!(endpoint = %socket.endpoint(), "loader listening");
+        let reporter = Reporter::new(config.metrics.as_deref()).map_err(|reason| {
+            LoaderError::ConfigField {
+                field: "metrics",
+                reason,
+            }
+        })?;
+        let stride = RankStride {
+            world: u64::from(config.world),
+            rank: u64::from(config.rank),
+        };
+        let source = Arc::new(Mutex::new(source));
+        let start = stride.local_of(config.start_batch);
+        Ok(Loader {
+            producer: spawn_producer(source.clone(), start, config.prefetch),
+            ledger: Ledger::new(config.max_in_flight),
+            config: config.clone(),
+            socket,
+            key,
+            stride,
+            source,
+            metrics,
+            reporter,
+            credits: Credits::default(),
+            peers: HashSet::new(),
+            pending: VecDeque::new(),
+            total: None,
+            interrupted: false,
+            started,
         })
-        .encode_with(key.as_ref())
-    };
-    tokio::pin!(shutdown);
-    let mut interrupted = false;
+    }
 
-    loop {
-        // Redeliveries first: they are already in the ledger and need no room.
-        while credits.any() && !pending.is_empty() {
-            let (Some(seq), Some(peer)) = (pending.pop_front(), credits.take()) else {
+    /// The loop: redeliver what is pending, stop once everything is acknowledged (with
+    /// `exit_when_done`), then wait for one event.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<Report> {
+        tokio::pin!(shutdown);
+        let every = Duration::from_secs_f64(self.config.metrics_interval_secs);
+        let mut tick = tokio::time::interval(every);
+        loop {
+            self.redeliver().await;
+            Metrics::set(&self.metrics.in_flight, self.ledger.len() as u64);
+            if self.config.exit_when_done && self.all_acknowledged().is_some() {
+                self.say_end_to_all().await;
+                break;
+            }
+            let want_new = self.credits.any() && self.ledger.has_room() && self.total.is_none();
+            let flow = tokio::select! {
+                _ = &mut shutdown => self.interrupt(),
+                incoming = self.socket.recv() => self.on_message(incoming).await,
+                item = self.producer.recv_async(), if want_new => self.on_produced(item).await?,
+                _ = tick.tick() => self.on_tick(),
+            };
+            if flow.is_break() {
+                break;
+            }
+        }
+        let counts = self.metrics.snapshot();
+        self.reporter.finish(&counts);
+        Ok(Report {
+            endpoint: self.socket.endpoint().to_string(),
+            total: self.total,
+            counts,
+            wall_secs: self.started.elapsed().as_secs_f64(),
+            interrupted: self.interrupted,
+        })
+    }
+
+    fn interrupt(&mut self) -> Step {
+        self.interrupted = true;
+        Step::Break(())
+    }
+
+    /// The stream's length, once it is exhausted and nothing is in flight or pending.
+    fn all_acknowledged(&self) -> Option<u64> {
+        self.total
+            .filter(|_| self.ledger.is_empty() && self.pending.is_empty())
+    }
+
+    fn end_frames(&self, total: u64) -> Vec<Bytes> {
+        let end = Message::End(End {
+            run_id: self.config.run_id.clone(),
+            total,
+        });
+        end.encode_with(self.key.as_ref())
+    }
+
+    /// Tells every peer the stream ended, then gives the sends a moment to flush.
+    async fn say_end_to_all(&mut self) {
+        let Some(total) = self.total else { return };
+        self.credits.drain();
+        let frames = self.end_frames(total);
+        for peer in &self.peers {
+            let _ = self.socket.send_frames(peer, &frames).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    /// Redeliveries first: they are already in the ledger and need no room.
+    async fn redeliver(&mut self) {
+        while self.credits.any() && !self.pending.is_empty() {
+            let (Some(seq), Some(peer)) = (self.pending.pop_front(), self.credits.take()) else {
                 break;
             };
-            let Some(frames) = ledger.reissue(seq, peer.clone(), Instant::now()).cloned() else {
+            let now = Instant::now();
+            let Some(frames) = self.ledger.reissue(seq, peer.clone(), now).cloned() else {
                 continue;
             };
-            Metrics::add(&metrics.redeliveries, 1);
-            if socket.send_frames(&peer, &frames).await.is_err() {
-                credits.forget(&peer);
-                pending.push_front(seq);
+            Metrics::add(&self.metrics.redeliveries, 1);
+            if self.socket.send_frames(&peer, &frames).await.is_err() {
+                self.credits.forget(&peer);
+                self.pending.push_front(seq);
             } else {
-                Metrics::add(&metrics.batches_sent, 1);
-            }
-        }
-        Metrics::set(&metrics.in_flight, ledger.len() as u64);
-        if let Some(t) = total {
-            if ledger.is_empty() && pending.is_empty() && config.exit_when_done {
-                // Tell every peer, then give the sends a moment to flush.
-                credits.drain();
-                for peer in &peers {
-                    let _ = socket.send_frames(peer, &end_frames(t)).await;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                break;
-            }
-        }
-        let want_new = credits.any() && ledger.has_room() && total.is_none();
-        tokio::select! {
-            _ = &mut shutdown => {
-                interrupted = true;
-                break;
-            }
-            incoming = socket.recv() => {
-                let Some(incoming) = incoming else { break };
-                Metrics::set(&metrics.messages_rejected, socket.refused());
-                let Incoming::Message { peer, message } = incoming else { continue };
-                peers.insert(peer.clone());
-                match message {
-                    Message::Credit(c) => {
-                        // `end` only once nothing is in flight: until then a consumer with
-                        // credit may still be needed for a redelivery.
-                        if let Some(t) = total.filter(|_| pending.is_empty() && ledger.is_empty()) {
-                            let _ = socket.send_frames(&peer, &end_frames(t)).await;
-                        } else {
-                            credits.grant(peer, c.n);
-                        }
-                    }
-                    Message::Ack(a) => {
-                        for seq in a.seqs {
-                            match ledger.ack(seq) {
-                                AckOutcome::Done => Metrics::add(&metrics.batches_acked, 1),
-                                AckOutcome::Unknown => Metrics::add(&metrics.unknown_acks, 1),
-                            }
-                            pending.retain(|&s| s != seq);
-                        }
-                    }
-                    Message::Heartbeat(_) => {
-                        let reply = Message::Heartbeat(Heartbeat { run_id: config.run_id.clone(), role: Role::Loader, at_ms: now_ms() });
-                        let _ = socket.send(&peer, &reply).await;
-                    }
-                    Message::Resume(r) => {
-                        let local = local_of(r.next_seq);
-                        tracing::info!(next_seq = r.next_seq, "resuming the stream at the consumer's cursor");
-                        producer = spawn_producer(stream.clone(), local, config.prefetch);
-                        ledger.forget_below(u64::MAX);
-                        pending.clear();
-                        total = None;
-                    }
-                    Message::Shutdown(s) => {
-                        tracing::info!(reason = %s.reason, "shutdown requested by a peer");
-                        interrupted = true;
-                        break;
-                    }
-                    other => {
-                        socket.refuse(peer, &format!("a `{}` message: a loader does not take those", other.kind()));
-                        Metrics::set(&metrics.messages_rejected, socket.refused());
-                    }
-                }
-            }
-            item = producer.recv_async(), if want_new => {
-                match item {
-                    Ok(Produced::Item(seq, message)) => {
-                        let Some(peer) = credits.take() else { continue };
-                        let frames = message.encode_with(key.as_ref());
-                        let sent = socket.send_frames(&peer, &frames).await;
-                        ledger.issue(seq, frames, peer.clone(), Instant::now());
-                        if sent.is_err() {
-                            credits.forget(&peer);
-                            pending.push_back(seq);
-                        } else {
-                            Metrics::add(&metrics.batches_sent, 1);
-                        }
-                    }
-                    Ok(Produced::End { total_local }) => {
-                        let t = end_seq(total_local);
-                        tracing::info!(total = t, "stream exhausted");
-                        total = Some(t);
-                    }
-                    Ok(Produced::Failed(reason)) => {
-                        reporter.finish(&metrics.snapshot());
-                        return Err(LoaderError::Transport(format!("the stream failed: {reason}")));
-                    }
-                    Err(_) => {
-                        // The producer was replaced by a resume; the new one is polled next turn.
-                    }
-                }
-            }
-            _ = tick.tick() => {
-                // Leases: a batch out for too long goes to the next consumer that asks.
-                let lease = Duration::from_secs_f64(config.lease_secs);
-                for seq in ledger.expired(Instant::now(), lease) {
-                    if !pending.contains(&seq) {
-                        tracing::warn!(seq, "lease expired; the batch will be handed out again");
-                        pending.push_back(seq);
-                    }
-                }
-                reporter.report(&metrics.snapshot());
+                Metrics::add(&self.metrics.batches_sent, 1);
             }
         }
     }
-    let counts = metrics.snapshot();
-    reporter.finish(&counts);
-    Ok(Report {
-        endpoint,
-        total,
-        counts,
-        wall_secs: started.elapsed().as_secs_f64(),
-        interrupted,
-    })
+
+    /// A message from a consumer: credit, acknowledgement, heartbeat, resume or shutdown.
+    async fn on_message(&mut self, incoming: Option<Incoming>) -> Step {
+        let Some(incoming) = incoming else {
+            return Step::Break(());
+        };
+        Metrics::set(&self.metrics.messages_rejected, self.socket.refused());
+        let Incoming::Message { peer, message } = incoming else {
+            return Step::Continue(());
+        };
+        self.peers.insert(peer.clone());
+        match message {
+            Message::Credit(c) => self.on_credit(peer, c.n).await,
+            Message::Ack(a) => self.on_ack(&a.seqs),
+            Message::Heartbeat(_) => {
+                let reply = Message::Heartbeat(Heartbeat {
+                    run_id: self.config.run_id.clone(),
+                    role: Role::Loader,
+                    at_ms: rho_protocol::now_ms(),
+                });
+                let _ = self.socket.send(&peer, &reply).await;
+            }
+            Message::Resume(r) => self.on_resume(r.next_seq),
+            Message::Shutdown(s) => {
+                tracing::info!(reason = %s.reason, "shutdown requested by a peer");
+                return self.interrupt();
+            }
+            other => {
+                let why = format!("a `{}` message: a loader does not take those", other.kind());
+                self.socket.refuse(peer, &why);
+                Metrics::set(&self.metrics.messages_rejected, self.socket.refused());
+            }
+        }
+        Step::Continue(())
+    }
+
+    /// `end` only once nothing is in flight: until then a consumer with credit may still be
+    /// needed for a redelivery.
+    async fn on_credit(&mut self, peer: Peer, n: u32) {
+        match self.all_acknowledged() {
+            Some(total) => {
+                let frames = self.end_frames(total);
+                let _ = self.socket.send_frames(&peer, &frames).await;
+            }
+            None => self.credits.grant(peer, n),
+        }
+    }
+
+    fn on_ack(&mut self, seqs: &[u64]) {
+        for &seq in seqs {
+            match self.ledger.ack(seq) {
+                AckOutcome::Done => Metrics::add(&self.metrics.batches_acked, 1),
+                AckOutcome::Unknown => Metrics::add(&self.metrics.unknown_acks, 1),
+            }
+            self.pending.retain(|&s| s != seq);
+        }
+    }
+
+    /// Restarts the stream at a consumer's cursor: what was in flight is forgotten.
+    fn on_resume(&mut self, next_seq: u64) {
+        let local = self.stride.local_of(next_seq);
+        tracing::info!(next_seq, "resuming the stream at the consumer's cursor");
+        self.producer = spawn_producer(self.source.clone(), local, self.config.prefetch);
+        self.ledger.forget_below(u64::MAX);
+        self.pending.clear();
+        self.total = None;
+    }
+
+    /// The next item of the producer thread: a batch for a consumer with credit, the end of
+    /// the stream, or the stream's failure.
+    async fn on_produced(
+        &mut self,
+        item: std::result::Result<Produced, flume::RecvError>,
+    ) -> Result<Step> {
+        match item {
+            Ok(Produced::Item(seq, message)) => {
+                let Some(peer) = self.credits.take() else {
+                    return Ok(Step::Continue(()));
+                };
+                let frames = message.encode_with(self.key.as_ref());
+                let sent = self.socket.send_frames(&peer, &frames).await;
+                self.ledger.issue(seq, frames, peer.clone(), Instant::now());
+                if sent.is_err() {
+                    self.credits.forget(&peer);
+                    self.pending.push_back(seq);
+                } else {
+                    Metrics::add(&self.metrics.batches_sent, 1);
+                }
+            }
+            Ok(Produced::End { total_local }) => {
+                let total = self.stride.end_seq(total_local);
+                tracing::info!(total, "stream exhausted");
+                self.total = Some(total);
+            }
+            Ok(Produced::Failed(e)) => {
+                self.reporter.finish(&self.metrics.snapshot());
+                return Err(LoaderError::Stream(Box::new(e)));
+            }
+            // The producer was replaced by a resume; the new one is polled next turn.
+            Err(_) => {}
+        }
+        Ok(Step::Continue(()))
+    }
+
+    /// Leases: a batch out for too long goes to the next consumer that asks. And a metrics line.
+    fn on_tick(&mut self) -> Step {
+        let lease = Duration::from_secs_f64(self.config.lease_secs);
+        for seq in self.ledger.expired(Instant::now(), lease) {
+            if !self.pending.contains(&seq) {
+                tracing::warn!(seq, "lease expired; the batch will be handed out again");
+                self.pending.push_back(seq);
+            }
+        }
+        self.reporter.report(&self.metrics.snapshot());
+        Step::Continue(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RankStride;
+
+    #[test]
+    fn ranks_map_the_global_stream_to_their_local_positions_and_back() {
+        let s = RankStride { world: 3, rank: 1 };
+        // Rank 1 of 3 serves 1, 4, 7, ...
+        assert_eq!(s.local_of(0), 0);
+        assert_eq!(s.local_of(1), 0);
+        assert_eq!(s.local_of(2), 1);
+        assert_eq!(s.local_of(4), 1);
+        assert_eq!(s.local_of(5), 2);
+        assert_eq!(s.end_seq(0), 0);
+        assert_eq!(s.end_seq(1), 2);
+        assert_eq!(s.end_seq(3), 8);
+        let one = RankStride { world: 1, rank: 0 };
+        assert_eq!(one.local_of(7), 7);
+        assert_eq!(one.end_seq(7), 7);
+    }
 }

@@ -4,6 +4,8 @@
 //! The same weights serve a fused inference path (selectors) and a differentiable plain path
 //! (the trainer); see [`Path`].
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 pub mod checkpoint;
 pub mod config;
 mod device;

@@ -195,13 +195,10 @@ impl Consumer {
 
     /// Sends a heartbeat (also how a peer makes itself known to a ROUTER).
     pub async fn heartbeat(&mut self, role: Role) -> Result<(), ClientError> {
-        let at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
         let m = Message::Heartbeat(Heartbeat {
             run_id: self.run_id.clone(),
             role,
-            at_ms,
+            at_ms: crate::now_ms(),
         });
         self.send(&m).await
     }

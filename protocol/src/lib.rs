@@ -12,6 +12,8 @@
 //! message larger than [`Limits::max_message_bytes`] before looking inside it; and it never
 //! allocates more than the size of the frames it was given.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 pub mod auth;
 pub mod cache;
 pub mod client;
@@ -33,6 +35,28 @@ pub use error::DecodeError;
 pub use fingerprint::Fingerprint;
 pub use liveness::Liveness;
 pub use messages::{Ack, Credit, End, Heartbeat, Resume, Role, ScoredBatch, Shutdown, TokenBatch};
+
+/// Checks an endpoint of a config: `tcp://` or `ipc://`; an empty one is missing (`rho run`
+/// assigns the endpoints it connects; a process started on its own needs them written).
+pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    if endpoint.is_empty() {
+        return Err(
+            "missing: the endpoint (`rho run` assigns it; a process started on its own needs it)"
+                .into(),
+        );
+    }
+    if !endpoint.starts_with("tcp://") && !endpoint.starts_with("ipc://") {
+        return Err(format!("`{endpoint}` is not a tcp:// or ipc:// endpoint"));
+    }
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch (0 on a clock set before it): heartbeats' `at_ms`.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// The protocol version this crate speaks. A header whose `rho` field differs is refused.
 pub const PROTOCOL_VERSION: u32 = 1;

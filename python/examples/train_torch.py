@@ -59,7 +59,7 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else args.device)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if args.device == "cuda" else args.device)
 
     model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
@@ -93,7 +93,8 @@ def main() -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     def save() -> None:
-        torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "stream": stream.state_dict(), "step": step}, ckpt)
+        state = {"model": model.state_dict(), "optim": opt.state_dict(), "stream": stream.state_dict(), "step": step}
+        torch.save(state, ckpt)
         if rank == 0:
             model.save_pretrained(out / "model")
 

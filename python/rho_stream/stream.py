@@ -97,7 +97,7 @@ class RhoStream:
         world: int = 1,
         as_torch: bool = False,
         pin_memory: bool = False,
-        limits: Limits = Limits(),
+        limits: Optional[Limits] = None,
     ):
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"rank {rank} / world {world}: need 0 <= rank < world")
@@ -108,7 +108,7 @@ class RhoStream:
         self.credits_per_selector, self.reorder_window, self.prefetch = credits_per_selector, reorder_window, prefetch
         self.heartbeat_secs, self.peer_timeout_secs = heartbeat_secs, peer_timeout_secs
         self.rank, self.world = rank, world
-        self.as_torch, self.pin_memory, self.limits = as_torch, pin_memory, limits
+        self.as_torch, self.pin_memory, self.limits = as_torch, pin_memory, limits or Limits()
         self.stats = Stats()
         self.total: Optional[int] = None
         # The cursor: the next sequence number the training loop needs.

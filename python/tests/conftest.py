@@ -26,7 +26,7 @@ def rho_bin() -> str:
 
 
 def rho(*args: str) -> None:
-    out = subprocess.run([rho_bin(), *args], capture_output=True, text=True)
+    out = subprocess.run([rho_bin(), *args], capture_output=True, text=True, check=False)
     assert out.returncode == 0, f"rho {args}: {out.stderr}"
 
 
@@ -51,7 +51,8 @@ class Pipeline:
 
     def start(self, kind: str, config: Path) -> subprocess.Popen:
         log = open(self.root / f"{config.stem}.log", "w")
-        p = subprocess.Popen([rho_bin(), kind, "--config", str(config)], stdout=subprocess.PIPE, stderr=log, env=self.env)
+        command = [rho_bin(), kind, "--config", str(config)]
+        p = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, env=self.env)
         self.procs.append(p)
         return p
 
@@ -85,8 +86,9 @@ class Pipeline:
 def assets(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("assets")
     rho("synth", "--shards", "1", "--docs-per-shard", "60", "--seed", "5", "--out", str(root / "data"))
-    rho("tokenizer", "train", "--vocab-size", "300", "--input", str(root / "data"), "--out", str(root / "tokenizer.json"))
-    rho("model", "init", "--preset", "tiny", "--seed", "1", "--tokenizer", str(root / "tokenizer.json"), "--out", str(root / "ref"))
+    tokenizer = str(root / "tokenizer.json")
+    rho("tokenizer", "train", "--vocab-size", "300", "--input", str(root / "data"), "--out", tokenizer)
+    rho("model", "init", "--preset", "tiny", "--seed", "1", "--tokenizer", tokenizer, "--out", str(root / "ref"))
     return root
 
 

@@ -6,8 +6,8 @@ import signal
 
 import numpy as np
 import zmq
-
 from conftest import RUN_ID, SECRET, wait_until
+
 from rho_stream import Key, RhoStream
 from rho_stream.protocol import control, encode
 

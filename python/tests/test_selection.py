@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from rho_stream import keep_count, select_mask
 
 

@@ -11,9 +11,13 @@ pub struct SelectorConfig {
     /// The run; messages of other runs are refused.
     #[serde(default = "default_run_id")]
     pub run_id: String,
-    /// The loader's endpoint (this selector connects and asks for token batches).
+    /// The loader's endpoint (this selector connects and asks for token batches). Required,
+    /// except under `rho run`, which assigns it.
+    #[serde(default)]
     pub loader: String,
     /// The trainer's delivery endpoint (this selector connects and delivers scored batches).
+    /// Required, except under `rho run`, which assigns it.
+    #[serde(default)]
     pub trainer: String,
     /// The reference model: a HuggingFace checkpoint directory.
     pub model: PathBuf,
@@ -112,9 +116,7 @@ impl SelectorConfig {
             return Err(SelectorError::ConfigField { field, reason });
         }
         for (name, e) in [("loader", &self.loader), ("trainer", &self.trainer)] {
-            if !e.starts_with("tcp://") && !e.starts_with("ipc://") {
-                return field(name, "must be a tcp:// or ipc:// endpoint");
-            }
+            rho_protocol::check_endpoint(e).or_else(|reason| field(name, &reason))?;
         }
         if self.prefetch == 0 {
             return field("prefetch", "must be at least 1");

@@ -7,7 +7,7 @@ pub enum SelectorError {
     ConfigFile(#[from] rho_protocol::config_file::ConfigFileError),
     #[error("invalid config: field `{field}`: {reason}")]
     ConfigField { field: &'static str, reason: String },
-    #[error("model {path}: {source}")]
+    #[error("model {}", path.display())]
     Model {
         path: PathBuf,
         source: rho_model::ModelError,
@@ -28,19 +28,17 @@ pub enum SelectorError {
         expected: String,
         path: PathBuf,
     },
-    #[error("scoring batch {seq} failed: {source}")]
+    #[error("scoring batch {seq} failed")]
     Scoring {
         seq: u64,
         source: rho_model::ModelError,
     },
-    #[error("transport: {0}")]
-    Transport(String),
-}
-
-impl From<rho_protocol::client::ClientError> for SelectorError {
-    fn from(e: rho_protocol::client::ClientError) -> Self {
-        SelectorError::Transport(e.to_string())
-    }
+    #[error("a connection")]
+    Client(#[from] rho_protocol::client::ClientError),
+    #[error("the scored cache")]
+    Cache(#[from] rho_protocol::cache::CacheError),
+    #[error("a blocking task")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 pub type Result<T, E = SelectorError> = std::result::Result<T, E>;

@@ -7,6 +7,8 @@
 //! At start-up it refuses a reference model whose vocabulary is smaller than the tokenizer's;
 //! it refuses to score a batch whose tokenizer fingerprint is not its tokenizer's.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 pub mod config;
 mod error;
 pub mod scorer;
@@ -15,4 +17,4 @@ pub mod worker;
 pub use config::SelectorConfig;
 pub use error::{Result, SelectorError};
 pub use scorer::{CandleScorer, Scorer};
-pub use worker::{run, Report};
+pub use worker::{run, Credits, Report, Selector, SelectorMetrics};

@@ -7,19 +7,23 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rho_protocol::cache::{CacheHeader, CacheWriter};
 use rho_protocol::client::{ClientError, Consumer};
-use rho_protocol::{Fingerprint, Limits, Message, Role, ScoredBatch, TokenBatch};
+use rho_protocol::jsonl::JsonLines;
+use rho_protocol::{Fingerprint, Key, Limits, Message, Role, ScoredBatch, TokenBatch};
+use tokio::task::JoinError;
 
 use crate::config::SelectorConfig;
 use crate::scorer::{CandleScorer, Scorer};
 use crate::{Result, SelectorError};
 
 /// What a selector did.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Report {
     pub batches: u64,
     /// Valid target positions scored.
@@ -39,20 +43,109 @@ pub struct Report {
     pub interrupted: bool,
 }
 
+/// One line of the selector's metrics file: totals so far, written every
+/// `metrics_interval_secs` and once at the end.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct SelectorMetrics {
+    pub elapsed_s: f64,
+    pub batches: u64,
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    pub mean_score_ms: f64,
+    pub mean_latency_ms: f64,
+    pub mean_queue_wait_ms: f64,
+    /// Fraction of the wall time the model was not scoring.
+    pub idle_fraction: f64,
+    pub messages_rejected: u64,
+}
+
 impl Report {
-    fn line(&self, elapsed: f64) -> serde_json::Value {
+    fn line(&self, elapsed: f64) -> SelectorMetrics {
         let n = self.batches.max(1) as f64;
-        serde_json::json!({
-            "elapsed_s": elapsed,
-            "batches": self.batches,
-            "tokens": self.tokens,
-            "tokens_per_s": self.tokens as f64 / elapsed.max(1e-9),
-            "mean_score_ms": self.score_secs / n * 1e3,
-            "mean_latency_ms": self.latency_secs / n * 1e3,
-            "mean_queue_wait_ms": self.queue_wait_secs / n * 1e3,
-            "idle_fraction": 1.0 - self.score_secs / elapsed.max(1e-9),
-            "messages_rejected": self.messages_rejected,
-        })
+        SelectorMetrics {
+            elapsed_s: elapsed,
+            batches: self.batches,
+            tokens: self.tokens,
+            tokens_per_s: self.tokens as f64 / elapsed.max(1e-9),
+            mean_score_ms: self.score_secs / n * 1e3,
+            mean_latency_ms: self.latency_secs / n * 1e3,
+            mean_queue_wait_ms: self.queue_wait_secs / n * 1e3,
+            idle_fraction: 1.0 - self.score_secs / elapsed.max(1e-9),
+            messages_rejected: self.messages_rejected,
+        }
+    }
+}
+
+/// The selector's flow control, end to end: the trainer grants credits for scored batches
+/// (`down`), and the selector asks the loader for no more than those credits cover, and never
+/// more than `prefetch` at a time, counting what it already holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credits {
+    /// Scored batches the trainer has room for.
+    down: u64,
+    /// Batches asked of the loader and not yet arrived.
+    requested: u64,
+    prefetch: u64,
+}
+
+impl Credits {
+    pub fn new(prefetch: u32) -> Self {
+        Credits {
+            down: 0,
+            requested: 0,
+            prefetch: u64::from(prefetch),
+        }
+    }
+
+    /// The trainer granted `n` more.
+    pub fn granted(&mut self, n: u32) {
+        self.down += u64::from(n);
+    }
+
+    /// Whether a scored batch may go to the trainer now.
+    pub fn can_deliver(&self) -> bool {
+        self.down > 0
+    }
+
+    /// A scored batch went to the trainer.
+    pub fn delivered(&mut self) {
+        self.down = self.down.saturating_sub(1);
+    }
+
+    /// How many batches to ask the loader for, given `held` batches here (queued, being
+    /// scored, or scored and waiting); counts them as requested.
+    pub fn request(&mut self, held: u64) -> u32 {
+        let held = held + self.requested;
+        let want = self.down.min(self.prefetch);
+        let n = want.saturating_sub(held).min(u64::from(u32::MAX)) as u32;
+        self.requested += u64::from(n);
+        n
+    }
+
+    /// A request could not be sent: it is not outstanding.
+    pub fn unrequest(&mut self, n: u32) {
+        self.requested = self.requested.saturating_sub(u64::from(n));
+    }
+
+    /// A batch arrived from the loader.
+    pub fn arrived(&mut self) {
+        self.requested = self.requested.saturating_sub(1);
+    }
+
+    /// The loader connection was made again: what the old one was asked is gone with it.
+    pub fn loader_lost(&mut self) {
+        self.requested = 0;
+    }
+
+    /// The trainer connection was made again: its credits are gone with it (it grants new
+    /// ones when the selector introduces itself).
+    pub fn trainer_lost(&mut self) {
+        self.down = 0;
+    }
+
+    /// Credits the trainer has granted and the selector not yet used.
+    pub fn down(&self) -> u64 {
+        self.down
     }
 }
 
@@ -101,33 +194,10 @@ struct Scored {
 pub async fn run(config: SelectorConfig, shutdown: impl Future<Output = ()>) -> Result<Report> {
     config.validate()?;
     let cfg = config.clone();
-    let (scorer, tokenizer) = tokio::task::spawn_blocking(move || load_scorer(&cfg))
-        .await
-        .map_err(|e| SelectorError::Transport(e.to_string()))??;
+    let (scorer, tokenizer) = tokio::task::spawn_blocking(move || load_scorer(&cfg)).await??;
     let scorer: Arc<dyn Scorer> = Arc::new(scorer);
     tracing::info!(model = %config.model.display(), fingerprint = %scorer.fingerprint(), "reference model loaded");
     serve(config, scorer, tokenizer, shutdown).await
-}
-
-/// Counts and logs a message the selector does not take.
-fn refuse(
-    report: &mut Report,
-    from: &str,
-    m: std::result::Result<Message, ClientError>,
-) -> Result<()> {
-    match m {
-        Ok(other) => {
-            report.messages_rejected += 1;
-            tracing::warn!("refused a `{}` message from the {from}", other.kind());
-            Ok(())
-        }
-        Err(ClientError::Decode(e)) => {
-            report.messages_rejected += 1;
-            tracing::warn!("refused a malformed message from the {from}: {e}");
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// The selector loop around any [`Scorer`].
@@ -137,192 +207,380 @@ pub async fn serve(
     tokenizer: Fingerprint,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Report> {
-    let started = Instant::now();
-    let limits = Limits::with_max_message_bytes(config.max_message_bytes);
-    let key = rho_protocol::Key::from_config(config.secret_file.as_deref()).map_err(|reason| {
-        SelectorError::ConfigField {
-            field: "secret_file",
-            reason,
-        }
-    })?;
-    let mut trainer =
-        Consumer::connect_with(&config.trainer, &config.run_id, limits, key.clone()).await?;
-    let _ = trainer.heartbeat(Role::Selector).await;
-    let mut loader = Consumer::connect_with(&config.loader, &config.run_id, limits, key).await?;
-    tracing::info!(loader = %config.loader, trainer = %config.trainer, "selector connected");
+    Selector::start(config, scorer, tokenizer)
+        .await?
+        .run(shutdown)
+        .await
+}
 
-    let mut report = Report::default();
-    let mut metrics = match &config.metrics {
-        Some(p) => {
-            Some(rho_protocol::jsonl::JsonLines::open(p, false).map_err(SelectorError::Transport)?)
-        }
-        None => None,
-    };
-    let progress = indicatif::ProgressBar::new_spinner();
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(config.metrics_interval_secs));
-    let mut beat = tokio::time::interval(config.liveness.every());
-    // `down`: batches the trainer has room for; `requested`: asked of the loader, not yet here.
-    let (mut down, mut requested) = (0u64, 0u64);
-    let mut queue: VecDeque<(TokenBatch, Instant)> = VecDeque::new();
-    let mut scoring: Option<tokio::task::JoinHandle<Scored>> = None;
-    // Scored batches waiting for a credit from the trainer (or for it to come back).
-    let mut outbox: VecDeque<(Message, Instant)> = VecDeque::new();
-    let mut ended = false;
-    let mut cache = match &config.cache_out {
-        Some(dir) => {
-            let w = rho_protocol::cache::CacheWriter::create(
-                dir,
-                rho_protocol::cache::CacheHeader {
-                    version: 1,
-                    run_id: config.run_id.clone(),
-                    tokenizer: tokenizer.clone(),
-                    ref_model: scorer.fingerprint().clone(),
-                },
-            )
-            .map_err(|e| SelectorError::Transport(format!("cache: {e}")))?;
-            tracing::info!(file = %w.path().display(), "writing scored batches to the cache");
-            Some(w)
-        }
-        None => None,
-    };
-    tokio::pin!(shutdown);
+/// Whether the loop goes on after an event.
+type Flow = ControlFlow<()>;
 
-    loop {
-        while down > 0 {
-            let Some((scored, arrived)) = outbox.pop_front() else {
+/// A selector process: its connections, the batches it holds and its credits. Each event of
+/// the loop in [`Selector::run`] is one method.
+pub struct Selector {
+    config: SelectorConfig,
+    scorer: Arc<dyn Scorer>,
+    tokenizer: Fingerprint,
+    loader: Consumer,
+    trainer: Consumer,
+    credits: Credits,
+    /// Batches received, waiting for the model.
+    queue: VecDeque<(TokenBatch, Instant)>,
+    /// The batch being scored (one at a time: the model uses every core).
+    scoring: Option<tokio::task::JoinHandle<Scored>>,
+    /// Scored batches waiting for a credit from the trainer (or for it to come back).
+    outbox: VecDeque<(Message, Instant)>,
+    /// The loader said the stream ended.
+    ended: bool,
+    cache: Option<CacheWriter>,
+    metrics: Option<JsonLines>,
+    progress: indicatif::ProgressBar,
+    report: Report,
+    started: Instant,
+}
+
+impl Selector {
+    /// Connects to the trainer (introducing itself) and to the loader, and opens the metrics
+    /// file and the scored cache when configured.
+    pub async fn start(
+        config: SelectorConfig,
+        scorer: Arc<dyn Scorer>,
+        tokenizer: Fingerprint,
+    ) -> Result<Self> {
+        let started = Instant::now();
+        let limits = Limits::with_max_message_bytes(config.max_message_bytes);
+        let key = Key::from_config(config.secret_file.as_deref()).map_err(|reason| {
+            SelectorError::ConfigField {
+                field: "secret_file",
+                reason,
+            }
+        })?;
+        let (run_id, trainer_at) = (&config.run_id, &config.trainer);
+        let mut trainer = Consumer::connect_with(trainer_at, run_id, limits, key.clone()).await?;
+        let _ = trainer.heartbeat(Role::Selector).await;
+        let loader = Consumer::connect_with(&config.loader, run_id, limits, key).await?;
+        tracing::info!(loader = %config.loader, trainer = %config.trainer, "selector connected");
+        let metrics =
+            match &config.metrics {
+                Some(p) => Some(JsonLines::open(p, false).map_err(|reason| {
+                    SelectorError::ConfigField {
+                        field: "metrics",
+                        reason,
+                    }
+                })?),
+                None => None,
+            };
+        let cache = open_cache(&config, &tokenizer, scorer.as_ref())?;
+        Ok(Selector {
+            credits: Credits::new(config.prefetch),
+            config,
+            scorer,
+            tokenizer,
+            loader,
+            trainer,
+            queue: VecDeque::new(),
+            scoring: None,
+            outbox: VecDeque::new(),
+            ended: false,
+            cache,
+            metrics,
+            progress: indicatif::ProgressBar::new_spinner(),
+            report: Report::default(),
+            started,
+        })
+    }
+
+    /// The loop: deliver what credits allow, ask the loader for more, start scoring, then wait
+    /// for one event.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<Report> {
+        tokio::pin!(shutdown);
+        let every = Duration::from_secs_f64(self.config.metrics_interval_secs);
+        let mut tick = tokio::time::interval(every);
+        let mut beat = tokio::time::interval(self.config.liveness.every());
+        loop {
+            self.deliver().await;
+            self.request_from_loader().await;
+            if self.start_scoring()?.is_break() {
+                break;
+            }
+            let flow = tokio::select! {
+                _ = &mut shutdown => self.interrupted(),
+                m = self.loader.recv() => self.on_loader(m)?,
+                m = self.trainer.recv() => self.on_trainer(m)?,
+                done = scored(self.scoring.as_mut()) => self.on_scored(done)?,
+                _ = beat.tick() => self.on_heartbeat(&mut shutdown).await?,
+                _ = tick.tick() => self.on_metrics_tick(),
+            };
+            if flow.is_break() {
+                break;
+            }
+        }
+        self.report.wall_secs = self.started.elapsed().as_secs_f64();
+        if let Some(f) = &mut self.metrics {
+            f.append(&self.report.line(self.report.wall_secs));
+        }
+        self.progress.finish_and_clear();
+        Ok(self.report)
+    }
+
+    fn interrupted(&mut self) -> Flow {
+        self.report.interrupted = true;
+        Flow::Break(())
+    }
+
+    /// Sends scored batches to the trainer while it has granted credits.
+    async fn deliver(&mut self) {
+        while self.credits.can_deliver() {
+            let Some((scored, arrived)) = self.outbox.pop_front() else {
                 break;
             };
-            if trainer.send(&scored).await.is_err() {
+            if self.trainer.send(&scored).await.is_err() {
                 // The trainer is gone; the batch waits for the reconnection.
-                outbox.push_front((scored, arrived));
+                self.outbox.push_front((scored, arrived));
                 break;
             }
-            down -= 1;
-            report.batches += 1;
-            report.latency_secs += arrived.elapsed().as_secs_f64();
-        }
-        let held =
-            requested + queue.len() as u64 + u64::from(scoring.is_some()) + outbox.len() as u64;
-        let want = down.min(u64::from(config.prefetch));
-        if !ended && held < want {
-            let n = (want - held) as u32;
-            if loader.credit(n).await.is_ok() {
-                requested += u64::from(n);
-            }
-        }
-        if scoring.is_none() {
-            if let Some((batch, arrived)) = queue.pop_front() {
-                if batch.tokenizer != tokenizer {
-                    return Err(SelectorError::TokenizerMismatch {
-                        seq: batch.seq,
-                        got: batch.tokenizer.to_string(),
-                        expected: tokenizer.to_string(),
-                        path: config.tokenizer.clone(),
-                    });
-                }
-                let s = scorer.clone();
-                scoring = Some(tokio::task::spawn_blocking(move || {
-                    let begin = Instant::now();
-                    let result = s.score(&batch);
-                    Scored {
-                        batch,
-                        arrived,
-                        started: begin,
-                        result,
-                        secs: begin.elapsed().as_secs_f64(),
-                    }
-                }));
-            } else if ended && outbox.is_empty() {
-                break;
-            }
-        }
-        tokio::select! {
-            _ = &mut shutdown => {
-                report.interrupted = true;
-                break;
-            }
-            m = loader.recv() => match m {
-                Ok(Message::Batch(b)) if b.run_id == config.run_id => {
-                    requested = requested.saturating_sub(1);
-                    queue.push_back((b, Instant::now()));
-                }
-                Ok(Message::End(_)) => ended = true,
-                Ok(Message::Heartbeat(_)) => {}
-                other => refuse(&mut report, "loader", other)?,
-            },
-            m = trainer.recv() => match m {
-                Ok(Message::Credit(c)) if c.run_id == config.run_id => down += u64::from(c.n),
-                Ok(Message::Shutdown(s)) => {
-                    tracing::info!(reason = %s.reason, "the trainer asked this selector to stop");
-                    report.interrupted = true;
-                    break;
-                }
-                Ok(Message::Heartbeat(_)) => {}
-                other => refuse(&mut report, "trainer", other)?,
-            },
-            done = async { scoring.as_mut().expect("guarded by is_some").await }, if scoring.is_some() => {
-                scoring = None;
-                let done = done.map_err(|e| SelectorError::Transport(format!("scoring task: {e}")))?;
-                let seq = done.batch.seq;
-                let ref_loss = done.result.map_err(|source| SelectorError::Scoring { seq, source })?;
-                report.tokens += done.batch.target_count() as u64;
-                report.score_secs += done.secs;
-                report.queue_wait_secs += done.started.duration_since(done.arrived).as_secs_f64();
-                let scored = ScoredBatch {
-                    batch: done.batch,
-                    ref_model: scorer.fingerprint().clone(),
-                    ref_loss,
-                };
-                let scored = Message::Scored(scored);
-                if let Some(w) = cache.as_mut() {
-                    tokio::task::block_in_place(|| w.append(&scored))
-                        .map_err(|e| SelectorError::Transport(format!("cache: {e}")))?;
-                    report.cache_bytes = w.bytes;
-                }
-                outbox.push_back((scored, done.arrived));
-            }
-            _ = beat.tick() => {
-                let _ = loader.heartbeat(Role::Selector).await;
-                let _ = trainer.heartbeat(Role::Selector).await;
-                let timeout = config.liveness.timeout();
-                if !ended && loader.silent_for() > timeout {
-                    if !loader.reconnect_or(&mut shutdown).await? {
-                        report.interrupted = true;
-                        break;
-                    }
-                    report.reconnects += 1;
-                    // Credits given to the old connection are gone with it.
-                    requested = 0;
-                    tracing::info!("reconnected to the loader");
-                }
-                if trainer.silent_for() > timeout {
-                    if !trainer.reconnect_or(&mut shutdown).await? {
-                        report.interrupted = true;
-                        break;
-                    }
-                    report.reconnects += 1;
-                    down = 0;
-                    let _ = trainer.heartbeat(Role::Selector).await;
-                    tracing::info!("reconnected to the trainer");
-                }
-            }
-            _ = tick.tick() => {
-                let line = report.line(started.elapsed().as_secs_f64());
-                if let Some(f) = &mut metrics {
-                    f.append(&line);
-                }
-                progress.set_message(format!(
-                    "selector: {} batches, {:.0} tokens/s, queue {}, credits {}",
-                    report.batches, line["tokens_per_s"].as_f64().unwrap_or(0.0), queue.len(), down
-                ));
-                progress.tick();
-            }
+            self.credits.delivered();
+            self.report.batches += 1;
+            self.report.latency_secs += arrived.elapsed().as_secs_f64();
         }
     }
-    report.wall_secs = started.elapsed().as_secs_f64();
-    if let Some(f) = &mut metrics {
-        f.append(&report.line(report.wall_secs));
+
+    async fn request_from_loader(&mut self) {
+        if self.ended {
+            return;
+        }
+        let held = self.queue.len() + usize::from(self.scoring.is_some()) + self.outbox.len();
+        let n = self.credits.request(held as u64);
+        if n > 0 && self.loader.credit(n).await.is_err() {
+            self.credits.unrequest(n);
+        }
     }
-    progress.finish_and_clear();
-    Ok(report)
+
+    /// Starts scoring the next queued batch when the model is free; `Break` when the stream
+    /// ended and everything received has been delivered.
+    fn start_scoring(&mut self) -> Result<Flow> {
+        if self.scoring.is_some() {
+            return Ok(Flow::Continue(()));
+        }
+        let Some((batch, arrived)) = self.queue.pop_front() else {
+            let done = self.ended && self.outbox.is_empty();
+            return Ok(if done {
+                Flow::Break(())
+            } else {
+                Flow::Continue(())
+            });
+        };
+        if batch.tokenizer != self.tokenizer {
+            return Err(SelectorError::TokenizerMismatch {
+                seq: batch.seq,
+                got: batch.tokenizer.to_string(),
+                expected: self.tokenizer.to_string(),
+                path: self.config.tokenizer.clone(),
+            });
+        }
+        let scorer = self.scorer.clone();
+        self.scoring = Some(tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let result = scorer.score(&batch);
+            let secs = started.elapsed().as_secs_f64();
+            Scored {
+                batch,
+                arrived,
+                started,
+                result,
+                secs,
+            }
+        }));
+        Ok(Flow::Continue(()))
+    }
+
+    fn on_loader(&mut self, m: std::result::Result<Message, ClientError>) -> Result<Flow> {
+        match m {
+            Ok(Message::Batch(b)) if b.run_id == self.config.run_id => {
+                self.credits.arrived();
+                self.queue.push_back((b, Instant::now()));
+            }
+            Ok(Message::End(_)) => self.ended = true,
+            Ok(Message::Heartbeat(_)) => {}
+            other => self.refuse("loader", other)?,
+        }
+        Ok(Flow::Continue(()))
+    }
+
+    fn on_trainer(&mut self, m: std::result::Result<Message, ClientError>) -> Result<Flow> {
+        match m {
+            Ok(Message::Credit(c)) if c.run_id == self.config.run_id => self.credits.granted(c.n),
+            Ok(Message::Shutdown(s)) => {
+                tracing::info!(reason = %s.reason, "the trainer asked this selector to stop");
+                return Ok(self.interrupted());
+            }
+            Ok(Message::Heartbeat(_)) => {}
+            other => self.refuse("trainer", other)?,
+        }
+        Ok(Flow::Continue(()))
+    }
+
+    /// Counts and logs a message the selector does not take; a broken connection is an error.
+    fn refuse(&mut self, from: &str, m: std::result::Result<Message, ClientError>) -> Result<()> {
+        match m {
+            Ok(other) => {
+                self.report.messages_rejected += 1;
+                tracing::warn!("refused a `{}` message from the {from}", other.kind());
+                Ok(())
+            }
+            Err(ClientError::Decode(e)) => {
+                self.report.messages_rejected += 1;
+                tracing::warn!("refused a malformed message from the {from}: {e}");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A batch came back from the model: into the cache (when configured) and the outbox.
+    fn on_scored(&mut self, done: std::result::Result<Scored, JoinError>) -> Result<Flow> {
+        self.scoring = None;
+        let done = done?;
+        let seq = done.batch.seq;
+        let ref_loss = done
+            .result
+            .map_err(|source| SelectorError::Scoring { seq, source })?;
+        self.report.tokens += done.batch.target_count() as u64;
+        self.report.score_secs += done.secs;
+        self.report.queue_wait_secs += done.started.duration_since(done.arrived).as_secs_f64();
+        let scored = Message::Scored(ScoredBatch {
+            batch: done.batch,
+            ref_model: self.scorer.fingerprint().clone(),
+            ref_loss,
+        });
+        if let Some(w) = self.cache.as_mut() {
+            tokio::task::block_in_place(|| w.append(&scored))?;
+            self.report.cache_bytes = w.bytes;
+        }
+        self.outbox.push_back((scored, done.arrived));
+        Ok(Flow::Continue(()))
+    }
+
+    /// Heartbeats both ways; a peer silent for too long is connected to again. `Break` when
+    /// `shutdown` came while reconnecting.
+    async fn on_heartbeat<F: Future + Unpin>(&mut self, shutdown: &mut F) -> Result<Flow> {
+        let _ = self.loader.heartbeat(Role::Selector).await;
+        let _ = self.trainer.heartbeat(Role::Selector).await;
+        let timeout = self.config.liveness.timeout();
+        if !self.ended && self.loader.silent_for() > timeout {
+            if !self.loader.reconnect_or(&mut *shutdown).await? {
+                return Ok(self.interrupted());
+            }
+            self.report.reconnects += 1;
+            self.credits.loader_lost();
+            tracing::info!("reconnected to the loader");
+        }
+        if self.trainer.silent_for() > timeout {
+            if !self.trainer.reconnect_or(shutdown).await? {
+                return Ok(self.interrupted());
+            }
+            self.report.reconnects += 1;
+            self.credits.trainer_lost();
+            let _ = self.trainer.heartbeat(Role::Selector).await;
+            tracing::info!("reconnected to the trainer");
+        }
+        Ok(Flow::Continue(()))
+    }
+
+    fn on_metrics_tick(&mut self) -> Flow {
+        let line = self.report.line(self.started.elapsed().as_secs_f64());
+        if let Some(f) = &mut self.metrics {
+            f.append(&line);
+        }
+        self.progress.set_message(format!(
+            "selector: {} batches, {:.0} tokens/s, queue {}, credits {}",
+            self.report.batches,
+            line.tokens_per_s,
+            self.queue.len(),
+            self.credits.down()
+        ));
+        self.progress.tick();
+        Flow::Continue(())
+    }
+}
+
+/// The batch being scored, when it is done; never, when none is.
+async fn scored(
+    scoring: Option<&mut tokio::task::JoinHandle<Scored>>,
+) -> std::result::Result<Scored, JoinError> {
+    match scoring {
+        Some(s) => s.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The scored cache this selector writes to, when `cache_out` is set.
+fn open_cache(
+    config: &SelectorConfig,
+    tokenizer: &Fingerprint,
+    scorer: &dyn Scorer,
+) -> Result<Option<CacheWriter>> {
+    let Some(dir) = &config.cache_out else {
+        return Ok(None);
+    };
+    let header = CacheHeader {
+        version: 1,
+        run_id: config.run_id.clone(),
+        tokenizer: tokenizer.clone(),
+        ref_model: scorer.fingerprint().clone(),
+    };
+    let w = CacheWriter::create(dir, header)?;
+    tracing::info!(file = %w.path().display(), "writing scored batches to the cache");
+    Ok(Some(w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loader_is_asked_for_no_more_than_the_trainer_granted() {
+        let mut c = Credits::new(4);
+        assert_eq!(c.request(0), 0, "nothing granted, nothing asked");
+        c.granted(2);
+        assert_eq!(c.request(0), 2);
+        assert_eq!(c.request(0), 0, "already asked");
+        c.arrived();
+        assert_eq!(c.request(1), 0, "the arrived batch is held here");
+    }
+
+    #[test]
+    fn prefetch_caps_what_is_asked_and_held() {
+        let mut c = Credits::new(3);
+        c.granted(10);
+        assert_eq!(c.request(1), 2);
+        for _ in 0..2 {
+            c.arrived();
+        }
+        // Three held, none delivered: nothing more.
+        assert_eq!(c.request(3), 0);
+        c.delivered();
+        assert_eq!(c.request(2), 1);
+        assert_eq!(c.down(), 9);
+    }
+
+    #[test]
+    fn a_lost_connection_forgets_its_credits() {
+        let mut c = Credits::new(8);
+        c.granted(5);
+        assert_eq!(c.request(0), 5);
+        c.loader_lost();
+        assert_eq!(c.request(0), 5, "asked again of the new connection");
+        c.trainer_lost();
+        assert!(!c.can_deliver());
+        assert_eq!(c.request(0), 0);
+        let n = {
+            c.granted(2);
+            c.request(0)
+        };
+        assert_eq!(n, 0, "five still outstanding cover the two");
+        c.unrequest(5);
+        assert_eq!(c.request(0), 2);
+    }
 }

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use rho_protocol::TokenBatch;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::selection::{self, Selection};
 use crate::Result;
@@ -32,7 +32,7 @@ impl StepInput {
 }
 
 /// What a step measured.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct StepStats {
     /// Mean loss over the selected tokens (the trained objective).
     pub loss_selected: f32,
@@ -94,8 +94,7 @@ impl Backend for NullBackend {
     }
 
     fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| crate::TrainerError::Checkpoint(format!("{}: {e}", dir.display())))
+        std::fs::create_dir_all(dir).map_err(|e| crate::TrainerError::io(dir, e))
     }
 
     fn load(&mut self, _dir: &Path) -> Result<()> {

@@ -23,6 +23,13 @@ pub struct CandleBackend {
     device: Device,
 }
 
+/// `optimizer.json` of a checkpoint: what the optimizer tensors do not hold.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct OptimizerMeta {
+    /// AdamW steps taken (the bias-correction clock).
+    adam_steps: u64,
+}
+
 impl CandleBackend {
     /// A backend over the weights of a checkpoint directory.
     pub fn from_checkpoint(
@@ -31,12 +38,10 @@ impl CandleBackend {
         optim: OptimizerConfig,
         micro_batches: usize,
     ) -> Result<Self> {
-        let text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| {
-            TrainerError::Checkpoint(format!("{}: {e}", dir.join("config.json").display()))
-        })?;
-        let hf_config: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-            TrainerError::Checkpoint(format!("{}: {e}", dir.join("config.json").display()))
-        })?;
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| TrainerError::io(&path, e))?;
+        let hf_config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| TrainerError::checkpoint(&path, e))?;
         let tensors = checkpoint::read_tensors(dir, device)?;
         Self::new(hf_config, tensors, device, optim, micro_batches)
     }
@@ -270,33 +275,34 @@ impl Backend for CandleBackend {
         let state = self.optimizer.state();
         let path = dir.join("optimizer.safetensors");
         candle_core::safetensors::save(&state, &path)
-            .map_err(|e| TrainerError::Checkpoint(format!("{}: {e}", path.display())))?;
-        let meta = serde_json::json!({"adam_steps": self.optimizer.t});
+            .map_err(|e| TrainerError::checkpoint(&path, e))?;
+        let meta = OptimizerMeta {
+            adam_steps: self.optimizer.t,
+        };
         let path = dir.join("optimizer.json");
-        std::fs::write(&path, meta.to_string())
-            .map_err(|e| TrainerError::Checkpoint(format!("{}: {e}", path.display())))?;
+        let text = serde_json::to_string(&meta).map_err(|e| TrainerError::checkpoint(&path, e))?;
+        std::fs::write(&path, text).map_err(|e| TrainerError::io(&path, e))?;
         Ok(())
     }
 
     fn load(&mut self, dir: &Path) -> Result<()> {
         let weights = checkpoint::read_tensors(&dir.join("model"), &self.device)?;
         for (n, v) in &self.vars {
-            let t = weights.get(n).ok_or_else(|| {
-                TrainerError::Checkpoint(format!("checkpoint lacks weight `{n}`"))
-            })?;
+            let t = weights
+                .get(n)
+                .ok_or_else(|| TrainerError::checkpoint(dir, format!("lacks weight `{n}`")))?;
             v.set(&t.to_dtype(DType::F32)?)?;
         }
         let path = dir.join("optimizer.safetensors");
         let state = candle_core::safetensors::load(&path, &self.device)
-            .map_err(|e| TrainerError::Checkpoint(format!("{}: {e}", path.display())))?;
-        let meta: serde_json::Value = std::fs::read_to_string(dir.join("optimizer.json"))
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .ok_or_else(|| {
-                TrainerError::Checkpoint(format!("{}: unreadable optimizer.json", dir.display()))
-            })?;
-        let t = meta["adam_steps"].as_u64().unwrap_or(0);
-        self.optimizer.load_state(&state, t)?;
+            .map_err(|e| TrainerError::checkpoint(&path, e))?;
+        let path = dir.join("optimizer.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| TrainerError::io(&path, e))?;
+        let meta: OptimizerMeta =
+            serde_json::from_str(&text).map_err(|e| TrainerError::checkpoint(&path, e))?;
+        self.optimizer
+            .load_state(&state, meta.adam_steps)
+            .map_err(|e| TrainerError::checkpoint(dir, format!("{e:#}")))?;
         Ok(())
     }
 }

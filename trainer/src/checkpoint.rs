@@ -50,8 +50,9 @@ const POINTER: &str = "latest";
 const POINTER_TMP: &str = ".latest.tmp";
 const TMP_PREFIX: &str = ".tmp-";
 
-fn err(path: &Path, e: impl std::fmt::Display) -> TrainerError {
-    TrainerError::Checkpoint(format!("{}: {e}", path.display()))
+/// An IO failure on `path`, for `map_err`.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainerError + '_ {
+    move |source| TrainerError::io(path, source)
 }
 
 /// The step of a checkpoint directory's name: `step-` and digits, nothing else.
@@ -73,10 +74,10 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(err(dir, e)),
+        Err(e) => return Err(TrainerError::io(dir, e)),
     };
     for entry in entries {
-        let entry = entry.map_err(|e| err(dir, e))?;
+        let entry = entry.map_err(io(dir))?;
         let name = entry.file_name();
         if let Some(step) = name.to_str().and_then(step_of_name) {
             if entry.path().is_dir() {
@@ -130,60 +131,49 @@ fn sync_path(path: &Path) -> std::io::Result<()> {
 /// Writes the manifest of a finished checkpoint directory (after syncing its files).
 fn write_manifest(dir: &Path) -> Result<()> {
     let mut files = BTreeMap::new();
-    for rel in files_under(dir).map_err(|e| err(dir, e))? {
+    for rel in files_under(dir).map_err(io(dir))? {
         let path = dir.join(&rel);
-        sync_path(&path).map_err(|e| err(&path, e))?;
-        let (bytes, crc32) = crc_of(&path).map_err(|e| err(&path, e))?;
+        sync_path(&path).map_err(io(&path))?;
+        let (bytes, crc32) = crc_of(&path).map_err(io(&path))?;
         files.insert(rel, FileEntry { bytes, crc32 });
     }
     let path = dir.join(MANIFEST);
     let text = serde_json::to_vec_pretty(&serde_json::json!({ "files": files }))
-        .map_err(|e| err(&path, e))?;
-    std::fs::write(&path, text).map_err(|e| err(&path, e))?;
-    sync_path(&path).map_err(|e| err(&path, e))?;
+        .map_err(|e| TrainerError::checkpoint(&path, e))?;
+    std::fs::write(&path, text).map_err(io(&path))?;
+    sync_path(&path).map_err(io(&path))?;
     Ok(())
 }
 
-/// Checks a checkpoint directory against its manifest and reads its state; the error says
-/// what is wrong.
-pub fn verify(dir: &Path) -> std::result::Result<TrainerState, String> {
+/// Checks a checkpoint directory against its manifest and reads its state; the error names the
+/// file at fault and what is wrong with it.
+pub fn verify(dir: &Path) -> Result<TrainerState> {
+    let bad = |path: &Path, reason: &dyn std::fmt::Display| TrainerError::checkpoint(path, reason);
     let manifest_path = dir.join(MANIFEST);
-    let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
-        format!(
-            "{}: {e} (an incomplete checkpoint)",
-            manifest_path.display()
-        )
-    })?;
+    let text = std::fs::read_to_string(&manifest_path)
+        .map_err(|e| bad(&manifest_path, &format!("{e} (an incomplete checkpoint)")))?;
     #[derive(Deserialize)]
     struct Manifest {
         files: BTreeMap<String, FileEntry>,
     }
-    let manifest: Manifest =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", manifest_path.display()))?;
+    let manifest: Manifest = serde_json::from_str(&text).map_err(|e| bad(&manifest_path, &e))?;
     if !manifest.files.contains_key("state.json") {
-        return Err(format!("{}: lists no state.json", manifest_path.display()));
+        return Err(bad(&manifest_path, &"lists no state.json"));
     }
     for (rel, want) in &manifest.files {
         let path = dir.join(rel);
-        let (bytes, crc32) = crc_of(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let (bytes, crc32) = crc_of(&path).map_err(|e| bad(&path, &e))?;
         if bytes != want.bytes {
-            return Err(format!(
-                "{}: {bytes} bytes, the manifest says {}",
-                path.display(),
-                want.bytes
-            ));
+            let why = format!("{bytes} bytes, the manifest says {}", want.bytes);
+            return Err(bad(&path, &why));
         }
         if crc32 != want.crc32 {
-            return Err(format!(
-                "{}: CRC-32 differs from the manifest",
-                path.display()
-            ));
+            return Err(bad(&path, &"CRC-32 differs from the manifest"));
         }
     }
     let state_path = dir.join("state.json");
-    let text = std::fs::read_to_string(&state_path)
-        .map_err(|e| format!("{}: {e}", state_path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", state_path.display()))
+    let text = std::fs::read_to_string(&state_path).map_err(|e| bad(&state_path, &e))?;
+    serde_json::from_str(&text).map_err(|e| bad(&state_path, &e))
 }
 
 /// The newest complete checkpoint of `dir`, if `dir` holds any checkpoint at all; `latest` is
@@ -218,23 +208,27 @@ pub fn newest_complete(dir: &Path) -> Result<Option<(PathBuf, TrainerState)>> {
                 }
                 return Ok(Some((path, state)));
             }
-            Err(reason) => failures.push(reason),
+            Err(reason) => failures.push(reason.to_string()),
         }
     }
     if !failures.is_empty() {
-        return Err(TrainerError::Checkpoint(format!(
-            "{} holds checkpoints, but none is complete: {}",
-            dir.display(),
-            failures.join("; ")
-        )));
+        return Err(TrainerError::checkpoint(
+            dir,
+            format!(
+                "holds checkpoints, but none is complete: {}",
+                failures.join("; ")
+            ),
+        ));
     }
     if let Some(named) = named {
-        return Err(TrainerError::Checkpoint(format!(
-            "{} names {:?}, but {} holds no step-* checkpoint: restore it, or remove `latest` to start afresh",
-            pointer.display(),
-            named.unwrap_or_else(|e| e),
-            dir.display()
-        )));
+        return Err(TrainerError::checkpoint(
+            &pointer,
+            format!(
+                "names {:?}, but {} holds no step-* checkpoint: restore it, or remove `latest` to start afresh",
+                named.unwrap_or_else(|e| e),
+                dir.display()
+            ),
+        ));
     }
     Ok(None)
 }
@@ -242,8 +236,8 @@ pub fn newest_complete(dir: &Path) -> Result<Option<(PathBuf, TrainerState)>> {
 fn write_pointer(dir: &Path, name: &str) -> Result<()> {
     let pointer = dir.join(POINTER);
     let pointer_tmp = dir.join(POINTER_TMP);
-    std::fs::write(&pointer_tmp, name).map_err(|e| err(&pointer_tmp, e))?;
-    std::fs::rename(&pointer_tmp, &pointer).map_err(|e| err(&pointer, e))?;
+    std::fs::write(&pointer_tmp, name).map_err(io(&pointer_tmp))?;
+    std::fs::rename(&pointer_tmp, &pointer).map_err(io(&pointer))?;
     Ok(())
 }
 
@@ -271,7 +265,7 @@ fn remove(path: &Path) -> Result<()> {
     } else {
         std::fs::remove_file(path)
     };
-    r.map_err(|e| err(path, e))
+    r.map_err(io(path))
 }
 
 /// The checkpoint directory of one trainer: held (locked) for the trainer's life.
@@ -295,7 +289,7 @@ impl Checkpoints {
         overwrite: bool,
     ) -> Result<(Self, Option<(PathBuf, TrainerState)>)> {
         let lock = rho_protocol::lock::DirLock::acquire(dir)
-            .map_err(|e| TrainerError::Checkpoint(e.to_string()))?;
+            .map_err(|e| TrainerError::checkpoint(dir, e))?;
         for path in leftovers(dir) {
             tracing::info!(path = %path.display(), "removing what an interrupted save left");
             remove(&path)?;
@@ -321,10 +315,10 @@ impl Checkpoints {
                 .first()
                 .map(|(_, p)| p.display().to_string())
                 .unwrap_or_else(|| pointer.display().to_string());
-            return Err(TrainerError::Checkpoint(format!(
-                "{} holds checkpoints of an earlier run (newest: {newest}); a run never writes over checkpoints it did not make: set `resume: true` to continue that run, `checkpoint.overwrite: true` to remove them and start afresh, or choose another `checkpoint.dir`",
-                dir.display()
-            )));
+            return Err(TrainerError::checkpoint(
+                dir,
+                format!("holds checkpoints of an earlier run (newest: {newest}); a run never writes over checkpoints it did not make: set `resume: true` to continue that run, `checkpoint.overwrite: true` to remove them and start afresh, or choose another `checkpoint.dir`"),
+            ));
         }
         tracing::warn!(dir = %dir.display(), checkpoints = existing.len(), "`checkpoint.overwrite`: removing the checkpoints of an earlier run");
         if pointer.exists() {
@@ -350,7 +344,7 @@ impl Checkpoints {
             return Ok(final_dir);
         }
         if final_dir.exists() && !self.written.contains(&state.step) {
-            return Err(err(
+            return Err(TrainerError::checkpoint(
                 &final_dir,
                 "exists and was not written by this run; a run never writes over checkpoints it did not make",
             ));
@@ -359,12 +353,13 @@ impl Checkpoints {
         if tmp.exists() {
             remove(&tmp)?;
         }
-        std::fs::create_dir_all(&tmp).map_err(|e| err(&tmp, e))?;
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
         let written = (|| {
             backend.save(&tmp)?;
             let state_path = tmp.join("state.json");
-            let text = serde_json::to_vec_pretty(state).map_err(|e| err(&state_path, e))?;
-            std::fs::write(&state_path, text).map_err(|e| err(&state_path, e))?;
+            let text = serde_json::to_vec_pretty(state)
+                .map_err(|e| TrainerError::checkpoint(&state_path, e))?;
+            std::fs::write(&state_path, text).map_err(io(&state_path))?;
             write_manifest(&tmp)
         })();
         if let Err(e) = written {
@@ -375,7 +370,7 @@ impl Checkpoints {
         if final_dir.exists() {
             remove(&final_dir)?;
         }
-        std::fs::rename(&tmp, &final_dir).map_err(|e| err(&final_dir, e))?;
+        std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
         let _ = sync_path(&self.dir);
         self.written.insert(state.step);
         write_pointer(&self.dir, &name)?;

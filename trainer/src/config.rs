@@ -67,7 +67,8 @@ pub struct TrainerConfig {
     #[serde(default = "d_run_id")]
     pub run_id: String,
     /// The loader's endpoint: acknowledgements go there, and token batches come from there when
-    /// the score rule needs no reference.
+    /// the score rule needs no reference. Required, except under `rho run`, which assigns it.
+    #[serde(default)]
     pub loader: String,
     /// The endpoint this trainer binds for selectors to deliver scored batches.
     #[serde(default = "d_delivery")]
@@ -190,9 +191,7 @@ impl TrainerConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |field, reason: String| Err(TrainerError::ConfigField { field, reason });
         for (name, e) in [("loader", &self.loader), ("delivery", &self.delivery)] {
-            if !e.starts_with("tcp://") && !e.starts_with("ipc://") {
-                return bad(name, format!("`{e}` is not a tcp:// or ipc:// endpoint"));
-            }
+            rho_protocol::check_endpoint(e).or_else(|reason| bad(name, reason))?;
         }
         if self.backend == BackendChoice::Candle && self.model.is_none() {
             return bad(

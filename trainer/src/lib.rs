@@ -4,11 +4,14 @@
 //! acknowledges batches to the loader, and checkpoints model, optimizer and stream cursor
 //! together. Backends (candle, a null consumer) sit behind [`Backend`].
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 pub mod backend;
 pub mod candle_backend;
 pub mod checkpoint;
 pub mod config;
 mod error;
+pub mod metrics;
 pub mod optim;
 pub mod run;
 pub mod selection;
@@ -17,5 +20,6 @@ pub use backend::{Backend, NullBackend, StepInput, StepStats};
 pub use candle_backend::CandleBackend;
 pub use config::TrainerConfig;
 pub use error::{Result, TrainerError};
-pub use run::{run, Report};
+pub use metrics::StepMetrics;
+pub use run::{run, Report, Trainer};
 pub use selection::{RatioSchedule, Scope, ScoreRule, Selection};

@@ -151,14 +151,17 @@ impl AdamW {
                 (format!("{n}.exp_avg_sq"), &mut self.v[i]),
             ] {
                 let t = state.get(&key).ok_or_else(|| {
-                    TrainerError::Checkpoint(format!("optimizer state lacks `{key}`"))
+                    TrainerError::checkpoint("optimizer.safetensors", format!("lacks `{key}`"))
                 })?;
                 if t.dims() != slot.dims() {
-                    return Err(TrainerError::Checkpoint(format!(
-                        "optimizer state `{key}` has shape {:?}, expected {:?}",
-                        t.dims(),
-                        slot.dims()
-                    )));
+                    return Err(TrainerError::checkpoint(
+                        "optimizer.safetensors",
+                        format!(
+                            "`{key}` has shape {:?}, expected {:?}",
+                            t.dims(),
+                            slot.dims()
+                        ),
+                    ));
                 }
                 *slot = t.clone();
             }

@@ -2,24 +2,27 @@
 //! when the score rule needs no reference), one optimizer step per batch, acknowledgements to the
 //! loader, evaluation, checkpoints and per-step metrics.
 
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use rho_protocol::client::{ClientError, Consumer};
 use rho_protocol::flow::{Inserted, Reorder};
-use rho_protocol::producer::{Incoming, Producer, ProducerError};
-use rho_protocol::{Credit, Heartbeat, Limits, Message, Role, TokenBatch};
-use serde::Serialize;
+use rho_protocol::jsonl::JsonLines;
+use rho_protocol::producer::{Incoming, Peer, Producer, ProducerError};
+use rho_protocol::{Credit, Heartbeat, Key, Limits, Message, Role, TokenBatch};
+use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, NullBackend, StepInput};
+use crate::backend::{Backend, NullBackend, StepInput, StepStats};
 use crate::candle_backend::CandleBackend;
-use crate::checkpoint::{self, TrainerState};
+use crate::checkpoint::{Checkpoints, TrainerState};
 use crate::config::{BackendChoice, TrainerConfig};
+use crate::metrics::StepMetrics;
 use crate::{Result, TrainerError};
 
 /// One evaluation.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EvalPoint {
     pub step: u64,
     pub tokens: u64,
@@ -27,7 +30,7 @@ pub struct EvalPoint {
 }
 
 /// What a trainer did.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Report {
     pub steps: u64,
     /// The stream cursor at the end.
@@ -47,6 +50,411 @@ pub struct Report {
     pub data_wait_fraction: f64,
     pub last_checkpoint: Option<std::path::PathBuf>,
     pub interrupted: bool,
+}
+
+/// Whether a process loop goes on after an event.
+type Flow = ControlFlow<()>;
+
+/// Runs a trainer until the stream ends (or `max_steps`), or `shutdown` resolves; checkpoints
+/// at the end either way when checkpoints are configured.
+pub async fn run(
+    config: TrainerConfig,
+    eval_batches: Vec<TokenBatch>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Report> {
+    Trainer::start(config, eval_batches)
+        .await?
+        .run(shutdown)
+        .await
+}
+
+/// Wall-clock accounting: time spent waiting for batches between steps.
+#[derive(Debug)]
+struct Clock {
+    started: Instant,
+    waited: Duration,
+    last_step_end: Instant,
+}
+
+impl Clock {
+    fn new() -> Self {
+        let now = Instant::now();
+        Clock {
+            started: now,
+            waited: Duration::ZERO,
+            last_step_end: now,
+        }
+    }
+
+    fn wait_fraction(&self) -> f64 {
+        self.waited.as_secs_f64() / self.started.elapsed().as_secs_f64().max(1e-9)
+    }
+}
+
+/// A trainer process: its model, its connections and the stream position. Each event of the
+/// loop in [`Trainer::run`] is one method.
+pub struct Trainer {
+    config: TrainerConfig,
+    run_id: String,
+    backend: Box<dyn Backend>,
+    eval_batches: Vec<TokenBatch>,
+    state: TrainerState,
+    /// The step this process started at (resumed runs start past 0).
+    first_step: u64,
+    checkpoints: Option<Checkpoints>,
+    loader: Consumer,
+    /// Where selectors deliver scored batches; `None` when batches come from the loader.
+    delivery: Option<Producer>,
+    metrics: Option<JsonLines>,
+    progress: indicatif::ProgressBar,
+    report: Report,
+    /// Batches by sequence number, handed to training in order from the stream cursor.
+    buffer: Reorder<StepInput>,
+    /// Selectors whose credit waits for room in the reorder buffer.
+    owed: VecDeque<Peer>,
+    /// Selectors that introduced themselves (each got its first credits).
+    known: HashSet<Peer>,
+    /// Batches asked of the loader and not yet received (without selectors).
+    requested: u64,
+    /// The stream's length, once the loader said it.
+    total: Option<u64>,
+    clock: Clock,
+}
+
+impl Trainer {
+    /// Builds the backend, takes the checkpoint directory (resuming from it when asked), binds
+    /// the delivery endpoint and connects to the loader.
+    pub async fn start(config: TrainerConfig, eval_batches: Vec<TokenBatch>) -> Result<Self> {
+        config.validate()?;
+        let clock = Clock::new();
+        let cfg = config.clone();
+        let mut backend = tokio::task::spawn_blocking(move || build_backend(&cfg)).await??;
+        let (checkpoints, state) = open_checkpoints(&config, backend.as_mut())?;
+        let limits = Limits::with_max_message_bytes(config.max_message_bytes);
+        let key = Key::from_config(config.secret_file.as_deref()).map_err(|reason| {
+            TrainerError::ConfigField {
+                field: "secret_file",
+                reason,
+            }
+        })?;
+        let delivery = match config.uses_selectors() {
+            true => Some(bind_delivery(&config, limits, key.clone()).await?),
+            false => None,
+        };
+        // The delivery endpoint is bound (or refused) first: connecting waits for the loader.
+        tracing::info!(loader = %config.loader, "connecting to the loader");
+        let mut loader =
+            Consumer::connect_with(&config.loader, &config.run_id, limits, key).await?;
+        if state.next_seq > 0 {
+            loader.resume(state.next_seq).await?;
+        }
+        // A resumed run continues its metrics file; a fresh one starts it empty.
+        let metrics = match &config.metrics {
+            Some(p) => Some(JsonLines::open(p, state.step > 0).map_err(|reason| {
+                TrainerError::ConfigField {
+                    field: "metrics",
+                    reason,
+                }
+            })?),
+            None => None,
+        };
+        Ok(Trainer {
+            run_id: config.run_id.clone(),
+            buffer: Reorder::new(state.next_seq, config.reorder_window),
+            first_step: state.step,
+            config,
+            backend,
+            eval_batches,
+            state,
+            checkpoints,
+            loader,
+            delivery,
+            metrics,
+            progress: indicatif::ProgressBar::new_spinner(),
+            report: Report::default(),
+            owed: VecDeque::new(),
+            known: HashSet::new(),
+            requested: 0,
+            total: None,
+            clock,
+        })
+    }
+
+    /// The loop: train on whatever is next in sequence, ask for more, then wait for one event.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<Report> {
+        tokio::pin!(shutdown);
+        let mut beat = tokio::time::interval(self.config.liveness.every());
+        if self.state.step == 0 {
+            self.evaluate()?;
+        }
+        loop {
+            if self.train_ready().await?.is_break() || self.stream_done() {
+                break;
+            }
+            self.request_from_loader().await;
+            let flow = tokio::select! {
+                _ = &mut shutdown => self.interrupted(),
+                m = self.loader.recv() => self.on_loader(m)?,
+                _ = beat.tick() => self.on_heartbeat(&mut shutdown).await?,
+                m = next_delivery(self.delivery.as_mut()) => self.on_delivery(m).await,
+            };
+            if flow.is_break() {
+                break;
+            }
+        }
+        self.finish().await
+    }
+
+    fn interrupted(&mut self) -> Flow {
+        self.report.interrupted = true;
+        Flow::Break(())
+    }
+
+    fn stream_done(&self) -> bool {
+        self.total.is_some_and(|t| self.state.next_seq >= t)
+    }
+
+    /// Trains on every batch that is next in sequence; `Break` once `max_steps` is reached.
+    async fn train_ready(&mut self) -> Result<Flow> {
+        while let Some(input) = self.buffer.pop() {
+            self.train(input).await?;
+            let max = self.config.max_steps;
+            if max.is_some_and(|m| self.state.step - self.first_step >= m) {
+                return Ok(Flow::Break(()));
+            }
+        }
+        Ok(Flow::Continue(()))
+    }
+
+    /// One optimizer step on `input`, then its acknowledgement, evaluation, checkpoint and
+    /// metrics.
+    async fn train(&mut self, input: StepInput) -> Result<()> {
+        self.clock.waited += self.clock.last_step_end.elapsed();
+        let t0 = Instant::now();
+        let (step, selection) = (self.state.step, &self.config.selection);
+        let backend = &mut self.backend;
+        let stats = tokio::task::block_in_place(|| backend.step(step, &input, selection))?;
+        let step_secs = t0.elapsed().as_secs_f64();
+        let seq = input.batch.seq;
+        if let Err(e) = self.loader.ack(vec![seq]).await {
+            // The loader is away; its lease will hand the batch out again, and a duplicate is
+            // dropped here.
+            tracing::warn!(seq, "could not acknowledge: {e}");
+        }
+        if let (Some(d), Some(peer)) = (self.delivery.as_mut(), self.owed.pop_front()) {
+            let _ = d.send(&peer, &credit(&self.run_id, 1)).await;
+        }
+        self.report.consumed.push(seq);
+        self.state.step += 1;
+        // The cursor is the reorder buffer's: it moved past the batch just popped.
+        self.state.next_seq = self.buffer.next();
+        self.state.tokens += stats.tokens;
+        let every = self.config.eval.as_ref().map(|e| e.every);
+        let eval_loss = match every.is_some_and(|e| self.state.step.is_multiple_of(e)) {
+            true => self.evaluate()?,
+            false => None,
+        };
+        let every = self.config.checkpoint.as_ref().and_then(|c| c.every);
+        if every.is_some_and(|e| self.state.step.is_multiple_of(e)) {
+            self.checkpoint()?;
+        }
+        self.record(seq, &stats, step_secs, eval_loss);
+        self.clock.last_step_end = Instant::now();
+        Ok(())
+    }
+
+    /// Writes the step's metrics line and shows the progress line.
+    fn record(&mut self, seq: u64, stats: &StepStats, step_secs: f64, eval_loss: Option<f32>) {
+        let line = StepMetrics {
+            step: self.state.step,
+            seq,
+            elapsed_s: self.clock.started.elapsed().as_secs_f64(),
+            stats: stats.clone(),
+            tokens_per_s: stats.tokens as f64 / step_secs.max(1e-9),
+            data_wait_fraction: self.clock.wait_fraction(),
+            eval_loss,
+            duplicates: self.report.duplicates,
+        };
+        if let Some(f) = &mut self.metrics {
+            f.append(&line);
+        }
+        self.progress.set_message(line.progress_line());
+        self.progress.tick();
+    }
+
+    /// The held-out loss now (recorded in the report), when there are held-out batches.
+    fn evaluate(&mut self) -> Result<Option<f32>> {
+        if self.eval_batches.is_empty() {
+            return Ok(None);
+        }
+        let (backend, batches) = (&mut self.backend, &self.eval_batches);
+        let loss = tokio::task::block_in_place(|| backend.eval(batches))?;
+        self.report.evals.push(EvalPoint {
+            step: self.state.step,
+            tokens: self.state.tokens,
+            loss,
+        });
+        Ok(Some(loss))
+    }
+
+    fn checkpoint(&mut self) -> Result<()> {
+        if let Some(ck) = self.checkpoints.as_mut() {
+            let (backend, state) = (self.backend.as_ref(), &self.state);
+            self.report.last_checkpoint =
+                Some(tokio::task::block_in_place(|| ck.save(backend, state))?);
+        }
+        Ok(())
+    }
+
+    /// Without selectors, keeps `prefetch` batches asked of the loader or buffered.
+    async fn request_from_loader(&mut self) {
+        if self.delivery.is_some() {
+            return;
+        }
+        let held = self.requested + self.buffer.len() as u64;
+        let prefetch = u64::from(self.config.prefetch);
+        if held < prefetch {
+            let n = prefetch - held;
+            if self.loader.credit(n as u32).await.is_ok() {
+                self.requested += n;
+            }
+        }
+    }
+
+    /// A message from the loader: batches (without selectors), the end of the stream, or
+    /// something refused.
+    fn on_loader(&mut self, m: std::result::Result<Message, ClientError>) -> Result<Flow> {
+        let direct = self.delivery.is_none();
+        match m {
+            Ok(Message::Batch(b)) if direct && b.run_id == self.run_id => {
+                if self.config.selection.score.needs_reference() {
+                    return Err(TrainerError::ConfigField {
+                        field: "source",
+                        reason: format!("the loader sends token batches without reference losses, but `selection.score` = {:?} needs them: serve a scored cache (`rho loader --scored`) or use selectors", self.config.selection.score),
+                    });
+                }
+                self.requested = self.requested.saturating_sub(1);
+                self.insert(b, None);
+            }
+            Ok(Message::Scored(s)) if direct && s.batch.run_id == self.run_id => {
+                self.requested = self.requested.saturating_sub(1);
+                self.insert(s.batch, Some(s.ref_loss));
+            }
+            Ok(Message::End(e)) => self.total = Some(e.total),
+            Ok(Message::Heartbeat(_)) => {}
+            Ok(other) => {
+                self.report.messages_rejected += 1;
+                tracing::warn!("refused a `{}` message from the loader", other.kind());
+            }
+            Err(ClientError::Decode(e)) => {
+                self.report.messages_rejected += 1;
+                tracing::warn!("refused a malformed message from the loader: {e}");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Flow::Continue(()))
+    }
+
+    fn insert(&mut self, batch: TokenBatch, ref_loss: Option<Vec<f32>>) {
+        let seq = batch.seq;
+        if self.buffer.insert(seq, StepInput { batch, ref_loss }) == Inserted::Duplicate {
+            self.report.duplicates += 1;
+        }
+    }
+
+    /// Heartbeats to the loader; a loader silent for too long is connected to again and told
+    /// the stream cursor. `Break` when `shutdown` came while reconnecting.
+    async fn on_heartbeat<F: Future + Unpin>(&mut self, shutdown: &mut F) -> Result<Flow> {
+        let _ = self.loader.heartbeat(Role::Trainer).await;
+        if self.total.is_some() || self.loader.silent_for() <= self.config.liveness.timeout() {
+            return Ok(Flow::Continue(()));
+        }
+        if !self.loader.reconnect_or(shutdown).await? {
+            return Ok(self.interrupted());
+        }
+        self.report.reconnects += 1;
+        self.requested = 0;
+        // A restarted loader starts wherever its config says: tell it the cursor.
+        let next_seq = self.state.next_seq;
+        let _ = self.loader.resume(next_seq).await;
+        tracing::info!(
+            next_seq,
+            "reconnected to the loader and sent it the stream cursor"
+        );
+        Ok(Flow::Continue(()))
+    }
+
+    /// A message on the delivery endpoint: a selector's heartbeat (its first one introduces it
+    /// and earns its credits) or a scored batch (its credit goes back at once while the reorder
+    /// buffer has room, later otherwise).
+    async fn on_delivery(&mut self, incoming: Option<Incoming>) -> Flow {
+        let (Some(incoming), Some(d)) = (incoming, self.delivery.as_mut()) else {
+            return Flow::Break(());
+        };
+        match incoming {
+            Incoming::Refused { .. } => {}
+            Incoming::Message {
+                peer,
+                message: Message::Heartbeat(_),
+            } => {
+                let _ = d.send(&peer, &heartbeat(&self.run_id)).await;
+                if self.known.insert(peer.clone()) {
+                    let n = self.config.credits_per_selector;
+                    let _ = d.send(&peer, &credit(&self.run_id, n)).await;
+                }
+            }
+            Incoming::Message {
+                peer,
+                message: Message::Scored(s),
+            } => {
+                self.insert(s.batch, Some(s.ref_loss));
+                match self.buffer.has_room() {
+                    true => {
+                        let d = self.delivery.as_mut().expect("matched above");
+                        let _ = d.send(&peer, &credit(&self.run_id, 1)).await;
+                    }
+                    false => self.owed.push_back(peer),
+                }
+            }
+            Incoming::Message { peer, message } => {
+                let why = format!("a `{}` message on the delivery endpoint", message.kind());
+                d.refuse(peer, &why);
+            }
+        }
+        Flow::Continue(())
+    }
+
+    /// The end: a last evaluation and checkpoint, and the report.
+    async fn finish(mut self) -> Result<Report> {
+        if self
+            .report
+            .evals
+            .last()
+            .is_none_or(|e| e.step != self.state.step)
+        {
+            self.evaluate()?;
+        }
+        self.checkpoint()?;
+        self.progress.finish_and_clear();
+        // The last acknowledgement is queued, not necessarily sent: give it a moment.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut report = self.report;
+        report.messages_rejected += self.delivery.as_ref().map_or(0, Producer::refused);
+        report.steps = self.state.step;
+        report.next_seq = self.state.next_seq;
+        report.tokens = self.state.tokens;
+        report.wall_secs = self.clock.started.elapsed().as_secs_f64();
+        report.data_wait_fraction = self.clock.wait_fraction();
+        Ok(report)
+    }
+}
+
+/// The next message on the delivery endpoint; never, without one.
+async fn next_delivery(delivery: Option<&mut Producer>) -> Option<Incoming> {
+    match delivery {
+        Some(d) => d.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn build_backend(config: &TrainerConfig) -> Result<Box<dyn Backend>> {
@@ -71,6 +479,63 @@ fn build_backend(config: &TrainerConfig) -> Result<Box<dyn Backend>> {
     }
 }
 
+/// Takes the checkpoint directory, when there is one, and the state to start from: a resumed
+/// checkpoint's (loaded into `backend`) or step 0.
+fn open_checkpoints(
+    config: &TrainerConfig,
+    backend: &mut dyn Backend,
+) -> Result<(Option<Checkpoints>, TrainerState)> {
+    let fresh = TrainerState {
+        run_id: config.run_id.clone(),
+        step: 0,
+        next_seq: 0,
+        tokens: 0,
+    };
+    let Some(ck) = &config.checkpoint else {
+        return Ok((None, fresh));
+    };
+    let (held, found) = Checkpoints::open(&ck.dir, config.resume, ck.overwrite)?;
+    let Some((dir, saved)) = found else {
+        return Ok((Some(held), fresh));
+    };
+    if saved.run_id != config.run_id {
+        let why = format!("belongs to run `{}`, not `{}`", saved.run_id, config.run_id);
+        return Err(TrainerError::checkpoint(dir, why));
+    }
+    backend.load(&dir)?;
+    tracing::info!(checkpoint = %dir.display(), step = saved.step, next_seq = saved.next_seq, "resumed");
+    Ok((Some(held), saved))
+}
+
+/// Binds the endpoint selectors deliver to; a bad address or endpoint file is the config's.
+async fn bind_delivery(
+    config: &TrainerConfig,
+    limits: Limits,
+    key: Option<Key>,
+) -> Result<Producer> {
+    let p = Producer::bind(
+        &config.delivery,
+        config.delivery_file.as_deref(),
+        &config.run_id,
+        limits,
+        key,
+    )
+    .await
+    .map_err(|e| match e {
+        ProducerError::Bind { .. } => TrainerError::ConfigField {
+            field: "delivery",
+            reason: e.to_string(),
+        },
+        ProducerError::EndpointFile { .. } => TrainerError::ConfigField {
+            field: "delivery_file",
+            reason: e.to_string(),
+        },
+        other => other.into(),
+    })?;
+    tracing::info!(endpoint = %p.endpoint(), "trainer delivery endpoint listening");
+    Ok(p)
+}
+
 fn credit(run_id: &str, n: u32) -> Message {
     Message::Credit(Credit {
         run_id: run_id.into(),
@@ -79,314 +544,9 @@ fn credit(run_id: &str, n: u32) -> Message {
 }
 
 fn heartbeat(run_id: &str) -> Message {
-    let at_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
     Message::Heartbeat(Heartbeat {
         run_id: run_id.into(),
         role: Role::Trainer,
-        at_ms,
+        at_ms: rho_protocol::now_ms(),
     })
-}
-
-/// Runs a trainer until the stream ends (or `max_steps`), or `shutdown` resolves; checkpoints
-/// at the end either way when checkpoints are configured.
-pub async fn run(
-    config: TrainerConfig,
-    eval_batches: Vec<TokenBatch>,
-    shutdown: impl Future<Output = ()>,
-) -> Result<Report> {
-    config.validate()?;
-    let started = Instant::now();
-    let cfg = config.clone();
-    let mut backend = tokio::task::spawn_blocking(move || build_backend(&cfg))
-        .await
-        .map_err(|e| TrainerError::Transport(e.to_string()))??;
-    let mut state = TrainerState {
-        run_id: config.run_id.clone(),
-        step: 0,
-        next_seq: 0,
-        tokens: 0,
-    };
-    let mut checkpoints = None;
-    if let Some(ck) = &config.checkpoint {
-        let (held, found) = checkpoint::Checkpoints::open(&ck.dir, config.resume, ck.overwrite)?;
-        checkpoints = Some(held);
-        if let Some((dir, saved)) = found {
-            if saved.run_id != config.run_id {
-                return Err(TrainerError::Checkpoint(format!(
-                    "{} belongs to run `{}`, not `{}`",
-                    dir.display(),
-                    saved.run_id,
-                    config.run_id
-                )));
-            }
-            backend.load(&dir)?;
-            tracing::info!(checkpoint = %dir.display(), step = saved.step, next_seq = saved.next_seq, "resumed");
-            state = saved;
-        }
-    }
-    let limits = Limits::with_max_message_bytes(config.max_message_bytes);
-    let key = rho_protocol::Key::from_config(config.secret_file.as_deref()).map_err(|reason| {
-        TrainerError::ConfigField {
-            field: "secret_file",
-            reason,
-        }
-    })?;
-    let selectors = config.uses_selectors();
-    let mut delivery = if selectors {
-        let p = Producer::bind(
-            &config.delivery,
-            config.delivery_file.as_deref(),
-            &config.run_id,
-            limits,
-            key.clone(),
-        )
-        .await
-        .map_err(|e| match e {
-            ProducerError::Bind { .. } => TrainerError::ConfigField {
-                field: "delivery",
-                reason: e.to_string(),
-            },
-            ProducerError::EndpointFile { .. } => TrainerError::ConfigField {
-                field: "delivery_file",
-                reason: e.to_string(),
-            },
-            other => TrainerError::Transport(other.to_string()),
-        })?;
-        tracing::info!(endpoint = %p.endpoint(), "trainer delivery endpoint listening");
-        Some(p)
-    } else {
-        None
-    };
-    // The delivery endpoint is bound (or refused) first: connecting waits for the loader.
-    tracing::info!(loader = %config.loader, "connecting to the loader");
-    let mut loader =
-        Consumer::connect_with(&config.loader, &config.run_id, limits, key.clone()).await?;
-    if state.next_seq > 0 {
-        loader.resume(state.next_seq).await?;
-    }
-
-    // A resumed run continues its metrics file; a fresh one starts it empty.
-    let resumed = state.step > 0;
-    let mut metrics =
-        match &config.metrics {
-            Some(p) => Some(rho_protocol::jsonl::JsonLines::open(p, resumed).map_err(
-                |reason| TrainerError::ConfigField {
-                    field: "metrics",
-                    reason,
-                },
-            )?),
-            None => None,
-        };
-    let progress = indicatif::ProgressBar::new_spinner();
-    let mut report = Report::default();
-    // Batches by sequence number, handed to training in order from the stream cursor.
-    let mut buffer: Reorder<StepInput> = Reorder::new(state.next_seq, config.reorder_window);
-    // Selectors whose credit waits for room in the reorder buffer.
-    let mut owed: std::collections::VecDeque<Bytes> = std::collections::VecDeque::new();
-    // Selectors that introduced themselves (each got its first credits).
-    let mut known: std::collections::HashSet<Bytes> = std::collections::HashSet::new();
-    let mut beat = tokio::time::interval(config.liveness.every());
-    let mut requested = 0u64;
-    let mut total: Option<u64> = None;
-    let mut waited = Duration::ZERO;
-    let mut last_step_end = Instant::now();
-    let first_step = state.step;
-    let eval_every = config.eval.as_ref().map(|e| e.every);
-    let checkpoint_every = config.checkpoint.as_ref().and_then(|c| c.every);
-    tokio::pin!(shutdown);
-
-    if !eval_batches.is_empty() && state.step == 0 {
-        let loss = tokio::task::block_in_place(|| backend.eval(&eval_batches))?;
-        report.evals.push(EvalPoint {
-            step: 0,
-            tokens: 0,
-            loss,
-        });
-    }
-
-    'outer: loop {
-        // Train on every batch that is next in sequence.
-        while let Some(input) = buffer.pop() {
-            waited += last_step_end.elapsed();
-            let t0 = Instant::now();
-            let stats = tokio::task::block_in_place(|| {
-                backend.step(state.step, &input, &config.selection)
-            })?;
-            let step_secs = t0.elapsed().as_secs_f64();
-            if let Err(e) = loader.ack(vec![input.batch.seq]).await {
-                // The loader is away; its lease will hand the batch out again, and a duplicate
-                // is dropped here.
-                tracing::warn!(seq = input.batch.seq, "could not acknowledge: {e}");
-            }
-            if let (Some(d), Some(peer)) = (delivery.as_mut(), owed.pop_front()) {
-                let _ = d.send(&peer, &credit(&config.run_id, 1)).await;
-            }
-            report.consumed.push(input.batch.seq);
-            state.step += 1;
-            // The cursor is the reorder buffer's: it moved past the batch just popped.
-            state.next_seq = buffer.next();
-            state.tokens += stats.tokens;
-            let mut eval_loss = None;
-            if eval_every.is_some_and(|e| state.step.is_multiple_of(e)) && !eval_batches.is_empty()
-            {
-                let loss = tokio::task::block_in_place(|| backend.eval(&eval_batches))?;
-                report.evals.push(EvalPoint {
-                    step: state.step,
-                    tokens: state.tokens,
-                    loss,
-                });
-                eval_loss = Some(loss);
-            }
-            if let (Some(ck), Some(every)) = (checkpoints.as_mut(), checkpoint_every) {
-                if state.step.is_multiple_of(every) {
-                    report.last_checkpoint = Some(tokio::task::block_in_place(|| {
-                        ck.save(backend.as_ref(), &state)
-                    })?);
-                }
-            }
-            let elapsed = started.elapsed().as_secs_f64();
-            let line = serde_json::json!({
-                "step": state.step, "seq": input.batch.seq, "elapsed_s": elapsed,
-                "loss_selected": stats.loss_selected, "loss_all": stats.loss_all,
-                "selected_fraction": stats.selected_fraction, "mean_excess": stats.mean_excess,
-                "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens": stats.tokens,
-                "tokens_per_s": stats.tokens as f64 / step_secs.max(1e-9),
-                "data_wait_fraction": waited.as_secs_f64() / elapsed.max(1e-9),
-                "eval_loss": eval_loss, "duplicates": report.duplicates,
-            });
-            if let Some(f) = &mut metrics {
-                f.append(&line);
-            }
-            progress.set_message(format!(
-                "trainer: step {} | loss sel {:.3} all {:.3} | selected {:.0}% | lr {:.2e} | {:.0} tok/s | waiting {:.0}%",
-                state.step, stats.loss_selected, stats.loss_all, stats.selected_fraction * 100.0, stats.lr,
-                line["tokens_per_s"].as_f64().unwrap_or(0.0), line["data_wait_fraction"].as_f64().unwrap_or(0.0) * 100.0
-            ));
-            progress.tick();
-            last_step_end = Instant::now();
-            if config
-                .max_steps
-                .is_some_and(|m| state.step - first_step >= m)
-            {
-                break 'outer;
-            }
-        }
-        if total.is_some_and(|t| state.next_seq >= t) {
-            break;
-        }
-        if !selectors {
-            let held = requested + buffer.len() as u64;
-            if held < u64::from(config.prefetch) {
-                let n = u64::from(config.prefetch) - held;
-                if loader.credit(n as u32).await.is_ok() {
-                    requested += n;
-                }
-            }
-        }
-        tokio::select! {
-            _ = &mut shutdown => {
-                report.interrupted = true;
-                break;
-            }
-            m = loader.recv() => match m {
-                Ok(m @ (Message::Batch(_) | Message::Scored(_))) if !selectors && m.run_id() == config.run_id => {
-                    let (b, ref_loss) = match m {
-                        Message::Scored(s) => (s.batch, Some(s.ref_loss)),
-                        Message::Batch(b) => (b, None),
-                        _ => unreachable!("matched above"),
-                    };
-                    if ref_loss.is_none() && config.selection.score.needs_reference() {
-                        return Err(TrainerError::ConfigField {
-                            field: "source",
-                            reason: format!("the loader sends token batches without reference losses, but `selection.score` = {:?} needs them: serve a scored cache (`rho loader --scored`) or use selectors", config.selection.score),
-                        });
-                    }
-                    requested = requested.saturating_sub(1);
-                    let seq = b.seq;
-                    if buffer.insert(seq, StepInput { batch: b, ref_loss }) == Inserted::Duplicate {
-                        report.duplicates += 1;
-                    }
-                }
-                Ok(Message::End(e)) => total = Some(e.total),
-                Ok(Message::Heartbeat(_)) => {}
-                Ok(other) => {
-                    report.messages_rejected += 1;
-                    tracing::warn!("refused a `{}` message from the loader", other.kind());
-                }
-                Err(ClientError::Decode(e)) => {
-                    report.messages_rejected += 1;
-                    tracing::warn!("refused a malformed message from the loader: {e}");
-                }
-                Err(e) => return Err(e.into()),
-            },
-            _ = beat.tick() => {
-                let _ = loader.heartbeat(Role::Trainer).await;
-                if total.is_none() && loader.silent_for() > config.liveness.timeout() {
-                    if !loader.reconnect_or(&mut shutdown).await? {
-                        report.interrupted = true;
-                        break;
-                    }
-                    report.reconnects += 1;
-                    requested = 0;
-                    // A restarted loader starts wherever its config says: tell it the cursor.
-                    let _ = loader.resume(state.next_seq).await;
-                    tracing::info!(next_seq = state.next_seq, "reconnected to the loader and sent it the stream cursor");
-                }
-            }
-            m = async { delivery.as_mut().expect("guarded").recv().await }, if delivery.is_some() => {
-                let (Some(incoming), Some(d)) = (m, delivery.as_mut()) else { break };
-                match incoming {
-                    Incoming::Refused { .. } => {}
-                    Incoming::Message { peer, message: Message::Heartbeat(_) } => {
-                        let _ = d.send(&peer, &heartbeat(&config.run_id)).await;
-                        // A selector's first heartbeat introduces it: it gets its credits.
-                        if known.insert(peer.clone()) {
-                            let _ = d.send(&peer, &credit(&config.run_id, config.credits_per_selector)).await;
-                        }
-                    }
-                    Incoming::Message { peer, message: Message::Scored(s) } => {
-                        let seq = s.batch.seq;
-                        if buffer.insert(seq, StepInput { batch: s.batch, ref_loss: Some(s.ref_loss) }) == Inserted::Duplicate {
-                            report.duplicates += 1;
-                        }
-                        // The credit goes back at once while the buffer has room.
-                        if buffer.has_room() {
-                            let _ = d.send(&peer, &credit(&config.run_id, 1)).await;
-                        } else {
-                            owed.push_back(peer);
-                        }
-                    }
-                    Incoming::Message { peer, message } => {
-                        d.refuse(peer, &format!("a `{}` message on the delivery endpoint", message.kind()));
-                    }
-                }
-            }
-        }
-    }
-    // The end: a last evaluation and checkpoint.
-    if !eval_batches.is_empty() && report.evals.last().is_none_or(|e| e.step != state.step) {
-        let loss = tokio::task::block_in_place(|| backend.eval(&eval_batches))?;
-        report.evals.push(EvalPoint {
-            step: state.step,
-            tokens: state.tokens,
-            loss,
-        });
-    }
-    if let Some(ck) = checkpoints.as_mut() {
-        report.last_checkpoint = Some(tokio::task::block_in_place(|| {
-            ck.save(backend.as_ref(), &state)
-        })?);
-    }
-    progress.finish_and_clear();
-    // The last acknowledgement is queued, not necessarily sent: give it a moment.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    report.messages_rejected += delivery.as_ref().map_or(0, Producer::refused);
-    report.steps = state.step;
-    report.next_seq = state.next_seq;
-    report.tokens = state.tokens;
-    report.wall_secs = started.elapsed().as_secs_f64();
-    report.data_wait_fraction = waited.as_secs_f64() / report.wall_secs.max(1e-9);
-    Ok(report)
 }

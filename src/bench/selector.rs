@@ -11,7 +11,7 @@ use rho_protocol::client::Consumer;
 use rho_protocol::{Credit, Limits, Message};
 use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
-use crate::model_cmd;
+use crate::commands::model as model_cmd;
 
 pub async fn run(
     out: PathBuf,
@@ -22,7 +22,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
     let out = out.canonicalize()?;
-    let (_, tokenizer, vocab) = crate::bench::synthetic_corpus(&out, 2, 3000, 11, 8192)?;
+    let (_, tokenizer, vocab) = super::corpus::synthetic_corpus(&out, 2, 3000, 11, 8192)?;
     let model_dir = out.join(format!("ref-{preset}"));
     if !model_dir.join("model.safetensors").exists() {
         let config = model_cmd::preset_config(&preset, vocab, seq_len.max(512))?;

@@ -68,7 +68,7 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
         } => {
             let vocab = match (vocab_size, &tokenizer) {
                 (Some(v), _) => v,
-                (None, Some(t)) => crate::load_tokenizer(t)?.get_vocab_size(true),
+                (None, Some(t)) => crate::runtime::load_tokenizer(t)?.get_vocab_size(true),
                 (None, None) => bail!("give --vocab-size or --tokenizer"),
             };
             let config = preset.hf_config(vocab, max_positions);
@@ -115,7 +115,7 @@ pub fn score(args: ScoreArgs) -> anyhow::Result<()> {
         .tokenizer
         .clone()
         .unwrap_or_else(|| args.model.join("tokenizer.json"));
-    let load_tokenizer = || crate::load_tokenizer(&tokenizer_path);
+    let load_tokenizer = || crate::runtime::load_tokenizer(&tokenizer_path);
     let special = !args.no_special_tokens;
     let mut tokenizer = None;
     let rows: Vec<Vec<u32>> = if let Some(text) = &args.text {

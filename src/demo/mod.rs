@@ -1,14 +1,14 @@
 //! `rho demo`: the paper's effect, end to end, with nothing downloaded.
 //!
 //! 1. Three synthetic OpenWebMath-style sets from disjoint seeds: a small curated clean set, a
-//!    large noisy training corpus and a held-out clean set (see `corpus.rs`).
+//!    large noisy training corpus and a held-out clean set (see `synth/`).
 //! 2. A byte-level BPE tokenizer trained on them; two random initializations.
 //! 3. Three real pipelines, each a `rho run` with its loader, selectors and trainer processes:
 //!    the reference model, trained by plain causal LM on the curated set; then, from one
 //!    initialization, on one noisy stream, with one token budget, a causal-LM baseline and an
 //!    SLM model (k = 0.6, excess loss) scored by a selector process running the reference.
 //!    Both evaluate on the held-out set as they train.
-//! 4. A report in the run directory (`demo_report.rs`): the table, the loss curves (SVG and
+//! 4. A report in the run directory (`report/`): the table, the loss curves (SVG and
 //!    PNG), a page of sample documents colored by what SLM selects, and how much of what each
 //!    rule selects is noise.
 
@@ -16,118 +16,17 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use clap::Args;
 use serde_json::json;
 
-use crate::corpus::{self, SynthArgs};
-use crate::demo_report;
-use crate::model_cmd;
+pub mod plan;
+pub mod report;
+
+use crate::commands::model as model_cmd;
 use crate::supervise::RunOutcome;
+use crate::synth::{self as corpus, SynthArgs};
 
-#[derive(Args, Clone)]
-pub struct DemoArgs {
-    /// Run directory (data, tokenizer, models, the three runs, the report).
-    #[arg(long, default_value = "runs/demo")]
-    pub out: PathBuf,
-    /// Seed of the corpora, the initializations and the data order.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// A small, fast variant (under two minutes), for tests.
-    #[arg(long)]
-    pub quick: bool,
-    /// Train the target models on these shards (files, directories or globs of parquet or
-    /// jsonl with a `text` field) instead of the synthetic noisy corpus.
-    #[arg(long)]
-    pub data: Option<String>,
-    /// Training steps of each target model (overrides the preset).
-    #[arg(long)]
-    pub steps: Option<u64>,
-    /// Training steps of the reference model (overrides the preset).
-    #[arg(long)]
-    pub reference_steps: Option<u64>,
-    /// The share of tokens SLM trains on.
-    #[arg(long, default_value_t = 0.6)]
-    pub ratio: f64,
-}
-
-/// The sizes of a demo.
-#[derive(Debug, Clone)]
-pub struct Plan {
-    pub preset: &'static str,
-    pub vocab: usize,
-    pub seq_len: usize,
-    pub batch: usize,
-    pub reference_steps: u64,
-    pub steps: u64,
-    pub eval_every: u64,
-    pub eval_batches: usize,
-    pub lr: f64,
-    pub curated_docs: usize,
-    pub train_docs: usize,
-    pub heldout_docs: usize,
-    pub noise: f64,
-    pub ratio: f64,
-    pub quick: bool,
-}
-
-impl Plan {
-    pub fn quick(&self) -> bool {
-        self.quick
-    }
-
-    fn new(args: &DemoArgs) -> Plan {
-        let mut plan = if args.quick {
-            Plan {
-                preset: "tiny",
-                vocab: 512,
-                seq_len: 64,
-                batch: 8,
-                reference_steps: 60,
-                steps: 60,
-                eval_every: 3,
-                eval_batches: 2,
-                lr: 3e-3,
-                curated_docs: 300,
-                train_docs: 800,
-                heldout_docs: 60,
-                noise: 0.45,
-                ratio: args.ratio,
-                quick: args.quick,
-            }
-        } else {
-            Plan {
-                preset: "small",
-                vocab: 2048,
-                seq_len: 128,
-                batch: 16,
-                reference_steps: 500,
-                steps: 600,
-                eval_every: 30,
-                eval_batches: 8,
-                lr: 2e-3,
-                curated_docs: 3000,
-                train_docs: 10_000,
-                heldout_docs: 400,
-                noise: 0.45,
-                ratio: args.ratio,
-                quick: args.quick,
-            }
-        };
-        if let Some(s) = args.steps {
-            plan.steps = s.max(1);
-            plan.eval_every = (plan.steps / 20).max(1);
-        }
-        if let Some(s) = args.reference_steps {
-            plan.reference_steps = s.max(1);
-        }
-        plan
-    }
-
-    /// Tokens each target model reads: steps x rows x positions.
-    pub fn tokens_per_run(&self) -> u64 {
-        self.steps * (self.batch * self.seq_len) as u64
-    }
-}
+pub use plan::DemoArgs;
+use plan::Plan;
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -290,7 +189,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let inputs = demo_report::Inputs {
+    let inputs = report::Inputs {
         out: &out,
         plan: &plan,
         seed: args.seed,
@@ -301,8 +200,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         sample_docs: sample_docs.as_deref(),
         started,
     };
-    let report = demo_report::write(&inputs)?;
-    println!("{}", demo_report::summary_text(&report, &out));
+    let report = report::write(&inputs)?;
+    println!("{}", report::summary_text(&report, &out));
     Ok(())
 }
 
@@ -368,8 +267,16 @@ impl Pipelines<'_> {
         } else {
             cores
         };
-        let mut config = json!({
+        let selector = reference.map(|r| {
+            json!({
+                "model": r,
+                "tokenizer": tokenizer,
+                "threads": (cores - trainer_threads).max(1),
+            })
+        });
+        let config = json!({
             "run_dir": ".",
+            "selector": selector,
             "selectors": 1,
             "loader": {
                 "run_id": format!("demo-{name}-{seed}"),
@@ -398,13 +305,6 @@ impl Pipelines<'_> {
                 "threads": trainer_threads,
             },
         });
-        if let Some(r) = reference {
-            config["selector"] = json!({
-                "model": r,
-                "tokenizer": tokenizer,
-                "threads": (cores - trainer_threads).max(1),
-            });
-        }
         crate::supervise::launch(&dir, name, &config).await
     }
 }

@@ -8,7 +8,7 @@ use rho_protocol::{Fingerprint, TokenBatch};
 use rho_trainer::optim::OptimizerConfig;
 use rho_trainer::{Backend, CandleBackend, RatioSchedule, Scope, ScoreRule, Selection, StepInput};
 
-use crate::model_cmd;
+use crate::commands::model as model_cmd;
 
 pub fn run(
     out: PathBuf,

@@ -19,7 +19,7 @@ use candle_core::{DType, Device};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::model_cmd;
+use crate::commands::model as model_cmd;
 use crate::supervise::{launch, RunOutcome};
 use rho_selector::scorer::{CandleScorer, Scorer};
 use rho_trainer::optim::OptimizerConfig;
@@ -60,7 +60,7 @@ struct Setup {
 }
 
 fn setup(a: &PipelineArgs, out: &Path) -> anyhow::Result<Setup> {
-    let (data, tokenizer, vocab) = crate::bench::synthetic_corpus(out, 4, 3000, 21, 2048)?;
+    let (data, tokenizer, vocab) = super::corpus::synthetic_corpus(out, 4, 3000, 21, 2048)?;
     let model = |name: &str, preset: &str, seed: u64| -> anyhow::Result<PathBuf> {
         let dir = out.join(name);
         if !dir.join("model.safetensors").exists() {
@@ -78,19 +78,44 @@ fn setup(a: &PipelineArgs, out: &Path) -> anyhow::Result<Setup> {
     })
 }
 
-/// A run config: the loader, and the trainer and selectors on one thread each.
-fn run_config(
-    a: &PipelineArgs,
-    s: &Setup,
-    selection: Value,
-    backend: &str,
-    reference: Option<&Path>,
+/// What differs between the runs of the benchmark.
+struct Variant<'a> {
+    selection: &'a Value,
+    backend: &'a str,
+    /// The selectors' reference model (none: no selectors).
+    reference: Option<&'a Path>,
     selectors: usize,
     steps: u64,
-) -> Value {
-    let mut c = json!({
+    /// The selectors also write a scored cache here.
+    cache_out: Option<&'a Path>,
+    /// The loader serves this scored cache, straight to the trainer.
+    scored: Option<&'a Path>,
+}
+
+impl Default for Variant<'_> {
+    fn default() -> Self {
+        static NONE: std::sync::LazyLock<Value> =
+            std::sync::LazyLock::new(|| json!({"score": "none"}));
+        Variant {
+            selection: &NONE,
+            backend: "candle",
+            reference: None,
+            selectors: 0,
+            steps: 0,
+            cache_out: None,
+            scored: None,
+        }
+    }
+}
+
+/// A run config: the loader, and the trainer and selectors on one thread each.
+fn run_config(a: &PipelineArgs, s: &Setup, v: &Variant) -> Value {
+    let selector = v.reference.map(|r| {
+        json!({"model": r, "tokenizer": s.tokenizer, "threads": 1, "prefetch": 2, "cache_out": v.cache_out})
+    });
+    json!({
         "run_dir": ".",
-        "selectors": selectors,
+        "selectors": v.selectors,
         "loader": {
             "run_id": "bench-pipeline",
             "data": {"paths": [s.data]},
@@ -99,31 +124,28 @@ fn run_config(
             "batch_size": a.batch_size,
             "epochs": 100,
             "threads": 1,
+            "scored": v.scored,
         },
+        "selector": selector,
         "trainer": {
-            "backend": backend,
+            "backend": v.backend,
             "model": s.init,
-            "selection": selection,
+            "selection": v.selection,
             "optimizer": {"lr": 1e-3},
-            "max_steps": steps,
+            "max_steps": v.steps,
             "threads": 1,
+            "source": if v.scored.is_some() { "loader" } else { "auto" },
         },
-    });
-    if let Some(r) = reference {
-        c["selector"] = json!({"model": r, "tokenizer": s.tokenizer, "threads": 1, "prefetch": 2});
-    }
-    c
+    })
 }
 
 /// Steady-state tokens/s of a run's trainer, from its per-step metrics.
 fn steady_tokens_per_s(run: &RunOutcome, tokens_per_step: f64) -> anyhow::Result<f64> {
     let path = run.dir.join("trainer.metrics.jsonl");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let points: Vec<(f64, f64)> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|v| Some((v["step"].as_f64()?, v["elapsed_s"].as_f64()?)))
+    let points: Vec<(f64, f64)> = rho_trainer::StepMetrics::read_file(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .iter()
+        .map(|m| (m.step as f64, m.elapsed_s))
         .collect();
     anyhow::ensure!(points.len() >= 5, "{}: too few steps", path.display());
     let (s0, t0) = points[points.len() / 5];
@@ -200,7 +222,7 @@ fn memory_table(run: &RunOutcome) -> Vec<(String, [f64; 4])> {
 }
 
 pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
-    crate::set_threads(Some(1))?;
+    crate::runtime::set_threads(Some(1))?;
     std::fs::create_dir_all(&a.out)?;
     let out = a.out.canonicalize()?;
     let s = setup(&a, &out)?;
@@ -211,14 +233,20 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
         schedule: RatioSchedule::Constant { ratio: 0.6 },
     };
     let slm_json = serde_json::to_value(slm)?;
-    let none = json!({"score": "none"});
 
     eprintln!("[1/7] plain causal LM, trainer on one core");
     let dir = fresh(out.join("causal"))?;
     let causal = launch(
         &dir,
         "causal",
-        &run_config(&a, &s, none.clone(), "candle", None, 0, a.steps),
+        &run_config(
+            &a,
+            &s,
+            &Variant {
+                steps: a.steps,
+                ..Default::default()
+            },
+        ),
     )
     .await?;
     let causal_tps = steady_tokens_per_s(&causal, per_step)?;
@@ -226,16 +254,18 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
     eprintln!("[2/7] pipelined SLM, selector and trainer on one core each");
     let dir = fresh(out.join("pipelined"))?;
     let cache_dir = fresh(out.join("cache"))?;
-    let mut config = run_config(
+    let config = run_config(
         &a,
         &s,
-        slm_json.clone(),
-        "candle",
-        Some(&s.reference),
-        1,
-        a.steps,
+        &Variant {
+            selection: &slm_json,
+            reference: Some(&s.reference),
+            selectors: 1,
+            steps: a.steps,
+            cache_out: Some(&cache_dir),
+            ..Default::default()
+        },
     );
-    config["selector"]["cache_out"] = json!(cache_dir);
     let pipelined = launch(&dir, "pipelined", &config).await?;
     let pipelined_tps = steady_tokens_per_s(&pipelined, per_step)?;
 
@@ -246,9 +276,16 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
 
     eprintln!("[4/7] SLM from the scored cache the pipelined run wrote, no selector");
     let dir = fresh(out.join("cached"))?;
-    let mut config = run_config(&a, &s, slm_json.clone(), "candle", None, 0, a.steps);
-    config["loader"]["scored"] = json!(cache_dir);
-    config["trainer"]["source"] = json!("loader");
+    let config = run_config(
+        &a,
+        &s,
+        &Variant {
+            selection: &slm_json,
+            steps: a.steps,
+            scored: Some(&cache_dir),
+            ..Default::default()
+        },
+    );
     let cached = launch(&dir, "cached", &config).await?;
     let cached_tps = steady_tokens_per_s(&cached, per_step)?;
     let cache = rho_protocol::cache::CacheReader::open(&cache_dir)?;
@@ -269,11 +306,14 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
             &run_config(
                 &a,
                 &s,
-                slm_json.clone(),
-                "null",
-                Some(&s.scaling_reference),
-                n,
-                a.scaling_batches,
+                &Variant {
+                    selection: &slm_json,
+                    backend: "null",
+                    reference: Some(&s.scaling_reference),
+                    selectors: n,
+                    steps: a.scaling_batches,
+                    ..Default::default()
+                },
             ),
         )
         .await?;
@@ -291,11 +331,13 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
         &run_config(
             &a,
             &s,
-            slm_json,
-            "candle",
-            Some(&s.reference),
-            1,
-            a.long_steps,
+            &Variant {
+                selection: &slm_json,
+                reference: Some(&s.reference),
+                selectors: 1,
+                steps: a.long_steps,
+                ..Default::default()
+            },
         ),
     )
     .await?;

@@ -7,12 +7,14 @@ use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
-use crate::corpus::{Doc, NoiseKind};
-use crate::demo::Plan;
+use super::plan::Plan;
 use crate::supervise::RunOutcome;
+use crate::synth::{Doc, NoiseKind};
 use rho_trainer::{Scope, ScoreRule};
+
+mod plot;
 
 pub struct Inputs<'a> {
     pub out: &'a Path,
@@ -31,15 +33,12 @@ pub struct Inputs<'a> {
 /// `(tokens read, held-out loss)` of a run's evaluations.
 fn curve(run: &RunOutcome, plan: &Plan) -> Vec<(f64, f64)> {
     let per_step = (plan.batch * plan.seq_len) as f64;
-    run.summary["trainer"]["evals"]
-        .as_array()
-        .map(|evals| {
-            evals
-                .iter()
-                .filter_map(|e| Some((e["step"].as_f64()? * per_step, e["loss"].as_f64()?)))
-                .collect()
-        })
+    let evals = run.summary.trainer.as_ref().map(|t| t.evals.as_slice());
+    evals
         .unwrap_or_default()
+        .iter()
+        .map(|e| (e.step as f64 * per_step, f64::from(e.loss)))
+        .collect()
 }
 
 /// The first evaluation at or below `target`, and the same point linearly interpolated between
@@ -59,28 +58,31 @@ fn tokens_to_reach(curve: &[(f64, f64)], target: f64) -> Option<(f64, f64)> {
 }
 
 /// Throughput of the processes of one run, from their reports.
-fn throughput(run: &RunOutcome, plan: &Plan) -> Value {
-    let t = &run.summary["trainer"];
-    let steps = t["steps"].as_f64().unwrap_or(0.0);
-    let wall = t["wall_secs"].as_f64().unwrap_or(0.0);
-    let read = steps * (plan.batch * plan.seq_len) as f64;
-    let selector: Option<Value> = std::fs::read_to_string(run.dir.join("selector-0.report.json"))
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok());
-    json!({
-        "trainer_tokens_per_s": if wall > 0.0 { read / wall } else { 0.0 },
-        "trainer_data_wait_fraction": t["data_wait_fraction"],
-        "trainer_wall_seconds": wall,
-        "selector_tokens_per_s": selector.as_ref().map(|s| {
-            s["tokens"].as_f64().unwrap_or(0.0) / s["score_secs"].as_f64().unwrap_or(1.0).max(1e-9)
-        }),
-        "loader_tokens_per_s": run.summary["loader"]["tokens_per_s"],
-        "pipeline_wall_seconds": run.summary["wall_seconds"],
-        "peak_resident_mib": run.memory.iter().map(|(process, samples)| {
-            let peak = samples.iter().map(|s| s.1).max().unwrap_or(0);
-            (process.clone(), json!(peak as f64 / 1024.0))
-        }).collect::<serde_json::Map<_, _>>(),
-    })
+fn throughput(run: &RunOutcome, plan: &Plan) -> Throughput {
+    let t = run.summary.trainer.clone().unwrap_or_default();
+    let read = t.steps as f64 * (plan.batch * plan.seq_len) as f64;
+    let selector: Option<rho_selector::Report> =
+        std::fs::read_to_string(run.dir.join("selector-0.report.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok());
+    let peak = |samples: &[(f64, u64)]| samples.iter().map(|s| s.1).max().unwrap_or(0);
+    Throughput {
+        trainer_tokens_per_s: if t.wall_secs > 0.0 {
+            read / t.wall_secs
+        } else {
+            0.0
+        },
+        trainer_data_wait_fraction: t.data_wait_fraction,
+        trainer_wall_seconds: t.wall_secs,
+        selector_tokens_per_s: selector.map(|s| s.tokens as f64 / s.score_secs.max(1e-9)),
+        loader_tokens_per_s: run.summary.loader.as_ref().map(|l| l.tokens_per_s),
+        pipeline_wall_seconds: run.summary.wall_seconds,
+        peak_resident_mib: run
+            .memory
+            .iter()
+            .map(|(process, samples)| (process.clone(), peak(samples) as f64 / 1024.0))
+            .collect(),
+    }
 }
 
 /// One scored target token of the selection analysis.
@@ -94,9 +96,9 @@ struct Scored {
 
 /// Selection by excess loss and by reference loss alone over packed windows of `docs`, with the
 /// final SLM model as the current model: how much of what each keeps is noise.
-fn selection_analysis(inp: &Inputs, docs: &[Doc]) -> anyhow::Result<(Value, String)> {
+fn selection_analysis(inp: &Inputs, docs: &[Doc]) -> anyhow::Result<(Selection, String)> {
     let plan = inp.plan;
-    let tk = crate::load_tokenizer(inp.tokenizer)?;
+    let tk = crate::runtime::load_tokenizer(inp.tokenizer)?;
     let device = Device::Cpu;
     let reference = rho_model::checkpoint::load(inp.reference_model, &device, DType::F32)?;
     let current = rho_model::checkpoint::load(inp.slm_model, &device, DType::F32)?;
@@ -197,28 +199,30 @@ fn selection_analysis(inp: &Inputs, docs: &[Doc]) -> anyhow::Result<(Value, Stri
         }
     }
     let share = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
-    let mut kind_table = serde_json::Map::new();
+    let mut by_kind = std::collections::BTreeMap::new();
     for (slot, &(tokens, e, r)) in per_kind.iter().enumerate() {
         let name = kinds.get(slot).map_or("clean", |k| k.name());
-        kind_table.insert(
-            name.into(),
-            json!({"tokens": tokens, "kept_by_excess": share(e, tokens), "kept_by_reference": share(r, tokens)}),
-        );
+        let kept = KindShare {
+            tokens,
+            kept_by_excess: share(e, tokens),
+            kept_by_reference: share(r, tokens),
+        };
+        by_kind.insert(name.to_string(), kept);
     }
-    let analysis = json!({
-        "tokens": n,
-        "documents": used_docs,
-        "ratio": plan.ratio,
-        "current_model": "the SLM model at the end of training",
-        "noise_share_of_corpus": share(noise, n),
-        "noise_share_of_corpus_bytes": share(
+    let analysis = Selection {
+        tokens: n,
+        documents: used_docs,
+        ratio: plan.ratio,
+        current_model: "the SLM model at the end of training".into(),
+        noise_share_of_corpus: share(noise, n),
+        noise_share_of_corpus_bytes: share(
             docs[..used_docs].iter().map(Doc::noise_bytes).sum(),
             docs[..used_docs].iter().map(|d| d.text.len()).sum(),
         ),
-        "noise_share_selected_by_excess": share(ex_noise, ex),
-        "noise_share_selected_by_reference": share(rf_noise, rf),
-        "by_kind": kind_table,
-    });
+        noise_share_selected_by_excess: share(ex_noise, ex),
+        noise_share_selected_by_reference: share(rf_noise, rf),
+        by_kind,
+    };
 
     // The page: documents with noise, each token colored.
     let mut html = String::new();
@@ -329,119 +333,97 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// The held-out loss curves of both target runs, as SVG and PNG.
-fn plot(out: &Path, causal: &[(f64, f64)], slm: &[(f64, f64)], ratio: f64) -> anyhow::Result<()> {
-    use plotters::prelude::*;
-    static FONT: std::sync::Once = std::sync::Once::new();
-    FONT.call_once(|| {
-        let _ = plotters::style::register_font(
-            "sans-serif",
-            FontStyle::Normal,
-            include_bytes!("../assets/DejaVuSansMono.ttf"),
-        );
-    });
-    fn draw<DB: DrawingBackend>(
-        root: DrawingArea<DB, plotters::coord::Shift>,
-        causal: &[(f64, f64)],
-        slm: &[(f64, f64)],
-        ratio: f64,
-    ) -> anyhow::Result<()>
-    where
-        DB::ErrorType: 'static,
-    {
-        let e = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow::anyhow!("drawing the plot: {e:?}");
-        root.fill(&WHITE).map_err(e)?;
-        let all = causal.iter().chain(slm);
-        let x_max = all.clone().map(|p| p.0).fold(1.0, f64::max) / 1e6;
-        // Skip the untrained start so that the end of training is readable.
-        let tail = |c: &[(f64, f64)]| c.iter().skip(1).map(|p| p.1).collect::<Vec<_>>();
-        let ys: Vec<f64> = tail(causal).into_iter().chain(tail(slm)).collect();
-        let (y_min, y_max) = ys
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(a, b), &y| (a.min(y), b.max(y)));
-        let (y_min, y_max) = if y_min < y_max {
-            (y_min, y_max)
-        } else {
-            (0.0, 10.0)
-        };
-        let pad = (y_max - y_min) * 0.05;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(
-                "Held-out loss of the clean target distribution",
-                ("sans-serif", 22),
-            )
-            .margin(12)
-            .x_label_area_size(45)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0.0..x_max, (y_min - pad)..(y_max + pad))
-            .map_err(e)?;
-        chart
-            .configure_mesh()
-            .x_desc("training tokens read (millions)")
-            .y_desc("loss (nats per token)")
-            .label_style(("sans-serif", 14))
-            .draw()
-            .map_err(e)?;
-        let red = RGBColor(200, 60, 40);
-        let green = RGBColor(34, 139, 34);
-        let to_m = |c: &[(f64, f64)]| c.iter().map(|&(x, y)| (x / 1e6, y)).collect::<Vec<_>>();
-        chart
-            .draw_series(LineSeries::new(to_m(causal), red.stroke_width(2)))
-            .map_err(e)?
-            .label("causal LM (every token)")
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], red.stroke_width(2)));
-        chart
-            .draw_series(LineSeries::new(to_m(slm), green.stroke_width(2)))
-            .map_err(e)?
-            .label(format!("SLM (top {:.0}% by excess loss)", ratio * 100.0))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], green.stroke_width(2))
-            });
-        chart
-            .draw_series(
-                to_m(causal)
-                    .into_iter()
-                    .map(|p| Circle::new(p, 2, red.filled())),
-            )
-            .map_err(e)?;
-        chart
-            .draw_series(
-                to_m(slm)
-                    .into_iter()
-                    .map(|p| Circle::new(p, 2, green.filled())),
-            )
-            .map_err(e)?;
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(e)?;
-        root.present().map_err(e)?;
-        Ok(())
-    }
-    let svg = out.join("loss.svg");
-    draw(
-        SVGBackend::new(&svg, (800, 500)).into_drawing_area(),
-        causal,
-        slm,
-        ratio,
-    )
-    .with_context(|| svg.display().to_string())?;
-    let png = out.join("loss.png");
-    draw(
-        BitMapBackend::new(&png, (800, 500)).into_drawing_area(),
-        causal,
-        slm,
-        ratio,
-    )
-    .with_context(|| png.display().to_string())?;
-    Ok(())
+/// `report.json` of a demo.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub seed: u64,
+    pub causal_final_eval_loss: f64,
+    pub slm_final_eval_loss: f64,
+    pub slm_minus_causal: f64,
+    pub reference_final_eval_loss: Option<f64>,
+    /// Share of the token budget the SLM run read before its held-out loss first reached the
+    /// causal LM's final loss (at an evaluation); `None` when it never did.
+    pub slm_tokens_to_causal_final_fraction: Option<f64>,
+    /// The same, interpolated linearly between the evaluations around it.
+    pub slm_tokens_to_causal_final_fraction_interpolated: Option<f64>,
+    pub tokens_per_run: u64,
+    pub steps_per_run: u64,
+    pub reference_steps: u64,
+    pub eval_every_steps: u64,
+    pub eval_tokens: usize,
+    /// The model preset.
+    pub model: String,
+    /// `[rows, positions]` of a batch.
+    pub batch: [usize; 2],
+    pub ratio: f64,
+    pub wall_seconds: f64,
+    pub evals: Evals,
+    /// What each rule selects of the noise (synthetic data only).
+    pub selection: Option<Selection>,
+    pub throughput: ByRun<Throughput>,
+    pub runs: ByRun<std::path::PathBuf>,
+}
+
+/// Held-out loss by tokens read, of both target runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Evals {
+    pub causal: Vec<EvalAt>,
+    pub slm: Vec<EvalAt>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct EvalAt {
+    pub tokens: f64,
+    pub loss: f64,
+}
+
+/// One value for each of the three runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ByRun<T> {
+    pub reference: T,
+    pub causal: T,
+    pub slm: T,
+}
+
+/// Throughput and memory of the processes of one run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Throughput {
+    /// Tokens read over the trainer's wall time.
+    pub trainer_tokens_per_s: f64,
+    pub trainer_data_wait_fraction: f64,
+    pub trainer_wall_seconds: f64,
+    /// Tokens over the time in the model, of the first selector.
+    pub selector_tokens_per_s: Option<f64>,
+    pub loader_tokens_per_s: Option<f64>,
+    pub pipeline_wall_seconds: f64,
+    /// By process.
+    pub peak_resident_mib: std::collections::BTreeMap<String, f64>,
+}
+
+/// How much of what each rule keeps is noise, with the final SLM model as the current model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Selection {
+    pub tokens: usize,
+    pub documents: usize,
+    pub ratio: f64,
+    pub current_model: String,
+    pub noise_share_of_corpus: f64,
+    pub noise_share_of_corpus_bytes: f64,
+    pub noise_share_selected_by_excess: f64,
+    pub noise_share_selected_by_reference: f64,
+    /// By kind of noise, and `clean`.
+    pub by_kind: std::collections::BTreeMap<String, KindShare>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KindShare {
+    pub tokens: usize,
+    pub kept_by_excess: f64,
+    pub kept_by_reference: f64,
 }
 
 /// Writes every part of the report and returns `report.json`'s contents.
-pub fn write(inp: &Inputs) -> anyhow::Result<Value> {
+pub fn write(inp: &Inputs) -> anyhow::Result<Report> {
     let plan = inp.plan;
     let [reference, causal, slm] = inp.runs;
     let (c, s) = (curve(causal, plan), curve(slm, plan));
@@ -450,48 +432,55 @@ pub fn write(inp: &Inputs) -> anyhow::Result<Value> {
     let slm_final = final_of(&s).context("the SLM run has no evaluation")?;
     let budget = plan.tokens_per_run() as f64;
     let reach = tokens_to_reach(&s, causal_final);
-    plot(inp.out, &c, &s, plan.ratio)?;
+    plot::plot(inp.out, &c, &s, plan.ratio)?;
     let (selection, html) = match inp.sample_docs {
         Some(docs) => {
             let (a, h) = selection_analysis(inp, docs)?;
-            (a, Some(h))
+            (Some(a), Some(h))
         }
-        None => (Value::Null, None),
+        None => (None, None),
     };
     if let Some(h) = &html {
         std::fs::write(inp.out.join("selection.html"), h)?;
     }
-    let report = json!({
-        "seed": inp.seed,
-        "causal_final_eval_loss": causal_final,
-        "slm_final_eval_loss": slm_final,
-        "slm_minus_causal": slm_final - causal_final,
-        "reference_final_eval_loss": final_of(&curve(reference, plan)),
-        "slm_tokens_to_causal_final_fraction": reach.map(|r| r.0 / budget),
-        "slm_tokens_to_causal_final_fraction_interpolated": reach.map(|r| r.1 / budget),
-        "tokens_per_run": plan.tokens_per_run(),
-        "steps_per_run": plan.steps,
-        "reference_steps": plan.reference_steps,
-        "eval_every_steps": plan.eval_every,
-        "eval_tokens": plan.eval_batches * plan.batch * plan.seq_len,
-        "model": plan.preset,
-        "batch": [plan.batch, plan.seq_len],
-        "ratio": plan.ratio,
-        "wall_seconds": inp.started.elapsed().as_secs_f64(),
-        "evals": {
-            "causal": c.iter().map(|p| json!({"tokens": p.0, "loss": p.1})).collect::<Vec<_>>(),
-            "slm": s.iter().map(|p| json!({"tokens": p.0, "loss": p.1})).collect::<Vec<_>>(),
+    let points = |c: &[(f64, f64)]| {
+        c.iter()
+            .map(|&(tokens, loss)| EvalAt { tokens, loss })
+            .collect()
+    };
+    let report = Report {
+        seed: inp.seed,
+        causal_final_eval_loss: causal_final,
+        slm_final_eval_loss: slm_final,
+        slm_minus_causal: slm_final - causal_final,
+        reference_final_eval_loss: final_of(&curve(reference, plan)),
+        slm_tokens_to_causal_final_fraction: reach.map(|r| r.0 / budget),
+        slm_tokens_to_causal_final_fraction_interpolated: reach.map(|r| r.1 / budget),
+        tokens_per_run: plan.tokens_per_run(),
+        steps_per_run: plan.steps,
+        reference_steps: plan.reference_steps,
+        eval_every_steps: plan.eval_every,
+        eval_tokens: plan.eval_batches * plan.batch * plan.seq_len,
+        model: plan.preset.to_string(),
+        batch: [plan.batch, plan.seq_len],
+        ratio: plan.ratio,
+        wall_seconds: inp.started.elapsed().as_secs_f64(),
+        evals: Evals {
+            causal: points(&c),
+            slm: points(&s),
         },
-        "selection": selection,
-        "throughput": {
-            "reference": throughput(reference, plan),
-            "causal": throughput(causal, plan),
-            "slm": throughput(slm, plan),
+        selection,
+        throughput: ByRun {
+            reference: throughput(reference, plan),
+            causal: throughput(causal, plan),
+            slm: throughput(slm, plan),
         },
-        "runs": {
-            "reference": reference.dir, "causal": causal.dir, "slm": slm.dir,
+        runs: ByRun {
+            reference: reference.dir.clone(),
+            causal: causal.dir.clone(),
+            slm: slm.dir.clone(),
         },
-    });
+    };
     std::fs::write(
         inp.out.join("report.json"),
         serde_json::to_string_pretty(&report)?,
@@ -500,68 +489,61 @@ pub fn write(inp: &Inputs) -> anyhow::Result<Value> {
     Ok(report)
 }
 
-fn pct(v: &Value) -> String {
-    v.as_f64()
-        .map_or("not reached".into(), |x| format!("{:.0}%", x * 100.0))
-}
-
-fn num(v: &Value) -> String {
-    v.as_f64().map_or("-".into(), |x| format!("{x:.4}"))
+fn pct(v: Option<f64>) -> String {
+    v.map_or("not reached".into(), |x| format!("{:.0}%", x * 100.0))
 }
 
 /// The table of the report, as Markdown.
-pub fn markdown(r: &Value) -> String {
+pub fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
         "| model | held-out loss at {} tokens | tokens to reach causal LM's final loss |",
-        r["tokens_per_run"]
+        r.tokens_per_run
     );
     s.push_str("|---|---|---|\n");
     let _ = writeln!(
         s,
-        "| causal LM (every token) | {} | 100% |",
-        num(&r["causal_final_eval_loss"])
+        "| causal LM (every token) | {:.4} | 100% |",
+        r.causal_final_eval_loss
     );
     let _ = writeln!(
         s,
-        "| SLM, top {:.0}% by excess loss | {} | {} |",
-        r["ratio"].as_f64().unwrap_or(0.0) * 100.0,
-        num(&r["slm_final_eval_loss"]),
-        pct(&r["slm_tokens_to_causal_final_fraction"])
+        "| SLM, top {:.0}% by excess loss | {:.4} | {} |",
+        r.ratio * 100.0,
+        r.slm_final_eval_loss,
+        pct(r.slm_tokens_to_causal_final_fraction)
     );
-    let sel = &r["selection"];
-    if !sel.is_null() {
+    if let Some(sel) = &r.selection {
         let _ = writeln!(
             s,
             "\nNoise among tokens: {} of the corpus; {} of those kept by excess loss; {} of those kept by reference loss alone.",
-            pct(&sel["noise_share_of_corpus"]),
-            pct(&sel["noise_share_selected_by_excess"]),
-            pct(&sel["noise_share_selected_by_reference"])
+            pct(Some(sel.noise_share_of_corpus)),
+            pct(Some(sel.noise_share_selected_by_excess)),
+            pct(Some(sel.noise_share_selected_by_reference))
         );
     }
-    let t = &r["throughput"]["slm"];
+    let t = &r.throughput.slm;
     let _ = writeln!(
         s,
         "\nSLM pipeline: trainer {:.0} tokens/s (waiting for data {:.0}% of its time), selector {:.0} tokens/s.",
-        t["trainer_tokens_per_s"].as_f64().unwrap_or(0.0),
-        t["trainer_data_wait_fraction"].as_f64().unwrap_or(0.0) * 100.0,
-        t["selector_tokens_per_s"].as_f64().unwrap_or(0.0)
+        t.trainer_tokens_per_s,
+        t.trainer_data_wait_fraction * 100.0,
+        t.selector_tokens_per_s.unwrap_or(0.0)
     );
     s
 }
 
 /// What the terminal shows at the end.
-pub fn summary_text(r: &Value, out: &Path) -> String {
-    let page = if r["selection"].is_null() {
-        ""
-    } else {
-        ", selection.html"
+pub fn summary_text(r: &Report, out: &Path) -> String {
+    let page = match r.selection {
+        Some(_) => ", selection.html",
+        None => "",
     };
     format!(
         "\n{}\nwall time {:.0} s. Report: {} (report.md, loss.svg, loss.png{page}; runs/ holds each pipeline's configs, logs and metrics)",
         markdown(r),
-        r["wall_seconds"].as_f64().unwrap_or(0.0),
+        r.wall_seconds,
         out.join("report.json").display()
     )
 }

@@ -50,6 +50,28 @@ pub struct ConcentrateArgs {
     pub out: PathBuf,
 }
 
+/// `report.json` of a concentrated dataset (also printed on stdout).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    pub documents: u64,
+    pub rows_skipped: u64,
+    /// Target tokens scored.
+    pub target_tokens: u64,
+    pub selected_tokens: u64,
+    pub selected_fraction: f64,
+    pub text_bytes_in: u64,
+    pub text_bytes_out: u64,
+    pub text_size_ratio: f64,
+    pub shard_bytes_in: u64,
+    pub shard_bytes_out: u64,
+    /// The scoring rule.
+    pub score: String,
+    pub ratio: f64,
+    /// The shards written.
+    pub files: Vec<PathBuf>,
+}
+
+/// Runs `rho concentrate`.
 pub fn run(a: ConcentrateArgs) -> anyhow::Result<()> {
     let rule = match a.score.as_str() {
         "reference" => ScoreRule::Reference,
@@ -59,7 +81,7 @@ pub fn run(a: ConcentrateArgs) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&a.ratio) {
         anyhow::bail!("--ratio must be within 0..=1, got {}", a.ratio);
     }
-    let tk = crate::load_tokenizer(&a.tokenizer)?;
+    let tk = crate::runtime::load_tokenizer(&a.tokenizer)?;
     let device = Device::Cpu;
     let reference = rho_model::checkpoint::load(&a.reference, &device, DType::F32)
         .with_context(|| format!("loading the reference {}", a.reference.display()))?;
@@ -193,32 +215,33 @@ pub fn run(a: ConcentrateArgs) -> anyhow::Result<()> {
         .filter_map(|s| std::fs::metadata(&s.path).ok())
         .map(|m| m.len())
         .sum();
-    let report = json!({
-        "documents": docs,
-        "rows_skipped": skipped,
-        "target_tokens": tokens,
-        "selected_tokens": kept,
-        "selected_fraction": if tokens > 0 { kept as f64 / tokens as f64 } else { 0.0 },
-        "text_bytes_in": bytes_in,
-        "text_bytes_out": bytes_out,
-        "text_size_ratio": if bytes_in > 0 { bytes_out as f64 / bytes_in as f64 } else { 0.0 },
-        "shard_bytes_in": in_bytes,
-        "shard_bytes_out": out_bytes,
-        "score": a.score,
-        "ratio": a.ratio,
-        "files": files,
-    });
+    let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
+    let report = Report {
+        documents: docs,
+        rows_skipped: skipped,
+        target_tokens: tokens,
+        selected_tokens: kept,
+        selected_fraction: ratio(kept, tokens),
+        text_bytes_in: bytes_in,
+        text_bytes_out: bytes_out,
+        text_size_ratio: ratio(bytes_out, bytes_in),
+        shard_bytes_in: in_bytes,
+        shard_bytes_out: out_bytes,
+        score: a.score.clone(),
+        ratio: a.ratio,
+        files: files.clone(),
+    };
     std::fs::write(
         a.out.join("report.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
     eprintln!(
         "concentrated {docs} documents: {kept} of {tokens} tokens selected ({:.1}%); text {:.1}% of its size ({bytes_out} of {bytes_in} bytes); {} files in {}",
-        report["selected_fraction"].as_f64().unwrap_or(0.0) * 100.0,
-        report["text_size_ratio"].as_f64().unwrap_or(0.0) * 100.0,
+        report.selected_fraction * 100.0,
+        report.text_size_ratio * 100.0,
         files.len(),
         a.out.display()
     );
-    println!("{report}");
+    println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

@@ -1,0 +1,77 @@
+//! `rho bench ...`: benchmarks whose numbers are recorded in docs/BENCHMARKS.md.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Pipelined SLM against sequential SLM and plain causal LM with one core per process,
+    /// selector scaling with a large reference, and memory over a long run.
+    Pipeline(pipeline::PipelineArgs),
+    /// Training step time of selective LM (k = 0.6, excess loss) against plain causal LM on the
+    /// same model and batches, alternating so that drift hits both alike.
+    Trainer {
+        /// Working directory (model).
+        #[arg(long, default_value = "runs/bench-trainer")]
+        out: PathBuf,
+        /// Model size: tiny, small or 20m.
+        #[arg(long, default_value = "20m")]
+        preset: String,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        /// Steps per measurement round (4 rounds of each mode).
+        #[arg(long, default_value_t = 3)]
+        steps: u64,
+    },
+    /// Selector throughput (a real `rho loader` and `rho selector`, this process as the trainer)
+    /// against the bare in-process forward of the same model on batches of the same shape.
+    Selector {
+        /// Working directory (corpus, tokenizer, model).
+        #[arg(long, default_value = "runs/bench-selector")]
+        out: PathBuf,
+        /// Reference model size: tiny, small or 20m.
+        #[arg(long, default_value = "20m")]
+        preset: String,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        /// Batches to score in each measurement.
+        #[arg(long, default_value_t = 12)]
+        batches: usize,
+    },
+    /// End-to-end loader throughput (read + tokenize + pack + encode + send, consumed over
+    /// loopback) against raw `tokenizers` encoding of the same text.
+    Loader(loader::LoaderArgs),
+}
+
+mod corpus;
+mod loader;
+mod pipeline;
+mod selector;
+mod trainer;
+
+/// Runs a benchmark.
+pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Pipeline(args) => pipeline::run(args).await,
+        BenchCommand::Trainer {
+            out,
+            preset,
+            seq_len,
+            batch_size,
+            steps,
+        } => trainer::run(out, preset, seq_len, batch_size, steps),
+        BenchCommand::Selector {
+            out,
+            preset,
+            seq_len,
+            batch_size,
+            batches,
+        } => selector::run(out, preset, seq_len, batch_size, batches).await,
+        BenchCommand::Loader(args) => loader::run(args).await,
+    }
+}

@@ -1,0 +1,340 @@
+//! The run config of `rho run`: the three process configs and how the supervisor treats them,
+//! resolved, completed with the run directory's defaults, and checked before anything starts.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use rho_loader::LoaderConfig;
+use rho_selector::SelectorConfig;
+use rho_trainer::TrainerConfig;
+use serde::{Deserialize, Serialize};
+
+/// The endpoint a supervised process binds when its config names none: loopback, a free port.
+/// (The supervisor reads the bound one from the endpoint file.)
+const ANY_LOOPBACK_PORT: &str = "tcp://127.0.0.1:0";
+
+/// A run config file, as written. The connecting endpoints (`trainer.loader`,
+/// `selector.loader`, `selector.trainer`) are left out: the supervisor assigns them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Where configs, logs, metrics, reports and checkpoints go (relative to the config file).
+    pub run_dir: PathBuf,
+    /// Selector processes, at least 1 when the trainer's score rule needs reference losses
+    /// (ignored otherwise).
+    #[serde(default = "one")]
+    pub selectors: usize,
+    /// Restart a selector that dies before the stream ends. Default true.
+    #[serde(default = "yes")]
+    pub restart_selectors: bool,
+    /// A selector that fails this many times in a row, each time within
+    /// `SHORT_LIFE` of its start, ends the run with its last error. Default 5.
+    #[serde(default = "five")]
+    pub max_selector_failures: u32,
+    pub loader: LoaderConfig,
+    #[serde(default)]
+    pub selector: Option<SelectorConfig>,
+    pub trainer: TrainerConfig,
+}
+
+fn one() -> usize {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn five() -> u32 {
+    5
+}
+
+/// A run ready to start: the run config with every path resolved, every default of the run
+/// directory filled in, and every section checked.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The run config file's text (kept in the run directory as `run.json`).
+    pub text: String,
+    pub settings: RunConfig,
+    /// The run directory, created and absolute.
+    pub dir: PathBuf,
+    /// The selectors' config (`None` when the score rule needs none).
+    pub selector: Option<SelectorConfig>,
+}
+
+impl Plan {
+    /// Reads and completes the run config `file`, and creates the run directory; [`Plan::check`]
+    /// checks it.
+    pub fn load(file: &Path) -> anyhow::Result<Plan> {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let given = Given::of(&text);
+        let mut rc: RunConfig = rho_protocol::config_file::parse_json(&text)
+            .map_err(|e| anyhow::anyhow!("invalid run config {}: {e}", file.display()))?;
+        let base = match file.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+        .canonicalize()
+        .with_context(|| format!("resolving the directory of {}", file.display()))?;
+        let dir = base.join(&rc.run_dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dir = dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", dir.display()))?;
+        complete_loader(&mut rc.loader, &base, &dir, given.loader_endpoint);
+        complete_trainer(&mut rc.trainer, &base, &dir, given.trainer_delivery);
+        let selector = selector_of(&rc, &base)?;
+        Ok(Plan {
+            text,
+            settings: rc,
+            dir,
+            selector,
+        })
+    }
+
+    /// Every section checked against itself and against the others, before anything starts.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let rc = &self.settings;
+        if rc.max_selector_failures == 0 {
+            bail!("run config, `max_selector_failures`: must be at least 1");
+        }
+        // The endpoints the supervisor assigns are not known yet: each section is checked with
+        // a stand-in for them.
+        let mut trainer = rc.trainer.clone();
+        assign_later(&mut trainer.loader);
+        rc.loader
+            .validate()
+            .context("run config, section `loader`")?;
+        trainer
+            .validate()
+            .context("run config, section `trainer`")?;
+        if let Some(s) = &self.selector {
+            let mut s = s.clone();
+            assign_later(&mut s.loader);
+            assign_later(&mut s.trainer);
+            s.validate().context("run config, section `selector`")?;
+        }
+        preflight(&rc.loader, self.selector.as_ref(), &rc.trainer)
+    }
+
+    /// How many selectors run (0 when the score rule needs none).
+    pub fn selectors(&self) -> usize {
+        match self.selector {
+            Some(_) => self.settings.selectors,
+            None => 0,
+        }
+    }
+}
+
+/// Which endpoints the run config names itself (the others get a free loopback port).
+struct Given {
+    loader_endpoint: bool,
+    trainer_delivery: bool,
+}
+
+impl Given {
+    fn of(text: &str) -> Given {
+        let v: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+        let has = |section: &str, key: &str| v.get(section).and_then(|s| s.get(key)).is_some();
+        Given {
+            loader_endpoint: has("loader", "endpoint"),
+            trainer_delivery: has("trainer", "delivery"),
+        }
+    }
+}
+
+fn assign_later(endpoint: &mut String) {
+    if endpoint.is_empty() {
+        ANY_LOOPBACK_PORT.clone_into(endpoint);
+    }
+}
+
+/// The loader's paths resolved, and its endpoint file, metrics and state in the run directory.
+fn complete_loader(loader: &mut LoaderConfig, base: &Path, dir: &Path, endpoint_given: bool) {
+    loader.resolve_paths(base);
+    if !endpoint_given {
+        loader.endpoint = ANY_LOOPBACK_PORT.into();
+    }
+    loader.endpoint_file = Some(dir.join("loader.endpoint"));
+    loader
+        .metrics
+        .get_or_insert_with(|| dir.join("loader.metrics.jsonl"));
+    loader
+        .state_dir
+        .get_or_insert_with(|| dir.join("loader-state"));
+}
+
+/// The trainer's paths resolved, and its delivery file, metrics and checkpoints in the run
+/// directory.
+fn complete_trainer(trainer: &mut TrainerConfig, base: &Path, dir: &Path, delivery_given: bool) {
+    trainer.resolve_paths(base);
+    if !delivery_given {
+        trainer.delivery = ANY_LOOPBACK_PORT.into();
+    }
+    trainer.delivery_file = Some(dir.join("trainer.delivery"));
+    trainer
+        .metrics
+        .get_or_insert_with(|| dir.join("trainer.metrics.jsonl"));
+    trainer
+        .checkpoint
+        .get_or_insert_with(|| rho_trainer::config::CheckpointConfig {
+            dir: dir.join("checkpoints"),
+            every: None,
+            overwrite: false,
+        });
+}
+
+/// The selectors' config, when the trainer's score rule needs them.
+fn selector_of(rc: &RunConfig, base: &Path) -> anyhow::Result<Option<SelectorConfig>> {
+    if !rc.trainer.uses_selectors() {
+        return Ok(None);
+    }
+    if rc.selectors == 0 {
+        bail!("run config, `selectors`: 0, but the trainer's score rule ({:?}) needs reference losses from at least one selector; or serve a scored cache and set `trainer.source` to \"loader\"", rc.trainer.selection.score);
+    }
+    let Some(mut s) = rc.selector.clone() else {
+        bail!("run config: the trainer's score rule needs selectors, but there is no `selector` section");
+    };
+    s.resolve_paths(base);
+    Ok(Some(s))
+}
+
+/// Checks a model directory against the tokenizer and the window it will see.
+fn check_model(
+    field: &str,
+    model: &Path,
+    tokenizer: &Path,
+    tokenizer_vocab: usize,
+    seq_len: usize,
+) -> anyhow::Result<()> {
+    let m = rho_model::checkpoint::inspect(model)
+        .map_err(|e| anyhow::anyhow!("run config, `{field}`: {e}"))?;
+    if m.vocab_size < tokenizer_vocab {
+        bail!(
+            "run config, `{field}`: {} has a vocabulary of {} ids, but the tokenizer {} has {}: the model cannot score every token",
+            model.display(),
+            m.vocab_size,
+            tokenizer.display(),
+            tokenizer_vocab
+        );
+    }
+    if m.max_positions < seq_len {
+        bail!(
+            "run config, `{field}`: {} holds sequences of at most {} positions (max_position_embeddings), but the loader's seq_len is {seq_len}",
+            model.display(),
+            m.max_positions
+        );
+    }
+    Ok(())
+}
+
+/// A directory of checkpoints of an earlier run, without `resume` or `overwrite`, is refused.
+fn check_checkpoints(trainer: &TrainerConfig) -> anyhow::Result<()> {
+    let Some(ck) = trainer.checkpoint.as_ref().filter(|_| !trainer.resume) else {
+        return Ok(());
+    };
+    let existing = rho_trainer::checkpoint::list(&ck.dir)?;
+    if let (Some((_, newest)), false) = (existing.first(), ck.overwrite) {
+        bail!(
+            "run config, `trainer.checkpoint.dir`: {} holds checkpoints of an earlier run (newest: {}); a run never writes over checkpoints it did not make: set `trainer.resume: true` to continue it, `trainer.checkpoint.overwrite: true` to start afresh, or choose another directory",
+            ck.dir.display(),
+            newest.display()
+        );
+    }
+    Ok(())
+}
+
+/// What can be found wrong before any process starts: the checkpoints, the models, the
+/// tokenizers and the window length against each other.
+fn preflight(
+    loader: &LoaderConfig,
+    selector: Option<&SelectorConfig>,
+    trainer: &TrainerConfig,
+) -> anyhow::Result<()> {
+    check_checkpoints(trainer)?;
+    if loader.scored.is_some() {
+        return Ok(());
+    }
+    let load = |field: &str, path: &Path| {
+        rho_protocol::tokenizer::load(path)
+            .map_err(|e| anyhow::anyhow!("run config, `{field}` {}: {e}", path.display()))
+    };
+    let tok = load("loader.tokenizer", &loader.tokenizer)?;
+    let vocab = tok.tokenizer.get_vocab_size(true);
+    if let Some(s) = selector {
+        if load("selector.tokenizer", &s.tokenizer)?.fingerprint != tok.fingerprint {
+            bail!(
+                "run config: `selector.tokenizer` {} is not the loader's tokenizer {}: the selectors would refuse every batch",
+                s.tokenizer.display(),
+                loader.tokenizer.display()
+            );
+        }
+        check_model(
+            "selector.model",
+            &s.model,
+            &loader.tokenizer,
+            vocab,
+            loader.seq_len,
+        )?;
+        let device = rho_model::parse_device(&s.device)
+            .map_err(|e| anyhow::anyhow!("run config, `selector.device`: {e}"))?;
+        rho_model::parse_dtype(&s.dtype, &device)
+            .map_err(|e| anyhow::anyhow!("run config, `selector.dtype`: {e}"))?;
+    }
+    if let (rho_trainer::config::BackendChoice::Candle, Some(m)) = (trainer.backend, &trainer.model)
+    {
+        check_model("trainer.model", m, &loader.tokenizer, vocab, loader.seq_len)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_run_config_field_is_in_the_config_reference() {
+        let rc: RunConfig = serde_json::from_value(serde_json::json!({
+            "run_dir": "r",
+            "loader": {"tokenizer": "t.json", "data": {"paths": ["x"]}, "seq_len": 8, "batch_size": 1},
+            "trainer": {},
+        }))
+        .unwrap();
+        let doc =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/CONFIG.md"))
+                .unwrap();
+        let section = &doc[doc.find("## Run").unwrap()..];
+        let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+        let listed: Vec<&str> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .collect();
+        let serde_json::Value::Object(fields) = serde_json::to_value(&rc).unwrap() else {
+            panic!("a run config is an object");
+        };
+        for f in fields.keys() {
+            assert!(
+                listed.contains(&f.as_str()),
+                "docs/CONFIG.md, Run: `{f}` not documented"
+            );
+        }
+        for l in &listed {
+            assert!(
+                fields.contains_key(*l),
+                "docs/CONFIG.md, Run: no field `{l}`"
+            );
+        }
+    }
+
+    #[test]
+    fn endpoints_the_file_names_are_kept_and_the_others_assigned() {
+        let g = Given::of(r#"{"loader": {"endpoint": "tcp://127.0.0.1:7000"}, "trainer": {}}"#);
+        assert!(g.loader_endpoint && !g.trainer_delivery);
+        let mut e = String::new();
+        assign_later(&mut e);
+        assert_eq!(e, ANY_LOOPBACK_PORT);
+        let mut e = "ipc:///tmp/x".to_string();
+        assign_later(&mut e);
+        assert_eq!(e, "ipc:///tmp/x");
+    }
+}
