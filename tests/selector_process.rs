@@ -160,7 +160,8 @@ async fn two_selectors_score_every_batch_exactly_once() {
                 let b = &s.batch;
                 let ids = Tensor::from_slice(&b.tokens, (b.rows, b.window), &Device::Cpu).unwrap();
                 let expect =
-                    rho_model::per_token_loss(&model, &ids, rho_model::Path::Fused, None).unwrap();
+                    rho_model::per_token_loss(&model, &ids, rho_model::ForwardMode::Fused, None)
+                        .unwrap();
                 let expect = expect.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let t = b.window - 1;
                 for r in 0..b.rows {

@@ -1,6 +1,7 @@
 //! The loader's configuration: a JSON file, every field documented, unknown fields refused.
 
 use serde::{Deserialize, Serialize};
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 
 use crate::{LoaderError, Result};
@@ -52,18 +53,18 @@ pub struct LoaderConfig {
     #[serde(default)]
     pub eos_token: Option<String>,
     /// Training sequence length T; windows hold T + 1 tokens.
-    pub seq_len: usize,
+    pub seq_len: NonZeroUsize,
     /// Windows per batch (B).
-    pub batch_size: usize,
+    pub batch_size: NonZeroUsize,
     /// Seed of shard order and window shuffle. Default 0.
     #[serde(default)]
     pub seed: u64,
     /// Passes over the corpus. Default 1.
     #[serde(default = "one_u32")]
-    pub epochs: u32,
+    pub epochs: NonZeroU32,
     /// Windows shuffled together (a block); 1 keeps corpus order. Default 64.
     #[serde(default = "default_shuffle_window")]
-    pub shuffle_window: usize,
+    pub shuffle_window: NonZeroUsize,
     /// This loader's rank when `world` loaders split one stream (data parallelism): it issues
     /// the global batches `g` with `g % world == rank`, and every rank issues the same number
     /// (docs/PROTOCOL.md, "Several ranks"). Default 0.
@@ -71,7 +72,7 @@ pub struct LoaderConfig {
     pub rank: u32,
     /// Ranks splitting the stream. Default 1.
     #[serde(default = "one_u32")]
-    pub world: u32,
+    pub world: NonZeroU32,
     /// Tokenizer threads; 0 = every core. Default 0.
     #[serde(default)]
     pub threads: usize,
@@ -83,14 +84,14 @@ pub struct LoaderConfig {
     pub endpoint_file: Option<PathBuf>,
     /// Batches issued and not yet acknowledged, at most. Default 16.
     #[serde(default = "default_in_flight")]
-    pub max_in_flight: usize,
+    pub max_in_flight: NonZeroUsize,
     /// Seconds a batch may stay issued without an acknowledgement before it is handed out again
     /// (its consumer presumed dead). Must exceed the pipeline's latency. Default 300.
     #[serde(default = "default_lease")]
     pub lease_secs: f64,
     /// Batches prepared ahead of requests. Default 8.
     #[serde(default = "default_prefetch")]
-    pub prefetch: usize,
+    pub prefetch: NonZeroUsize,
     /// Documents longer than this (bytes) are tokenized in pieces of this size. Default 1 MiB.
     #[serde(default = "default_max_doc_bytes")]
     pub max_doc_bytes: usize,
@@ -134,23 +135,31 @@ fn default_run_id() -> String {
 fn yes() -> bool {
     true
 }
-fn one_u32() -> u32 {
-    1
+fn one_u32() -> NonZeroU32 {
+    NonZeroU32::MIN
 }
-fn default_shuffle_window() -> usize {
-    64
+/// A non-zero constant (for defaults).
+const fn nz(n: usize) -> NonZeroUsize {
+    match NonZeroUsize::new(n) {
+        Some(n) => n,
+        None => panic!("zero"),
+    }
+}
+
+fn default_shuffle_window() -> NonZeroUsize {
+    nz(64)
 }
 fn default_endpoint() -> String {
     "tcp://127.0.0.1:5555".into()
 }
-fn default_in_flight() -> usize {
-    16
+fn default_in_flight() -> NonZeroUsize {
+    nz(16)
 }
 fn default_lease() -> f64 {
     300.0
 }
-fn default_prefetch() -> usize {
-    8
+fn default_prefetch() -> NonZeroUsize {
+    nz(8)
 }
 fn default_max_doc_bytes() -> usize {
     1 << 20
@@ -220,16 +229,10 @@ impl LoaderConfig {
         if self.data.text_field.is_empty() {
             return Err(field("data.text_field", "must not be empty"));
         }
-        if self.seq_len == 0 {
-            return Err(field("seq_len", "must be at least 1"));
-        }
-        if self.seq_len > 1 << 20 {
+        if self.seq_len.get() > 1 << 20 {
             return Err(field("seq_len", "must be at most 1048576"));
         }
-        if self.batch_size == 0 {
-            return Err(field("batch_size", "must be at least 1"));
-        }
-        let bytes = (self.seq_len as u64 + 1) * self.batch_size as u64 * 4;
+        let bytes = (self.seq_len.get() as u64 + 1) * self.batch_size.get() as u64 * 4;
         if bytes + (1 << 20) > self.max_message_bytes {
             return Err(field(
                 "batch_size",
@@ -239,38 +242,20 @@ impl LoaderConfig {
                 ),
             ));
         }
-        if self.epochs == 0 {
-            return Err(field("epochs", "must be at least 1"));
-        }
-        if self.shuffle_window == 0 {
-            return Err(field(
-                "shuffle_window",
-                "must be at least 1 (1 = no shuffle)",
-            ));
-        }
-        if self.world == 0 {
-            return Err(field("world", "must be at least 1"));
-        }
-        if self.scored.is_some() && self.world != 1 {
+        if self.scored.is_some() && self.world.get() != 1 {
             return Err(field(
                 "world",
                 "a scored cache is served by one loader (world = 1)",
             ));
         }
-        if self.rank >= self.world {
+        if self.rank >= self.world.get() {
             return Err(field(
                 "rank",
                 format!("{} is not below world = {}", self.rank, self.world),
             ));
         }
-        if self.max_in_flight == 0 {
-            return Err(field("max_in_flight", "must be at least 1"));
-        }
         if self.lease_secs.is_nan() || self.lease_secs <= 0.0 {
             return Err(field("lease_secs", "must be positive"));
-        }
-        if self.prefetch == 0 {
-            return Err(field("prefetch", "must be at least 1"));
         }
         if self.max_doc_bytes < 1024 {
             return Err(field("max_doc_bytes", "must be at least 1024"));
@@ -284,7 +269,7 @@ impl LoaderConfig {
 
     /// Tokens per window (T + 1).
     pub fn window(&self) -> usize {
-        self.seq_len + 1
+        self.seq_len.get() + 1
     }
 }
 
@@ -311,7 +296,10 @@ mod tests {
     #[test]
     fn defaults_fill_in() {
         let c = parse(&minimal()).unwrap();
-        assert_eq!((c.epochs, c.world, c.shuffle_window), (1, 1, 64));
+        assert_eq!(
+            (c.epochs.get(), c.world.get(), c.shuffle_window.get()),
+            (1, 1, 64)
+        );
         assert!(c.add_eos && !c.add_bos);
         assert!(c.tokenizer.is_absolute());
     }

@@ -16,7 +16,7 @@ pub enum LoaderError {
     EmptyCorpus { shards: usize },
     #[error("cannot start at batch {seq}: the stream holds {total} batches")]
     SeekPastEnd { seq: u64, total: u64 },
-    #[error("{}", path.display())]
+    #[error("file {}", path.display())]
     Io {
         path: PathBuf,
         source: std::io::Error,

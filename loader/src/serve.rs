@@ -200,14 +200,14 @@ impl Loader {
             }
         })?;
         let stride = RankStride {
-            world: u64::from(config.world),
+            world: u64::from(config.world.get()),
             rank: u64::from(config.rank),
         };
         let source = Arc::new(Mutex::new(source));
         let start = stride.local_of(config.start_batch);
         Ok(Loader {
-            producer: spawn_producer(source.clone(), start, config.prefetch),
-            ledger: Ledger::new(config.max_in_flight),
+            producer: spawn_producer(source.clone(), start, config.prefetch.get()),
+            ledger: Ledger::new(config.max_in_flight.get()),
             config: config.clone(),
             socket,
             key,
@@ -370,7 +370,7 @@ impl Loader {
     fn on_resume(&mut self, next_seq: u64) {
         let local = self.stride.local_of(next_seq);
         tracing::info!(next_seq, "resuming the stream at the consumer's cursor");
-        self.producer = spawn_producer(self.source.clone(), local, self.config.prefetch);
+        self.producer = spawn_producer(self.source.clone(), local, self.config.prefetch.get());
         self.ledger.forget_below(u64::MAX);
         self.pending.clear();
         self.total = None;

@@ -112,12 +112,15 @@ impl Stream {
 
     /// The global sequence number of this loader's `n`-th batch (loaders interleave).
     pub fn seq_of(&self, n: u64) -> u64 {
-        n * u64::from(self.config.world) + u64::from(self.config.rank)
+        n * u64::from(self.config.world.get()) + u64::from(self.config.rank)
     }
 
     /// This loader's first batch whose sequence number is `>= seq`.
     pub fn local_of(&self, seq: u64) -> u64 {
-        let (w, r) = (u64::from(self.config.world), u64::from(self.config.rank));
+        let (w, r) = (
+            u64::from(self.config.world.get()),
+            u64::from(self.config.rank),
+        );
         seq.saturating_sub(r).div_ceil(w)
     }
 
@@ -135,30 +138,30 @@ impl Stream {
         start: u64,
         mut emit: impl FnMut(TokenBatch) -> Flow,
     ) -> Result<Option<u64>> {
-        let b = self.config.batch_size as u64;
+        let b = self.config.batch_size.get() as u64;
         let window = self.config.window();
-        let s = self.config.shuffle_window as u64;
+        let s = self.config.shuffle_window.get() as u64;
         // The global batch where this rank's `start`-th batch's group of `world` begins.
-        let group_start = start * u64::from(self.config.world);
+        let group_start = start * u64::from(self.config.world.get());
         let (mut epoch, mut w0, mut shard_pos, mut token_skip) = if group_start == 0 {
             (0, 0, 0, 0)
         } else {
             self.locate(start, group_start * b)?
         };
         let mut batcher = Batcher {
-            rows: Vec::with_capacity(self.config.batch_size),
+            rows: Vec::with_capacity(self.config.batch_size.get()),
             first_epoch: 0,
             next: group_start,
             held: None,
-            batch_size: self.config.batch_size,
+            batch_size: self.config.batch_size.get(),
             window,
-            world: u64::from(self.config.world),
+            world: u64::from(self.config.world.get()),
             rank: u64::from(self.config.rank),
             run_id: self.config.run_id.clone(),
             tokenizer: self.tokenizer.fingerprint().clone(),
         };
         let mut produced_any = start > 0;
-        while epoch < u64::from(self.config.epochs) {
+        while epoch < u64::from(self.config.epochs.get()) {
             let order = shard_order(self.shards.len(), self.config.seed, epoch);
             let first_block = w0 / s;
             let mut asm = Assembler {
@@ -219,7 +222,7 @@ impl Stream {
                 return Ok(None);
             }
         }
-        let world = u64::from(self.config.world);
+        let world = u64::from(self.config.world.get());
         if let Some(dropped) = batcher.held.take() {
             let tokens: u64 = dropped.lengths.iter().map(|&l| u64::from(l)).sum();
             tracing::info!(
@@ -238,9 +241,9 @@ impl Stream {
     /// epoch's order, tokens to skip in that shard to reach the start of `g`'s block).
     fn locate(&mut self, start: u64, mut g: u64) -> Result<(u64, u64, usize, u64)> {
         let window = self.config.window() as u64;
-        let s = self.config.shuffle_window as u64;
+        let s = self.config.shuffle_window.get() as u64;
         let mut total_windows = 0u64;
-        for epoch in 0..u64::from(self.config.epochs) {
+        for epoch in 0..u64::from(self.config.epochs.get()) {
             let order = shard_order(self.shards.len(), self.config.seed, epoch);
             let block_token = (g / s) * s * window;
             let mut cum = 0u64;
@@ -262,7 +265,7 @@ impl Stream {
         }
         Err(LoaderError::SeekPastEnd {
             seq: self.seq_of(start),
-            total: total_windows.div_ceil(self.config.batch_size as u64),
+            total: total_windows.div_ceil(self.config.batch_size.get() as u64),
         })
     }
 

@@ -36,7 +36,7 @@ fn ids_equal_plain_tokenizers_for_two_tokenizer_types() {
     let wp = wordpiece_tokenizer(&all, &dir.path().join("wp.json"));
     for (path, eos_name) in [(bpe, "</s>"), (wp, "[SEP]")] {
         let mut cfg = config(&data, &path, 31, 3);
-        cfg.shuffle_window = 1;
+        cfg.shuffle_window = std::num::NonZero::new(1).unwrap();
         cfg.eos_token = Some(eos_name.into());
         let (batches, counts) = batches(&cfg, 0);
         let tk = tokenizers::Tokenizer::from_file(&path).unwrap();
@@ -75,7 +75,7 @@ fn resuming_at_any_batch_is_bit_identical_and_skips_tokenization() {
     parquet_corpus(&data, 5, 30);
     let tok = bpe_tokenizer(&data, &dir.path().join("bpe.json"));
     let mut cfg = config(&data, &tok, 15, 2);
-    cfg.epochs = 2;
+    cfg.epochs = std::num::NonZero::new(2).unwrap();
     cfg.state_dir = Some(dir.path().join("state"));
     let (full, full_counts) = batches(&cfg, 0);
     assert!(full.len() > 40, "{} batches", full.len());
@@ -148,7 +148,7 @@ fn order_depends_on_the_seed_and_epochs_differ() {
     parquet_corpus(&data, 4, 20);
     let tok = bpe_tokenizer(&data, &dir.path().join("bpe.json"));
     let mut cfg = config(&data, &tok, 15, 1);
-    cfg.epochs = 2;
+    cfg.epochs = std::num::NonZero::new(2).unwrap();
     let (a, _) = batches(&cfg, 0);
     let (a2, _) = batches(&cfg, 0);
     assert!(a == a2, "same seed, different batches");
@@ -189,7 +189,7 @@ fn ranks_split_one_stream_batch_by_batch_and_all_end_with_the_same_count() {
         "{g} batches leave no tail to drop"
     );
     for world in [2u32, 3, 4] {
-        cfg.world = world;
+        cfg.world = std::num::NonZero::new(world).unwrap();
         let w = u64::from(world);
         let mut seen = Vec::new();
         for rank in 0..world {

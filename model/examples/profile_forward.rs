@@ -14,14 +14,14 @@ fn main() -> anyhow::Result<()> {
     let inputs = ids.narrow(1, 0, 512)?.contiguous()?;
     for _ in 0..2 {
         let t = Instant::now();
-        let h = model.hidden(&inputs, rho_model::Path::Fused)?;
+        let h = model.hidden(&inputs, rho_model::ForwardMode::Fused)?;
         let th = t.elapsed();
         let t = Instant::now();
         let h2 = h.reshape((2048, h.dim(2)?))?;
         let logits = h2.matmul(&model.lm_head().t()?)?;
         let tl = t.elapsed();
         let t = Instant::now();
-        let _ = rho_model::per_token_loss(&model, &ids, rho_model::Path::Fused, None)?;
+        let _ = rho_model::per_token_loss(&model, &ids, rho_model::ForwardMode::Fused, None)?;
         let tt = t.elapsed();
         println!(
             "hidden {th:?}, lm_head matmul {tl:?} ({:?}), full loss {tt:?}",

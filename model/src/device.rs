@@ -1,51 +1,159 @@
-//! Devices and dtypes as configs name them.
+//! Devices and dtypes as configs name them: parsed once, when a config is read, into
+//! [`DeviceSpec`] and [`DTypeSpec`]; opened ([`DeviceSpec::open`]) when a process starts.
+
+use std::fmt;
+use std::str::FromStr;
 
 use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
 
-/// `cpu`, `cuda` or `cuda:N`. CUDA needs the `cuda` cargo feature.
-pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
-    let bad = |reason: String| ModelError::Config {
-        field: "device",
-        reason,
-    };
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal = match s.strip_prefix("cuda:") {
+/// A device as a config names it: `cpu`, `cuda` (device 0) or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    /// A CUDA device by ordinal (needs the `cuda` cargo feature).
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => match s.strip_prefix("cuda:") {
                 Some(n) => n
-                    .parse::<usize>()
-                    .map_err(|_| bad(format!("`{s}`: bad device number")))?,
-                None => 0,
-            };
-            if !cfg!(feature = "cuda") {
-                return Err(bad(format!(
-                    "`{s}`: this build has no CUDA support (build with `--features cuda`)"
-                )));
-            }
-            Device::new_cuda(ordinal).map_err(|e| bad(format!("`{s}`: {e}")))
+                    .parse()
+                    .map(DeviceSpec::Cuda)
+                    .map_err(|_| format!("`{s}`: bad device number")),
+                None => Err(format!("`{s}` is not a device (cpu, cuda, cuda:N)")),
+            },
         }
-        s => Err(bad(format!("`{s}` is not a device (cpu, cuda, cuda:N)"))),
     }
 }
 
-/// `f32`, `bf16` or `f16`. CPU matmul rejects the half types, so they need a GPU.
-pub fn parse_dtype(spec: &str, device: &Device) -> Result<DType, ModelError> {
-    let bad = |reason: String| ModelError::Config {
-        field: "dtype",
-        reason,
-    };
-    let dtype = match spec {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        s => return Err(bad(format!("`{s}` is not a dtype (f32, bf16, f16)"))),
-    };
-    if device.is_cpu() && dtype != DType::F32 {
-        return Err(bad(format!(
-            "`{spec}` needs a GPU: CPU matmul supports f32 only"
-        )));
+impl TryFrom<String> for DeviceSpec {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
     }
-    Ok(dtype)
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> String {
+        d.to_string()
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Opens the device; a CUDA device in a build without CUDA is refused with the fix.
+    pub fn open(self) -> Result<Device, ModelError> {
+        let bad = |reason: String| ModelError::Config {
+            field: "device",
+            reason,
+        };
+        match self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Cuda(_) if !cfg!(feature = "cuda") => Err(bad(format!(
+                "`{self}`: this build has no CUDA support (build with `--features cuda`)"
+            ))),
+            DeviceSpec::Cuda(n) => Device::new_cuda(n).map_err(|e| bad(format!("`{self}`: {e}"))),
+        }
+    }
+}
+
+/// A dtype as a config names it: `f32`, `bf16` or `f16`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DTypeSpec {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DTypeSpec {
+    /// The candle dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            DTypeSpec::F32 => DType::F32,
+            DTypeSpec::Bf16 => DType::BF16,
+            DTypeSpec::F16 => DType::F16,
+        }
+    }
+
+    /// The dtype on `device`: CPU matmul rejects the half types, so they need a GPU.
+    pub fn on(self, device: DeviceSpec) -> Result<DType, ModelError> {
+        if device == DeviceSpec::Cpu && self != DTypeSpec::F32 {
+            return Err(ModelError::Config {
+                field: "dtype",
+                reason: format!("`{self}` needs a GPU: CPU matmul supports f32 only"),
+            });
+        }
+        Ok(self.dtype())
+    }
+}
+
+impl fmt::Display for DTypeSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DTypeSpec::F32 => "f32",
+            DTypeSpec::Bf16 => "bf16",
+            DTypeSpec::F16 => "f16",
+        })
+    }
+}
+
+/// `cpu`, `cuda` or `cuda:N`, opened. CUDA needs the `cuda` cargo feature.
+pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
+    let spec: DeviceSpec = spec.parse().map_err(|reason| ModelError::Config {
+        field: "device",
+        reason,
+    })?;
+    spec.open()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_once_and_print_back() {
+        assert_eq!("cpu".parse(), Ok(DeviceSpec::Cpu));
+        assert_eq!("cuda".parse(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(DeviceSpec::Cuda(3)));
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+        assert!("gpu"
+            .parse::<DeviceSpec>()
+            .unwrap_err()
+            .contains("not a device"));
+        assert_eq!(DeviceSpec::Cuda(1).to_string(), "cuda:1");
+        let d: DeviceSpec = serde_json::from_str("\"cuda:2\"").unwrap();
+        assert_eq!(serde_json::to_string(&d).unwrap(), "\"cuda:2\"");
+    }
+
+    #[test]
+    fn half_precision_needs_a_gpu() {
+        assert_eq!(DTypeSpec::F32.on(DeviceSpec::Cpu).unwrap(), DType::F32);
+        let e = DTypeSpec::Bf16.on(DeviceSpec::Cpu).unwrap_err().to_string();
+        assert!(e.contains("GPU") && e.contains("`bf16`"), "{e}");
+        assert_eq!(DTypeSpec::F16.on(DeviceSpec::Cuda(0)).unwrap(), DType::F16);
+        let d: DTypeSpec = serde_json::from_str("\"bf16\"").unwrap();
+        assert_eq!(d, DTypeSpec::Bf16);
+    }
 }

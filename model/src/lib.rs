@@ -2,7 +2,7 @@
 //! Qwen2), HuggingFace checkpoint reading and writing, and exact per-token losses.
 //!
 //! The same weights serve a fused inference path (selectors) and a differentiable plain path
-//! (the trainer); see [`Path`].
+//! (the trainer); see [`ForwardMode`].
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
@@ -18,8 +18,8 @@ pub mod preset;
 pub mod rope;
 
 pub use config::{Config, Family, HfConfig, RopeScaling};
-pub use device::{parse_device, parse_dtype};
+pub use device::{parse_device, DTypeSpec, DeviceSpec};
 pub use error::{ModelError, Result};
 pub use loss::per_token_loss;
-pub use model::{DecoderLm, Path};
+pub use model::{Attention, Block, DecoderLm, ForwardMode, Mlp};
 pub use preset::Preset;

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-use crate::model::{DecoderLm, Path};
+use crate::model::{DecoderLm, ForwardMode};
 use crate::{ModelError, Result};
 
 /// Positions per logits chunk when the caller does not choose: keeps a chunk's f32 logits near
@@ -17,7 +17,7 @@ pub fn default_chunk(vocab: usize) -> usize {
 pub fn per_token_loss(
     model: &DecoderLm,
     ids: &Tensor,
-    path: Path,
+    mode: ForwardMode,
     chunk: Option<usize>,
 ) -> Result<Tensor> {
     let (b, w) = ids.dims2()?;
@@ -39,7 +39,7 @@ pub fn per_token_loss(
     let t = w - 1;
     let inputs = ids.narrow(1, 0, t)?.contiguous()?;
     let targets = ids.narrow(1, 1, t)?.flatten_all()?;
-    let hidden = model.hidden(&inputs, path)?;
+    let hidden = model.hidden(&inputs, mode)?;
     let h = hidden.dim(2)?;
     let hidden = hidden.reshape((b * t, h))?;
     let head = model.lm_head().t()?;
@@ -97,7 +97,7 @@ pub fn document_losses(model: &DecoderLm, ids: &[u32], seq_len: usize) -> Result
         flat[k * w..k * w + (end - start)].copy_from_slice(&ids[start..end]);
     }
     let t = Tensor::from_vec(flat, (windows, w), model.device())?;
-    let l = per_token_loss(model, &t, Path::Fused, None)?
+    let l = per_token_loss(model, &t, ForwardMode::Fused, None)?
         .flatten_all()?
         .to_vec1::<f32>()?;
     let mut out = Vec::with_capacity(n - 1);

@@ -1,9 +1,12 @@
 //! The decoder: embeddings, `num_layers` pre-norm blocks (grouped-query attention with RoPE,
 //! optional sliding window and q/k/v biases; SwiGLU MLP), a final RMSNorm and the LM head.
 //!
-//! One set of weights serves two paths ([`Path`]): the fused path uses candle's fused kernels
-//! (`rms_norm`, `softmax_last_dim`, `rope`), which have no backward pass; the plain path uses
-//! only differentiable tensor ops, for training.
+//! One set of weights serves two forward modes ([`ForwardMode`]): the fused mode uses candle's
+//! fused kernels (`rms_norm`, `softmax_last_dim`, `rope`), which have no backward pass; the
+//! differentiable mode uses only differentiable tensor ops, for training.
+//!
+//! The parts are candle's: [`DecoderLm`] holds [`Block`]s, each an [`Attention`] and an [`Mlp`]
+//! between two RMSNorms.
 
 use std::collections::HashMap;
 
@@ -14,11 +17,11 @@ use crate::{rope, ModelError, Result};
 
 /// Which kernels a forward pass uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Path {
+pub enum ForwardMode {
     /// Fused kernels: fastest, no gradients. For scoring.
     Fused,
     /// Differentiable tensor ops only. For training.
-    Plain,
+    Differentiable,
 }
 
 #[derive(Debug, Clone)]
@@ -38,18 +41,47 @@ impl Linear {
     }
 }
 
+/// Grouped-query self-attention with RoPE, causal, optionally within a sliding window.
 #[derive(Debug, Clone)]
-struct Layer {
-    input_norm: Tensor,
+pub struct Attention {
     q: Linear,
     k: Linear,
     v: Linear,
     o: Linear,
-    post_norm: Tensor,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    /// Attend to at most this many positions back (sliding window); `None`: all.
+    window: Option<usize>,
+}
+
+/// The SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
     gate: Linear,
     up: Linear,
     down: Linear,
-    window: Option<usize>,
+}
+
+/// One pre-norm decoder block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+#[derive(Debug, Clone)]
+pub struct Block {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    mlp: Mlp,
+}
+
+/// What every block of one forward pass shares: the batch shape, the RoPE tables, the
+/// attention masks (when the fused causal softmax does not apply) and the mode.
+struct Pass<'a> {
+    batch: usize,
+    len: usize,
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    masks: &'a HashMap<Option<usize>, Tensor>,
+    eps: f64,
+    mode: ForwardMode,
 }
 
 /// A decoder-only causal LM of the Llama family.
@@ -57,7 +89,7 @@ struct Layer {
 pub struct DecoderLm {
     config: Config,
     embed: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<Block>,
     norm: Tensor,
     lm_head: Tensor,
     device: Device,
@@ -118,32 +150,29 @@ impl DecoderLm {
         let layers = (0..config.num_layers)
             .map(|l| {
                 let p = format!("model.layers.{l}");
-                Ok(Layer {
-                    input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                    q: w.linear(
-                        &format!("{p}.self_attn.q_proj"),
-                        nh * hd,
-                        h,
-                        config.qkv_bias,
-                    )?,
-                    k: w.linear(
-                        &format!("{p}.self_attn.k_proj"),
-                        nkv * hd,
-                        h,
-                        config.qkv_bias,
-                    )?,
-                    v: w.linear(
-                        &format!("{p}.self_attn.v_proj"),
-                        nkv * hd,
-                        h,
-                        config.qkv_bias,
-                    )?,
-                    o: w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, config.o_bias)?,
-                    post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                    gate: w.linear(&format!("{p}.mlp.gate_proj"), i, h, config.mlp_bias)?,
-                    up: w.linear(&format!("{p}.mlp.up_proj"), i, h, config.mlp_bias)?,
-                    down: w.linear(&format!("{p}.mlp.down_proj"), h, i, config.mlp_bias)?,
+                let proj =
+                    |name: &str, out, inp, bias| w.linear(&format!("{p}.{name}"), out, inp, bias);
+                let qkv_bias = config.qkv_bias;
+                let attn = Attention {
+                    q: proj("self_attn.q_proj", nh * hd, h, qkv_bias)?,
+                    k: proj("self_attn.k_proj", nkv * hd, h, qkv_bias)?,
+                    v: proj("self_attn.v_proj", nkv * hd, h, qkv_bias)?,
+                    o: proj("self_attn.o_proj", h, nh * hd, config.o_bias)?,
+                    num_heads: nh,
+                    num_kv_heads: nkv,
+                    head_dim: hd,
                     window: config.sliding_window.get(l).copied().flatten(),
+                };
+                let mlp = Mlp {
+                    gate: proj("mlp.gate_proj", i, h, config.mlp_bias)?,
+                    up: proj("mlp.up_proj", i, h, config.mlp_bias)?,
+                    down: proj("mlp.down_proj", h, i, config.mlp_bias)?,
+                };
+                Ok(Block {
+                    input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                    attn,
+                    post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                    mlp,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -177,7 +206,7 @@ impl DecoderLm {
     }
 
     /// Final hidden states `[B, T, hidden]` (after the last norm) for token ids `[B, T]`.
-    pub fn hidden(&self, ids: &Tensor, path: Path) -> Result<Tensor> {
+    pub fn hidden(&self, ids: &Tensor, mode: ForwardMode) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if t > self.config.max_position_embeddings {
             return Err(ModelError::TooLong {
@@ -185,36 +214,34 @@ impl DecoderLm {
                 max: self.config.max_position_embeddings,
             });
         }
-        let h = self.config.hidden_size;
         let (cos, sin) = rope::tables(&self.config, t, &self.device)?;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [B*T, H]
-                                                                      // On CPU (f32) the fused causal softmax needs no mask tensors: build them only elsewhere.
+        // On CPU (f32) the fused causal softmax needs no mask tensors: build them only elsewhere.
         let masks = if crate::fused::causal_softmax_applies(&self.device, self.embed.dtype()) {
             HashMap::new()
         } else {
             self.masks(t)?
         };
-        for layer in &self.layers {
-            let normed = rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps, path)?;
-            let attn = self.attention(layer, &normed, b, t, &cos, &sin, &masks, path)?;
-            x = (x + attn)?;
-            let normed = rms_norm(&x, &layer.post_norm, self.config.rms_norm_eps, path)?;
-            let gate = layer.gate.forward(&normed)?;
-            let act = match path {
-                Path::Fused => candle_nn::ops::silu(&gate)?,
-                Path::Plain => (&gate * sigmoid_plain(&gate)?)?,
-            };
-            let mlp = layer.down.forward(&(act * layer.up.forward(&normed)?)?)?;
-            x = (x + mlp)?;
+        let pass = Pass {
+            batch: b,
+            len: t,
+            cos: &cos,
+            sin: &sin,
+            masks: &masks,
+            eps: self.config.rms_norm_eps,
+            mode,
+        };
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [B*T, H]
+        for block in &self.layers {
+            x = block.forward(&x, &pass)?;
         }
-        let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps, path)?;
-        Ok(x.reshape((b, t, h))?)
+        let x = rms_norm(&x, &self.norm, pass.eps, mode)?;
+        Ok(x.reshape((b, t, self.config.hidden_size))?)
     }
 
     /// Additive attention masks `[T, T]` (0 or -inf): one causal, and one per distinct window.
     fn masks(&self, t: usize) -> Result<HashMap<Option<usize>, Tensor>> {
         let mut out = HashMap::new();
-        for w in self.layers.iter().map(|l| l.window) {
+        for w in self.layers.iter().map(|l| l.attn.window) {
             if out.contains_key(&w) {
                 continue;
             }
@@ -231,36 +258,47 @@ impl DecoderLm {
         }
         Ok(out)
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        layer: &Layer,
-        x: &Tensor,
-        b: usize,
-        t: usize,
-        cos: &Tensor,
-        sin: &Tensor,
-        masks: &HashMap<Option<usize>, Tensor>,
-        path: Path,
-    ) -> Result<Tensor> {
-        let (nh, nkv, hd) = (
-            self.config.num_heads,
-            self.config.num_kv_heads,
-            self.config.head_dim,
-        );
+impl Block {
+    /// `x: [B*T, hidden]` through the block.
+    fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
+        let normed = rms_norm(x, &self.input_norm, pass.eps, pass.mode)?;
+        let x = (x + self.attn.forward(&normed, pass)?)?;
+        let normed = rms_norm(&x, &self.post_norm, pass.eps, pass.mode)?;
+        Ok((&x + self.mlp.forward(&normed, pass.mode)?)?)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, mode: ForwardMode) -> candle_core::Result<Tensor> {
+        let gate = self.gate.forward(x)?;
+        let act = match mode {
+            ForwardMode::Fused => candle_nn::ops::silu(&gate)?,
+            ForwardMode::Differentiable => (&gate * sigmoid_plain(&gate)?)?,
+        };
+        self.down.forward(&(act * self.up.forward(x)?)?)
+    }
+}
+
+impl Attention {
+    /// `x: [B*T, hidden]` -> `[B*T, hidden]`.
+    fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
+        let (b, t) = (pass.batch, pass.len);
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
             y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
         };
-        let q = heads(layer.q.forward(x)?, nh)?;
-        let k = heads(layer.k.forward(x)?, nkv)?;
-        let v = heads(layer.v.forward(x)?, nkv)?;
-        let (q, k) = match path {
-            Path::Fused => (
+        let q = heads(self.q.forward(x)?, nh)?;
+        let k = heads(self.k.forward(x)?, nkv)?;
+        let v = heads(self.v.forward(x)?, nkv)?;
+        let (cos, sin) = (pass.cos, pass.sin);
+        let (q, k) = match pass.mode {
+            ForwardMode::Fused => (
                 candle_nn::rotary_emb::rope(&q, cos, sin)?,
                 candle_nn::rotary_emb::rope(&k, cos, sin)?,
             ),
-            Path::Plain => (
+            ForwardMode::Differentiable => (
                 rope::apply_plain(&q, cos, sin)?,
                 rope::apply_plain(&k, cos, sin)?,
             ),
@@ -271,19 +309,19 @@ impl DecoderLm {
         // Scaling q (T x d) is cheaper than scaling the scores (T x T).
         let q = (q * (1.0 / (hd as f64).sqrt()))?;
         let scores = q.matmul(&k.t()?)?;
-        let probs = match crate::fused::causal_softmax(&scores, layer.window)? {
+        let probs = match crate::fused::causal_softmax(&scores, self.window)? {
             Some(p) => p,
             None => {
-                let masked = scores.broadcast_add(&masks[&layer.window])?;
-                match path {
-                    Path::Fused => candle_nn::ops::softmax_last_dim(&masked)?,
-                    Path::Plain => softmax_plain(&masked)?,
+                let masked = scores.broadcast_add(&pass.masks[&self.window])?;
+                match pass.mode {
+                    ForwardMode::Fused => candle_nn::ops::softmax_last_dim(&masked)?,
+                    ForwardMode::Differentiable => softmax_plain(&masked)?,
                 }
             }
         };
         let out = probs.matmul(&v)?; // [B, nh, T, hd]
         let out = out.transpose(1, 2)?.reshape((b * t, nh * hd))?;
-        Ok(layer.o.forward(&out)?)
+        Ok(self.o.forward(&out)?)
     }
 }
 
@@ -297,10 +335,15 @@ fn repeat_kv(x: Tensor, groups: usize) -> candle_core::Result<Tensor> {
         .reshape((b, n * groups, t, d))
 }
 
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> candle_core::Result<Tensor> {
-    match path {
-        Path::Fused => candle_nn::ops::rms_norm(x, weight, eps as f32),
-        Path::Plain => {
+fn rms_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    mode: ForwardMode,
+) -> candle_core::Result<Tensor> {
+    match mode {
+        ForwardMode::Fused => candle_nn::ops::rms_norm(x, weight, eps as f32),
+        ForwardMode::Differentiable => {
             let var = x.sqr()?.mean_keepdim(D::Minus1)?;
             let normed = x.broadcast_div(&(var + eps)?.sqrt()?)?;
             normed.broadcast_mul(weight)
@@ -322,7 +365,7 @@ impl Module for DecoderLm {
     /// Logits `[B, T, vocab]` for every position, fused path.
     fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let hidden = self
-            .hidden(ids, Path::Fused)
+            .hidden(ids, ForwardMode::Fused)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         hidden.broadcast_matmul(&self.lm_head.t()?)
     }

@@ -7,7 +7,7 @@
 use std::path::{Path as FsPath, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use rho_model::{checkpoint, per_token_loss, Path};
+use rho_model::{checkpoint, per_token_loss, ForwardMode};
 
 fn fixture(name: &str) -> PathBuf {
     FsPath::new(env!("CARGO_MANIFEST_DIR"))
@@ -49,7 +49,7 @@ fn check(name: &str) {
     let model = checkpoint::load(&dir, &Device::Cpu, DType::F32).unwrap();
     let (b, w) = (r.ids.len(), r.ids[0].len());
     let ids = Tensor::from_vec(r.ids.concat(), (b, w), &Device::Cpu).unwrap();
-    for path in [Path::Fused, Path::Plain] {
+    for path in [ForwardMode::Fused, ForwardMode::Differentiable] {
         for chunk in [None, Some(1), Some(7)] {
             let got = per_token_loss(&model, &ids, path, chunk)
                 .unwrap()
@@ -93,7 +93,7 @@ fn checkpoints_round_trip_single_and_sharded() {
     let base = per_token_loss(
         &checkpoint::load(&src, &Device::Cpu, DType::F32).unwrap(),
         &ids,
-        Path::Fused,
+        ForwardMode::Fused,
         None,
     )
     .unwrap()
@@ -107,7 +107,7 @@ fn checkpoints_round_trip_single_and_sharded() {
         let back = checkpoint::read_tensors(dir.path(), &Device::Cpu).unwrap();
         assert_eq!(back.len(), tensors.len());
         let model = checkpoint::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
-        let again = per_token_loss(&model, &ids, Path::Fused, None)
+        let again = per_token_loss(&model, &ids, ForwardMode::Fused, None)
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
@@ -120,7 +120,7 @@ fn bad_inputs_are_named() {
     let dir = fixture("tiny-llama");
     let model = checkpoint::load(&dir, &Device::Cpu, DType::F32).unwrap();
     let ids = Tensor::from_vec(vec![1u32, 2, 9999], (1, 3), &Device::Cpu).unwrap();
-    let e = per_token_loss(&model, &ids, Path::Fused, None).unwrap_err();
+    let e = per_token_loss(&model, &ids, ForwardMode::Fused, None).unwrap_err();
     assert!(e.to_string().contains("9999"), "{e}");
     let empty = tempfile::tempdir().unwrap();
     let e = checkpoint::load(empty.path(), &Device::Cpu, DType::F32).unwrap_err();
@@ -143,7 +143,7 @@ fn document_losses_cover_every_token_once() {
     let n = ids.len();
     let whole = rho_model::loss::document_losses(&model, &ids, n - 1).unwrap();
     let row = Tensor::from_vec(ids.clone(), (1, n), &Device::Cpu).unwrap();
-    let direct = per_token_loss(&model, &row, Path::Fused, None)
+    let direct = per_token_loss(&model, &row, ForwardMode::Fused, None)
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();

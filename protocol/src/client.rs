@@ -17,11 +17,17 @@ use crate::{Ack, Credit, DecodeError, Heartbeat, Key, Limits, Message, Resume, R
 
 #[derive(Debug, Error)]
 pub enum ClientError {
-    #[error("cannot connect to {endpoint}: {reason}")]
-    Connect { endpoint: String, reason: String },
-    #[error("transport error: {0}")]
-    Transport(String),
-    #[error("refused message: {0}")]
+    #[error("cannot connect to {endpoint}")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: zeromq::ZmqError,
+    },
+    #[error("sending a message")]
+    Send(#[from] zeromq::ZmqError),
+    #[error("an empty message (no frames) cannot be sent")]
+    Empty,
+    #[error("refused message")]
     Decode(#[from] DecodeError),
 }
 
@@ -75,9 +81,9 @@ impl Consumer {
         socket
             .connect(endpoint)
             .await
-            .map_err(|e| ClientError::Connect {
+            .map_err(|source| ClientError::Connect {
                 endpoint: endpoint.to_string(),
-                reason: e.to_string(),
+                source,
             })?;
         let (sender, mut receiver) = socket.split();
         let (tx, inbox) = mpsc::channel(64);
@@ -158,12 +164,8 @@ impl Consumer {
 
     /// Sends already encoded frames.
     pub async fn send_frames(&mut self, frames: Vec<Bytes>) -> Result<(), ClientError> {
-        let zmq =
-            ZmqMessage::try_from(frames).map_err(|e| ClientError::Transport(e.to_string()))?;
-        self.sender
-            .send(zmq)
-            .await
-            .map_err(|e| ClientError::Transport(e.to_string()))
+        let zmq = ZmqMessage::try_from(frames).map_err(|_| ClientError::Empty)?;
+        Ok(self.sender.send(zmq).await?)
     }
 
     /// Asks for `n` more batches.

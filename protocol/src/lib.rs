@@ -51,6 +51,19 @@ pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// An error and its causes on one line, `outer: inner: ...` (for a message that is a string,
+/// such as a config field's reason).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 /// Milliseconds since the Unix epoch (0 on a clock set before it): heartbeats' `at_ms`.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

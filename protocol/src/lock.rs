@@ -24,7 +24,7 @@ pub enum LockError {
         lock: PathBuf,
         pid: String,
     },
-    #[error("{path}: {source}")]
+    #[error("lock file {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

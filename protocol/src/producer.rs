@@ -23,15 +23,19 @@ pub type Peer = Bytes;
 
 #[derive(Debug, Error)]
 pub enum ProducerError {
-    #[error("cannot bind {endpoint}: {reason}")]
-    Bind { endpoint: String, reason: String },
-    #[error("cannot write the endpoint file {path}: {source}")]
+    #[error("cannot bind {endpoint}")]
+    Bind {
+        endpoint: String,
+        #[source]
+        source: zeromq::ZmqError,
+    },
+    #[error("cannot write the endpoint file {path}")]
     EndpointFile {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("transport error: {0}")]
-    Transport(String),
+    #[error("sending a message")]
+    Send(#[from] zeromq::ZmqError),
 }
 
 /// What arrived on a producer's socket.
@@ -75,9 +79,9 @@ impl Producer {
         let bound = router
             .bind(endpoint)
             .await
-            .map_err(|e| ProducerError::Bind {
+            .map_err(|source| ProducerError::Bind {
                 endpoint: endpoint.to_string(),
-                reason: e.to_string(),
+                source,
             })?
             .to_string();
         if let Some(file) = endpoint_file {
@@ -164,10 +168,7 @@ impl Producer {
         peer: &Peer,
         frames: &[Bytes],
     ) -> Result<(), ProducerError> {
-        self.sender
-            .send(addressed(peer, frames))
-            .await
-            .map_err(|e| ProducerError::Transport(e.to_string()))
+        Ok(self.sender.send(addressed(peer, frames)).await?)
     }
 }
 

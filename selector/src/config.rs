@@ -1,6 +1,7 @@
 //! The selector's configuration.
 
 use serde::{Deserialize, Serialize};
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 
 use crate::{Result, SelectorError};
@@ -24,17 +25,17 @@ pub struct SelectorConfig {
     /// The `tokenizer.json` the loader uses; batches tokenized otherwise are refused.
     pub tokenizer: PathBuf,
     /// `cpu` (default), `cuda` or `cuda:N`.
-    #[serde(default = "default_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: rho_model::DeviceSpec,
     /// `f32` (default); `bf16` or `f16` on GPU.
-    #[serde(default = "default_dtype")]
-    pub dtype: String,
+    #[serde(default)]
+    pub dtype: rho_model::DTypeSpec,
     /// Batches asked of the loader ahead of scoring. Default 2.
     #[serde(default = "default_prefetch")]
-    pub prefetch: u32,
+    pub prefetch: NonZeroU32,
     /// Positions per logits chunk in the loss; default: about 32 MiB of logits.
     #[serde(default)]
-    pub loss_chunk: Option<usize>,
+    pub loss_chunk: Option<NonZeroUsize>,
     /// JSONL metrics file.
     #[serde(default)]
     pub metrics: Option<PathBuf>,
@@ -63,14 +64,8 @@ pub struct SelectorConfig {
 fn default_run_id() -> String {
     "rho".into()
 }
-fn default_device() -> String {
-    "cpu".into()
-}
-fn default_dtype() -> String {
-    "f32".into()
-}
-fn default_prefetch() -> u32 {
-    2
+fn default_prefetch() -> NonZeroU32 {
+    NonZeroU32::MIN.saturating_add(1)
 }
 fn default_interval() -> f64 {
     1.0
@@ -118,14 +113,8 @@ impl SelectorConfig {
         for (name, e) in [("loader", &self.loader), ("trainer", &self.trainer)] {
             rho_protocol::check_endpoint(e).or_else(|reason| field(name, &reason))?;
         }
-        if self.prefetch == 0 {
-            return field("prefetch", "must be at least 1");
-        }
         if self.metrics_interval_secs.is_nan() || self.metrics_interval_secs <= 0.0 {
             return field("metrics_interval_secs", "must be positive");
-        }
-        if self.loss_chunk == Some(0) {
-            return field("loss_chunk", "must be at least 1");
         }
         Ok(())
     }

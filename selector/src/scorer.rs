@@ -78,7 +78,7 @@ impl Scorer for CandleScorer {
             (batch.rows, batch.window),
             self.model.device(),
         )?;
-        let losses = per_token_loss(&self.model, &ids, rho_model::Path::Fused, self.chunk)?;
+        let losses = per_token_loss(&self.model, &ids, rho_model::ForwardMode::Fused, self.chunk)?;
         let mut flat = losses.flatten_all()?.to_vec1::<f32>()?;
         let t = batch.window - 1;
         for (b, &len) in batch.lengths.iter().enumerate() {

@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::num::NonZeroUsize;
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
@@ -166,10 +167,15 @@ pub fn load_scorer(config: &SelectorConfig) -> Result<(CandleScorer, Fingerprint
         source,
     };
     let (tokenizer, tokenizer_vocab) = tokenizer_identity(&config.tokenizer)?;
-    let device = rho_model::parse_device(&config.device).map_err(model_err)?;
-    let dtype = rho_model::parse_dtype(&config.dtype, &device).map_err(model_err)?;
-    let scorer =
-        CandleScorer::load(&config.model, &device, dtype, config.loss_chunk).map_err(model_err)?;
+    let dtype = config.dtype.on(config.device).map_err(model_err)?;
+    let device = config.device.open().map_err(model_err)?;
+    let scorer = CandleScorer::load(
+        &config.model,
+        &device,
+        dtype,
+        config.loss_chunk.map(NonZeroUsize::get),
+    )
+    .map_err(model_err)?;
     if scorer.vocab_size() < tokenizer_vocab {
         return Err(SelectorError::VocabMismatch {
             model: config.model.clone(),
@@ -273,7 +279,7 @@ impl Selector {
             };
         let cache = open_cache(&config, &tokenizer, scorer.as_ref())?;
         Ok(Selector {
-            credits: Credits::new(config.prefetch),
+            credits: Credits::new(config.prefetch.get()),
             config,
             scorer,
             tokenizer,

@@ -42,11 +42,11 @@ pub async fn run(
         .map(|i| ((i * 7919) % vocab) as u32)
         .collect();
     let ids = Tensor::from_vec(ids, (batch_size, window), &Device::Cpu)?;
-    rho_model::per_token_loss(&model, &ids, rho_model::Path::Fused, None)?;
+    rho_model::per_token_loss(&model, &ids, rho_model::ForwardMode::Fused, None)?;
     let bare = || -> anyhow::Result<f64> {
         let t0 = Instant::now();
         for _ in 0..batches {
-            rho_model::per_token_loss(&model, &ids, rho_model::Path::Fused, None)?;
+            rho_model::per_token_loss(&model, &ids, rho_model::ForwardMode::Fused, None)?;
         }
         Ok(tokens_per_batch * batches as f64 / t0.elapsed().as_secs_f64())
     };

@@ -102,11 +102,13 @@ pub fn run(
             ScoreRule::Excess,
             Scope::Batch,
             0.6,
-            batch_size,
-            seq_len,
-            &current,
-            Some(&reference),
-            &valid,
+            &rho_trainer::selection::Losses {
+                rows: batch_size,
+                len: seq_len,
+                current: &current,
+                reference: Some(&reference),
+                valid: &valid,
+            },
         ));
     }
     let select_ms = t0.elapsed().as_secs_f64() / 100.0 * 1e3;

@@ -15,6 +15,7 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use clap::Args;
 use rho_loader::sources::{self, Event, Row, TokenColumns};
+use rho_trainer::selection::Losses;
 use rho_trainer::{Scope, ScoreRule};
 use serde_json::json;
 
@@ -150,11 +151,13 @@ pub fn run(a: ConcentrateArgs) -> anyhow::Result<()> {
                 rule,
                 Scope::Batch,
                 a.ratio,
-                1,
-                n,
-                &l_cur,
-                Some(&l_ref),
-                &vec![true; n],
+                &Losses {
+                    rows: 1,
+                    len: n,
+                    current: &l_cur,
+                    reference: Some(&l_ref),
+                    valid: &vec![true; n],
+                },
             );
             // Token 0 is never a target: mask[i + 1] is target i's selection.
             let mask: Vec<u8> = std::iter::once(0)

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
 use clap::{Args, Subcommand};
-use rho_model::{checkpoint, per_token_loss, HfConfig, Path};
+use rho_model::{checkpoint, per_token_loss, ForwardMode, HfConfig};
 
 #[derive(Args)]
 pub struct ScoreArgs {
@@ -172,8 +172,8 @@ pub fn score(args: ScoreArgs) -> anyhow::Result<()> {
             );
         }
         let ids = Tensor::from_slice(row, (1, row.len()), &device)?;
-        let losses =
-            per_token_loss(&model, &ids, Path::Fused, None).with_context(|| format!("row {i}"))?;
+        let losses = per_token_loss(&model, &ids, ForwardMode::Fused, None)
+            .with_context(|| format!("row {i}"))?;
         all.push(losses.squeeze(0)?.to_vec1::<f32>()?);
     }
     if args.json {

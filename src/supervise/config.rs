@@ -273,16 +273,21 @@ fn preflight(
             &s.model,
             &loader.tokenizer,
             vocab,
-            loader.seq_len,
+            loader.seq_len.get(),
         )?;
-        let device = rho_model::parse_device(&s.device)
-            .map_err(|e| anyhow::anyhow!("run config, `selector.device`: {e}"))?;
-        rho_model::parse_dtype(&s.dtype, &device)
+        s.dtype
+            .on(s.device)
             .map_err(|e| anyhow::anyhow!("run config, `selector.dtype`: {e}"))?;
     }
     if let (rho_trainer::config::BackendChoice::Candle, Some(m)) = (trainer.backend, &trainer.model)
     {
-        check_model("trainer.model", m, &loader.tokenizer, vocab, loader.seq_len)?;
+        check_model(
+            "trainer.model",
+            m,
+            &loader.tokenizer,
+            vocab,
+            loader.seq_len.get(),
+        )?;
     }
     Ok(())
 }

@@ -71,15 +71,15 @@ impl Backend for NullBackend {
         let valid = input.valid();
         let n = valid.iter().filter(|v| **v).count();
         let zeros = vec![0f32; valid.len()];
-        let mask = selection::select(
-            selection.score,
-            selection.scope,
-            selection.schedule.ratio(step),
-            input.batch.rows,
-            input.batch.window - 1,
-            &zeros,
-            input.ref_loss.as_deref(),
-            &valid,
+        let mask = selection.mask(
+            step,
+            &selection::Losses {
+                rows: input.batch.rows,
+                len: input.batch.window - 1,
+                current: &zeros,
+                reference: input.ref_loss.as_deref(),
+                valid: &valid,
+            },
         );
         let kept: f32 = mask.iter().sum();
         Ok(StepStats {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use rho_model::{checkpoint, per_token_loss, Config, DecoderLm, HfConfig, Path as ModelPath};
+use rho_model::{checkpoint, per_token_loss, Config, DecoderLm, ForwardMode, HfConfig};
 use rho_protocol::TokenBatch;
 
 use crate::backend::{Backend, StepInput, StepStats};
@@ -108,7 +108,7 @@ impl CandleBackend {
     /// The objective `sum(loss * mask) / denom` of token ids `[B, W]` and its gradient for every
     /// variable, in [`CandleBackend::vars`] order (zeros where a variable gets none).
     pub fn gradients(&self, ids: &Tensor, mask: &[f32], denom: f32) -> Result<(f32, Vec<Tensor>)> {
-        let losses = per_token_loss(&self.model, ids, ModelPath::Plain, None)?;
+        let losses = per_token_loss(&self.model, ids, ForwardMode::Differentiable, None)?;
         self.backward_masked(&losses, mask, denom)
     }
 
@@ -154,13 +154,13 @@ impl Backend for CandleBackend {
         let mut single = None;
         if ranges.len() == 1 {
             let ids = self.ids(b, 0..rows)?;
-            let losses = per_token_loss(&self.model, &ids, ModelPath::Plain, None)?;
+            let losses = per_token_loss(&self.model, &ids, ForwardMode::Differentiable, None)?;
             current = losses.flatten_all()?.to_vec1::<f32>()?;
             single = Some(losses);
         } else {
             for r in &ranges {
                 let ids = self.ids(b, r.clone())?;
-                let l = per_token_loss(&self.model, &ids, ModelPath::Plain, None)?;
+                let l = per_token_loss(&self.model, &ids, ForwardMode::Differentiable, None)?;
                 current.extend(l.flatten_all()?.to_vec1::<f32>()?);
             }
         }
@@ -168,11 +168,13 @@ impl Backend for CandleBackend {
             selection.score,
             selection.scope,
             ratio,
-            rows,
-            t,
-            &current,
-            input.ref_loss.as_deref(),
-            &valid,
+            &selection::Losses {
+                rows,
+                len: t,
+                current: &current,
+                reference: input.ref_loss.as_deref(),
+                valid: &valid,
+            },
         );
         let kept: f32 = mask.iter().sum();
 
@@ -256,7 +258,7 @@ impl Backend for CandleBackend {
         for b in batches {
             let ids = self.ids(b, 0..b.rows)?;
             let losses =
-                per_token_loss(&self.model, &ids, ModelPath::Fused, None)?.to_vec2::<f32>()?;
+                per_token_loss(&self.model, &ids, ForwardMode::Fused, None)?.to_vec2::<f32>()?;
             for (row, &len) in losses.iter().zip(&b.lengths) {
                 let n = (len as usize).saturating_sub(1);
                 sum += row[..n].iter().map(|&l| f64::from(l)).sum::<f64>();

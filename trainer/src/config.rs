@@ -1,6 +1,7 @@
 //! The trainer's configuration.
 
 use serde::{Deserialize, Serialize};
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
 
 use crate::optim::OptimizerConfig;
@@ -51,7 +52,7 @@ pub struct EvalConfig {
     /// A loader config over the held-out shards (same tokenizer); its batches are read once.
     pub loader_config: PathBuf,
     /// Evaluate every this many steps (and at the end).
-    pub every: u64,
+    pub every: NonZeroU64,
     /// At most this many held-out batches. Default 8.
     #[serde(default = "d_eval_batches")]
     pub max_batches: usize,
@@ -82,15 +83,15 @@ pub struct TrainerConfig {
     #[serde(default)]
     pub model: Option<PathBuf>,
     /// `cpu` (default), `cuda` or `cuda:N`.
-    #[serde(default = "d_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: rho_model::DeviceSpec,
     #[serde(default)]
     pub selection: Selection,
     #[serde(default)]
     pub optimizer: OptimizerConfig,
     /// Micro-batches per step (gradient accumulation); selection still spans the whole step.
     #[serde(default = "d_one")]
-    pub micro_batches: usize,
+    pub micro_batches: NonZeroUsize,
     /// Stop after this many steps; default: when the stream ends.
     #[serde(default)]
     pub max_steps: Option<u64>,
@@ -103,16 +104,16 @@ pub struct TrainerConfig {
     pub eval: Option<EvalConfig>,
     /// Scored batches each selector may have on its way to this trainer. Default 2.
     #[serde(default = "d_credits")]
-    pub credits_per_selector: u32,
+    pub credits_per_selector: NonZeroU32,
     /// Scored batches held while waiting for an earlier one, at most. A selector gets its credit
     /// back as soon as its batch is buffered, while the buffer has room: a batch held up by a dead
     /// selector then cannot stall the others, and its redelivery can get through. Keep it at
     /// least the loader's `max_in_flight`. Default 64.
     #[serde(default = "d_reorder")]
-    pub reorder_window: usize,
+    pub reorder_window: NonZeroUsize,
     /// Token batches asked of the loader ahead (without selectors). Default 2.
     #[serde(default = "d_credits")]
-    pub prefetch: u32,
+    pub prefetch: NonZeroU32,
     /// JSONL metrics, one line per step.
     #[serde(default)]
     pub metrics: Option<PathBuf>,
@@ -141,17 +142,14 @@ fn d_run_id() -> String {
 fn d_delivery() -> String {
     "tcp://127.0.0.1:5556".into()
 }
-fn d_device() -> String {
-    "cpu".into()
+fn d_one() -> NonZeroUsize {
+    NonZeroUsize::MIN
 }
-fn d_one() -> usize {
-    1
+fn d_credits() -> NonZeroU32 {
+    NonZeroU32::MIN.saturating_add(1)
 }
-fn d_credits() -> u32 {
-    2
-}
-fn d_reorder() -> usize {
-    64
+fn d_reorder() -> NonZeroUsize {
+    NonZeroUsize::MIN.saturating_add(63)
 }
 fn d_max_message() -> u64 {
     256 << 20
@@ -205,26 +203,11 @@ impl TrainerConfig {
         if let Err((field, reason)) = self.liveness.validate() {
             return bad(field, reason);
         }
-        if self.micro_batches == 0 {
-            return bad("micro_batches", "must be at least 1".into());
-        }
-        if self.credits_per_selector == 0 {
-            return bad("credits_per_selector", "must be at least 1".into());
-        }
-        if self.prefetch == 0 {
-            return bad("prefetch", "must be at least 1".into());
-        }
-        if self.reorder_window == 0 {
-            return bad("reorder_window", "must be at least 1".into());
-        }
         if self.optimizer.lr <= 0.0 {
             return bad("optimizer.lr", "must be positive".into());
         }
         if self.resume && self.checkpoint.is_none() {
             return bad("resume", "needs `checkpoint.dir` to resume from".into());
-        }
-        if self.eval.as_ref().is_some_and(|e| e.every == 0) {
-            return bad("eval.every", "must be at least 1".into());
         }
         Ok(())
     }

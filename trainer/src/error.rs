@@ -15,7 +15,7 @@ pub enum TrainerError {
     /// A checkpoint that cannot be used as it is (not an IO failure).
     #[error("checkpoint {}: {reason}", path.display())]
     Checkpoint { path: PathBuf, reason: String },
-    #[error("{}", path.display())]
+    #[error("file {}", path.display())]
     Io {
         path: PathBuf,
         #[source]

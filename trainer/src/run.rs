@@ -160,7 +160,7 @@ impl Trainer {
         };
         Ok(Trainer {
             run_id: config.run_id.clone(),
-            buffer: Reorder::new(state.next_seq, config.reorder_window),
+            buffer: Reorder::new(state.next_seq, config.reorder_window.get()),
             first_step: state.step,
             config,
             backend,
@@ -250,7 +250,7 @@ impl Trainer {
         self.state.next_seq = self.buffer.next();
         self.state.tokens += stats.tokens;
         let every = self.config.eval.as_ref().map(|e| e.every);
-        let eval_loss = match every.is_some_and(|e| self.state.step.is_multiple_of(e)) {
+        let eval_loss = match every.is_some_and(|e| self.state.step.is_multiple_of(e.get())) {
             true => self.evaluate()?,
             false => None,
         };
@@ -312,7 +312,7 @@ impl Trainer {
             return;
         }
         let held = self.requested + self.buffer.len() as u64;
-        let prefetch = u64::from(self.config.prefetch);
+        let prefetch = u64::from(self.config.prefetch.get());
         if held < prefetch {
             let n = prefetch - held;
             if self.loader.credit(n as u32).await.is_ok() {
@@ -400,7 +400,7 @@ impl Trainer {
                 let _ = d.send(&peer, &heartbeat(&self.run_id)).await;
                 if self.known.insert(peer.clone()) {
                     let n = self.config.credits_per_selector;
-                    let _ = d.send(&peer, &credit(&self.run_id, n)).await;
+                    let _ = d.send(&peer, &credit(&self.run_id, n.get())).await;
                 }
             }
             Incoming::Message {
@@ -468,12 +468,12 @@ fn build_backend(config: &TrainerConfig) -> Result<Box<dyn Backend>> {
                     field: "model",
                     reason: "missing".into(),
                 })?;
-            let device = rho_model::parse_device(&config.device)?;
+            let device = config.device.open()?;
             Ok(Box::new(CandleBackend::from_checkpoint(
                 dir,
                 &device,
                 config.optimizer,
-                config.micro_batches,
+                config.micro_batches.get(),
             )?))
         }
     }
@@ -524,11 +524,11 @@ async fn bind_delivery(
     .map_err(|e| match e {
         ProducerError::Bind { .. } => TrainerError::ConfigField {
             field: "delivery",
-            reason: e.to_string(),
+            reason: rho_protocol::error_chain(&e),
         },
         ProducerError::EndpointFile { .. } => TrainerError::ConfigField {
             field: "delivery_file",
-            reason: e.to_string(),
+            reason: rho_protocol::error_chain(&e),
         },
         other => other.into(),
     })?;

@@ -118,21 +118,39 @@ pub fn score(rule: ScoreRule, current: f32, reference: f32) -> f32 {
     }
 }
 
-/// The selection mask of a step: `rows` sequences of `len` positions, row-major.
-/// `valid[i]` says whether position `i` may be selected at all. Returns 1.0 for kept positions.
-// Eight plain arguments: this is the function the selection vectors pin down, shared by the
-// backends and mirrored by the Python consumer; a `Selection::mask` taking a struct is planned.
-#[allow(clippy::too_many_arguments)]
-pub fn select(
-    rule: ScoreRule,
-    scope: Scope,
-    ratio: f64,
-    rows: usize,
-    len: usize,
-    current: &[f32],
-    reference: Option<&[f32]>,
-    valid: &[bool],
-) -> Vec<f32> {
+/// The per-position losses of one step: `rows` sequences of `len` target positions, row-major.
+#[derive(Debug, Clone, Copy)]
+pub struct Losses<'a> {
+    pub rows: usize,
+    pub len: usize,
+    /// The model's own loss `L_theta` of every position.
+    pub current: &'a [f32],
+    /// The reference loss `L_ref` of every position, when scored.
+    pub reference: Option<&'a [f32]>,
+    /// Whether a position may be selected at all (not padding).
+    pub valid: &'a [bool],
+}
+
+impl Selection {
+    /// The selection mask of step `step` (its ratio from the schedule); see [`select`].
+    pub fn mask(&self, step: u64, losses: &Losses) -> Vec<f32> {
+        select(self.score, self.scope, self.schedule.ratio(step), losses)
+    }
+}
+
+/// The selection mask of a step under `rule`, `scope` and `ratio`: 1.0 for kept positions,
+/// row-major like `losses`. Within each scope the `round(ratio * valid)` highest-scoring valid
+/// positions are kept (ties by position, NaN scores last); the rule `none` keeps every valid
+/// position. This is the function the selection vectors pin down, mirrored by the Python
+/// consumer.
+pub fn select(rule: ScoreRule, scope: Scope, ratio: f64, losses: &Losses) -> Vec<f32> {
+    let Losses {
+        rows,
+        len,
+        current,
+        reference,
+        valid,
+    } = *losses;
     let n = rows * len;
     let mut mask = vec![0f32; n];
     let scores: Vec<f32> = (0..n)
@@ -331,11 +349,13 @@ mod tests {
                 c.rule,
                 c.scope,
                 c.ratio,
-                c.rows,
-                len,
-                &c.current,
-                Some(&c.reference),
-                &c.valid,
+                &Losses {
+                    rows: c.rows,
+                    len,
+                    current: &c.current,
+                    reference: Some(&c.reference),
+                    valid: &c.valid,
+                },
             );
             assert_eq!(mask, c.mask, "{}", c.name);
             let loss = masked_mean(&c.current, &mask);

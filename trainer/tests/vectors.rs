@@ -8,7 +8,7 @@
 //!
 //! Scores are JSON numbers, except NaN (`null`) and the infinities (`"inf"`, `"-inf"`).
 
-use rho_trainer::selection::{select, Scope, ScoreRule};
+use rho_trainer::selection::{select, Losses, Scope, ScoreRule};
 use serde_json::{json, Value};
 
 fn path() -> std::path::PathBuf {
@@ -60,11 +60,13 @@ fn case(
         rule,
         scope,
         ratio,
-        rows,
-        len,
-        &current,
-        Some(&reference),
-        &valid,
+        &Losses {
+            rows,
+            len,
+            current: &current,
+            reference: Some(&reference),
+            valid: &valid,
+        },
     );
     json!({
         "name": name,
@@ -247,11 +249,13 @@ fn selection_gives_the_committed_masks() {
             rule,
             scope,
             c["ratio"].as_f64().unwrap(),
-            c["rows"].as_u64().unwrap() as usize,
-            c["len"].as_u64().unwrap() as usize,
-            &floats("current"),
-            Some(&floats("reference")),
-            &valid,
+            &Losses {
+                rows: c["rows"].as_u64().unwrap() as usize,
+                len: c["len"].as_u64().unwrap() as usize,
+                current: &floats("current"),
+                reference: Some(&floats("reference")),
+                valid: &valid,
+            },
         );
         let expected: Vec<f32> = c["mask"]
             .as_array()

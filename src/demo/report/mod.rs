@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::plan::Plan;
 use crate::supervise::RunOutcome;
 use crate::synth::{Doc, NoiseKind};
+use rho_trainer::selection::Losses;
 use rho_trainer::{Scope, ScoreRule};
 
 mod plot;
@@ -135,10 +136,10 @@ fn selection_analysis(inp: &Inputs, docs: &[Doc]) -> anyhow::Result<(Selection, 
             window.extend_from_slice(&ids[start..start + len + 1]);
         }
         let t = Tensor::from_vec(window, (rows, len + 1), &device)?;
-        let l_ref = rho_model::per_token_loss(&reference, &t, rho_model::Path::Fused, None)?
+        let l_ref = rho_model::per_token_loss(&reference, &t, rho_model::ForwardMode::Fused, None)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let l_cur = rho_model::per_token_loss(&current, &t, rho_model::Path::Fused, None)?
+        let l_cur = rho_model::per_token_loss(&current, &t, rho_model::ForwardMode::Fused, None)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         let valid = vec![true; rows * len];
@@ -147,11 +148,13 @@ fn selection_analysis(inp: &Inputs, docs: &[Doc]) -> anyhow::Result<(Selection, 
                 rule,
                 Scope::Batch,
                 plan.ratio,
-                rows,
-                len,
-                &l_cur,
-                Some(&l_ref),
-                &valid,
+                &Losses {
+                    rows,
+                    len,
+                    current: &l_cur,
+                    reference: Some(&l_ref),
+                    valid: &valid,
+                },
             )
         };
         let (by_excess, by_reference) = (keep(ScoreRule::Excess), keep(ScoreRule::Reference));
