@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{finish, free_port, p, setup_training, spawn, write};
+use common::{finish, free_port, p, setup_training, spawn, wait_stopped, write};
 use serde_json::{json, Value};
 
 struct Endpoints {
@@ -122,7 +122,7 @@ fn trainer_then_loader_killed_and_restarted_end_with_the_same_weights() {
     // The trainer dies mid-run: the loader is paused so that the stream is certainly not over.
     wait_step(root, "faults", 20);
     signal(&loader, "-STOP");
-    std::thread::sleep(Duration::from_millis(200));
+    wait_stopped(loader.id());
     trainer.kill().unwrap();
     trainer.wait().unwrap();
     signal(&loader, "-CONT");
@@ -131,7 +131,7 @@ fn trainer_then_loader_killed_and_restarted_end_with_the_same_weights() {
     // Then the loader dies mid-run and a new one starts on the same endpoint.
     wait_step(root, "faults", 50);
     signal(&loader, "-STOP");
-    std::thread::sleep(Duration::from_millis(200));
+    wait_stopped(loader.id());
     let mut loader = loader;
     loader.kill().unwrap();
     loader.wait().unwrap();

@@ -173,10 +173,13 @@ fn processes_start_in_reverse_order() {
     });
     write(&root.join("rev-trainer.json"), &cfg);
     let trainer = spawn(&["trainer", "--config", &p(&root.join("rev-trainer.json"))]);
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The trainer binds its delivery endpoint first, then waits for the loader.
+    common::wait_listening(dp);
     let sel = json!({"run_id": "tr", "loader": loader_ep, "trainer": delivery_ep, "model": "ref", "tokenizer": "tokenizer.json"});
     write(&root.join("rev-selector.json"), &sel);
     let selector = spawn(&["selector", "--config", &p(&root.join("rev-selector.json"))]);
+    // A pause, not a wait: a selector shows nothing outside until the loader it waits for is
+    // up, and the point here is that the loader starts last.
     std::thread::sleep(std::time::Duration::from_millis(300));
     let loader = spawn(&[
         "loader",

@@ -1,5 +1,6 @@
 //! The loader's configuration: a JSON file, every field documented, unknown fields refused.
 
+use rho_protocol::Endpoint;
 use serde::{Deserialize, Serialize};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
@@ -10,9 +11,12 @@ use crate::{LoaderError, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum FormatChoice {
+    /// By file extension.
     #[default]
     Auto,
+    /// Parquet, whatever the name.
     Parquet,
+    /// JSON lines (gzip or zstd by extension), whatever the name.
     Jsonl,
 }
 
@@ -37,6 +41,7 @@ pub struct LoaderConfig {
     /// Identifies the run; every message carries it and messages of other runs are refused.
     #[serde(default = "default_run_id")]
     pub run_id: String,
+    /// Where the documents come from.
     pub data: DataConfig,
     /// A HuggingFace `tokenizer.json`.
     pub tokenizer: PathBuf,
@@ -78,7 +83,7 @@ pub struct LoaderConfig {
     pub threads: usize,
     /// ZeroMQ endpoint the loader binds (ROUTER). Default `tcp://127.0.0.1:5555`; port 0 picks one.
     #[serde(default = "default_endpoint")]
-    pub endpoint: String,
+    pub endpoint: Endpoint,
     /// Write the bound endpoint to this file once listening (useful with port 0).
     #[serde(default)]
     pub endpoint_file: Option<PathBuf>,
@@ -149,8 +154,8 @@ const fn nz(n: usize) -> NonZeroUsize {
 fn default_shuffle_window() -> NonZeroUsize {
     nz(64)
 }
-fn default_endpoint() -> String {
-    "tcp://127.0.0.1:5555".into()
+fn default_endpoint() -> Endpoint {
+    Endpoint::new("tcp://127.0.0.1:5555").unwrap_or_default()
 }
 fn default_in_flight() -> NonZeroUsize {
     nz(16)
@@ -263,7 +268,7 @@ impl LoaderConfig {
         if self.metrics_interval_secs.is_nan() || self.metrics_interval_secs <= 0.0 {
             return Err(field("metrics_interval_secs", "must be positive"));
         }
-        rho_protocol::check_endpoint(&self.endpoint).map_err(|r| field("endpoint", r))?;
+        self.endpoint.check().map_err(|r| field("endpoint", r))?;
         Ok(())
     }
 

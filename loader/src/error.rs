@@ -4,33 +4,69 @@ use thiserror::Error;
 /// Everything that stops a loader. Bad *data* never does: it is skipped, counted and logged.
 #[derive(Debug, Error)]
 pub enum LoaderError {
+    /// The config file cannot be read or parsed.
     #[error(transparent)]
     ConfigFile(#[from] rho_protocol::config_file::ConfigFileError),
+    /// A config field is wrong.
     #[error("invalid config: field `{field}`: {reason}")]
-    ConfigField { field: &'static str, reason: String },
+    ConfigField {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The tokenizer file cannot be loaded.
     #[error("tokenizer {path}: {reason}")]
-    Tokenizer { path: PathBuf, reason: String },
+    Tokenizer {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `data.paths` matches no file.
     #[error("no shard found for `data.paths` {patterns:?}")]
-    NoShards { patterns: Vec<String> },
+    NoShards {
+        /// The patterns given.
+        patterns: Vec<String>,
+    },
+    /// Every shard is empty or unreadable.
     #[error("the corpus yields no tokens (all {shards} shards empty or unreadable)")]
-    EmptyCorpus { shards: usize },
+    EmptyCorpus {
+        /// Shards found.
+        shards: usize,
+    },
+    /// A start (or resume) past the end of the stream.
     #[error("cannot start at batch {seq}: the stream holds {total} batches")]
-    SeekPastEnd { seq: u64, total: u64 },
+    SeekPastEnd {
+        /// The batch's sequence number.
+        seq: u64,
+        /// Batches in the stream.
+        total: u64,
+    },
+    /// A file cannot be read or written.
     #[error("file {}", path.display())]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The cause.
         source: std::io::Error,
     },
+    /// The endpoint failed.
     #[error("the endpoint")]
     Producer(#[from] rho_protocol::producer::ProducerError),
+    /// A blocking task panicked or was cancelled.
     #[error("a blocking task")]
     Task(#[from] tokio::task::JoinError),
+    /// The producer thread's stream failed.
     #[error("the stream failed")]
     Stream(#[source] Box<LoaderError>),
+    /// The scored cache cannot be read.
     #[error(transparent)]
     Cache(#[from] rho_protocol::cache::CacheError),
+    /// Training a tokenizer failed.
     #[error("tokenizer training failed: {0}")]
     Training(String),
 }
 
+/// A loader result.
 pub type Result<T, E = LoaderError> = std::result::Result<T, E>;

@@ -6,24 +6,26 @@
 //! `run(config, shutdown)` is the whole process; `Stream` is the deterministic batch sequence
 //! alone (what tests and benchmarks drive directly).
 
+#![warn(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod config;
 mod error;
-pub mod index;
+mod index;
 pub mod metrics;
 pub mod order;
-pub mod pack;
-pub mod serve;
+mod pack;
+mod serve;
 pub mod sources;
-pub mod stream;
-pub mod tokenize;
+mod stream;
+mod tokenize;
 pub mod train;
 
 pub use config::{DataConfig, FormatChoice, LoaderConfig};
 pub use error::{LoaderError, Result};
-pub use serve::Report;
+pub use serve::{serve, Loader, Report, Source};
 pub use stream::{Flow, Stream};
+pub use tokenize::TextTokenizer;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -35,7 +37,7 @@ pub async fn run(config: LoaderConfig, shutdown: impl Future<Output = ()>) -> Re
     if let Some(dir) = &config.scored {
         let cache = open_cache(&config, dir)?;
         tracing::info!(cache = %dir.display(), batches = cache.contiguous(), ref_model = %cache.header().ref_model, "serving a scored cache");
-        return serve::serve(&config, serve::Source::Cache(cache), metrics, shutdown).await;
+        return serve::serve(&config, Source::Cache(cache), metrics, shutdown).await;
     }
     let cfg = config.clone();
     let m = metrics.clone();
@@ -46,7 +48,7 @@ pub async fn run(config: LoaderConfig, shutdown: impl Future<Output = ()>) -> Re
         vocab = stream.tokenizer().vocab_size(),
         "loader ready"
     );
-    let stream = serve::Source::Tokens(Box::new(stream));
+    let stream = Source::Tokens(Box::new(stream));
     serve::serve(&config, stream, metrics, shutdown).await
 }
 

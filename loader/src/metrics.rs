@@ -13,9 +13,10 @@ macro_rules! counters {
 
         /// A point-in-time copy of [`Metrics`].
         #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-        pub struct Counts { $(pub $name: u64,)* }
+        pub struct Counts { $($(#[$doc])* pub $name: u64,)* }
 
         impl Metrics {
+            /// The counters now.
             pub fn snapshot(&self) -> Counts {
                 Counts { $($name: self.$name.load(Relaxed),)* }
             }
@@ -63,10 +64,12 @@ counters! {
 }
 
 impl Metrics {
+    /// Adds `n` to a counter.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
 
+    /// Sets a gauge.
     pub fn set(counter: &AtomicU64, n: u64) {
         counter.store(n, Relaxed);
     }
@@ -89,11 +92,16 @@ pub struct Reporter {
 /// One line of the loader's metrics file: the counters so far and the rates since the start.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct LoaderMetrics {
+    /// Seconds since the loader started.
     pub elapsed_s: f64,
+    /// The counters (written inline).
     #[serde(flatten)]
     pub counts: Counts,
+    /// Documents read per second since the start.
     pub docs_per_s: f64,
+    /// Tokens per second since the start.
     pub tokens_per_s: f64,
+    /// Megabytes of text per second since the start.
     pub mb_per_s: f64,
 }
 
@@ -116,6 +124,7 @@ impl Reporter {
         })
     }
 
+    /// Writes a metrics line and shows the progress line.
     pub fn report(&mut self, counts: &Counts) {
         let elapsed = self.start.elapsed().as_secs_f64().max(1e-9);
         let line = LoaderMetrics {
@@ -143,6 +152,7 @@ impl Reporter {
         self.progress.tick();
     }
 
+    /// The last line, and the progress line cleared.
     pub fn finish(&mut self, counts: &Counts) {
         self.report(counts);
         self.progress.finish_and_clear();

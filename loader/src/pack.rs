@@ -8,6 +8,7 @@
 /// One packed window.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
+    /// The window's tokens, padded to its length.
     pub tokens: Vec<u32>,
     /// Real tokens (the rest is padding).
     pub length: u32,
@@ -26,6 +27,7 @@ pub struct Packer {
 }
 
 impl Packer {
+    /// A packer of `window`-token windows that skips the first `skip` tokens and pads with `pad`.
     pub fn new(window: usize, skip: u64, pad: u32) -> Self {
         Packer {
             window,

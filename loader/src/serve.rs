@@ -27,7 +27,9 @@ pub struct Report {
     pub endpoint: String,
     /// Batches in the stream (one past the last sequence number), once the stream was exhausted.
     pub total: Option<u64>,
+    /// The counters at the end.
     pub counts: Counts,
+    /// Seconds from start to stop.
     pub wall_secs: f64,
     /// Whether it stopped on a signal or a shutdown message rather than by finishing.
     pub interrupted: bool,
@@ -44,7 +46,9 @@ enum Produced {
 
 /// Where batches come from: the tokenizing stream, or a cache of scored batches.
 pub enum Source {
+    /// Tokenized and packed from shards.
     Tokens(Box<Stream>),
+    /// Scored batches read back from a cache.
     Cache(rho_protocol::cache::CacheReader),
 }
 
@@ -181,7 +185,7 @@ impl Loader {
             }
         })?;
         let socket = Producer::bind(
-            &config.endpoint,
+            config.endpoint.as_str(),
             config.endpoint_file.as_deref(),
             &config.run_id,
             limits,

@@ -25,7 +25,9 @@ use crate::{LoaderError, Result};
 /// Whether a consumer of the stream wants more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
+    /// Go on.
     Continue,
+    /// Stop the stream here.
     Stop,
 }
 
@@ -46,6 +48,8 @@ enum Scanned<'a> {
     ShardDone { pos: usize, tokens: u64 },
 }
 
+/// The deterministic batch sequence of a loader config: shards in order, tokenized, packed,
+/// shuffled within a window, batched, and for ranks, split batch by batch.
 pub struct Stream {
     config: LoaderConfig,
     shards: Vec<Shard>,
@@ -102,10 +106,12 @@ impl Stream {
         })
     }
 
+    /// The tokenizer.
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.tokenizer
     }
 
+    /// The shards, in the order of the first epoch.
     pub fn shards(&self) -> &[Shard] {
         &self.shards
     }

@@ -17,6 +17,7 @@ use crate::{LoaderError, Result};
 /// A piece of a document: the unit of parallel tokenization.
 #[derive(Debug, Clone)]
 pub struct Segment {
+    /// The text.
     pub text: String,
     /// The document starts with this piece (gets BOS, marks a document start).
     pub first: bool,
@@ -98,10 +99,12 @@ impl TextTokenizer {
         })
     }
 
+    /// The fingerprint of the tokenizer file.
     pub fn fingerprint(&self) -> &Fingerprint {
         &self.fingerprint
     }
 
+    /// Its vocabulary size, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
     }
@@ -111,6 +114,7 @@ impl TextTokenizer {
         self.eos.unwrap_or(0)
     }
 
+    /// The HuggingFace tokenizer.
     pub fn inner(&self) -> &Tokenizer {
         &self.tokenizer
     }

@@ -20,7 +20,9 @@ pub const SPECIAL_TOKENS: [&str; 3] = ["<pad>", "<s>", "</s>"];
 /// What a training run saw and made.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TrainReport {
+    /// Documents trained on.
     pub documents: u64,
+    /// The vocabulary size reached.
     pub vocab_size: usize,
 }
 

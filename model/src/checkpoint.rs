@@ -138,6 +138,7 @@ pub fn save(
 /// What a checkpoint directory promises, checked without loading its weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Inspected {
+    /// Rows of the embedding (token ids the model can score).
     pub vocab_size: usize,
     /// The longest sequence its positions cover (`max_position_embeddings`).
     pub max_positions: usize,

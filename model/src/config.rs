@@ -10,47 +10,68 @@ use crate::ModelError;
 /// checkpoints carry many that do not change the forward pass.
 #[derive(Debug, Clone, Deserialize)]
 pub struct HfConfig {
+    /// `llama`, `mistral` or `qwen2` (default `llama`).
     #[serde(default)]
     pub model_type: Option<String>,
+    /// Vocabulary size.
     pub vocab_size: usize,
+    /// Hidden (model) width.
     pub hidden_size: usize,
+    /// MLP width.
     pub intermediate_size: usize,
+    /// Decoder blocks.
     pub num_hidden_layers: usize,
+    /// Query heads.
     pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention); default: as many as query heads.
     #[serde(default)]
     pub num_key_value_heads: Option<usize>,
+    /// Width of a head; default `hidden_size / num_attention_heads`.
     #[serde(default)]
     pub head_dim: Option<usize>,
+    /// RMSNorm epsilon.
     #[serde(default = "default_eps")]
     pub rms_norm_eps: f64,
     /// Older layout: top-level `rope_theta` and `rope_scaling`.
     #[serde(default)]
     pub rope_theta: Option<f64>,
+    /// RoPE scaling (`linear`, `llama3`), as HuggingFace writes it.
     #[serde(default)]
     pub rope_scaling: Option<serde_json::Value>,
     /// Newer layout (transformers 5): `rope_parameters: {rope_theta, rope_type, ...}`.
     #[serde(default)]
     pub rope_parameters: Option<serde_json::Value>,
+    /// Longest sequence.
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
+    /// The LM head is the embedding.
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// Biases on q, k, v and o (Llama); Qwen2 has q, k, v biases whatever this says.
     #[serde(default)]
     pub attention_bias: Option<bool>,
+    /// Biases on the MLP projections.
     #[serde(default)]
     pub mlp_bias: bool,
+    /// The activation; only `silu` is supported.
     #[serde(default)]
     pub hidden_act: Option<String>,
+    /// Sliding-window width (Mistral, Qwen2).
     #[serde(default)]
     pub sliding_window: Option<usize>,
+    /// Whether Qwen2 uses its sliding window.
     #[serde(default)]
     pub use_sliding_window: Option<bool>,
+    /// Qwen2: layers from this one on use the sliding window.
     #[serde(default)]
     pub max_window_layers: Option<usize>,
+    /// Per layer: `full_attention` or `sliding_attention`.
     #[serde(default)]
     pub layer_types: Option<Vec<String>>,
+    /// Kept as written.
     #[serde(default)]
     pub bos_token_id: Option<serde_json::Value>,
+    /// Kept as written.
     #[serde(default)]
     pub eos_token_id: Option<serde_json::Value>,
 }
@@ -65,24 +86,33 @@ fn default_max_pos() -> usize {
 /// The architecture family, which decides the defaults a config leaves out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
+    /// Llama, TinyLlama and their kin.
     Llama,
+    /// Mistral.
     Mistral,
+    /// Qwen2.
     Qwen2,
 }
 
 /// How rotary frequencies are adjusted for long contexts.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
+    /// No scaling.
     None,
     /// Positions divided by `factor`.
     Linear {
+        /// Positions are divided by this.
         factor: f64,
     },
     /// Llama 3's frequency-dependent scaling.
     Llama3 {
+        /// Positions are divided by this.
         factor: f64,
+        /// Llama 3: wavelengths above `original / low_freq_factor` are scaled fully.
         low_freq_factor: f64,
+        /// Llama 3: wavelengths below `original / high_freq_factor` are kept.
         high_freq_factor: f64,
+        /// Llama 3: the context the model was trained at.
         original_max_position_embeddings: f64,
     },
 }
@@ -90,23 +120,37 @@ pub enum RopeScaling {
 /// The validated configuration the model runs on.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// The architecture family.
     pub family: Family,
+    /// Vocabulary size.
     pub vocab_size: usize,
+    /// Hidden width.
     pub hidden_size: usize,
+    /// MLP width.
     pub intermediate_size: usize,
+    /// Decoder blocks.
     pub num_layers: usize,
+    /// Query heads.
     pub num_heads: usize,
+    /// Key/value heads.
     pub num_kv_heads: usize,
+    /// Width of a head.
     pub head_dim: usize,
+    /// RMSNorm epsilon.
     pub rms_norm_eps: f64,
+    /// RoPE base.
     pub rope_theta: f64,
+    /// RoPE scaling.
     pub rope_scaling: RopeScaling,
+    /// Longest sequence.
     pub max_position_embeddings: usize,
+    /// The LM head is the embedding.
     pub tie_word_embeddings: bool,
     /// Biases on the q, k, v projections (Qwen2).
     pub qkv_bias: bool,
     /// Bias on the attention output projection.
     pub o_bias: bool,
+    /// Biases on the MLP projections.
     pub mlp_bias: bool,
     /// Per layer: `Some(w)` when the layer attends only to the last `w` positions.
     pub sliding_window: Vec<Option<usize>>,
@@ -124,6 +168,7 @@ fn num(v: &serde_json::Value, key: &str) -> Option<f64> {
 }
 
 impl HfConfig {
+    /// Parses a `config.json`.
     pub fn from_json(text: &str) -> Result<Self, ModelError> {
         serde_json::from_str(text).map_err(|e| bad("config.json", e.to_string()))
     }

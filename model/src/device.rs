@@ -13,6 +13,7 @@ use crate::ModelError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum DeviceSpec {
+    /// The CPU.
     #[default]
     Cpu,
     /// A CUDA device by ordinal (needs the `cuda` cargo feature).
@@ -81,9 +82,12 @@ impl DeviceSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DTypeSpec {
+    /// 32-bit floats.
     #[default]
     F32,
+    /// bfloat16 (GPU only).
     Bf16,
+    /// IEEE half (GPU only).
     F16,
 }
 

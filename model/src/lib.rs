@@ -4,6 +4,7 @@
 //! The same weights serve a fused inference path (selectors) and a differentiable plain path
 //! (the trainer); see [`ForwardMode`].
 
+#![warn(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod checkpoint;

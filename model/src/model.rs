@@ -192,10 +192,12 @@ impl DecoderLm {
         })
     }
 
+    /// Its configuration.
     pub fn config(&self) -> &Config {
         &self.config
     }
 
+    /// The device its weights are on.
     pub fn device(&self) -> &Device {
         &self.device
     }

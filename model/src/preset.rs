@@ -16,6 +16,7 @@ pub enum Preset {
 }
 
 impl Preset {
+    /// Every preset, smallest first.
     pub const ALL: [Preset; 3] = [Preset::Tiny, Preset::Small, Preset::M20];
 
     /// The name the command line and configs use.

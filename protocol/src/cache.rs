@@ -29,9 +29,13 @@ const MAGIC: &str = "RHOSC1";
 /// What every part file of a cache declares.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheHeader {
+    /// The cache format version (1).
     pub version: u32,
+    /// The run whose batches these are.
     pub run_id: String,
+    /// Fingerprint of the tokenizer the batches were made with.
     pub tokenizer: Fingerprint,
+    /// Fingerprint of the reference model that scored them.
     pub ref_model: Fingerprint,
 }
 
@@ -46,10 +50,22 @@ struct IndexEntry {
 /// A cache error, naming the file at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
+    /// A file of the cache cannot be read or written, or is damaged.
     #[error("{path}: {reason}")]
-    File { path: PathBuf, reason: String },
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The cache as a whole cannot be used (no parts, parts that disagree, ...).
     #[error("cache {dir}: {reason}")]
-    Cache { dir: PathBuf, reason: String },
+    Cache {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 fn file_err(path: &Path, reason: impl std::fmt::Display) -> CacheError {
@@ -68,6 +84,7 @@ pub struct CacheWriter {
     header: CacheHeader,
     /// Bytes written, records written.
     pub bytes: u64,
+    /// Records (scored batches) written.
     pub records: u64,
 }
 
@@ -101,6 +118,7 @@ impl CacheWriter {
         })
     }
 
+    /// The part file being written.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -271,6 +289,7 @@ impl CacheReader {
         })
     }
 
+    /// The header every part of the cache shares.
     pub fn header(&self) -> &CacheHeader {
         &self.header
     }
@@ -289,6 +308,7 @@ impl CacheReader {
         self.index.len()
     }
 
+    /// Whether the cache holds no batch.
     pub fn is_empty(&self) -> bool {
         self.index.is_empty()
     }

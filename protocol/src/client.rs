@@ -15,18 +15,25 @@ use zeromq::{DealerSendHalf, DealerSocket, Socket, SocketRecv, SocketSend, ZmqMe
 
 use crate::{Ack, Credit, DecodeError, Heartbeat, Key, Limits, Message, Resume, Role};
 
+/// Why a connection to a producer failed.
 #[derive(Debug, Error)]
 pub enum ClientError {
+    /// The endpoint could not be connected to.
     #[error("cannot connect to {endpoint}")]
     Connect {
+        /// The endpoint.
         endpoint: String,
         #[source]
+        /// The cause.
         source: zeromq::ZmqError,
     },
+    /// A message could not be sent.
     #[error("sending a message")]
     Send(#[from] zeromq::ZmqError),
+    /// A message without frames (nothing to send).
     #[error("an empty message (no frames) cannot be sent")]
     Empty,
+    /// A message arrived that is refused (counted and logged by the caller).
     #[error("refused message")]
     Decode(#[from] DecodeError),
 }
@@ -149,14 +156,17 @@ impl Consumer {
         Ok(true)
     }
 
+    /// The endpoint connected to.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
 
+    /// The run this connection belongs to.
     pub fn run_id(&self) -> &str {
         &self.run_id
     }
 
+    /// Encodes (and signs, with a key) `message` and sends it.
     pub async fn send(&mut self, message: &Message) -> Result<(), ClientError> {
         let frames = message.encode_with(self.key.as_ref());
         self.send_frames(frames).await

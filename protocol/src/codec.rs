@@ -38,13 +38,21 @@ impl Default for Limits {
 /// Every message the processes exchange.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
+    /// Token windows from the loader.
     Batch(TokenBatch),
+    /// Token windows with the reference loss of every target (from a selector or a cache).
     Scored(ScoredBatch),
+    /// A consumer asks for more batches.
     Credit(Credit),
+    /// The trainer has consumed batches.
     Ack(Ack),
+    /// Liveness, both ways.
     Heartbeat(Heartbeat),
+    /// The consumer's stream cursor.
     Resume(Resume),
+    /// Stop.
     Shutdown(Shutdown),
+    /// The stream is exhausted.
     End(End),
 }
 

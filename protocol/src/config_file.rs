@@ -5,15 +5,25 @@ use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
+/// Why a config file could not be read.
 #[derive(Debug, Error)]
 pub enum ConfigFileError {
+    /// The file cannot be read.
     #[error("cannot read config {path}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// The cause.
         source: std::io::Error,
     },
+    /// The file is not a valid config; `reason` names the field at fault.
     #[error("invalid config {path}: {reason}")]
-    Parse { path: PathBuf, reason: String },
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// Parses JSON text into `T`; the error names the field at fault (``field `data.paths`: ...``).

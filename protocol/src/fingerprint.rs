@@ -34,6 +34,7 @@ impl Fingerprint {
         Ok(Fingerprint(format!("sha256:{}", hex(&hasher.finalize()))))
     }
 
+    /// The fingerprint's text (`sha256:` and hex).
     pub fn as_str(&self) -> &str {
         &self.0
     }

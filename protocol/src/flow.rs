@@ -76,9 +76,13 @@ impl<P: Clone + Eq + Hash> Credits<P> {
 /// One issued and not yet acknowledged batch.
 #[derive(Debug)]
 pub struct InFlight<T, P> {
+    /// What is redelivered (the encoded frames).
     pub payload: T,
+    /// The consumer it was last issued to.
     pub holder: P,
+    /// When it was last issued (its lease runs from here).
     pub issued_at: Instant,
+    /// Times it was issued (1 + redeliveries).
     pub deliveries: u32,
 }
 
@@ -170,14 +174,17 @@ impl<T, P: Clone> Ledger<T, P> {
         self.entries = self.entries.split_off(&seq);
     }
 
+    /// The batch `seq`, while in flight.
     pub fn get(&self, seq: u64) -> Option<&InFlight<T, P>> {
         self.entries.get(&seq)
     }
 
+    /// Batches in flight.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// Whether no batch is in flight.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -248,6 +255,7 @@ impl<T> Reorder<T> {
         self.held.len()
     }
 
+    /// Whether no batch is buffered.
     pub fn is_empty(&self) -> bool {
         self.held.is_empty()
     }

@@ -12,6 +12,7 @@
 //! message larger than [`Limits::max_message_bytes`] before looking inside it; and it never
 //! allocates more than the size of the frames it was given.
 
+#![warn(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod auth;
@@ -19,6 +20,7 @@ pub mod cache;
 pub mod client;
 mod codec;
 pub mod config_file;
+pub mod endpoint;
 mod error;
 pub mod fingerprint;
 pub mod flow;
@@ -31,25 +33,11 @@ pub mod tokenizer;
 
 pub use auth::Key;
 pub use codec::{Limits, Message};
+pub use endpoint::Endpoint;
 pub use error::DecodeError;
 pub use fingerprint::Fingerprint;
 pub use liveness::Liveness;
 pub use messages::{Ack, Credit, End, Heartbeat, Resume, Role, ScoredBatch, Shutdown, TokenBatch};
-
-/// Checks an endpoint of a config: `tcp://` or `ipc://`; an empty one is missing (`rho run`
-/// assigns the endpoints it connects; a process started on its own needs them written).
-pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
-    if endpoint.is_empty() {
-        return Err(
-            "missing: the endpoint (`rho run` assigns it; a process started on its own needs it)"
-                .into(),
-        );
-    }
-    if !endpoint.starts_with("tcp://") && !endpoint.starts_with("ipc://") {
-        return Err(format!("`{endpoint}` is not a tcp:// or ipc:// endpoint"));
-    }
-    Ok(())
-}
 
 /// An error and its causes on one line, `outer: inner: ...` (for a message that is a string,
 /// such as a config field's reason).

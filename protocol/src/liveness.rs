@@ -61,10 +61,12 @@ impl Liveness {
         Ok(())
     }
 
+    /// The heartbeat interval.
     pub fn every(&self) -> Duration {
         Duration::from_secs_f64(self.heartbeat_secs)
     }
 
+    /// How long a silent peer is waited for before it is presumed dead.
     pub fn timeout(&self) -> Duration {
         Duration::from_secs_f64(self.peer_timeout_secs)
     }

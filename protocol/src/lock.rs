@@ -18,15 +18,22 @@ pub struct DirLock {
 /// Why a lock could not be taken.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
+    /// Another process holds the directory.
     #[error("{dir} is in use by another process (pid {pid}, lock file {lock}); stop it, or use another directory")]
     Held {
+        /// The directory.
         dir: PathBuf,
+        /// The lock file.
         lock: PathBuf,
+        /// The process holding it (as its lock file says).
         pid: String,
     },
+    /// The lock file cannot be created or locked.
     #[error("lock file {path}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The cause.
         source: std::io::Error,
     },
 }

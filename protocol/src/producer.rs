@@ -21,19 +21,27 @@ use crate::{Key, Limits, Message};
 /// A peer of a ROUTER socket: its identity frame.
 pub type Peer = Bytes;
 
+/// Why a producer's endpoint failed.
 #[derive(Debug, Error)]
 pub enum ProducerError {
+    /// The endpoint could not be bound (a taken port, a bad address).
     #[error("cannot bind {endpoint}")]
     Bind {
+        /// The endpoint.
         endpoint: String,
         #[source]
+        /// The cause.
         source: zeromq::ZmqError,
     },
+    /// The endpoint file could not be written.
     #[error("cannot write the endpoint file {path}")]
     EndpointFile {
+        /// The file.
         path: PathBuf,
+        /// The cause.
         source: std::io::Error,
     },
+    /// A message could not be sent.
     #[error("sending a message")]
     Send(#[from] zeromq::ZmqError),
 }
@@ -42,9 +50,17 @@ pub enum ProducerError {
 #[derive(Debug)]
 pub enum Incoming {
     /// A valid message of this run.
-    Message { peer: Peer, message: Message },
+    Message {
+        /// The sender.
+        peer: Peer,
+        /// The message.
+        message: Message,
+    },
     /// A message refused (already counted and logged).
-    Refused { peer: Peer },
+    Refused {
+        /// The sender.
+        peer: Peer,
+    },
 }
 
 /// A bound ROUTER endpoint.

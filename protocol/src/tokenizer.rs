@@ -16,7 +16,9 @@ use crate::Fingerprint;
 
 /// A tokenizer ready to encode documents, and the fingerprint of its file.
 pub struct LoadedTokenizer {
+    /// The tokenizer, its padding and truncation off.
     pub tokenizer: Tokenizer,
+    /// The fingerprint of the file.
     pub fingerprint: Fingerprint,
     /// What the file set that was turned off (`padding`, `truncation`), for the caller to report.
     pub ignored: Vec<&'static str>,

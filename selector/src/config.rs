@@ -1,11 +1,14 @@
 //! The selector's configuration.
 
+use rho_protocol::Endpoint;
 use serde::{Deserialize, Serialize};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 
 use crate::{Result, SelectorError};
 
+/// A selector's config (`rho selector --config FILE`, or the `selector` section of a run);
+/// docs/CONFIG.md describes every field.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SelectorConfig {
@@ -15,11 +18,11 @@ pub struct SelectorConfig {
     /// The loader's endpoint (this selector connects and asks for token batches). Required,
     /// except under `rho run`, which assigns it.
     #[serde(default)]
-    pub loader: String,
+    pub loader: Endpoint,
     /// The trainer's delivery endpoint (this selector connects and delivers scored batches).
     /// Required, except under `rho run`, which assigns it.
     #[serde(default)]
-    pub trainer: String,
+    pub trainer: Endpoint,
     /// The reference model: a HuggingFace checkpoint directory.
     pub model: PathBuf,
     /// The `tokenizer.json` the loader uses; batches tokenized otherwise are refused.
@@ -100,6 +103,7 @@ impl SelectorConfig {
         }
     }
 
+    /// Checks what serde cannot; the error names the field.
     pub fn validate(&self) -> Result<()> {
         let field = |field, reason: &str| {
             Err(SelectorError::ConfigField {
@@ -111,7 +115,10 @@ impl SelectorConfig {
             return Err(SelectorError::ConfigField { field, reason });
         }
         for (name, e) in [("loader", &self.loader), ("trainer", &self.trainer)] {
-            rho_protocol::check_endpoint(e).or_else(|reason| field(name, &reason))?;
+            e.check().map_err(|reason| SelectorError::ConfigField {
+                field: name,
+                reason,
+            })?;
         }
         if self.metrics_interval_secs.is_nan() || self.metrics_interval_secs <= 0.0 {
             return field("metrics_interval_secs", "must be positive");

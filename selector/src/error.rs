@@ -1,44 +1,78 @@
 use std::path::PathBuf;
 use thiserror::Error;
 
+/// Everything that stops a selector.
 #[derive(Debug, Error)]
 pub enum SelectorError {
+    /// The config file cannot be read or parsed.
     #[error(transparent)]
     ConfigFile(#[from] rho_protocol::config_file::ConfigFileError),
+    /// A config field is wrong.
     #[error("invalid config: field `{field}`: {reason}")]
-    ConfigField { field: &'static str, reason: String },
+    ConfigField {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The reference model cannot be loaded.
     #[error("model {}", path.display())]
     Model {
+        /// The file.
         path: PathBuf,
+        /// The cause.
         source: rho_model::ModelError,
     },
+    /// The tokenizer file cannot be loaded.
     #[error("tokenizer {path}: {reason}")]
-    Tokenizer { path: PathBuf, reason: String },
+    Tokenizer {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The reference model cannot score every token of the tokenizer.
     #[error("the reference model {model} has a vocabulary of {model_vocab}, too small for tokenizer {tokenizer} with {tokenizer_vocab} tokens")]
     VocabMismatch {
+        /// The model directory.
         model: PathBuf,
+        /// Its vocabulary size.
         model_vocab: usize,
+        /// The tokenizer file.
         tokenizer: PathBuf,
+        /// Its vocabulary size.
         tokenizer_vocab: usize,
     },
+    /// A batch made with another tokenizer.
     #[error("batch {seq} was tokenized with {got}, but this selector is configured with tokenizer {path} ({expected}); refusing to score it")]
     TokenizerMismatch {
+        /// The batch's sequence number.
         seq: u64,
+        /// What arrived.
         got: String,
+        /// What was expected.
         expected: String,
+        /// The file.
         path: PathBuf,
     },
+    /// The model failed on a batch.
     #[error("scoring batch {seq} failed")]
     Scoring {
+        /// The batch's sequence number.
         seq: u64,
+        /// The cause.
         source: rho_model::ModelError,
     },
+    /// A connection failed.
     #[error("a connection")]
     Client(#[from] rho_protocol::client::ClientError),
+    /// The scored cache cannot be written.
     #[error("the scored cache")]
     Cache(#[from] rho_protocol::cache::CacheError),
+    /// A blocking task panicked or was cancelled.
     #[error("a blocking task")]
     Task(#[from] tokio::task::JoinError),
 }
 
+/// A selector result.
 pub type Result<T, E = SelectorError> = std::result::Result<T, E>;

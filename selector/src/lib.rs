@@ -7,6 +7,7 @@
 //! At start-up it refuses a reference model whose vocabulary is smaller than the tokenizer's;
 //! it refuses to score a batch whose tokenizer fingerprint is not its tokenizer's.
 
+#![warn(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod config;

@@ -45,6 +45,8 @@ pub fn model_fingerprint(dir: &Path) -> Result<Fingerprint, ModelError> {
 }
 
 impl CandleScorer {
+    /// Loads the reference model of a checkpoint directory; `loss_chunk` positions per logits
+    /// chunk (default: about 32 MiB of logits).
     pub fn load(
         dir: &Path,
         device: &Device,
@@ -58,6 +60,7 @@ impl CandleScorer {
         })
     }
 
+    /// The model.
     pub fn model(&self) -> &DecoderLm {
         &self.model
     }

@@ -26,9 +26,11 @@ use crate::{Result, SelectorError};
 /// What a selector did.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Report {
+    /// Scored batches delivered to the trainer.
     pub batches: u64,
     /// Valid target positions scored.
     pub tokens: u64,
+    /// Seconds from start to stop.
     pub wall_secs: f64,
     /// Time spent in the model.
     pub score_secs: f64,
@@ -36,11 +38,13 @@ pub struct Report {
     pub queue_wait_secs: f64,
     /// Time from a batch's arrival to its delivery, summed.
     pub latency_secs: f64,
+    /// Messages refused (malformed, of another run, unsigned).
     pub messages_rejected: u64,
     /// Connections dropped and made again because a peer fell silent.
     pub reconnects: u64,
     /// Bytes written to the scored cache (`cache_out`).
     pub cache_bytes: u64,
+    /// Stopped by a signal or by the trainer before the stream ended.
     pub interrupted: bool,
 }
 
@@ -48,15 +52,23 @@ pub struct Report {
 /// `metrics_interval_secs` and once at the end.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct SelectorMetrics {
+    /// Seconds since the selector started.
     pub elapsed_s: f64,
+    /// Scored batches delivered.
     pub batches: u64,
+    /// Valid target positions scored.
     pub tokens: u64,
+    /// `tokens` over `elapsed_s`.
     pub tokens_per_s: f64,
+    /// Mean time in the model per batch.
     pub mean_score_ms: f64,
+    /// Mean time from a batch's arrival to its delivery.
     pub mean_latency_ms: f64,
+    /// Mean time a batch waited for the model.
     pub mean_queue_wait_ms: f64,
     /// Fraction of the wall time the model was not scoring.
     pub idle_fraction: f64,
+    /// Messages refused so far.
     pub messages_rejected: u64,
 }
 
@@ -90,6 +102,7 @@ pub struct Credits {
 }
 
 impl Credits {
+    /// No credits yet; at most `prefetch` batches asked of the loader ahead.
     pub fn new(prefetch: u32) -> Self {
         Credits {
             down: 0,
@@ -263,9 +276,10 @@ impl Selector {
             }
         })?;
         let (run_id, trainer_at) = (&config.run_id, &config.trainer);
-        let mut trainer = Consumer::connect_with(trainer_at, run_id, limits, key.clone()).await?;
+        let mut trainer =
+            Consumer::connect_with(trainer_at.as_str(), run_id, limits, key.clone()).await?;
         let _ = trainer.heartbeat(Role::Selector).await;
-        let loader = Consumer::connect_with(&config.loader, run_id, limits, key).await?;
+        let loader = Consumer::connect_with(config.loader.as_str(), run_id, limits, key).await?;
         tracing::info!(loader = %config.loader, trainer = %config.trainer, "selector connected");
         let metrics =
             match &config.metrics {

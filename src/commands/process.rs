@@ -17,7 +17,7 @@ pub struct LoaderArgs {
     start_batch: Option<u64>,
     /// Bind this endpoint (overrides `endpoint`).
     #[arg(long)]
-    endpoint: Option<String>,
+    endpoint: Option<rho_protocol::Endpoint>,
     /// Serve the scored batches of this cache instead of tokenizing (overrides `scored`).
     #[arg(long)]
     scored: Option<PathBuf>,

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use rho_loader::LoaderConfig;
+use rho_protocol::Endpoint;
 use rho_selector::SelectorConfig;
 use rho_trainer::TrainerConfig;
 use serde::{Deserialize, Serialize};
@@ -142,9 +143,13 @@ impl Given {
     }
 }
 
-fn assign_later(endpoint: &mut String) {
-    if endpoint.is_empty() {
-        ANY_LOOPBACK_PORT.clone_into(endpoint);
+fn any_loopback_port() -> Endpoint {
+    Endpoint::new(ANY_LOOPBACK_PORT).unwrap_or_default()
+}
+
+fn assign_later(endpoint: &mut Endpoint) {
+    if !endpoint.is_assigned() {
+        *endpoint = any_loopback_port();
     }
 }
 
@@ -152,7 +157,7 @@ fn assign_later(endpoint: &mut String) {
 fn complete_loader(loader: &mut LoaderConfig, base: &Path, dir: &Path, endpoint_given: bool) {
     loader.resolve_paths(base);
     if !endpoint_given {
-        loader.endpoint = ANY_LOOPBACK_PORT.into();
+        loader.endpoint = any_loopback_port();
     }
     loader.endpoint_file = Some(dir.join("loader.endpoint"));
     loader
@@ -168,7 +173,7 @@ fn complete_loader(loader: &mut LoaderConfig, base: &Path, dir: &Path, endpoint_
 fn complete_trainer(trainer: &mut TrainerConfig, base: &Path, dir: &Path, delivery_given: bool) {
     trainer.resolve_paths(base);
     if !delivery_given {
-        trainer.delivery = ANY_LOOPBACK_PORT.into();
+        trainer.delivery = any_loopback_port();
     }
     trainer.delivery_file = Some(dir.join("trainer.delivery"));
     trainer
@@ -335,11 +340,11 @@ mod tests {
     fn endpoints_the_file_names_are_kept_and_the_others_assigned() {
         let g = Given::of(r#"{"loader": {"endpoint": "tcp://127.0.0.1:7000"}, "trainer": {}}"#);
         assert!(g.loader_endpoint && !g.trainer_delivery);
-        let mut e = String::new();
+        let mut e = Endpoint::default();
         assign_later(&mut e);
-        assert_eq!(e, ANY_LOOPBACK_PORT);
-        let mut e = "ipc:///tmp/x".to_string();
+        assert_eq!(e.as_str(), ANY_LOOPBACK_PORT);
+        let mut e = Endpoint::new("ipc:///tmp/x").unwrap();
         assign_later(&mut e);
-        assert_eq!(e, "ipc:///tmp/x");
+        assert_eq!(e.as_str(), "ipc:///tmp/x");
     }
 }

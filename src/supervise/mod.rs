@@ -163,7 +163,7 @@ impl Supervisor {
     async fn start_trainer(&mut self, loader_at: &str, secret: &Path) -> anyhow::Result<()> {
         let trainer = &mut self.plan.settings.trainer;
         trainer.run_id = self.run_id.clone();
-        trainer.loader = loader_at.to_string();
+        trainer.loader = endpoint(loader_at)?;
         trainer
             .secret_file
             .get_or_insert_with(|| secret.to_path_buf());
@@ -189,9 +189,9 @@ impl Supervisor {
         let Some(mut s) = self.plan.selector.clone() else {
             return Ok(());
         };
-        s.trainer = self.wait_file(&self.dir().join("trainer.delivery")).await?;
+        s.trainer = endpoint(&self.wait_file(&self.dir().join("trainer.delivery")).await?)?;
         s.run_id = self.run_id.clone();
-        s.loader = loader_at.to_string();
+        s.loader = endpoint(loader_at)?;
         s.secret_file.get_or_insert_with(|| secret.to_path_buf());
         s.validate().context("run config, section `selector`")?;
         for i in 0..self.plan.selectors() {
@@ -472,6 +472,11 @@ impl Supervisor {
         let _ = writeln!(std::io::stdout(), "{}", serde_json::to_string(&summary)?);
         Ok(RunEnd::Finished)
     }
+}
+
+/// An endpoint a process published.
+fn endpoint(text: &str) -> anyhow::Result<rho_protocol::Endpoint> {
+    rho_protocol::Endpoint::new(text).map_err(|e| anyhow::anyhow!("a published endpoint: {e}"))
 }
 
 /// The wait before restarting a selector after `failures` quick failures in a row.

@@ -13,6 +13,7 @@ use crate::Result;
 /// One step's data: token windows and, when scored, the reference losses.
 #[derive(Debug, Clone)]
 pub struct StepInput {
+    /// The token windows.
     pub batch: TokenBatch,
     /// `[rows, window - 1]` reference losses.
     pub ref_loss: Option<Vec<f32>>,
@@ -42,6 +43,7 @@ pub struct StepStats {
     pub selected_fraction: f32,
     /// Mean `L_theta - L_ref` over valid tokens (0 without reference).
     pub mean_excess: f32,
+    /// The learning rate of the step.
     pub lr: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f32,

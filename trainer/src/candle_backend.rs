@@ -83,10 +83,12 @@ impl CandleBackend {
         Ok(DecoderLm::from_tensors(config.clone(), &map, DType::F32)?)
     }
 
+    /// The model being trained.
     pub fn model(&self) -> &DecoderLm {
         &self.model
     }
 
+    /// The trained variables, by HuggingFace name.
     pub fn vars(&self) -> &[(String, Var)] {
         &self.vars
     }

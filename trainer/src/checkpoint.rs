@@ -29,6 +29,7 @@ use crate::{Result, TrainerError};
 /// What resumes the stream and the schedule.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TrainerState {
+    /// The run the checkpoint belongs to.
     pub run_id: String,
     /// Steps taken.
     pub step: u64,
@@ -330,6 +331,7 @@ impl Checkpoints {
         Ok((this, None))
     }
 
+    /// The checkpoint directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -1,5 +1,6 @@
 //! The trainer's configuration.
 
+use rho_protocol::Endpoint;
 use serde::{Deserialize, Serialize};
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
@@ -26,7 +27,9 @@ pub enum Source {
     /// Selectors when the score rule needs reference losses, else the loader.
     #[default]
     Auto,
+    /// Scored batches from selectors, on the delivery endpoint.
     Selectors,
+    /// Batches straight from the loader (token batches, or a scored cache it serves).
     Loader,
 }
 
@@ -62,21 +65,25 @@ fn d_eval_batches() -> usize {
     8
 }
 
+/// A trainer's config (`rho trainer --config FILE`, or the `trainer` section of a run);
+/// docs/CONFIG.md describes every field.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainerConfig {
+    /// The run; messages of other runs are refused.
     #[serde(default = "d_run_id")]
     pub run_id: String,
     /// The loader's endpoint: acknowledgements go there, and token batches come from there when
     /// the score rule needs no reference. Required, except under `rho run`, which assigns it.
     #[serde(default)]
-    pub loader: String,
+    pub loader: Endpoint,
     /// The endpoint this trainer binds for selectors to deliver scored batches.
     #[serde(default = "d_delivery")]
-    pub delivery: String,
+    pub delivery: Endpoint,
     /// Write the bound delivery endpoint here (useful with port 0).
     #[serde(default)]
     pub delivery_file: Option<PathBuf>,
+    /// `candle` (trains) or `null` (consumes only).
     #[serde(default)]
     pub backend: BackendChoice,
     /// The initial weights: a HuggingFace checkpoint directory (candle backend).
@@ -85,8 +92,10 @@ pub struct TrainerConfig {
     /// `cpu` (default), `cuda` or `cuda:N`.
     #[serde(default)]
     pub device: rho_model::DeviceSpec,
+    /// Which tokens are trained on.
     #[serde(default)]
     pub selection: Selection,
+    /// AdamW and its schedule.
     #[serde(default)]
     pub optimizer: OptimizerConfig,
     /// Micro-batches per step (gradient accumulation); selection still spans the whole step.
@@ -95,11 +104,13 @@ pub struct TrainerConfig {
     /// Stop after this many steps; default: when the stream ends.
     #[serde(default)]
     pub max_steps: Option<u64>,
+    /// Where checkpoints go, and how often.
     #[serde(default)]
     pub checkpoint: Option<CheckpointConfig>,
     /// Continue from the newest complete checkpoint in `checkpoint.dir` when there is one.
     #[serde(default)]
     pub resume: bool,
+    /// Held-out evaluation.
     #[serde(default)]
     pub eval: Option<EvalConfig>,
     /// Scored batches each selector may have on its way to this trainer. Default 2.
@@ -132,6 +143,7 @@ pub struct TrainerConfig {
     /// batches, or scored batches of a cache served with `rho loader --scored`).
     #[serde(default)]
     pub source: Source,
+    /// Largest message accepted.
     #[serde(default = "d_max_message")]
     pub max_message_bytes: u64,
 }
@@ -139,8 +151,8 @@ pub struct TrainerConfig {
 fn d_run_id() -> String {
     "rho".into()
 }
-fn d_delivery() -> String {
-    "tcp://127.0.0.1:5556".into()
+fn d_delivery() -> Endpoint {
+    Endpoint::new("tcp://127.0.0.1:5556").unwrap_or_default()
 }
 fn d_one() -> NonZeroUsize {
     NonZeroUsize::MIN
@@ -186,10 +198,14 @@ impl TrainerConfig {
         }
     }
 
+    /// Checks what serde cannot; the error names the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |field, reason: String| Err(TrainerError::ConfigField { field, reason });
         for (name, e) in [("loader", &self.loader), ("delivery", &self.delivery)] {
-            rho_protocol::check_endpoint(e).or_else(|reason| bad(name, reason))?;
+            e.check().map_err(|reason| TrainerError::ConfigField {
+                field: name,
+                reason,
+            })?;
         }
         if self.backend == BackendChoice::Candle && self.model.is_none() {
             return bad(

@@ -6,27 +6,52 @@ use thiserror::Error;
 /// `{:#}` (or anyhow's report) prints the whole chain.
 #[derive(Debug, Error)]
 pub enum TrainerError {
+    /// The config file cannot be read or parsed.
     #[error(transparent)]
     ConfigFile(#[from] rho_protocol::config_file::ConfigFileError),
+    /// A config field is wrong.
     #[error("invalid config: field `{field}`: {reason}")]
-    ConfigField { field: &'static str, reason: String },
+    ConfigField {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The model failed (loading, a forward or backward pass).
     #[error("model")]
     Model(#[from] rho_model::ModelError),
     /// A checkpoint that cannot be used as it is (not an IO failure).
     #[error("checkpoint {}: {reason}", path.display())]
-    Checkpoint { path: PathBuf, reason: String },
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A file cannot be read or written.
     #[error("file {}", path.display())]
     Io {
+        /// The file.
         path: PathBuf,
         #[source]
+        /// The cause.
         source: std::io::Error,
     },
+    /// A batch that cannot be trained on.
     #[error("batch {seq}: {reason}")]
-    Batch { seq: u64, reason: String },
+    Batch {
+        /// The batch's sequence number.
+        seq: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The connection to the loader failed.
     #[error("the loader connection")]
     Client(#[from] rho_protocol::client::ClientError),
+    /// The delivery endpoint failed.
     #[error("the delivery endpoint")]
     Producer(#[from] rho_protocol::producer::ProducerError),
+    /// A blocking task panicked or was cancelled.
     #[error("a blocking task")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -55,4 +80,5 @@ impl From<candle_core::Error> for TrainerError {
     }
 }
 
+/// A trainer result.
 pub type Result<T, E = TrainerError> = std::result::Result<T, E>;

@@ -4,6 +4,7 @@
 //! acknowledges batches to the loader, and checkpoints model, optimizer and stream cursor
 //! together. Backends (candle, a null consumer) sit behind [`Backend`].
 
+#![warn(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod backend;

@@ -15,10 +15,13 @@ pub struct OptimizerConfig {
     /// Peak learning rate. Default 3e-4.
     #[serde(default = "d_lr")]
     pub lr: f64,
+    /// AdamW's first-moment decay. Default 0.9.
     #[serde(default = "d_beta1")]
     pub beta1: f64,
+    /// AdamW's second-moment decay. Default 0.95.
     #[serde(default = "d_beta2")]
     pub beta2: f64,
+    /// AdamW's denominator floor. Default 1e-8.
     #[serde(default = "d_eps")]
     pub eps: f64,
     /// Decoupled weight decay, applied to matrices (2-D weights) only. Default 0.1.
@@ -94,6 +97,7 @@ pub struct AdamW {
 }
 
 impl AdamW {
+    /// An optimizer over `vars`, with zeroed moments.
     pub fn new(config: OptimizerConfig, vars: &[(String, Var)]) -> Result<Self> {
         let mut m = Vec::with_capacity(vars.len());
         let mut v = Vec::with_capacity(vars.len());

@@ -24,14 +24,18 @@ use crate::{Result, TrainerError};
 /// One evaluation.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EvalPoint {
+    /// Steps taken when evaluated.
     pub step: u64,
+    /// Valid target tokens trained on by then.
     pub tokens: u64,
+    /// Mean loss over every valid held-out token.
     pub loss: f32,
 }
 
 /// What a trainer did.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Report {
+    /// Steps taken (resumed ones included).
     pub steps: u64,
     /// The stream cursor at the end.
     pub next_seq: u64,
@@ -39,16 +43,21 @@ pub struct Report {
     pub tokens: u64,
     /// Sequence numbers trained on by this process, in order.
     pub consumed: Vec<u64>,
+    /// Held-out evaluations, in order.
     pub evals: Vec<EvalPoint>,
     /// Batches received again after they were trained on or buffered (dropped).
     pub duplicates: u64,
+    /// Messages refused (malformed, of another run, unsigned, unexpected).
     pub messages_rejected: u64,
     /// Times the loader fell silent and was connected to again.
     pub reconnects: u64,
+    /// Seconds from start to stop.
     pub wall_secs: f64,
     /// Fraction of wall time spent waiting for the next batch.
     pub data_wait_fraction: f64,
+    /// The last checkpoint written.
     pub last_checkpoint: Option<std::path::PathBuf>,
+    /// Stopped by a signal before the stream ended.
     pub interrupted: bool,
 }
 
@@ -144,7 +153,7 @@ impl Trainer {
         // The delivery endpoint is bound (or refused) first: connecting waits for the loader.
         tracing::info!(loader = %config.loader, "connecting to the loader");
         let mut loader =
-            Consumer::connect_with(&config.loader, &config.run_id, limits, key).await?;
+            Consumer::connect_with(config.loader.as_str(), &config.run_id, limits, key).await?;
         if state.next_seq > 0 {
             loader.resume(state.next_seq).await?;
         }
@@ -514,7 +523,7 @@ async fn bind_delivery(
     key: Option<Key>,
 ) -> Result<Producer> {
     let p = Producer::bind(
-        &config.delivery,
+        config.delivery.as_str(),
         config.delivery_file.as_deref(),
         &config.run_id,
         limits,

@@ -52,9 +52,17 @@ pub enum Scope {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum RatioSchedule {
     /// The same ratio at every step.
-    Constant { ratio: f64 },
+    Constant {
+        /// The share of tokens kept.
+        ratio: f64,
+    },
     /// Every token for the first `steps` steps (plain causal LM), then `ratio`.
-    CausalThen { steps: u64, ratio: f64 },
+    CausalThen {
+        /// Steps of plain causal LM first (every token kept).
+        steps: u64,
+        /// The share of tokens kept.
+        ratio: f64,
+    },
 }
 
 impl Default for RatioSchedule {
@@ -95,10 +103,13 @@ impl RatioSchedule {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Selection {
+    /// How a token is scored.
     #[serde(default)]
     pub score: ScoreRule,
+    /// Over what the top-k is taken.
     #[serde(default)]
     pub scope: Scope,
+    /// The share of tokens kept, by step.
     #[serde(default)]
     pub schedule: RatioSchedule,
 }
@@ -121,7 +132,9 @@ pub fn score(rule: ScoreRule, current: f32, reference: f32) -> f32 {
 /// The per-position losses of one step: `rows` sequences of `len` target positions, row-major.
 #[derive(Debug, Clone, Copy)]
 pub struct Losses<'a> {
+    /// Sequences.
     pub rows: usize,
+    /// Target positions per sequence.
     pub len: usize,
     /// The model's own loss `L_theta` of every position.
     pub current: &'a [f32],

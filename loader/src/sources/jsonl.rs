@@ -6,6 +6,7 @@ use std::path::Path;
 
 use super::{doc_event, Event, Format, SkipReason};
 
+/// The documents of a JSON-lines shard (plain, gzip or zstd), one per line.
 pub struct JsonlDocs {
     reader: Box<dyn BufRead + Send>,
     text_field: String,
@@ -15,6 +16,7 @@ pub struct JsonlDocs {
 }
 
 impl JsonlDocs {
+    /// Opens a shard; the documents are read as the iterator is pulled.
     pub fn open(path: &Path, format: Format, text_field: &str) -> Result<Self, String> {
         let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
         let raw: Box<dyn Read + Send> = match format {

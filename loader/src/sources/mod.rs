@@ -19,9 +19,13 @@ use crate::{LoaderError, Result};
 /// The on-disk format of one shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
+    /// Apache Parquet.
     Parquet,
+    /// JSON lines.
     Jsonl,
+    /// Gzip-compressed JSON lines.
     JsonlGz,
+    /// Zstd-compressed JSON lines.
     JsonlZst,
 }
 
@@ -46,16 +50,22 @@ impl Format {
 /// A shard file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shard {
+    /// The file.
     pub path: PathBuf,
+    /// Its format.
     pub format: Format,
 }
 
 /// Why a row was skipped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SkipReason {
+    /// No text field, or a null one.
     NoText,
+    /// Text that is not UTF-8.
     BadUtf8,
+    /// A line that is not JSON (the parser's message).
     BadJson(String),
+    /// Empty text.
     Empty,
 }
 
@@ -63,11 +73,26 @@ pub enum SkipReason {
 #[derive(Debug)]
 pub enum Event {
     /// A document and its row number in the shard (0-based).
-    Doc { row: u64, text: String },
+    Doc {
+        /// The row's index in the shard.
+        row: u64,
+        /// The document's text.
+        text: String,
+    },
     /// A row that holds no usable document.
-    Skip { row: u64, reason: SkipReason },
+    Skip {
+        /// The row's index in the shard.
+        row: u64,
+        /// What is wrong.
+        reason: SkipReason,
+    },
     /// Part of the shard could not be read; `row` is where the damage starts, if known.
-    Damage { row: Option<u64>, reason: String },
+    Damage {
+        /// The row's index in the shard.
+        row: Option<u64>,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// Finds the shards `data.paths` names: files, directories (recursively) and glob patterns,

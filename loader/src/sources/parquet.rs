@@ -19,6 +19,7 @@ use super::{bytes_event, Event, SkipReason};
 /// Rows decoded per read.
 const ROWS_PER_READ: usize = 256;
 
+/// The documents of a parquet shard, row group by row group.
 pub struct ParquetDocs {
     reader: SerializedFileReader<File>,
     column: usize,
@@ -36,6 +37,7 @@ pub struct ParquetDocs {
 }
 
 impl ParquetDocs {
+    /// Opens a shard; row groups are read as the iterator is pulled.
     pub fn open(path: &Path, text_field: &str) -> Result<Self, String> {
         let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
         let reader = SerializedFileReader::new(file)
@@ -179,9 +181,11 @@ impl Iterator for ParquetDocs {
 /// One row of an OpenWebMath-style shard.
 #[derive(Debug, Clone, Default)]
 pub struct Row {
+    /// Where the document was found.
     pub url: String,
     /// `None` writes a null, as a row without text.
     pub text: Option<String>,
+    /// When it was crawled.
     pub date: String,
     /// A JSON document, as OpenWebMath stores it.
     pub metadata: String,
@@ -196,7 +200,9 @@ pub fn write_shard(path: &Path, rows: &[Row], rows_per_group: usize) -> std::io:
 /// Per-document token columns: the ids of the document's tokens and, for each, a mask value.
 #[derive(Debug, Clone, Default)]
 pub struct TokenColumns {
+    /// The document's token ids.
     pub token_ids: Vec<u32>,
+    /// One value per token (1: selected).
     pub mask: Vec<u8>,
 }
 

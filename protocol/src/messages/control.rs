@@ -6,30 +6,40 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// The loader.
     Loader,
+    /// A selector.
     Selector,
+    /// The trainer.
     Trainer,
+    /// Another consumer of the protocol (a benchmark, a test, a PyTorch loop).
     Client,
 }
 
 /// A consumer asks for `n` more batches (work request). A producer sends nothing unasked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credit {
+    /// The run.
     pub run_id: String,
+    /// How many more.
     pub n: u32,
 }
 
 /// The trainer has consumed these batches; the loader may forget them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ack {
+    /// The run.
     pub run_id: String,
+    /// The sequence numbers consumed.
     pub seqs: Vec<u64>,
 }
 
 /// Liveness, both ways. A peer that answers no heartbeat is presumed dead.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Heartbeat {
+    /// The run.
     pub run_id: String,
+    /// Who sends it.
     pub role: Role,
     /// Sender's clock, milliseconds since the Unix epoch (informational).
     pub at_ms: u64,
@@ -38,20 +48,26 @@ pub struct Heartbeat {
 /// The resume cursor: the consumer wants the stream to continue at batch `next_seq`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resume {
+    /// The run.
     pub run_id: String,
+    /// The first batch the consumer has not trained on.
     pub next_seq: u64,
 }
 
 /// Stop: the sender is going away, or asks the receiver to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shutdown {
+    /// The run.
     pub run_id: String,
+    /// Why, for the logs.
     pub reason: String,
 }
 
 /// The stream is exhausted: no batch with `seq >= total` will ever be issued.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct End {
+    /// The run.
     pub run_id: String,
+    /// Batches in the stream: one past the last sequence number.
     pub total: u64,
 }

@@ -3,6 +3,7 @@ use crate::{Fingerprint, TokenBatch};
 /// A token batch with the reference model's loss attached to every target position.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScoredBatch {
+    /// The token windows.
     pub batch: TokenBatch,
     /// Fingerprint of the reference model that produced `ref_loss`.
     pub ref_model: Fingerprint,
