@@ -106,6 +106,9 @@ pub struct LoaderConfig {
     /// JSONL metrics file, one line per interval.
     #[serde(default)]
     pub metrics: Option<PathBuf>,
+    /// Write TensorBoard event files of this process's scalars into this directory.
+    #[serde(default)]
+    pub tensorboard: Option<PathBuf>,
     /// Seconds between metrics lines. Default 1.
     #[serde(default = "default_interval")]
     pub metrics_interval_secs: f64,
@@ -210,6 +213,7 @@ impl LoaderConfig {
             &mut self.endpoint_file,
             &mut self.state_dir,
             &mut self.metrics,
+            &mut self.tensorboard,
         ]
         .into_iter()
         .flatten()

@@ -1,5 +1,6 @@
 //! The loader's counters, named in one place, and their JSONL and terminal reports.
 
+use rho_protocol::tensorboard::EventWriter;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -85,6 +86,7 @@ impl Counts {
 /// Writes one JSON line per interval: counters and rates since start.
 pub struct Reporter {
     file: Option<rho_protocol::jsonl::JsonLines>,
+    events: Option<EventWriter>,
     start: Instant,
     progress: indicatif::ProgressBar,
 }
@@ -107,9 +109,13 @@ pub struct LoaderMetrics {
 
 impl Reporter {
     /// The error names the metrics file.
-    pub fn new(path: Option<&Path>) -> Result<Self, String> {
+    pub fn new(path: Option<&Path>, tensorboard: Option<&Path>) -> Result<Self, String> {
         let file = match path {
             Some(p) => Some(rho_protocol::jsonl::JsonLines::open(p, false)?),
+            None => None,
+        };
+        let events = match tensorboard {
+            Some(dir) => Some(EventWriter::create(dir, None)?),
             None => None,
         };
         let progress = indicatif::ProgressBar::new_spinner();
@@ -119,6 +125,7 @@ impl Reporter {
         );
         Ok(Reporter {
             file,
+            events,
             start: Instant::now(),
             progress,
         })
@@ -136,6 +143,18 @@ impl Reporter {
         };
         if let Some(f) = &mut self.file {
             f.append(&line);
+        }
+        if let Some(e) = &mut self.events {
+            // One point per interval, at the batches sent so far.
+            e.scalars(
+                counts.batches_sent,
+                &[
+                    ("loader/tokens_per_s", line.tokens_per_s),
+                    ("loader/in_flight", counts.in_flight as f64),
+                    ("loader/redeliveries", counts.redeliveries as f64),
+                    ("loader/messages_rejected", counts.messages_rejected as f64),
+                ],
+            );
         }
         self.progress.set_message(format!(
             "docs {} | tokens {} ({:.0}/s, {:.1} MB/s) | batches sent {} acked {} in flight {} | skipped {} damaged {}",

@@ -197,12 +197,11 @@ impl Loader {
             other => other.into(),
         })?;
         tracing::info!(endpoint = %socket.endpoint(), "loader listening");
-        let reporter = Reporter::new(config.metrics.as_deref()).map_err(|reason| {
-            LoaderError::ConfigField {
+        let reporter = Reporter::new(config.metrics.as_deref(), config.tensorboard.as_deref())
+            .map_err(|reason| LoaderError::ConfigField {
                 field: "metrics",
                 reason,
-            }
-        })?;
+            })?;
         let stride = RankStride {
             world: u64::from(config.world.get()),
             rank: u64::from(config.rank),

@@ -29,6 +29,7 @@ pub mod liveness;
 pub mod lock;
 pub mod messages;
 pub mod producer;
+pub mod tensorboard;
 pub mod tokenizer;
 
 pub use auth::Key;

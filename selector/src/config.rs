@@ -42,6 +42,9 @@ pub struct SelectorConfig {
     /// JSONL metrics file.
     #[serde(default)]
     pub metrics: Option<PathBuf>,
+    /// Write TensorBoard event files of this process's scalars into this directory.
+    #[serde(default)]
+    pub tensorboard: Option<PathBuf>,
     /// Seconds between metrics lines. Default 1.
     #[serde(default = "default_interval")]
     pub metrics_interval_secs: f64,
@@ -93,6 +96,7 @@ impl SelectorConfig {
         }
         for p in [
             &mut self.metrics,
+            &mut self.tensorboard,
             &mut self.secret_file,
             &mut self.cache_out,
         ]

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use rho_protocol::cache::{CacheHeader, CacheWriter};
 use rho_protocol::client::{ClientError, Consumer};
 use rho_protocol::jsonl::JsonLines;
+use rho_protocol::tensorboard::EventWriter;
 use rho_protocol::{Fingerprint, Key, Limits, Message, Role, ScoredBatch, TokenBatch};
 use tokio::task::JoinError;
 
@@ -254,6 +255,8 @@ pub struct Selector {
     ended: bool,
     cache: Option<CacheWriter>,
     metrics: Option<JsonLines>,
+    /// TensorBoard event files of the scalars.
+    events: Option<EventWriter>,
     progress: indicatif::ProgressBar,
     report: Report,
     started: Instant,
@@ -292,6 +295,15 @@ impl Selector {
                 None => None,
             };
         let cache = open_cache(&config, &tokenizer, scorer.as_ref())?;
+        let events = match &config.tensorboard {
+            Some(dir) => Some(EventWriter::create(dir, None).map_err(|reason| {
+                SelectorError::ConfigField {
+                    field: "tensorboard",
+                    reason,
+                }
+            })?),
+            None => None,
+        };
         Ok(Selector {
             credits: Credits::new(config.prefetch.get()),
             config,
@@ -305,6 +317,7 @@ impl Selector {
             ended: false,
             cache,
             metrics,
+            events,
             progress: indicatif::ProgressBar::new_spinner(),
             report: Report::default(),
             started,
@@ -512,6 +525,18 @@ impl Selector {
         let line = self.report.line(self.started.elapsed().as_secs_f64());
         if let Some(f) = &mut self.metrics {
             f.append(&line);
+        }
+        if let Some(e) = &mut self.events {
+            // One point per interval, at the batches delivered so far.
+            e.scalars(
+                line.batches,
+                &[
+                    ("selector/tokens_per_s", line.tokens_per_s),
+                    ("selector/idle_fraction", line.idle_fraction),
+                    ("selector/mean_latency_ms", line.mean_latency_ms),
+                    ("selector/mean_score_ms", line.mean_score_ms),
+                ],
+            );
         }
         self.progress.set_message(format!(
             "selector: {} batches, {:.0} tokens/s, queue {}, credits {}",

@@ -164,6 +164,9 @@ fn complete_loader(loader: &mut LoaderConfig, base: &Path, dir: &Path, endpoint_
         .metrics
         .get_or_insert_with(|| dir.join("loader.metrics.jsonl"));
     loader
+        .tensorboard
+        .get_or_insert_with(|| dir.join("tensorboard/loader"));
+    loader
         .state_dir
         .get_or_insert_with(|| dir.join("loader-state"));
 }
@@ -179,6 +182,9 @@ fn complete_trainer(trainer: &mut TrainerConfig, base: &Path, dir: &Path, delive
     trainer
         .metrics
         .get_or_insert_with(|| dir.join("trainer.metrics.jsonl"));
+    trainer
+        .tensorboard
+        .get_or_insert_with(|| dir.join("tensorboard/trainer"));
     trainer
         .checkpoint
         .get_or_insert_with(|| rho_trainer::config::CheckpointConfig {

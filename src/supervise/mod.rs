@@ -206,6 +206,7 @@ impl Supervisor {
         let role = Role::Selector(i);
         let mut c = config.clone();
         c.metrics = Some(self.dir().join(format!("{}.metrics.jsonl", role.name())));
+        c.tensorboard = Some(self.dir().join("tensorboard").join(role.name()));
         Proc::start(&self.exe, self.dir(), role, &c)
     }
 

@@ -128,6 +128,9 @@ pub struct TrainerConfig {
     /// JSONL metrics, one line per step.
     #[serde(default)]
     pub metrics: Option<PathBuf>,
+    /// Write TensorBoard event files of this process's scalars into this directory.
+    #[serde(default)]
+    pub tensorboard: Option<PathBuf>,
     /// The run's shared secret (a file); every message is then signed and checked. Without it,
     /// the `RHO_SECRET` environment variable, else no authentication.
     #[serde(default)]
@@ -182,6 +185,7 @@ impl TrainerConfig {
         for p in [
             &mut self.model,
             &mut self.metrics,
+            &mut self.tensorboard,
             &mut self.delivery_file,
             &mut self.secret_file,
         ]

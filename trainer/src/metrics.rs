@@ -42,6 +42,25 @@ impl StepMetrics {
         )
     }
 
+    /// The step's scalars as TensorBoard shows them (`trainer/...`, `eval/loss` when evaluated).
+    pub fn scalars(&self) -> Vec<(&'static str, f64)> {
+        let s = &self.stats;
+        let mut v = vec![
+            ("trainer/loss_all", f64::from(s.loss_all)),
+            ("trainer/loss_selected", f64::from(s.loss_selected)),
+            ("trainer/selected_fraction", f64::from(s.selected_fraction)),
+            ("trainer/mean_excess", f64::from(s.mean_excess)),
+            ("trainer/lr", s.lr),
+            ("trainer/grad_norm", f64::from(s.grad_norm)),
+            ("trainer/tokens_per_s", self.tokens_per_s),
+            ("trainer/data_wait_fraction", self.data_wait_fraction),
+        ];
+        if let Some(loss) = self.eval_loss {
+            v.push(("eval/loss", f64::from(loss)));
+        }
+        v
+    }
+
     /// Reads a metrics file: every whole line that parses (a line cut short by a crash or a
     /// full disk is skipped).
     pub fn read_file(path: &std::path::Path) -> std::io::Result<Vec<StepMetrics>> {

@@ -11,6 +11,7 @@ use rho_protocol::client::{ClientError, Consumer};
 use rho_protocol::flow::{Inserted, Reorder};
 use rho_protocol::jsonl::JsonLines;
 use rho_protocol::producer::{Incoming, Peer, Producer, ProducerError};
+use rho_protocol::tensorboard::EventWriter;
 use rho_protocol::{Credit, Heartbeat, Key, Limits, Message, Role, TokenBatch};
 use serde::{Deserialize, Serialize};
 
@@ -115,6 +116,8 @@ pub struct Trainer {
     /// Where selectors deliver scored batches; `None` when batches come from the loader.
     delivery: Option<Producer>,
     metrics: Option<JsonLines>,
+    /// TensorBoard event files of the scalars.
+    events: Option<EventWriter>,
     progress: indicatif::ProgressBar,
     report: Report,
     /// Batches by sequence number, handed to training in order from the stream cursor.
@@ -167,6 +170,16 @@ impl Trainer {
             })?),
             None => None,
         };
+        let resumed_at = (state.step > 0).then_some(state.step);
+        let events = match &config.tensorboard {
+            Some(dir) => Some(EventWriter::create(dir, resumed_at).map_err(|reason| {
+                TrainerError::ConfigField {
+                    field: "tensorboard",
+                    reason,
+                }
+            })?),
+            None => None,
+        };
         Ok(Trainer {
             run_id: config.run_id.clone(),
             buffer: Reorder::new(state.next_seq, config.reorder_window.get()),
@@ -179,6 +192,7 @@ impl Trainer {
             loader,
             delivery,
             metrics,
+            events,
             progress: indicatif::ProgressBar::new_spinner(),
             report: Report::default(),
             owed: VecDeque::new(),
@@ -286,6 +300,9 @@ impl Trainer {
         };
         if let Some(f) = &mut self.metrics {
             f.append(&line);
+        }
+        if let Some(e) = &mut self.events {
+            e.scalars(line.step, &line.scalars());
         }
         self.progress.set_message(line.progress_line());
         self.progress.tick();
