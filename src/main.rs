@@ -9,6 +9,7 @@
 mod bench;
 mod commands;
 mod demo;
+mod report;
 mod runtime;
 mod supervise;
 mod synth;
@@ -64,6 +65,8 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Write a synthetic OpenWebMath-style corpus as parquet shards.
     Synth(synth::SynthArgs),
+    /// One page comparing runs: held-out loss, training loss, throughput, selection.
+    Report(report::ReportArgs),
     /// Keep the tokens a scoring rule selects as a smaller dataset (parquet with a token mask).
     Concentrate(concentrate::ConcentrateArgs),
 }
@@ -99,6 +102,7 @@ fn main() -> anyhow::Result<()> {
             Command::Bench(cmd) => bench::run(cmd).await,
             Command::Synth(args) => synth::run(args),
             Command::Concentrate(args) => concentrate::run(args),
+            Command::Report(args) => report::run(args),
         }
     })
 }

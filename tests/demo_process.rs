@@ -91,4 +91,44 @@ fn quick_demo_reports_what_its_runs_measured() {
     assert_eq!(&png[..4], b"\x89PNG");
     let html = std::fs::read_to_string(out.join("selection.html")).unwrap();
     assert!(html.contains("class=\"kept\"") && html.contains("noise"));
+
+    // `rho report` reads any runs back: the demo's two target runs here.
+    let cmp = out.join("compare");
+    rho(&[
+        "report",
+        &p(&out.join("runs/causal")),
+        &p(&out.join("runs/slm")),
+        "--out",
+        &p(&cmp),
+    ]);
+    let rows = read(&cmp.join("report.json"));
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, key) in rows
+        .iter()
+        .zip(["causal_final_eval_loss", "slm_final_eval_loss"])
+    {
+        let got = row["final_eval_loss"].as_f64().unwrap();
+        assert!((got - report[key].as_f64().unwrap()).abs() < 1e-6, "{key}");
+        assert_eq!(row["steps"].as_u64(), report["steps_per_run"].as_u64());
+    }
+    // The baseline reaches its own final loss with all of its tokens, or before.
+    assert!(rows[0]["tokens_to_baseline_final"].as_f64().unwrap() <= 1.0);
+    let page = std::fs::read_to_string(cmp.join("report.html")).unwrap();
+    assert!(page.contains("causal") && page.contains("slm"), "{page}");
+    for chart in [
+        "eval_loss",
+        "train_loss",
+        "throughput",
+        "data_wait",
+        "selected_fraction",
+    ] {
+        assert!(page.contains(&format!("{chart}.svg")), "{chart}");
+        let svg = std::fs::read_to_string(cmp.join(format!("{chart}.svg"))).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("slm"), "{chart}");
+        assert_eq!(
+            &std::fs::read(cmp.join(format!("{chart}.png"))).unwrap()[..4],
+            b"\x89PNG"
+        );
+    }
 }

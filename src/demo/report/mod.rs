@@ -15,7 +15,8 @@ use crate::synth::{Doc, NoiseKind};
 use rho_trainer::selection::Losses;
 use rho_trainer::{Scope, ScoreRule};
 
-mod plot;
+use crate::report::chart::{Chart, Series};
+use crate::report::tokens_to_reach;
 
 pub struct Inputs<'a> {
     pub out: &'a Path,
@@ -40,22 +41,6 @@ fn curve(run: &RunOutcome, plan: &Plan) -> Vec<(f64, f64)> {
         .iter()
         .map(|e| (e.step as f64 * per_step, f64::from(e.loss)))
         .collect()
-}
-
-/// The first evaluation at or below `target`, and the same point linearly interpolated between
-/// the evaluations around it.
-fn tokens_to_reach(curve: &[(f64, f64)], target: f64) -> Option<(f64, f64)> {
-    let i = curve.iter().position(|&(_, y)| y <= target)?;
-    if i == 0 {
-        return Some((curve[0].0, curve[0].0));
-    }
-    let ((x0, y0), (x1, y1)) = (curve[i - 1], curve[i]);
-    let t = if y0 > y1 {
-        (y0 - target) / (y0 - y1)
-    } else {
-        1.0
-    };
-    Some((x1, x0 + t * (x1 - x0)))
 }
 
 /// Throughput of the processes of one run, from their reports.
@@ -435,7 +420,24 @@ pub fn write(inp: &Inputs) -> anyhow::Result<Report> {
     let slm_final = final_of(&s).context("the SLM run has no evaluation")?;
     let budget = plan.tokens_per_run() as f64;
     let reach = tokens_to_reach(&s, causal_final);
-    plot::plot(inp.out, &c, &s, plan.ratio)?;
+    Chart {
+        title: "Held-out loss of the clean target distribution",
+        x_label: "training tokens read (millions)",
+        y_label: "loss (nats per token)",
+        x_scale: 1e6,
+        zoom: true,
+        series: vec![
+            Series {
+                label: "causal LM (every token)".into(),
+                points: c.clone(),
+            },
+            Series {
+                label: format!("SLM (top {:.0}% by excess loss)", plan.ratio * 100.0),
+                points: s.clone(),
+            },
+        ],
+    }
+    .write(inp.out, "loss")?;
     let (selection, html) = match inp.sample_docs {
         Some(docs) => {
             let (a, h) = selection_analysis(inp, docs)?;
@@ -549,20 +551,4 @@ pub fn summary_text(r: &Report, out: &Path) -> String {
         r.wall_seconds,
         out.join("report.json").display()
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::tokens_to_reach;
-
-    #[test]
-    fn reach_is_the_first_evaluation_at_or_below_the_target() {
-        let c = [(0.0, 5.0), (10.0, 4.0), (20.0, 3.0), (30.0, 2.5)];
-        assert_eq!(tokens_to_reach(&c, 3.0), Some((20.0, 20.0)));
-        let (first, interpolated) = tokens_to_reach(&c, 3.5).unwrap();
-        assert_eq!(first, 20.0);
-        assert!((interpolated - 15.0).abs() < 1e-9);
-        assert_eq!(tokens_to_reach(&c, 2.0), None);
-        assert_eq!(tokens_to_reach(&c, 9.0), Some((0.0, 0.0)));
-    }
 }
