@@ -131,4 +131,52 @@ fn quick_demo_reports_what_its_runs_measured() {
             b"\x89PNG"
         );
     }
+
+    // The selection view of any checkpoints and data: a fresh model (not one the demo trained)
+    // against the demo's reference, on a shard of the training corpus.
+    let other = out.join("other-model");
+    rho(&[
+        "model",
+        "init",
+        "--preset",
+        "tiny",
+        "--seed",
+        "9",
+        "--tokenizer",
+        &p(&out.join("tokenizer.json")),
+        "--out",
+        &p(&other),
+    ]);
+    let checkpoints = out.join("runs/reference/checkpoints");
+    let latest = std::fs::read_to_string(checkpoints.join("latest")).unwrap();
+    let reference = checkpoints.join(latest.trim()).join("model");
+    let sel = out.join("selection-view");
+    rho(&[
+        "report",
+        "--selection",
+        "--reference",
+        &p(&reference),
+        "--model",
+        &p(&other),
+        "--input",
+        &p(&out.join("data/train/shard-00000.parquet")),
+        "--tokenizer",
+        &p(&out.join("tokenizer.json")),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--batches",
+        "1",
+        "--out",
+        &p(&sel),
+    ]);
+    let page = std::fs::read_to_string(sel.join("selection.html")).unwrap();
+    assert!(
+        page.contains("class=\"kept\"") && page.contains("excess"),
+        "{page}"
+    );
+    // No labels of noise where the data has none.
+    assert!(!page.contains("class=\"noise"), "{page}");
+    assert!(page.contains("of 128 tokens kept"), "{page}");
 }

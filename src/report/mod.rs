@@ -7,6 +7,7 @@
 
 pub mod chart;
 pub mod runs;
+pub mod selection;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -22,11 +23,18 @@ use runs::RunData;
 pub struct ReportArgs {
     /// Run directories (of `rho run`, or any with a trainer's `trainer.metrics.jsonl`); the
     /// first is the baseline the others are compared with.
-    #[arg(required = true, num_args = 1..)]
+    #[arg(required_unless_present = "selection", num_args = 1..)]
     pub runs: Vec<PathBuf>,
-    /// Where the page and its charts go. Default: `report/` in the first run directory.
+    /// Where the page and its charts go. Default: `report/` in the first run directory (with
+    /// `--selection`: `report/` here).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Instead of comparing runs: the token-selection page (`selection.html`) of a current
+    /// model against a reference on a shard's documents.
+    #[arg(long)]
+    pub selection: bool,
+    #[command(flatten)]
+    pub selection_args: selection::SelectionArgs,
 }
 
 /// The first evaluation at or below `target`, and the same point linearly interpolated between
@@ -262,6 +270,12 @@ fn html(runs: &[RunData], rows: &[Row], charts: &[(&str, Chart)]) -> String {
 
 /// Runs `rho report`.
 pub fn run(args: ReportArgs) -> anyhow::Result<()> {
+    if args.selection {
+        let out = args.out.unwrap_or_else(|| PathBuf::from("report"));
+        let page = selection::run(&args.selection_args, &out)?;
+        eprintln!("token selection: {}", page.display());
+        return Ok(());
+    }
     let runs = args
         .runs
         .iter()

@@ -6,17 +6,14 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::plan::Plan;
+use crate::report::chart::{Chart, Series};
+use crate::report::selection::{page, score_docs, Packing, ScoredDocs};
+use crate::report::tokens_to_reach;
 use crate::supervise::RunOutcome;
 use crate::synth::{Doc, NoiseKind};
-use rho_trainer::selection::Losses;
-use rho_trainer::{Scope, ScoreRule};
-
-use crate::report::chart::{Chart, Series};
-use crate::report::tokens_to_reach;
 
 pub struct Inputs<'a> {
     pub out: &'a Path,
@@ -71,90 +68,41 @@ fn throughput(run: &RunOutcome, plan: &Plan) -> Throughput {
     }
 }
 
-/// One scored target token of the selection analysis.
-#[derive(Clone, Copy)]
-struct Scored {
-    reference: f32,
-    current: f32,
-    by_excess: bool,
-    by_reference: bool,
-}
-
 /// Selection by excess loss and by reference loss alone over packed windows of `docs`, with the
 /// final SLM model as the current model: how much of what each keeps is noise.
 fn selection_analysis(inp: &Inputs, docs: &[Doc]) -> anyhow::Result<(Selection, String)> {
     let plan = inp.plan;
-    let tk = crate::runtime::load_tokenizer(inp.tokenizer)?;
-    let device = Device::Cpu;
-    let reference = rho_model::checkpoint::load(inp.reference_model, &device, DType::F32)?;
-    let current = rho_model::checkpoint::load(inp.slm_model, &device, DType::F32)?;
+    let packing = Packing {
+        ratio: plan.ratio,
+        rows: plan.batch,
+        len: plan.seq_len,
+        batches: if plan.quick() { 2 } else { 12 },
+    };
+    let sd = score_docs(
+        inp.tokenizer,
+        inp.reference_model,
+        inp.slm_model,
+        docs,
+        &packing,
+    )?;
+    let analysis = noise_shares(docs, &sd, plan.ratio);
+    let intro = format!(
+        "<p>Noise among all tokens: <b>{:.1}%</b>. Among the {:.0}% kept by excess loss (SLM): <b>{:.1}%</b>. \
+         Among the {:.0}% kept by reference loss alone: <b>{:.1}%</b>. Current model: the SLM model at the end of training; \
+         selection over batches of {} x {} tokens, as in training.</p>",
+        analysis.noise_share_of_corpus * 100.0,
+        plan.ratio * 100.0,
+        analysis.noise_share_selected_by_excess * 100.0,
+        plan.ratio * 100.0,
+        analysis.noise_share_selected_by_reference * 100.0,
+        plan.batch,
+        plan.seq_len
+    );
+    Ok((analysis, page(docs, &sd, &intro, 8, true)))
+}
 
-    // Tokens of the documents, one stream, as the loader packs them.
-    let batches = if plan.quick() { 2 } else { 12 };
-    let need = batches * plan.batch * plan.seq_len + 1;
-    let mut ids = Vec::new();
-    let mut origin = Vec::new(); // (doc, byte start, byte end)
-    let mut used_docs = 0;
-    for (d, doc) in docs.iter().enumerate() {
-        if ids.len() >= need {
-            break;
-        }
-        let enc = tk
-            .encode(doc.text.as_str(), false)
-            .map_err(|e| anyhow::anyhow!("tokenizing a sample document: {e}"))?;
-        for (&id, &(s, e)) in enc.get_ids().iter().zip(enc.get_offsets()) {
-            ids.push(id);
-            origin.push((d, s, e));
-        }
-        used_docs = d + 1;
-    }
-    let rows_total = (ids.len().saturating_sub(1)) / plan.seq_len;
-    let batches = (rows_total / plan.batch).min(batches);
-    anyhow::ensure!(batches > 0, "too few sample documents for one batch");
-
-    let mut scored: Vec<Option<Scored>> = vec![None; ids.len()];
-    let (rows, len) = (plan.batch, plan.seq_len);
-    for b in 0..batches {
-        let mut window = Vec::with_capacity(rows * (len + 1));
-        for r in 0..rows {
-            let start = (b * rows + r) * len;
-            window.extend_from_slice(&ids[start..start + len + 1]);
-        }
-        let t = Tensor::from_vec(window, (rows, len + 1), &device)?;
-        let l_ref = rho_model::per_token_loss(&reference, &t, rho_model::ForwardMode::Fused, None)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let l_cur = rho_model::per_token_loss(&current, &t, rho_model::ForwardMode::Fused, None)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let valid = vec![true; rows * len];
-        let keep = |rule| {
-            rho_trainer::selection::select(
-                rule,
-                Scope::Batch,
-                plan.ratio,
-                &Losses {
-                    rows,
-                    len,
-                    current: &l_cur,
-                    reference: Some(&l_ref),
-                    valid: &valid,
-                },
-            )
-        };
-        let (by_excess, by_reference) = (keep(ScoreRule::Excess), keep(ScoreRule::Reference));
-        for i in 0..rows * len {
-            let target = (b * rows + i / len) * len + i % len + 1;
-            scored[target] = Some(Scored {
-                reference: l_ref[i],
-                current: l_cur[i],
-                by_excess: by_excess[i] != 0.0,
-                by_reference: by_reference[i] != 0.0,
-            });
-        }
-    }
-
-    // Shares of noise, overall and per kind.
+/// Shares of noise among the scored tokens, overall and per kind, and among what each rule keeps.
+fn noise_shares(docs: &[Doc], sd: &ScoredDocs, ratio: f64) -> Selection {
     let kinds = [
         NoiseKind::Id,
         NoiseKind::Url,
@@ -162,15 +110,12 @@ fn selection_analysis(inp: &Inputs, docs: &[Doc]) -> anyhow::Result<(Selection, 
         NoiseKind::Shuffled,
         NoiseKind::WrongResult,
     ];
-    let kind_of = |i: usize| -> Option<NoiseKind> {
-        let (d, s, e) = origin[i];
-        docs[d].noise_kind(s, e)
-    };
     let (mut n, mut noise, mut ex, mut ex_noise, mut rf, mut rf_noise) = (0, 0, 0, 0, 0, 0);
     let mut per_kind = vec![(0usize, 0usize, 0usize); kinds.len() + 1]; // clean last
-    for (i, s) in scored.iter().enumerate() {
+    for (i, s) in sd.scored.iter().enumerate() {
         let Some(s) = s else { continue };
-        let k = kind_of(i);
+        let (d, start, end) = sd.origin[i];
+        let k = docs[d].noise_kind(start, end);
         let slot = k.map_or(kinds.len(), |k| {
             kinds.iter().position(|&x| x == k).unwrap_or(0)
         });
@@ -197,128 +142,21 @@ fn selection_analysis(inp: &Inputs, docs: &[Doc]) -> anyhow::Result<(Selection, 
         };
         by_kind.insert(name.to_string(), kept);
     }
-    let analysis = Selection {
+    let used = &docs[..sd.used_docs];
+    Selection {
         tokens: n,
-        documents: used_docs,
-        ratio: plan.ratio,
+        documents: sd.used_docs,
+        ratio,
         current_model: "the SLM model at the end of training".into(),
         noise_share_of_corpus: share(noise, n),
         noise_share_of_corpus_bytes: share(
-            docs[..used_docs].iter().map(Doc::noise_bytes).sum(),
-            docs[..used_docs].iter().map(|d| d.text.len()).sum(),
+            used.iter().map(Doc::noise_bytes).sum(),
+            used.iter().map(|d| d.text.len()).sum(),
         ),
         noise_share_selected_by_excess: share(ex_noise, ex),
         noise_share_selected_by_reference: share(rf_noise, rf),
         by_kind,
-    };
-
-    // The page: documents with noise, each token colored.
-    let mut html = String::new();
-    html.push_str(PAGE_HEAD);
-    let _ = write!(
-        html,
-        "<p>Noise among all tokens: <b>{:.1}%</b>. Among the {:.0}% kept by excess loss (SLM): <b>{:.1}%</b>. \
-         Among the {:.0}% kept by reference loss alone: <b>{:.1}%</b>. Current model: the SLM model at the end of training; \
-         selection over batches of {} x {} tokens, as in training.</p>",
-        share(noise, n) * 100.0,
-        plan.ratio * 100.0,
-        share(ex_noise, ex) * 100.0,
-        plan.ratio * 100.0,
-        share(rf_noise, rf) * 100.0,
-        plan.batch,
-        plan.seq_len
-    );
-    let max_excess = scored
-        .iter()
-        .flatten()
-        .map(|s| s.current - s.reference)
-        .fold(0f32, f32::max)
-        .max(1e-6);
-    let mut shown = 0;
-    let mut i = 0;
-    for (d, doc) in docs.iter().enumerate().take(used_docs) {
-        let start = i;
-        while i < origin.len() && origin[i].0 == d {
-            i += 1;
-        }
-        if doc.noise.is_empty() || shown >= 8 || scored[start].is_none() {
-            continue;
-        }
-        shown += 1;
-        let _ = write!(html, "<h3>Document {d}</h3><div class=\"doc\">");
-        let mut cursor = 0;
-        for j in start..i {
-            let (_, s, e) = origin[j];
-            let (s, e) = (s.max(cursor), e.max(cursor));
-            // Offsets leave out the spaces a byte-level token carries: write them as they are.
-            html.push_str(&escape(&doc.text[cursor..s]));
-            let text = &doc.text[s..e];
-            cursor = e;
-            let noisy = kind_of(j);
-            let mut classes = vec![];
-            if noisy.is_some() {
-                classes.push("noise");
-            }
-            let (style, title) = match scored[j] {
-                Some(sc) => {
-                    let excess = sc.current - sc.reference;
-                    let alpha = 0.15 + 0.75 * (excess / max_excess).clamp(0.0, 1.0);
-                    if sc.by_excess {
-                        classes.push("kept");
-                    }
-                    (
-                        if sc.by_excess {
-                            format!("background: rgba(34,139,34,{alpha:.2})")
-                        } else {
-                            String::new()
-                        },
-                        format!(
-                            "reference {:.2} | model {:.2} | excess {:+.2} | {}{}",
-                            sc.reference,
-                            sc.current,
-                            excess,
-                            if sc.by_excess { "kept" } else { "left out" },
-                            noisy.map_or(String::new(), |k| format!(" | noise: {}", k.name()))
-                        ),
-                    )
-                }
-                None => (String::new(), "not scored".into()),
-            };
-            let _ = write!(
-                html,
-                "<span class=\"{}\" style=\"{style}\" title=\"{}\">{}</span>",
-                classes.join(" "),
-                escape(&title),
-                escape(text)
-            );
-        }
-        html.push_str(&escape(&doc.text[cursor..]));
-        html.push_str("</div>");
     }
-    html.push_str("</body></html>\n");
-    Ok((analysis, html))
-}
-
-const PAGE_HEAD: &str = r#"<!doctype html>
-<html><head><meta charset="utf-8"><title>rho demo: which tokens SLM trains on</title>
-<style>
-body { font-family: sans-serif; max-width: 60em; margin: 2em auto; line-height: 1.5; }
-.doc { font-family: monospace; white-space: pre-wrap; border: 1px solid #ccc; padding: 1em; }
-.doc span:not(.kept) { color: #777; }
-.noise { text-decoration: underline wavy #c00; }
-.legend span { padding: 0 .3em; }
-</style></head><body>
-<h1>Which tokens SLM trains on</h1>
-<p class="legend">Green: kept by SLM (darker: larger excess loss, model loss minus reference loss).
-Grey: left out. <span class="noise">Wavy red underline</span>: noise the corpus generator inserted
-(ids, hashes, tracking URLs, boilerplate, shuffled text, wrong results). Hover a token for its losses.</p>
-"#;
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 /// `report.json` of a demo.
