@@ -162,6 +162,22 @@ fn charts(runs: &[RunData]) -> Vec<(&'static str, Chart<'static>)> {
             },
         ),
         (
+            "loader_throughput",
+            Chart {
+                title: "Loader: tokens tokenized (it works ahead of its consumers)",
+                x_label: "seconds since the loader started",
+                y_label: "tokens/s (mean since start)",
+                x_scale: 1.0,
+                zoom: false,
+                series: per_run(&|r| {
+                    r.loader
+                        .iter()
+                        .map(|l| (l.elapsed_s, l.tokens_per_s))
+                        .collect()
+                }),
+            },
+        ),
+        (
             "data_wait",
             Chart {
                 title: "Trainer time waiting for data",
