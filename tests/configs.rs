@@ -124,3 +124,39 @@ fn every_config_field_is_in_the_config_reference() {
     fields["liveness"] = serde_json::json!(null);
     assert_documented("Trainer", &fields);
 }
+
+/// Rule: every field a process writes to its metrics lines and its report is named in
+/// docs/CONFIG.md, "Metrics and reports" (as `field`).
+#[test]
+fn every_metrics_and_report_field_is_documented() {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/CONFIG.md"))
+        .unwrap();
+    let start = doc.find("## Metrics and reports").expect("the section");
+    let section = &doc[start..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+    let written: Vec<(&str, serde_json::Value)> = vec![
+        (
+            "trainer metrics",
+            serde_json::to_value(rho_trainer::StepMetrics::default()).unwrap(),
+        ),
+        (
+            "trainer report",
+            serde_json::to_value(rho_trainer::Report::default()).unwrap(),
+        ),
+        (
+            "selector metrics",
+            serde_json::to_value(rho_selector::SelectorMetrics::default()).unwrap(),
+        ),
+    ];
+    for (what, value) in written {
+        let serde_json::Value::Object(fields) = value else {
+            panic!("{what} is an object");
+        };
+        for key in fields.keys() {
+            assert!(
+                section.contains(&format!("`{key}`")),
+                "docs/CONFIG.md, Metrics and reports: {what} field `{key}` not documented"
+            );
+        }
+    }
+}
