@@ -104,6 +104,38 @@ impl<S: Sink> JsonLines<S> {
     }
 }
 
+/// Every whole line of a metrics file that parses as `T`, in order (a line cut short by a crash
+/// or a full disk is skipped). A missing file is an error.
+pub fn read_all<T: serde::de::DeserializeOwned>(path: &Path) -> std::io::Result<Vec<T>> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+/// The last line of a metrics file that parses as `T`, reading only the file's end: a run of
+/// days has metrics files of hundreds of megabytes, and the progress line reads this twice a
+/// second. `None` when the file is missing or holds no such line.
+pub fn read_last<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    use std::io::Read;
+    const TAIL: u64 = 64 << 10;
+    let mut file = File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let start = len.saturating_sub(TAIL);
+    file.seek(SeekFrom::Start(start)).ok()?;
+    let mut bytes = Vec::with_capacity((len - start) as usize);
+    file.read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    // Past the start of the file, the first line of the tail may be cut: it is never the last.
+    let lines = text.lines().skip(usize::from(start > 0));
+    lines
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename: the file is whole or as it
 /// was. The error names the file and its first cause.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
@@ -123,6 +155,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_last_whole_line_is_read_from_the_end_of_a_long_file() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("m.jsonl");
+        let mut text = String::new();
+        for step in 0..20_000u64 {
+            text.push_str(&format!("{{\"step\":{step}}}\n"));
+        }
+        // A line cut short by a crash at the end.
+        text.push_str("{\"step\":2");
+        std::fs::write(&path, &text).unwrap();
+        let last: serde_json::Value = read_last(&path).unwrap();
+        assert_eq!(last["step"], 19_999);
+        let all: Vec<serde_json::Value> = read_all(&path).unwrap();
+        assert_eq!(all.len(), 20_000);
+        assert!(read_last::<serde_json::Value>(&d.path().join("none")).is_none());
+    }
+
     use super::*;
 
     /// A sink that takes `room` bytes, then fails like a full disk (after a partial write).

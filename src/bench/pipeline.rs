@@ -142,7 +142,7 @@ fn run_config(a: &PipelineArgs, s: &Setup, v: &Variant) -> Value {
 /// Steady-state tokens/s of a run's trainer, from its per-step metrics.
 fn steady_tokens_per_s(run: &RunOutcome, tokens_per_step: f64) -> anyhow::Result<f64> {
     let path = run.dir.join("trainer.metrics.jsonl");
-    let points: Vec<(f64, f64)> = rho_trainer::StepMetrics::read_file(&path)
+    let points: Vec<(f64, f64)> = rho_protocol::jsonl::read_all::<rho_trainer::StepMetrics>(&path)
         .with_context(|| format!("reading {}", path.display()))?
         .iter()
         .map(|m| (m.step as f64, m.elapsed_s))

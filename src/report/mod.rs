@@ -17,6 +17,7 @@ use clap::Args;
 
 use chart::{Chart, Series};
 use runs::RunData;
+use selection::escape;
 
 /// What `rho report` reads and where it writes.
 #[derive(Args)]
@@ -217,33 +218,46 @@ fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
     v.map_or("-".into(), f)
 }
 
-/// The table, as Markdown.
-pub fn markdown(rows: &[Row]) -> String {
-    let mut s = String::from(
-        "| run | steps | tokens | final held-out loss | tokens to reach the first run's final loss | trainer tokens/s | waiting for data | selector restarts | redeliveries |\n|---|---|---|---|---|---|---|---|---|\n",
-    );
-    for r in rows {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            r.run,
-            r.steps,
-            r.tokens,
-            opt(r.final_eval_loss, |x| format!("{x:.4}")),
-            opt(r.tokens_to_baseline_final, |x| format!("{:.0}%", x * 100.0)),
-            opt(r.trainer_tokens_per_s, |x| format!("{x:.0}")),
-            opt(r.data_wait_fraction, |x| format!("{:.0}%", x * 100.0)),
-            r.selector_restarts.map_or("-".into(), |n| n.to_string()),
-            r.redeliveries.map_or("-".into(), |n| n.to_string()),
-        );
-    }
-    s
+/// The table's column headings.
+const COLUMNS: [&str; 9] = [
+    "run",
+    "steps",
+    "tokens",
+    "final held-out loss",
+    "tokens to reach the first run's final loss",
+    "trainer tokens/s",
+    "waiting for data",
+    "selector restarts",
+    "redeliveries",
+];
+
+/// A row's cells, as text, in the order of [`COLUMNS`].
+fn cells(r: &Row) -> [String; 9] {
+    let count = |n: Option<u64>| n.map_or("-".into(), |n| n.to_string());
+    [
+        r.run.clone(),
+        r.steps.to_string(),
+        r.tokens.to_string(),
+        opt(r.final_eval_loss, |x| format!("{x:.4}")),
+        opt(r.tokens_to_baseline_final, |x| format!("{:.0}%", x * 100.0)),
+        opt(r.trainer_tokens_per_s, |x| format!("{x:.0}")),
+        opt(r.data_wait_fraction, |x| format!("{:.0}%", x * 100.0)),
+        count(r.selector_restarts),
+        count(r.redeliveries),
+    ]
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+/// The table, as Markdown.
+pub fn markdown(rows: &[Row]) -> String {
+    let mut s = format!(
+        "| {} |\n|{}\n",
+        COLUMNS.join(" | "),
+        "---|".repeat(COLUMNS.len())
+    );
+    for r in rows {
+        let _ = writeln!(s, "| {} |", cells(r).join(" | "));
+    }
+    s
 }
 
 /// The page: the table, then every chart that has a line.
@@ -256,21 +270,17 @@ fn html(runs: &[RunData], rows: &[Row], charts: &[(&str, Chart)]) -> String {
         .map(|r| format!("<code>{}</code>", escape(&r.dir.display().to_string())))
         .collect();
     s.push_str(&names.join(", "));
-    s.push_str(". The first run is the baseline of the reach column.</p>\n<table>\n<tr><th>run</th><th>steps</th><th>tokens</th><th>final held-out loss</th><th>tokens to reach the first run's final loss</th><th>trainer tokens/s</th><th>waiting for data</th><th>selector restarts</th><th>redeliveries</th></tr>\n");
+    s.push_str(". The first run is the baseline of the reach column.</p>\n<table>\n<tr>");
+    for c in COLUMNS {
+        let _ = write!(s, "<th>{}</th>", escape(c));
+    }
+    s.push_str("</tr>\n");
     for r in rows {
-        let _ = writeln!(
-            s,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            escape(&r.run),
-            r.steps,
-            r.tokens,
-            opt(r.final_eval_loss, |x| format!("{x:.4}")),
-            opt(r.tokens_to_baseline_final, |x| format!("{:.0}%", x * 100.0)),
-            opt(r.trainer_tokens_per_s, |x| format!("{x:.0}")),
-            opt(r.data_wait_fraction, |x| format!("{:.0}%", x * 100.0)),
-            r.selector_restarts.map_or("-".into(), |n| n.to_string()),
-            r.redeliveries.map_or("-".into(), |n| n.to_string()),
-        );
+        s.push_str("<tr>");
+        for c in cells(r) {
+            let _ = write!(s, "<td>{}</td>", escape(&c));
+        }
+        s.push_str("</tr>\n");
     }
     s.push_str("</table>\n");
     for (stem, chart) in charts.iter().filter(|(_, c)| !c.series.is_empty()) {

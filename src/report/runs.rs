@@ -31,13 +31,7 @@ pub struct RunData {
 
 /// The parseable lines of a JSON-lines file; none when it is missing.
 fn lines<T: serde::de::DeserializeOwned>(path: &Path) -> Vec<T> {
-    std::fs::read_to_string(path)
-        .map(|t| {
-            t.lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect()
-        })
-        .unwrap_or_default()
+    rho_protocol::jsonl::read_all(path).unwrap_or_default()
 }
 
 /// The trainer's metrics of every attempt, in order (`attempts/N/` first), without the steps a
@@ -57,7 +51,9 @@ fn trainer_steps(dir: &Path) -> Vec<StepMetrics> {
     for path in paths {
         for m in lines::<StepMetrics>(&path.join("trainer.metrics.jsonl")) {
             // A resumed attempt starts after its checkpoint: what came after it is replaced.
-            steps.retain(|s| s.step < m.step);
+            while steps.last().is_some_and(|s| s.step >= m.step) {
+                steps.pop();
+            }
             steps.push(m);
         }
     }

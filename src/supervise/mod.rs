@@ -48,14 +48,6 @@ pub enum RunEnd {
     Stopped,
 }
 
-/// The last whole line of a JSON-lines file, parsed.
-fn last_line<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
-    let text = std::fs::read_to_string(path).ok()?;
-    text.lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-}
-
 /// A line for the person at the terminal; a terminal that is gone is not an error.
 fn say(text: &str) {
     use std::io::Write;
@@ -262,8 +254,10 @@ impl Supervisor {
 
     fn show_progress(&self) {
         let dir = self.dir();
-        let t: Option<StepMetrics> = last_line(&dir.join("trainer.metrics.jsonl"));
-        let l: Option<LoaderMetrics> = last_line(&dir.join("loader.metrics.jsonl"));
+        let t: Option<StepMetrics> =
+            rho_protocol::jsonl::read_last(&dir.join("trainer.metrics.jsonl"));
+        let l: Option<LoaderMetrics> =
+            rho_protocol::jsonl::read_last(&dir.join("loader.metrics.jsonl"));
         let (t, l) = (t.unwrap_or_default(), l.unwrap_or_default());
         let alive = self
             .procs
@@ -421,8 +415,10 @@ impl Supervisor {
 
     fn summary(&self, outcome: &anyhow::Result<()>) -> Summary {
         let dir = self.dir();
-        let trainer: Option<rho_trainer::Report> = last_line(&dir.join("trainer.report.json"));
-        let last_step = || last_line::<StepMetrics>(&dir.join("trainer.metrics.jsonl"));
+        let trainer: Option<rho_trainer::Report> =
+            rho_protocol::jsonl::read_last(&dir.join("trainer.report.json"));
+        let last_step =
+            || rho_protocol::jsonl::read_last::<StepMetrics>(&dir.join("trainer.metrics.jsonl"));
         let steps = trainer
             .as_ref()
             .map(|r| r.steps)
@@ -438,7 +434,7 @@ impl Supervisor {
             steps,
             configs: self.procs.iter().map(|p| p.config.clone()).collect(),
             trainer,
-            loader: last_line(&dir.join("loader.metrics.jsonl")),
+            loader: rho_protocol::jsonl::read_last(&dir.join("loader.metrics.jsonl")),
         }
     }
 

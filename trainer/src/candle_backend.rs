@@ -304,9 +304,9 @@ impl Backend for CandleBackend {
         let text = std::fs::read_to_string(&path).map_err(|e| TrainerError::io(&path, e))?;
         let meta: OptimizerMeta =
             serde_json::from_str(&text).map_err(|e| TrainerError::checkpoint(&path, e))?;
+        let moments = dir.join("optimizer.safetensors");
         self.optimizer
-            .load_state(&state, meta.adam_steps)
-            .map_err(|e| TrainerError::checkpoint(dir, format!("{e:#}")))?;
+            .load_state(&state, meta.adam_steps, &moments)?;
         Ok(())
     }
 }

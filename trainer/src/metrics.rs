@@ -60,16 +60,6 @@ impl StepMetrics {
         }
         v
     }
-
-    /// Reads a metrics file: every whole line that parses (a line cut short by a crash or a
-    /// full disk is skipped).
-    pub fn read_file(path: &std::path::Path) -> std::io::Result<Vec<StepMetrics>> {
-        let text = std::fs::read_to_string(path)?;
-        Ok(text
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect())
-    }
 }
 
 #[cfg(test)]
@@ -93,6 +83,9 @@ mod tests {
         let path = d.path().join("m.jsonl");
         let line = serde_json::to_string(&m).unwrap();
         std::fs::write(&path, format!("{line}\n{}", &line[..line.len() / 2])).unwrap();
-        assert_eq!(StepMetrics::read_file(&path).unwrap(), vec![m]);
+        assert_eq!(
+            rho_protocol::jsonl::read_all::<StepMetrics>(&path).unwrap(),
+            vec![m]
+        );
     }
 }

@@ -147,19 +147,25 @@ impl AdamW {
         out
     }
 
-    /// Restores moments saved by [`AdamW::state`] and the step count.
-    pub fn load_state(&mut self, state: &HashMap<String, Tensor>, t: u64) -> Result<()> {
+    /// Restores moments saved by [`AdamW::state`] (read from the file `from`, which an error
+    /// names) and the step count.
+    pub fn load_state(
+        &mut self,
+        state: &HashMap<String, Tensor>,
+        t: u64,
+        from: &std::path::Path,
+    ) -> Result<()> {
         for (i, n) in self.names.iter().enumerate() {
             for (key, slot) in [
                 (format!("{n}.exp_avg"), &mut self.m[i]),
                 (format!("{n}.exp_avg_sq"), &mut self.v[i]),
             ] {
-                let t = state.get(&key).ok_or_else(|| {
-                    TrainerError::checkpoint("optimizer.safetensors", format!("lacks `{key}`"))
-                })?;
+                let t = state
+                    .get(&key)
+                    .ok_or_else(|| TrainerError::checkpoint(from, format!("lacks `{key}`")))?;
                 if t.dims() != slot.dims() {
                     return Err(TrainerError::checkpoint(
-                        "optimizer.safetensors",
+                        from,
                         format!(
                             "`{key}` has shape {:?}, expected {:?}",
                             t.dims(),
@@ -222,7 +228,9 @@ mod tests {
         // State round-trips.
         let state = opt.state();
         let mut again = AdamW::new(c, &vars).unwrap();
-        again.load_state(&state, opt.t).unwrap();
+        again
+            .load_state(&state, opt.t, std::path::Path::new("optimizer.safetensors"))
+            .unwrap();
         assert_eq!(again.t, 2);
     }
 }
