@@ -82,10 +82,12 @@ fn selector_config(
     trainer: &str,
     model: &str,
     tokenizer: &str,
+    dtype: &str,
 ) -> PathBuf {
     let cfg = json!({
         "run_id": "sel", "loader": loader, "trainer": trainer, "model": model,
         "tokenizer": tokenizer, "prefetch": 2, "metrics": format!("{name}.metrics.jsonl"),
+        "dtype": dtype,
     });
     let path = root.join(format!("{name}.json"));
     std::fs::write(&path, cfg.to_string()).unwrap();
@@ -128,7 +130,8 @@ async fn two_selectors_score_every_batch_exactly_once() {
         .unwrap();
     let model_dir = root.join("ref");
     let mut selectors = Vec::new();
-    for name in ["s1", "s2"] {
+    // One selector runs its model in half precision on the CPU; its losses still travel as f32.
+    for (name, dtype) in [("s1", "f32"), ("s2", "f16")] {
         let cfg = selector_config(
             root,
             name,
@@ -136,13 +139,18 @@ async fn two_selectors_score_every_batch_exactly_once() {
             &trainer_ep,
             p(&model_dir),
             p(&root.join("tokenizer.json")),
+            dtype,
         );
         selectors.push(start_selector(&cfg));
     }
-    let model = rho_model::checkpoint::load(&model_dir, &Device::Cpu, DType::F32).unwrap();
+    let models: Vec<_> = [DType::F32, DType::F16]
+        .into_iter()
+        .map(|d| (d, rho_model::checkpoint::load(&model_dir, &Device::Cpu, d).unwrap()))
+        .collect();
     let fingerprint = rho_selector::scorer::model_fingerprint(&model_dir).unwrap();
 
     let mut seen = std::collections::BTreeMap::new();
+    let mut dtype_of_peer = std::collections::BTreeMap::new();
     let mut peers = std::collections::BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -159,11 +167,25 @@ async fn two_selectors_score_every_batch_exactly_once() {
                 assert_eq!(s.ref_model, fingerprint);
                 let b = &s.batch;
                 let ids = Tensor::from_slice(&b.tokens, (b.rows, b.window), &Device::Cpu).unwrap();
-                let expect =
-                    rho_model::per_token_loss(&model, &ids, rho_model::ForwardMode::Fused, None)
-                        .unwrap();
-                let expect = expect.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let fused = rho_model::ForwardMode::Fused;
                 let t = b.window - 1;
+                // The losses are exactly those of the model in one of the two dtypes (the f16
+                // ones differ from the f32 ones), and a selector always uses the same one.
+                let valid = |r: usize| b.lengths[r] as usize - 1;
+                let (dtype, model) = models
+                    .iter()
+                    .find(|(_, m)| {
+                        let l = rho_model::per_token_loss(m, &ids, fused, None).unwrap();
+                        let l = l.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                        (0..b.rows).all(|r| {
+                            (0..valid(r))
+                                .all(|i| (s.ref_loss[r * t + i] - l[r * t + i]).abs() < 1e-5)
+                        })
+                    })
+                    .unwrap_or_else(|| panic!("batch {}: losses of neither dtype", b.seq));
+                assert_eq!(*dtype_of_peer.entry(peer.clone()).or_insert(*dtype), *dtype);
+                let expect = rho_model::per_token_loss(model, &ids, fused, None).unwrap();
+                let expect = expect.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 for r in 0..b.rows {
                     let valid = b.lengths[r] as usize - 1;
                     for i in 0..t {
@@ -201,6 +223,9 @@ async fn two_selectors_score_every_batch_exactly_once() {
         (0..total).collect::<Vec<_>>()
     );
     assert_eq!(peers.len(), 2, "both selectors took work");
+    let dtypes: std::collections::BTreeSet<_> =
+        dtype_of_peer.values().map(|d| d.as_str()).collect();
+    assert_eq!(dtypes.len(), 2, "one f32 and one f16 selector: {dtypes:?}");
     for s in selectors {
         let out = s.wait_with_output().unwrap();
         assert!(
@@ -241,6 +266,7 @@ async fn mismatched_vocabulary_and_tokenizer_are_refused_by_name() {
         "tcp://127.0.0.1:1",
         p(&root.join("small")),
         p(&root.join("tokenizer.json")),
+        "f32",
     );
     let out = Command::new(RHO)
         .args(["selector", "--config", p(&cfg)])
@@ -274,6 +300,7 @@ async fn mismatched_vocabulary_and_tokenizer_are_refused_by_name() {
         &trainer_ep,
         p(&root.join("ref")),
         p(&root.join("other.json")),
+        "f32",
     );
     let selector = start_selector(&cfg);
     let m = router.recv().await.unwrap();

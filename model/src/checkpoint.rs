@@ -53,21 +53,132 @@ pub fn read_config(dir: &Path) -> Result<HfConfig> {
     HfConfig::from_json(&text).map_err(|e| err(&path, e.to_string()))
 }
 
-/// Reads every tensor of a checkpoint directory.
+/// Reads every tensor of a checkpoint directory, in the dtypes it was saved in.
 pub fn read_tensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    read_tensors_as(dir, device, None)
+}
+
+/// Reads every tensor of a checkpoint directory, floating-point ones converted to `dtype` (when
+/// given) one by one as they are read: the peak memory is the weights in `dtype` plus one tensor
+/// as stored, never a whole file (a safetensors file is read tensor by tensor, not mapped or
+/// slurped).
+pub fn read_tensors_as(
+    dir: &Path,
+    device: &Device,
+    dtype: Option<DType>,
+) -> Result<HashMap<String, Tensor>> {
     let mut all = HashMap::new();
     for file in weight_files(dir)? {
-        let part =
-            candle_core::safetensors::load(&file, device).map_err(|e| err(&file, e.to_string()))?;
-        all.extend(part);
+        read_safetensors(&file, device, dtype, &mut all)?;
     }
     Ok(all)
 }
 
-/// Loads a checkpoint directory as a model, weights converted to `dtype`.
+/// One tensor as a safetensors header describes it.
+#[derive(serde::Deserialize)]
+struct TensorEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [u64; 2],
+}
+
+fn stored_dtype(name: &str) -> Option<DType> {
+    Some(match name {
+        "F64" => DType::F64,
+        "F32" => DType::F32,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        "I64" => DType::I64,
+        "U32" => DType::U32,
+        "U8" => DType::U8,
+        _ => return None,
+    })
+}
+
+/// Reads one safetensors file into `out`, tensor by tensor.
+fn read_safetensors(
+    path: &Path,
+    device: &Device,
+    dtype: Option<DType>,
+    out: &mut HashMap<String, Tensor>,
+) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let bad = |reason: String| err(path, reason);
+    let (header_len, header) = read_header(path)?;
+    let mut entries: Vec<(String, TensorEntry)> = Vec::new();
+    for (name, v) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let entry: TensorEntry = serde_json::from_value(v)
+            .map_err(|e| bad(format!("tensor `{name}` in the header: {e}")))?;
+        entries.push((name, entry));
+    }
+    // In file order, so that reading is one forward pass.
+    entries.sort_by_key(|(_, e)| e.data_offsets[0]);
+    let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let base = 8 + header_len;
+    let mut bytes = Vec::new();
+    for (name, e) in entries {
+        let stored = stored_dtype(&e.dtype).ok_or_else(|| {
+            bad(format!(
+                "tensor `{name}` has dtype {}, which rho does not read",
+                e.dtype
+            ))
+        })?;
+        let [start, end] = e.data_offsets;
+        let expected = e.shape.iter().product::<usize>() * stored.size_in_bytes();
+        if end < start || (end - start) as usize != expected {
+            return Err(bad(format!(
+                "tensor `{name}`: {} bytes for shape {:?} of {}",
+                end.saturating_sub(start),
+                e.shape,
+                e.dtype
+            )));
+        }
+        bytes.resize(expected, 0);
+        f.seek(SeekFrom::Start(base + start))
+            .and_then(|_| f.read_exact(&mut bytes))
+            .map_err(|err| bad(format!("tensor `{name}`: {err}")))?;
+        let t = Tensor::from_raw_buffer(&bytes, stored, &e.shape, device)?;
+        let t = match dtype {
+            Some(d) if stored.is_float() && d != stored => t.to_dtype(d)?,
+            _ => t,
+        };
+        out.insert(name, t);
+    }
+    Ok(())
+}
+
+/// The length and the JSON object of a safetensors file's header.
+fn read_header(path: &Path) -> Result<(u64, serde_json::Map<String, serde_json::Value>)> {
+    use std::io::Read;
+    let bad = |reason: String| err(path, reason);
+    let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let len = f.metadata().map_err(|e| bad(e.to_string()))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|e| bad(format!("no safetensors header: {e}")))?;
+    let n = u64::from_le_bytes(n);
+    if n > 100 << 20 || 8 + n > len {
+        return Err(bad(format!(
+            "truncated or not a safetensors file ({len} bytes, header of {n})"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("unreadable header: {e}")))?;
+    match header {
+        serde_json::Value::Object(map) => Ok((n, map)),
+        _ => Err(bad("the header is not a JSON object".into())),
+    }
+}
+
+/// Loads a checkpoint directory as a model, weights converted to `dtype` as they are read.
 pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<DecoderLm> {
     let config = read_config(dir)?.into_config()?;
-    let tensors = read_tensors(dir, device)?;
+    let tensors = read_tensors_as(dir, device, Some(dtype))?;
     DecoderLm::from_tensors(config, &tensors, dtype)
 }
 
@@ -162,27 +273,13 @@ pub fn inspect(dir: &Path) -> Result<Inspected> {
 }
 
 fn check_safetensors_length(path: &Path) -> Result<()> {
-    use std::io::Read;
     let bad = |reason: String| err(path, reason);
-    let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-    let len = f.metadata().map_err(|e| bad(e.to_string()))?.len();
-    let mut n = [0u8; 8];
-    f.read_exact(&mut n)
-        .map_err(|e| bad(format!("no safetensors header: {e}")))?;
-    let n = u64::from_le_bytes(n);
-    if n > 100 << 20 || 8 + n > len {
-        return Err(bad(format!(
-            "truncated or not a safetensors file ({len} bytes, header of {n})"
-        )));
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
-    let header: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("unreadable header: {e}")))?;
+    let len = std::fs::metadata(path)
+        .map_err(|e| bad(e.to_string()))?
+        .len();
+    let (n, header) = read_header(path)?;
     let end = header
-        .as_object()
-        .into_iter()
-        .flatten()
+        .iter()
         .filter(|(k, _)| k.as_str() != "__metadata__")
         .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
         .max()

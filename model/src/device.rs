@@ -85,9 +85,9 @@ pub enum DTypeSpec {
     /// 32-bit floats.
     #[default]
     F32,
-    /// bfloat16 (GPU only).
+    /// bfloat16 (GPU only: CPU matmul has no bfloat16 kernel).
     Bf16,
-    /// IEEE half (GPU only).
+    /// IEEE half precision (GPU and CPU).
     F16,
 }
 
@@ -101,15 +101,31 @@ impl DTypeSpec {
         }
     }
 
-    /// The dtype on `device`: CPU matmul rejects the half types, so they need a GPU.
+    /// The dtype on `device`: CPU matmul has f32 and f16 kernels but none for bf16, so bf16
+    /// needs a GPU.
     pub fn on(self, device: DeviceSpec) -> Result<DType, ModelError> {
-        if device == DeviceSpec::Cpu && self != DTypeSpec::F32 {
+        if device == DeviceSpec::Cpu && self == DTypeSpec::Bf16 {
             return Err(ModelError::Config {
                 field: "dtype",
-                reason: format!("`{self}` needs a GPU: CPU matmul supports f32 only"),
+                reason: format!(
+                    "`{self}` needs a GPU: CPU matmul has no bf16 kernel (use f16 or f32 on CPU)"
+                ),
             });
         }
         Ok(self.dtype())
+    }
+}
+
+impl std::str::FromStr for DTypeSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(DTypeSpec::F32),
+            "bf16" => Ok(DTypeSpec::Bf16),
+            "f16" => Ok(DTypeSpec::F16),
+            _ => Err(format!("`{s}` is not a dtype (f32, f16, bf16)")),
+        }
     }
 }
 
@@ -152,8 +168,9 @@ mod tests {
     }
 
     #[test]
-    fn half_precision_needs_a_gpu() {
+    fn bf16_needs_a_gpu_f16_does_not() {
         assert_eq!(DTypeSpec::F32.on(DeviceSpec::Cpu).unwrap(), DType::F32);
+        assert_eq!(DTypeSpec::F16.on(DeviceSpec::Cpu).unwrap(), DType::F16);
         let e = DTypeSpec::Bf16.on(DeviceSpec::Cpu).unwrap_err().to_string();
         assert!(e.contains("GPU") && e.contains("`bf16`"), "{e}");
         assert_eq!(DTypeSpec::F16.on(DeviceSpec::Cuda(0)).unwrap(), DType::F16);

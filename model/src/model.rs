@@ -216,9 +216,11 @@ impl DecoderLm {
                 max: self.config.max_position_embeddings,
             });
         }
-        let (cos, sin) = rope::tables(&self.config, t, &self.device)?;
-        // On CPU (f32) the fused causal softmax needs no mask tensors: build them only elsewhere.
-        let masks = if crate::fused::causal_softmax_applies(&self.device, self.embed.dtype()) {
+        let dtype = self.embed.dtype();
+        let (cos, sin) = rope::tables(&self.config, t, &self.device, dtype)?;
+        // Attention probabilities are computed in f32 on CPU (see `Attention::probs`), where the
+        // fused causal softmax needs no mask tensors: build them only elsewhere.
+        let masks = if crate::fused::causal_softmax_applies(&self.device, DType::F32) {
             HashMap::new()
         } else {
             self.masks(t)?
@@ -311,19 +313,39 @@ impl Attention {
         // Scaling q (T x d) is cheaper than scaling the scores (T x T).
         let q = (q * (1.0 / (hd as f64).sqrt()))?;
         let scores = q.matmul(&k.t()?)?;
+        let probs = self.probs(&scores, pass)?;
+        let out = probs.matmul(&v)?; // [B, nh, T, hd]
+        let out = out.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+        Ok(self.o.forward(&out)?)
+    }
+
+    /// Attention probabilities from scores `[B, nh, T, T]`, in the scores' dtype. The softmax
+    /// runs in f32 (as `transformers`' eager attention does in half precision), except with the
+    /// fused kernel on a GPU, whose reduction accumulates in f32 on half-precision input.
+    fn probs(&self, scores: &Tensor, pass: &Pass) -> Result<Tensor> {
+        let dtype = scores.dtype();
+        let mask = || {
+            pass.masks.get(&self.window).ok_or(ModelError::Config {
+                field: "masks",
+                reason: "no attention mask was built for this device".into(),
+            })
+        };
+        if pass.mode == ForwardMode::Fused && !scores.device().is_cpu() {
+            let masked = scores.broadcast_add(&mask()?.to_dtype(dtype)?)?;
+            return Ok(candle_nn::ops::softmax_last_dim(&masked)?);
+        }
+        let scores = scores.to_dtype(DType::F32)?;
         let probs = match crate::fused::causal_softmax(&scores, self.window)? {
             Some(p) => p,
             None => {
-                let masked = scores.broadcast_add(&pass.masks[&self.window])?;
+                let masked = scores.broadcast_add(mask()?)?;
                 match pass.mode {
                     ForwardMode::Fused => candle_nn::ops::softmax_last_dim(&masked)?,
                     ForwardMode::Differentiable => softmax_plain(&masked)?,
                 }
             }
         };
-        let out = probs.matmul(&v)?; // [B, nh, T, hd]
-        let out = out.transpose(1, 2)?.reshape((b * t, nh * hd))?;
-        Ok(self.o.forward(&out)?)
+        Ok(probs.to_dtype(dtype)?)
     }
 }
 
@@ -343,14 +365,16 @@ fn rms_norm(
     eps: f64,
     mode: ForwardMode,
 ) -> candle_core::Result<Tensor> {
-    match mode {
-        ForwardMode::Fused => candle_nn::ops::rms_norm(x, weight, eps as f32),
-        ForwardMode::Differentiable => {
-            let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-            let normed = x.broadcast_div(&(var + eps)?.sqrt()?)?;
-            normed.broadcast_mul(weight)
-        }
+    let fused_kernel_accurate = x.dtype() == DType::F32 || !x.device().is_cpu();
+    if mode == ForwardMode::Fused && fused_kernel_accurate {
+        return candle_nn::ops::rms_norm(x, weight, eps as f32);
     }
+    // As `transformers` does: normalized in f32, rounded to the weights' dtype, then scaled.
+    // (candle's CPU kernel rounds the root mean square to the input's dtype first.)
+    let x32 = x.to_dtype(DType::F32)?;
+    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x32.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.to_dtype(x.dtype())?.broadcast_mul(weight)
 }
 
 fn softmax_plain(x: &Tensor) -> candle_core::Result<Tensor> {

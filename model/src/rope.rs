@@ -46,8 +46,14 @@ pub fn inv_freq(config: &Config) -> Vec<f32> {
     }
 }
 
-/// `cos` and `sin` tables of shape `[positions, head_dim / 2]`.
-pub fn tables(config: &Config, positions: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+/// `cos` and `sin` tables of shape `[positions, head_dim / 2]`, computed in f32 and rounded to
+/// `dtype` (the activations' dtype, as `transformers` does).
+pub fn tables(
+    config: &Config,
+    positions: usize,
+    device: &Device,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
     let inv = inv_freq(config);
     let half = inv.len();
     let mut freqs = Vec::with_capacity(positions * half);
@@ -57,7 +63,7 @@ pub fn tables(config: &Config, positions: usize, device: &Device) -> Result<(Ten
         }
     }
     let freqs = Tensor::from_vec(freqs, (positions, half), device)?;
-    Ok((freqs.cos()?.to_dtype(DType::F32)?, freqs.sin()?))
+    Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
 }
 
 /// Applies RoPE to `x: [B, H, T, D]` with plain tensor ops (differentiable):

@@ -161,3 +161,92 @@ fn document_losses_cover_every_token_once() {
         .unwrap()
         .is_empty());
 }
+
+/// The per-token losses `transformers` computes in float16 with eager attention
+/// (`ref_losses_f16.json`, written by `fixtures/make_half_losses.py`), and how far its own SDPA
+/// kernel's float16 losses are from them.
+struct HalfReference {
+    losses: Vec<Vec<f32>>,
+    sdpa_max_abs_diff: f32,
+    sdpa_mean_abs_diff: f32,
+}
+
+fn half_reference(dir: &FsPath) -> HalfReference {
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("ref_losses_f16.json")).unwrap(),
+    )
+    .unwrap();
+    let number = |k: &str| v[k].as_f64().unwrap() as f32;
+    HalfReference {
+        losses: v["per_token_loss"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let row = r.as_array().unwrap();
+                row.iter().map(|x| x.as_f64().unwrap() as f32).collect()
+            })
+            .collect(),
+        sdpa_max_abs_diff: number("sdpa_max_abs_diff"),
+        sdpa_mean_abs_diff: number("sdpa_mean_abs_diff"),
+    }
+}
+
+/// Largest and mean absolute difference of two equally shaped sets of rows.
+fn distance(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
+    let pairs: Vec<f32> = a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .collect();
+    assert_eq!(pairs.len(), a.iter().map(Vec::len).sum::<usize>());
+    let max = pairs.iter().copied().fold(0f32, f32::max);
+    (max, pairs.iter().sum::<f32>() / pairs.len() as f32)
+}
+
+/// Weights loaded in f16, activations in f16 on the CPU, softmax, norms and losses in f32.
+///
+/// The tolerance: two correct float16 implementations do not agree to f32 precision, because
+/// they sum matmuls in other orders and round elementwise results at other points (candle's CPU
+/// SiLU and RoPE round each operation to f16). How far apart they land is measured on each
+/// fixture by `transformers` itself: its SDPA and eager kernels in float16 differ by 1.0e-3 to
+/// 2.1e-3 at most (2.8e-4 to 5.5e-4 on average) on losses near 6, about one f16 rounding of
+/// the loss (6 * 2^-11 = 2.9e-3). rho's f16 losses must be within twice that distance of the
+/// eager ones, per fixture, at most and on average; and they must differ from rho's own f32
+/// losses, so that a path that quietly ran in f32 would not pass.
+fn check_half(name: &str) {
+    let dir = fixture(name);
+    let r = reference(&dir);
+    let half = half_reference(&dir);
+    let (b, w) = (r.ids.len(), r.ids[0].len());
+    let ids = Tensor::from_vec(r.ids.concat(), (b, w), &Device::Cpu).unwrap();
+    let f32_model = checkpoint::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    let model = checkpoint::load(&dir, &Device::Cpu, DType::F16).unwrap();
+    for path in [ForwardMode::Fused, ForwardMode::Differentiable] {
+        let got = per_token_loss(&model, &ids, path, None).unwrap();
+        assert_eq!(got.dtype(), DType::F32, "losses come back in f32");
+        let got = got.to_vec2::<f32>().unwrap();
+        let (max, mean) = distance(&got, &half.losses);
+        let own_f32 = per_token_loss(&f32_model, &ids, path, None)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let (_, moved) = distance(&got, &own_f32);
+        eprintln!(
+            "{name} f16 {path:?}: against transformers f16 max {max:.2e} mean {mean:.2e} \
+             (its SDPA vs eager: max {:.2e} mean {:.2e}); against rho f32: mean {moved:.2e}",
+            half.sdpa_max_abs_diff, half.sdpa_mean_abs_diff
+        );
+        assert!(max <= 2.0 * half.sdpa_max_abs_diff, "{name} {path:?}: max {max}");
+        assert!(mean <= 2.0 * half.sdpa_mean_abs_diff, "{name} {path:?}: mean {mean}");
+        assert!(moved > 1e-5, "{name} {path:?}: the f16 model computed in f32");
+    }
+}
+
+#[test]
+fn half_precision_matches_transformers_f16() {
+    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-llama3-rope"] {
+        check_half(name);
+    }
+}

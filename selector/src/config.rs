@@ -30,7 +30,7 @@ pub struct SelectorConfig {
     /// `cpu` (default), `cuda` or `cuda:N`.
     #[serde(default)]
     pub device: rho_model::DeviceSpec,
-    /// `f32` (default); `bf16` or `f16` on GPU.
+    /// `f32` (default), `f16` (CPU or GPU) or `bf16` (GPU).
     #[serde(default)]
     pub dtype: rho_model::DTypeSpec,
     /// Batches asked of the loader ahead of scoring. Default 2.

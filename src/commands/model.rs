@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use clap::{Args, Subcommand};
 use rho_model::{checkpoint, per_token_loss, ForwardMode, HfConfig};
 
@@ -31,8 +31,13 @@ pub struct ScoreArgs {
     /// transformers); pass this to leave them out.
     #[arg(long)]
     pub no_special_tokens: bool,
+    /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: rho_model::DeviceSpec,
+    /// The dtype the model runs in: `f32`, `f16` (CPU or GPU) or `bf16` (GPU); losses are
+    /// accumulated and printed in f32 whatever it is.
+    #[arg(long, default_value = "f32")]
+    pub dtype: rho_model::DTypeSpec,
 }
 
 #[derive(Subcommand)]
@@ -109,8 +114,9 @@ pub fn init_checkpoint(
 }
 
 pub fn score(args: ScoreArgs) -> anyhow::Result<()> {
-    let device = rho_model::parse_device(&args.device)?;
-    let model = checkpoint::load(&args.model, &device, DType::F32)?;
+    let dtype = args.dtype.on(args.device)?;
+    let device = args.device.open()?;
+    let model = checkpoint::load(&args.model, &device, dtype)?;
     let tokenizer_path = args
         .tokenizer
         .clone()
