@@ -145,7 +145,12 @@ async fn two_selectors_score_every_batch_exactly_once() {
     }
     let models: Vec<_> = [DType::F32, DType::F16]
         .into_iter()
-        .map(|d| (d, rho_model::checkpoint::load(&model_dir, &Device::Cpu, d).unwrap()))
+        .map(|d| {
+            (
+                d,
+                rho_model::checkpoint::load(&model_dir, &Device::Cpu, d).unwrap(),
+            )
+        })
         .collect();
     let fingerprint = rho_selector::scorer::model_fingerprint(&model_dir).unwrap();
 

@@ -172,10 +172,9 @@ struct HalfReference {
 }
 
 fn half_reference(dir: &FsPath) -> HalfReference {
-    let v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("ref_losses_f16.json")).unwrap(),
-    )
-    .unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("ref_losses_f16.json")).unwrap())
+            .unwrap();
     let number = |k: &str| v[k].as_f64().unwrap() as f32;
     HalfReference {
         losses: v["per_token_loss"]
@@ -238,15 +237,29 @@ fn check_half(name: &str) {
              (its SDPA vs eager: max {:.2e} mean {:.2e}); against rho f32: mean {moved:.2e}",
             half.sdpa_max_abs_diff, half.sdpa_mean_abs_diff
         );
-        assert!(max <= 2.0 * half.sdpa_max_abs_diff, "{name} {path:?}: max {max}");
-        assert!(mean <= 2.0 * half.sdpa_mean_abs_diff, "{name} {path:?}: mean {mean}");
-        assert!(moved > 1e-5, "{name} {path:?}: the f16 model computed in f32");
+        assert!(
+            max <= 2.0 * half.sdpa_max_abs_diff,
+            "{name} {path:?}: max {max}"
+        );
+        assert!(
+            mean <= 2.0 * half.sdpa_mean_abs_diff,
+            "{name} {path:?}: mean {mean}"
+        );
+        assert!(
+            moved > 1e-5,
+            "{name} {path:?}: the f16 model computed in f32"
+        );
     }
 }
 
 #[test]
 fn half_precision_matches_transformers_f16() {
-    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-llama3-rope"] {
+    for name in [
+        "tiny-llama",
+        "tiny-mistral",
+        "tiny-qwen2",
+        "tiny-llama3-rope",
+    ] {
         check_half(name);
     }
 }

@@ -43,12 +43,17 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 12)]
         batches: usize,
     },
+    /// What a device does with rho's models, as one JSON (`bench/gpu/check.sh` runs it on a
+    /// GPU): fixture losses against the CPU in f32 and half precision, reference throughput and
+    /// memory, training steps, a short `rho run` on the device.
+    Device(device::DeviceArgs),
     /// End-to-end loader throughput (read + tokenize + pack + encode + send, consumed over
     /// loopback) against raw `tokenizers` encoding of the same text.
     Loader(loader::LoaderArgs),
 }
 
 mod corpus;
+mod device;
 mod loader;
 mod pipeline;
 mod selector;
@@ -73,5 +78,6 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             batches,
         } => selector::run(out, preset, seq_len, batch_size, batches).await,
         BenchCommand::Loader(args) => loader::run(args).await,
+        BenchCommand::Device(args) => device::run(args).await,
     }
 }

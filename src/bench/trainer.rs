@@ -26,27 +26,7 @@ pub fn run(
             3,
         )?;
     }
-    let window = seq_len + 1;
-    let input = |seq: u64| {
-        let tokens = (0..batch_size * window)
-            .map(|i| ((i as u64 * 7919 + seq * 104_729) % vocab as u64) as u32)
-            .collect();
-        let n = batch_size * seq_len;
-        StepInput {
-            batch: TokenBatch {
-                run_id: "bench".into(),
-                seq,
-                epoch: 0,
-                rows: batch_size,
-                window,
-                tokenizer: Fingerprint::of_bytes(b"bench"),
-                tokens,
-                lengths: vec![window as u32; batch_size],
-                doc_starts: vec![vec![0]; batch_size],
-            },
-            ref_loss: Some((0..n).map(|i| ((i * 37) % 97) as f32 / 10.0).collect()),
-        }
-    };
+    let input = |seq: u64| step_input(batch_size, seq_len, vocab, seq);
     let optim = OptimizerConfig {
         lr: 1e-4,
         ..Default::default()
@@ -127,4 +107,28 @@ pub fn run(
     );
     println!("selection alone (score, sort, mask of {} positions): {select_ms:.3} ms = {:.2}% of an SLM step", batch_size * seq_len, select_ms / 1e3 / (t_slm / n) * 100.0);
     Ok(())
+}
+
+/// A training step's input of `rows x seq_len` tokens (a fixed pattern that varies with `seq`)
+/// and made-up reference losses.
+pub(super) fn step_input(rows: usize, seq_len: usize, vocab: usize, seq: u64) -> StepInput {
+    let window = seq_len + 1;
+    let tokens = (0..rows * window)
+        .map(|i| ((i as u64 * 7919 + seq * 104_729) % vocab as u64) as u32)
+        .collect();
+    let n = rows * seq_len;
+    StepInput {
+        batch: TokenBatch {
+            run_id: "bench".into(),
+            seq,
+            epoch: 0,
+            rows,
+            window,
+            tokenizer: Fingerprint::of_bytes(b"bench"),
+            tokens,
+            lengths: vec![window as u32; rows],
+            doc_starts: vec![vec![0]; rows],
+        },
+        ref_loss: Some((0..n).map(|i| ((i * 37) % 97) as f32 / 10.0).collect()),
+    }
 }
