@@ -275,6 +275,23 @@ fn configuration_errors_are_refused_before_anything_starts() {
             Box::new(|c: &mut Value| c["selectors"] = json!(0)),
             vec!["`selectors`".into()],
         ),
+        (
+            "devices-not-selectors",
+            Box::new(|c: &mut Value| c["selector_devices"] = json!(["cpu", "cpu"])),
+            vec![
+                "`selectors` is 1".into(),
+                "`selector_devices` names 2".into(),
+            ],
+        ),
+        (
+            "bf16-device-on-cpu",
+            Box::new(|c: &mut Value| {
+                c["selectors"] = Value::Null;
+                c["selector_devices"] = json!(["cpu"]);
+                c["selector"]["dtype"] = json!("bf16");
+            }),
+            vec!["selector_devices[0]".into(), "GPU".into()],
+        ),
     ];
     for (name, edit, wanted) in cases {
         let (config, run_dir) = run_config(&format!("preflight-{name}"), edit);

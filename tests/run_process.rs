@@ -21,9 +21,10 @@ fn setup(root: &Path) {
 }
 
 fn run_config(root: &Path, name: &str, selectors: usize) -> std::path::PathBuf {
+    // One selector per entry of `selector_devices` (the count follows from the list).
     let cfg = json!({
         "run_dir": name,
-        "selectors": selectors,
+        "selector_devices": vec!["cpu"; selectors],
         "loader": {"run_id": "faults", "data": {"paths": ["data"]}, "tokenizer": "tokenizer.json",
                    "seq_len": 64, "batch_size": 4, "lease_secs": 1.0, "metrics_interval_secs": 0.2},
         "selector": {"model": "ref", "tokenizer": "tokenizer.json"},

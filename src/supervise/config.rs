@@ -22,9 +22,14 @@ pub struct RunConfig {
     /// Where configs, logs, metrics, reports and checkpoints go (relative to the config file).
     pub run_dir: PathBuf,
     /// Selector processes, at least 1 when the trainer's score rule needs reference losses
-    /// (ignored otherwise).
-    #[serde(default = "one")]
-    pub selectors: usize,
+    /// (ignored otherwise). Default: as many as `selector_devices` names, or 1.
+    #[serde(default)]
+    pub selectors: Option<usize>,
+    /// One device per selector: selector `i` runs on the `i`-th (one process per GPU:
+    /// `["cuda:1", "cuda:2"]`), in place of `selector.device`. Empty (default): every selector
+    /// on `selector.device`.
+    #[serde(default)]
+    pub selector_devices: Vec<rho_model::DeviceSpec>,
     /// Restart a selector that dies before the stream ends. Default true.
     #[serde(default = "yes")]
     pub restart_selectors: bool,
@@ -38,14 +43,29 @@ pub struct RunConfig {
     pub trainer: TrainerConfig,
 }
 
-fn one() -> usize {
-    1
-}
 fn yes() -> bool {
     true
 }
 fn five() -> u32 {
     5
+}
+
+impl RunConfig {
+    /// How many selectors the config asks for.
+    pub fn selector_count(&self) -> usize {
+        self.selectors.unwrap_or(match self.selector_devices.len() {
+            0 => 1,
+            n => n,
+        })
+    }
+
+    /// The device of selector `i`: its entry of `selector_devices`, or `selector.device`.
+    pub fn selector_device(&self, i: usize, config: &SelectorConfig) -> rho_model::DeviceSpec {
+        self.selector_devices
+            .get(i)
+            .copied()
+            .unwrap_or(config.device)
+    }
 }
 
 /// A run ready to start: the run config with every path resolved, every default of the run
@@ -120,7 +140,7 @@ impl Plan {
     /// How many selectors run (0 when the score rule needs none).
     pub fn selectors(&self) -> usize {
         match self.selector {
-            Some(_) => self.settings.selectors,
+            Some(_) => self.settings.selector_count(),
             None => 0,
         }
     }
@@ -199,12 +219,23 @@ fn selector_of(rc: &RunConfig, base: &Path) -> anyhow::Result<Option<SelectorCon
     if !rc.trainer.uses_selectors() {
         return Ok(None);
     }
-    if rc.selectors == 0 {
+    if rc.selector_count() == 0 {
         bail!("run config, `selectors`: 0, but the trainer's score rule ({:?}) needs reference losses from at least one selector; or serve a scored cache and set `trainer.source` to \"loader\"", rc.trainer.selection.score);
     }
     let Some(mut s) = rc.selector.clone() else {
         bail!("run config: the trainer's score rule needs selectors, but there is no `selector` section");
     };
+    if let Some(n) = rc.selectors {
+        let devices = rc.selector_devices.len();
+        if devices > 0 && devices != n {
+            bail!("run config: `selectors` is {n} but `selector_devices` names {devices} devices: one device per selector (leave `selectors` out to run one selector per device)");
+        }
+    }
+    for (i, d) in rc.selector_devices.iter().enumerate() {
+        s.dtype.on(*d).map_err(|e| {
+            anyhow::anyhow!("run config, `selector_devices[{i}]` with `selector.dtype`: {e}")
+        })?;
+    }
     s.resolve_paths(base);
     Ok(Some(s))
 }

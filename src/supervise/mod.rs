@@ -197,6 +197,7 @@ impl Supervisor {
     fn start_selector(&self, config: &SelectorConfig, i: usize) -> anyhow::Result<Proc> {
         let role = Role::Selector(i);
         let mut c = config.clone();
+        c.device = self.plan.settings.selector_device(i, config);
         c.metrics = Some(self.dir().join(format!("{}.metrics.jsonl", role.name())));
         c.tensorboard = Some(self.dir().join("tensorboard").join(role.name()));
         Proc::start(&self.exe, self.dir(), role, &c)
