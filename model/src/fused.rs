@@ -4,7 +4,9 @@
 //!   sliding window), zeros elsewhere, without a mask tensor and without exponentiating masked
 //!   entries;
 //! - a row cross-entropy: `logsumexp(logits) - logits[target]` per row, without materializing
-//!   the log-probabilities.
+//!   the log-probabilities;
+//! - SwiGLU's `silu(gate) * up` and RMSNorm, each one pass forward and one backward instead of
+//!   five to seven tensor ops (and as many gradients for candle's backward pass to accumulate).
 //!
 //! Other devices use the equivalent compositions of tensor ops.
 
@@ -238,4 +240,397 @@ pub fn row_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Option<Ten
     let logits = logits.contiguous()?;
     let targets = targets.contiguous()?;
     Ok(Some(logits.apply_op2(&targets, RowLoss)?))
+}
+
+/// The contiguous f32 slice of a storage, or an error naming the op.
+fn f32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        candle_core::bail!("{op} expects f32");
+    };
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op} expects contiguous inputs")))?;
+    Ok(&data[a..b])
+}
+
+/// `silu(gate) * up`, elementwise.
+struct SwiGlu;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl candle_core::CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (gate, up) = (f32_slice("swiglu", s1, l1)?, f32_slice("swiglu", s2, l2)?);
+        let mut out = vec![0f32; gate.len()];
+        out.par_chunks_mut(4096)
+            .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
+            .for_each(|(o, (g, u))| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g * sigmoid(g) * u;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // d/dgate = g * up * s * (1 + gate * (1 - s)); d/dup = g * gate * s; s = sigmoid(gate).
+        let both = gate.contiguous()?.apply_op3_no_bwd(
+            &up.contiguous()?,
+            &grad.contiguous()?,
+            &SwiGluBackward,
+        )?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// Both gradients of [`SwiGlu`], stacked as `[2, ...]`.
+struct SwiGluBackward;
+
+impl candle_core::CustomOp3 for SwiGluBackward {
+    fn name(&self) -> &'static str {
+        "swiglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "swiglu-backward";
+        let (gate, up, grad) = (
+            f32_slice(op, s1, l1)?,
+            f32_slice(op, s2, l2)?,
+            f32_slice(op, s3, l3)?,
+        );
+        let n = gate.len();
+        let mut out = vec![0f32; 2 * n];
+        let (d_gate, d_up) = out.split_at_mut(n);
+        d_gate
+            .par_chunks_mut(4096)
+            .zip(d_up.par_chunks_mut(4096))
+            .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
+            .zip(grad.par_chunks(4096))
+            .for_each(|(((dg, du), (g, u)), gr)| {
+                for i in 0..g.len() {
+                    let s = sigmoid(g[i]);
+                    du[i] = gr[i] * g[i] * s;
+                    dg[i] = gr[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                }
+            });
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// Whether the fused training kernels ([`swiglu`], [`rms_norm`]) run for tensors on `device`
+/// of `dtype`.
+fn fused_applies(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
+/// `silu(gate) * up`, fused on CPU for f32 and differentiable in both; `None` where the fused
+/// kernel does not apply.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+    if !fused_applies(gate) || gate.shape() != up.shape() {
+        return Ok(None);
+    }
+    Ok(Some(
+        gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?,
+    ))
+}
+
+/// RMSNorm over the last dimension, `x * w / sqrt(mean(x^2) + eps)`, in f32.
+struct RmsNorm {
+    eps: f32,
+}
+
+/// `1 / sqrt(mean(x^2) + eps)` of one row.
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ss: f32 = row.iter().map(|v| v * v).sum();
+    1.0 / (ss / row.len() as f32 + eps).sqrt()
+}
+
+impl candle_core::CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (
+            f32_slice("rms-norm", s1, l1)?,
+            f32_slice("rms-norm", s2, l2)?,
+        );
+        let h = w.len();
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(h)
+            .zip(x.par_chunks(h))
+            .for_each(|(o, x)| {
+                let r = inv_rms(x, self.eps);
+                for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+                    *o = x * r * w;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let h = w.elem_count();
+        let both = x.contiguous()?.apply_op3_no_bwd(
+            &w.contiguous()?,
+            &grad.contiguous()?,
+            &RmsNormBackward { eps: self.eps },
+        )?;
+        let rows = both.dim(0)? - 1;
+        let dx = both.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = both.get(rows)?.reshape(h)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// Both gradients of [`RmsNorm`] as `[rows + 1, H]`: `dx` rows, then `dw`.
+/// With `r = 1 / rms(x)`, `n = x * r`: `dx = r * (g*w - n * mean(g*w*n))`, `dw = sum(g * n)`.
+struct RmsNormBackward {
+    eps: f32,
+}
+
+impl candle_core::CustomOp3 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "rms-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "rms-norm-backward";
+        let (x, w, grad) = (
+            f32_slice(op, s1, l1)?,
+            f32_slice(op, s2, l2)?,
+            f32_slice(op, s3, l3)?,
+        );
+        let h = w.len();
+        let rows = x.len() / h;
+        let mut out = vec![0f32; (rows + 1) * h];
+        let (dx, dw) = out.split_at_mut(rows * h);
+        dx.par_chunks_mut(h)
+            .zip(x.par_chunks(h).zip(grad.par_chunks(h)))
+            .for_each(|(dx, (x, g))| {
+                let r = inv_rms(x, self.eps);
+                let dot: f32 = (0..h).map(|i| g[i] * w[i] * x[i] * r).sum::<f32>() / h as f32;
+                for i in 0..h {
+                    dx[i] = r * (g[i] * w[i] - x[i] * r * dot);
+                }
+            });
+        // dw: per-chunk partial sums over rows, then their sum.
+        let partial = x
+            .par_chunks(h * 64)
+            .zip(grad.par_chunks(h * 64))
+            .map(|(x, g)| {
+                let mut acc = vec![0f32; h];
+                for (x, g) in x.chunks(h).zip(g.chunks(h)) {
+                    let r = inv_rms(x, self.eps);
+                    for i in 0..h {
+                        acc[i] += g[i] * x[i] * r;
+                    }
+                }
+                acc
+            })
+            .reduce(
+                || vec![0f32; h],
+                |mut a, b| {
+                    for (a, b) in a.iter_mut().zip(b) {
+                        *a += b;
+                    }
+                    a
+                },
+            );
+        dw.copy_from_slice(&partial);
+        Ok((CpuStorage::F32(out), Shape::from((rows + 1, h))))
+    }
+}
+
+/// RMSNorm over the last dimension, fused on CPU for f32 and differentiable in `x` and
+/// `weight`; `None` where the fused kernel does not apply.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    if !fused_applies(x)
+        || weight.dtype() != x.dtype()
+        || x.dims().last() != Some(&weight.elem_count())
+    {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op2(
+        &weight.contiguous()?,
+        RmsNorm { eps: eps as f32 },
+    )?))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var, D};
+
+    /// Deterministic values in about [-2, 2).
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| {
+                ((i.wrapping_mul(2_654_435_761).wrapping_add(seed * 97)) % 4001) as f32 / 1000.0
+                    - 2.0
+            })
+            .collect()
+    }
+
+    fn var(n: usize, shape: &[usize], seed: u32) -> Var {
+        Var::from_tensor(&Tensor::from_vec(values(n, seed), shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    /// `sum(f(args) * probe)`: a scalar whose gradient reaches every output element.
+    fn objective(out: &Tensor, probe: &Tensor) -> Tensor {
+        (out * probe).unwrap().sum_all().unwrap()
+    }
+
+    /// Checks a fused op against its composition of plain ops (same values, same gradients)
+    /// and its gradients against central finite differences of the fused forward.
+    fn check(
+        args: &[Var],
+        fused: &dyn Fn(&[Tensor]) -> Tensor,
+        plain: &dyn Fn(&[Tensor]) -> Tensor,
+    ) {
+        let ts: Vec<Tensor> = args.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = fused(&ts);
+        let probe =
+            Tensor::from_vec(values(out.elem_count(), 7), out.shape(), &Device::Cpu).unwrap();
+        let reference = plain(&ts);
+        let diff = (&out - &reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "forward differs");
+        let g_fused = objective(&out, &probe).backward().unwrap();
+        let g_plain = objective(&reference, &probe).backward().unwrap();
+        for (k, v) in args.iter().enumerate() {
+            let a = g_fused
+                .get(v)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let b = g_plain
+                .get(v)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "arg {k}[{i}]: fused {a}, plain {b}"
+                );
+            }
+            // Finite differences (f64 accumulation of the f32 forward), on a few elements.
+            let base = v
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for i in (0..base.len()).step_by((base.len() / 5).max(1)) {
+                let eps = 1e-2f32;
+                let at = |delta: f32| -> f64 {
+                    let mut x = base.clone();
+                    x[i] += delta;
+                    let mut moved = ts.clone();
+                    moved[k] = Tensor::from_vec(x, v.shape(), &Device::Cpu).unwrap();
+                    let out = fused(&moved)
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    let p = probe.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    out.iter().zip(&p).map(|(o, p)| *o as f64 * *p as f64).sum()
+                };
+                let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+                let g = a[i] as f64;
+                assert!(
+                    (fd - g).abs() <= 2e-2 * (1.0 + g.abs()),
+                    "arg {k}[{i}]: finite difference {fd}, gradient {g}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn swiglu_matches_its_composition_and_finite_differences() {
+        let args = [var(6 * 40, &[6, 40], 1), var(6 * 40, &[6, 40], 2)];
+        check(
+            &args,
+            &|t| super::swiglu(&t[0], &t[1]).unwrap().unwrap(),
+            &|t| {
+                let s = (t[0].neg().unwrap().exp().unwrap() + 1.0)
+                    .unwrap()
+                    .recip()
+                    .unwrap();
+                ((&t[0] * s).unwrap() * &t[1]).unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn rms_norm_matches_its_composition_and_finite_differences() {
+        let args = [var(5 * 48, &[5, 48], 3), var(48, &[48], 4)];
+        let eps = 1e-5;
+        check(
+            &args,
+            &|t| super::rms_norm(&t[0], &t[1], eps).unwrap().unwrap(),
+            &|t| {
+                let var = t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                let n = t[0]
+                    .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+                    .unwrap();
+                n.broadcast_mul(&t[1]).unwrap()
+            },
+        );
+    }
 }

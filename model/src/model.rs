@@ -277,11 +277,15 @@ impl Block {
 impl Mlp {
     fn forward(&self, x: &Tensor, mode: ForwardMode) -> candle_core::Result<Tensor> {
         let gate = self.gate.forward(x)?;
+        let up = self.up.forward(x)?;
+        if let Some(h) = crate::fused::swiglu(&gate, &up)? {
+            return self.down.forward(&h);
+        }
         let act = match mode {
             ForwardMode::Fused => candle_nn::ops::silu(&gate)?,
             ForwardMode::Differentiable => (&gate * sigmoid_plain(&gate)?)?,
         };
-        self.down.forward(&(act * self.up.forward(x)?)?)
+        self.down.forward(&(act * up)?)
     }
 }
 
@@ -365,6 +369,9 @@ fn rms_norm(
     eps: f64,
     mode: ForwardMode,
 ) -> candle_core::Result<Tensor> {
+    if let Some(y) = crate::fused::rms_norm(x, weight, eps)? {
+        return Ok(y);
+    }
     let fused_kernel_accurate = x.dtype() == DType::F32 || !x.device().is_cpu();
     if mode == ForwardMode::Fused && fused_kernel_accurate {
         return candle_nn::ops::rms_norm(x, weight, eps as f32);
