@@ -5,8 +5,9 @@
 //!   entries;
 //! - a row cross-entropy: `logsumexp(logits) - logits[target]` per row, without materializing
 //!   the log-probabilities;
-//! - SwiGLU's `silu(gate) * up` and RMSNorm, each one pass forward and one backward instead of
-//!   five to seven tensor ops (and as many gradients for candle's backward pass to accumulate).
+//! - SwiGLU's `silu(gate) * up`, RMSNorm and RoPE, each one pass forward and one backward
+//!   instead of five to ten tensor ops (and as many gradients for candle's backward pass to
+//!   accumulate).
 //!
 //! Other devices use the equivalent compositions of tensor ops.
 
@@ -504,6 +505,81 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>>
     )?))
 }
 
+/// RoPE on `[B, H, T, D]` (non-interleaved halves): `y1 = x1 cos - x2 sin`,
+/// `y2 = x2 cos + x1 sin`. The gradient is the same rotation by the opposite angle.
+struct Rope {
+    /// `[T, D/2]` tables.
+    cos: std::sync::Arc<Vec<f32>>,
+    sin: std::sync::Arc<Vec<f32>>,
+    /// Rotate by `-angle` (the backward pass).
+    inverse: bool,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice("rope", storage, layout)?;
+        let dims = layout.dims();
+        let (t, d) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let half = d / 2;
+        if self.cos.len() < t * half {
+            candle_core::bail!(
+                "rope: tables for {} positions, input of {t}",
+                self.cos.len() / half.max(1)
+            );
+        }
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(t * d)
+            .zip(x.par_chunks(t * d))
+            .for_each(|(o, x)| {
+                for p in 0..t {
+                    let (c, s) = (
+                        &self.cos[p * half..(p + 1) * half],
+                        &self.sin[p * half..(p + 1) * half],
+                    );
+                    let (x, o) = (&x[p * d..(p + 1) * d], &mut o[p * d..(p + 1) * d]);
+                    for i in 0..half {
+                        let (x1, x2, s) = (x[i], x[i + half], sign * s[i]);
+                        o[i] = x1 * c[i] - x2 * s;
+                        o[i + half] = x2 * c[i] + x1 * s;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let inverse = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            inverse: !self.inverse,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1(inverse)?))
+    }
+}
+
+/// RoPE of `x: [B, H, T, D]` with `cos`, `sin`: `[T, D/2]`, fused on CPU for f32 and
+/// differentiable in `x` (the tables are constants); `None` where the fused kernel does not
+/// apply.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
+    if !fused_applies(x) || x.rank() != 4 || cos.dtype() != x.dtype() {
+        return Ok(None);
+    }
+    let table = |t: &Tensor| -> Result<std::sync::Arc<Vec<f32>>> {
+        Ok(std::sync::Arc::new(t.flatten_all()?.to_vec1::<f32>()?))
+    };
+    let op = Rope {
+        cos: table(cos)?,
+        sin: table(sin)?,
+        inverse: false,
+    };
+    Ok(Some(x.contiguous()?.apply_op1(op)?))
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor, Var, D};
@@ -614,6 +690,23 @@ mod tests {
                     .unwrap();
                 ((&t[0] * s).unwrap() * &t[1]).unwrap()
             },
+        );
+    }
+
+    #[test]
+    fn rope_matches_its_composition_and_finite_differences() {
+        let (t, d) = (5, 8);
+        let args = [var(2 * 3 * t * d, &[2, 3, t, d], 5)];
+        let angles: Vec<f32> = (0..t * d / 2).map(|i| i as f32 * 0.37).collect();
+        let table = |f: fn(f32) -> f32| {
+            let v: Vec<f32> = angles.iter().map(|&a| f(a)).collect();
+            Tensor::from_vec(v, (t, d / 2), &Device::Cpu).unwrap()
+        };
+        let (cos, sin) = (table(f32::cos), table(f32::sin));
+        check(
+            &args,
+            &|x| super::rope(&x[0], &cos, &sin).unwrap().unwrap(),
+            &|x| crate::rope::apply_plain(&x[0], &cos, &sin).unwrap(),
         );
     }
 

@@ -306,10 +306,15 @@ impl Attention {
                 candle_nn::rotary_emb::rope(&q, cos, sin)?,
                 candle_nn::rotary_emb::rope(&k, cos, sin)?,
             ),
-            ForwardMode::Differentiable => (
-                rope::apply_plain(&q, cos, sin)?,
-                rope::apply_plain(&k, cos, sin)?,
-            ),
+            ForwardMode::Differentiable => {
+                let rotate = |x: &Tensor| -> Result<Tensor> {
+                    Ok(match crate::fused::rope(x, cos, sin)? {
+                        Some(y) => y,
+                        None => rope::apply_plain(x, cos, sin)?,
+                    })
+                };
+                (rotate(&q)?, rotate(&k)?)
+            }
         };
         let groups = nh / nkv;
         let k = repeat_kv(k, groups)?;
