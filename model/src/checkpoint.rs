@@ -104,7 +104,12 @@ fn read_safetensors(
 ) -> Result<()> {
     use std::io::{Read, Seek, SeekFrom};
     let bad = |reason: String| err(path, reason);
-    let (header_len, header) = read_header(path)?;
+    let Opened {
+        file: mut f,
+        data_start: base,
+        header,
+        ..
+    } = read_header(path)?;
     let mut entries: Vec<(String, TensorEntry)> = Vec::new();
     for (name, v) in header {
         if name == "__metadata__" {
@@ -116,8 +121,6 @@ fn read_safetensors(
     }
     // In file order, so that reading is one forward pass.
     entries.sort_by_key(|(_, e)| e.data_offsets[0]);
-    let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-    let base = 8 + header_len;
     for (name, e) in entries {
         let stored = stored_dtype(&e.dtype).ok_or_else(|| {
             bad(format!(
@@ -247,8 +250,20 @@ fn read_floats(
     }
 }
 
-/// The length and the JSON object of a safetensors file's header.
-fn read_header(path: &Path) -> Result<(u64, serde_json::Map<String, serde_json::Value>)> {
+/// A safetensors file opened and its header read.
+struct Opened {
+    /// Positioned after the header.
+    file: std::fs::File,
+    /// The file's length in bytes.
+    len: u64,
+    /// Where the tensor data starts (`data_offsets` count from here).
+    data_start: u64,
+    /// The header's JSON object.
+    header: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Opens a safetensors file and reads its header.
+fn read_header(path: &Path) -> Result<Opened> {
     use std::io::Read;
     let bad = |reason: String| err(path, reason);
     let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
@@ -267,7 +282,12 @@ fn read_header(path: &Path) -> Result<(u64, serde_json::Map<String, serde_json::
     let header: serde_json::Value =
         serde_json::from_slice(&header).map_err(|e| bad(format!("unreadable header: {e}")))?;
     match header {
-        serde_json::Value::Object(map) => Ok((n, map)),
+        serde_json::Value::Object(header) => Ok(Opened {
+            file: f,
+            len,
+            data_start: 8 + n,
+            header,
+        }),
         _ => Err(bad("the header is not a JSON object".into())),
     }
 }
@@ -371,20 +391,22 @@ pub fn inspect(dir: &Path) -> Result<Inspected> {
 
 fn check_safetensors_length(path: &Path) -> Result<()> {
     let bad = |reason: String| err(path, reason);
-    let len = std::fs::metadata(path)
-        .map_err(|e| bad(e.to_string()))?
-        .len();
-    let (n, header) = read_header(path)?;
+    let Opened {
+        len,
+        data_start,
+        header,
+        ..
+    } = read_header(path)?;
     let end = header
         .iter()
         .filter(|(k, _)| k.as_str() != "__metadata__")
         .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
         .max()
         .unwrap_or(0);
-    if 8 + n + end != len {
+    if data_start + end != len {
         return Err(bad(format!(
             "{len} bytes, but its header describes {} (truncated or damaged)",
-            8 + n + end
+            data_start + end
         )));
     }
     Ok(())

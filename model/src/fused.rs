@@ -14,6 +14,43 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+/// The contiguous f32 slice of a storage, or an error naming the op.
+fn f32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        candle_core::bail!("{op} expects f32");
+    };
+    Ok(&data[offsets(op, l)?])
+}
+
+/// The contiguous u32 slice of a storage, or an error naming the op.
+fn u32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
+    let CpuStorage::U32(data) = s else {
+        candle_core::bail!("{op} expects u32");
+    };
+    Ok(&data[offsets(op, l)?])
+}
+
+fn offsets(op: &str, l: &Layout) -> Result<std::ops::Range<usize>> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op} expects contiguous inputs")))?;
+    Ok(a..b)
+}
+
+/// Three contiguous f32 slices: the inputs of a backward kernel.
+fn f32_slices3<'a>(
+    op: &str,
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+    (s3, l3): (&'a CpuStorage, &Layout),
+) -> Result<(&'a [f32], &'a [f32], &'a [f32])> {
+    Ok((
+        f32_slice(op, s1, l1)?,
+        f32_slice(op, s2, l2)?,
+        f32_slice(op, s3, l3)?,
+    ))
+}
+
 struct CausalSoftmax {
     window: Option<usize>,
 }
@@ -24,13 +61,7 @@ impl CustomOp1 for CausalSoftmax {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("causal-softmax expects f32");
-        };
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("causal-softmax expects a contiguous tensor".into())
-        })?;
-        let data = &data[start..end];
+        let data = f32_slice("causal-softmax", storage, layout)?;
         let dims = layout.dims();
         let t = dims[dims.len() - 1];
         let mut out = vec![0f32; data.len()];
@@ -80,14 +111,8 @@ impl candle_core::CustomOp2 for SoftmaxBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(y), CpuStorage::F32(g)) = (s1, s2) else {
-            candle_core::bail!("softmax-backward expects f32");
-        };
-        let (Some((a, b)), Some((c, d))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("softmax-backward expects contiguous inputs");
-        };
-        let (y, g) = (&y[a..b], &g[c..d]);
+        let op = "softmax-backward";
+        let (y, g) = (f32_slice(op, s1, l1)?, f32_slice(op, s2, l2)?);
         let t = l1.dims()[l1.dims().len() - 1];
         let mut out = vec![0f32; y.len()];
         out.par_chunks_mut(t)
@@ -136,14 +161,8 @@ impl candle_core::CustomOp2 for RowLoss {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(logits), CpuStorage::U32(targets)) = (s1, s2) else {
-            candle_core::bail!("row-cross-entropy expects f32 logits and u32 targets");
-        };
-        let (Some((a, b)), Some((c, d))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("row-cross-entropy expects contiguous inputs");
-        };
-        let (logits, targets) = (&logits[a..b], &targets[c..d]);
+        let op = "row-cross-entropy";
+        let (logits, targets) = (f32_slice(op, s1, l1)?, u32_slice(op, s2, l2)?);
         let v = l1.dims()[1];
         let out: Vec<f32> = logits
             .par_chunks(v)
@@ -190,21 +209,12 @@ impl candle_core::CustomOp3 for RowLossBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(logits), CpuStorage::U32(targets), CpuStorage::F32(grad)) =
-            (s1, s2, s3)
-        else {
-            candle_core::bail!(
-                "row-cross-entropy-backward expects f32 logits, u32 targets, f32 gradients"
-            );
-        };
-        let (Some((a, b)), Some((c, d)), Some((e, f))) = (
-            l1.contiguous_offsets(),
-            l2.contiguous_offsets(),
-            l3.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("row-cross-entropy-backward expects contiguous inputs");
-        };
-        let (logits, targets, grad) = (&logits[a..b], &targets[c..d], &grad[e..f]);
+        let op = "row-cross-entropy-backward";
+        let (logits, targets, grad) = (
+            f32_slice(op, s1, l1)?,
+            u32_slice(op, s2, l2)?,
+            f32_slice(op, s3, l3)?,
+        );
         let v = l1.dims()[1];
         let mut out = vec![0f32; logits.len()];
         out.par_chunks_mut(v)
@@ -241,17 +251,6 @@ pub fn row_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Option<Ten
     let logits = logits.contiguous()?;
     let targets = targets.contiguous()?;
     Ok(Some(logits.apply_op2(&targets, RowLoss)?))
-}
-
-/// The contiguous f32 slice of a storage, or an error naming the op.
-fn f32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("{op} expects f32");
-    };
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{op} expects contiguous inputs")))?;
-    Ok(&data[a..b])
 }
 
 /// `silu(gate) * up`, elementwise.
@@ -319,12 +318,7 @@ impl candle_core::CustomOp3 for SwiGluBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let op = "swiglu-backward";
-        let (gate, up, grad) = (
-            f32_slice(op, s1, l1)?,
-            f32_slice(op, s2, l2)?,
-            f32_slice(op, s3, l3)?,
-        );
+        let (gate, up, grad) = f32_slices3("swiglu-backward", (s1, l1), (s2, l2), (s3, l3))?;
         let n = gate.len();
         let mut out = vec![0f32; 2 * n];
         let (d_gate, d_up) = out.split_at_mut(n);
@@ -346,8 +340,8 @@ impl candle_core::CustomOp3 for SwiGluBackward {
     }
 }
 
-/// Whether the fused training kernels ([`swiglu`], [`rms_norm`]) run for tensors on `device`
-/// of `dtype`.
+/// Whether the fused kernels [`swiglu`], [`rms_norm`] and [`rope`] run for this tensor: on the
+/// CPU, in f32.
 fn fused_applies(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32
 }
@@ -443,12 +437,7 @@ impl candle_core::CustomOp3 for RmsNormBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let op = "rms-norm-backward";
-        let (x, w, grad) = (
-            f32_slice(op, s1, l1)?,
-            f32_slice(op, s2, l2)?,
-            f32_slice(op, s3, l3)?,
-        );
+        let (x, w, grad) = f32_slices3("rms-norm-backward", (s1, l1), (s2, l2), (s3, l3))?;
         let h = w.len();
         let rows = x.len() / h;
         let mut out = vec![0f32; (rows + 1) * h];

@@ -377,8 +377,8 @@ fn rms_norm(
     if let Some(y) = crate::fused::rms_norm(x, weight, eps)? {
         return Ok(y);
     }
-    let fused_kernel_accurate = x.dtype() == DType::F32 || !x.device().is_cpu();
-    if mode == ForwardMode::Fused && fused_kernel_accurate {
+    // On a GPU, candle's kernel accumulates in f32 whatever the dtype.
+    if mode == ForwardMode::Fused && !x.device().is_cpu() {
         return candle_nn::ops::rms_norm(x, weight, eps as f32);
     }
     // As `transformers` does: normalized in f32, rounded to the weights' dtype, then scaled.

@@ -227,11 +227,9 @@ fn fixtures(dir: &Path, device: &Device, half: DType) -> anyhow::Result<Vec<Fixt
     Ok(out)
 }
 
-/// The peak resident memory of this process so far (`VmHWM`).
+/// The peak resident memory of this process so far.
 fn peak_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    crate::supervise::launch::status_kib("self", "VmHWM")
 }
 
 fn throughput(
@@ -283,7 +281,7 @@ fn throughput(
     Ok(Throughput {
         preset: a.preset.to_string(),
         parameters: params,
-        dtype: format!("{dtype:?}").to_lowercase(),
+        dtype: dtype.as_str().into(),
         batch_size: a.batch_size,
         seq_len: a.seq_len,
         load_secs,

@@ -22,8 +22,16 @@ pub struct RunOutcome {
 
 /// Resident memory of a process, from `/proc` (Linux); `None` elsewhere or once it is gone.
 pub fn resident_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    status_kib(&pid.to_string(), "VmRSS")
+}
+
+/// A memory line of `/proc/<process>/status` (`VmRSS`, `VmHWM`, ...) in KiB; `process` is a pid
+/// or `self`.
+pub fn status_kib(process: &str, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{process}/status")).ok()?;
+    let line = status
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
