@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rho_stream import RhoStream, slm_loss  # noqa: E402
+from rho_stream import RhoStream, random_key, slm_loss  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +42,8 @@ def main() -> None:
     ap.add_argument("--run-id", required=True)
     ap.add_argument("--model", required=True, help="HuggingFace checkpoint directory")
     ap.add_argument("--secret-file", help="the run's secret (default: RHO_SECRET, else unsigned)")
-    ap.add_argument("--score", choices=["excess", "reference", "current", "none"], default="excess")
+    ap.add_argument("--score", choices=["excess", "reference", "current", "random", "none"], default="excess")
+    ap.add_argument("--selection-seed", type=int, default=0, help="seed of the `random` score rule")
     ap.add_argument("--ratio", type=float, default=0.6)
     ap.add_argument("--scope", choices=["batch", "sequence"], default="batch")
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -108,8 +109,12 @@ def main() -> None:
             ref = torch.zeros_like(labels, dtype=torch.float32)
             loss = slm_loss(logits, labels, ref, 1.0, args.scope, valid, rule="none")
         else:
-            ref = batch.ref_loss.to(device, non_blocking=True)
-            loss = slm_loss(logits, labels, ref, args.ratio, args.scope, valid, rule=args.score)
+            if args.score in ("excess", "reference"):
+                ref = batch.ref_loss.to(device, non_blocking=True)
+            else:  # `current` and `random` need no reference losses
+                ref = torch.zeros_like(labels, dtype=torch.float32)
+            key = random_key(args.selection_seed, step)
+            loss = slm_loss(logits, labels, ref, args.ratio, args.scope, valid, rule=args.score, key=key)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -7,7 +7,7 @@ Selective Language Modeling loss with exactly the selection of rho's Rust traine
 """
 
 from .protocol import Key, Limits, Message, ProtocolError, decode, encode
-from .selection import keep_count, select_mask, select_mask_torch, slm_loss
+from .selection import keep_count, random_key, select_mask, select_mask_torch, slm_loss
 from .stream import Batch, RhoStream, Stats
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "decode",
     "encode",
     "keep_count",
+    "random_key",
     "select_mask",
     "select_mask_torch",
     "slm_loss",

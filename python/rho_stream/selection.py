@@ -4,6 +4,9 @@ Conventions (shared with ``trainer/src/selection.rs``, checked on ``tests/vector
 
 - a score per valid target position: ``excess`` = current loss - reference loss (float32),
   ``reference`` = -reference loss, ``current`` = current loss; ``none`` keeps every valid one;
+  ``random`` scores position ``i`` (row-major over the step's batch) with
+  ``random_score(key, i)``, ``key = random_key(seed, step)`` (a control that keeps as many tokens
+  without choosing them);
 - from ``n`` valid positions (of the whole batch, or of each sequence) the ``floor(ratio * n +
   0.5)`` highest scores are kept;
 - equal scores are broken by position (earlier first, row-major); NaN ranks below every number;
@@ -14,13 +17,40 @@ from __future__ import annotations
 
 import numpy as np
 
-RULES = ("excess", "reference", "current", "none")
+RULES = ("excess", "reference", "current", "random", "none")
 SCOPES = ("batch", "sequence")
 
 
 def keep_count(ratio: float, n: int) -> int:
     """How many of ``n`` valid positions are kept at ``ratio`` (round half up)."""
     return int(min(max(np.floor(ratio * n + 0.5), 0), n))
+
+
+_M64 = (1 << 64) - 1
+
+
+def mix64(z: int) -> int:
+    """SplitMix64's finalizer on a Python int (as ``mix64`` in ``trainer/src/selection.rs``)."""
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def random_key(seed: int, step: int) -> int:
+    """The key of step ``step``'s random scores under ``seed``: ``mix64(seed ^ mix64(step))``."""
+    return mix64((seed & _M64) ^ mix64(step & _M64))
+
+
+def random_scores(key: int, n: int) -> np.ndarray:
+    """The random scores of positions ``0..n``: the top 24 bits of ``mix64(key ^ i)`` over 2**24."""
+    z = np.uint64(key & _M64) ^ np.arange(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return ((z >> np.uint64(40)).astype(np.float64) / float(1 << 24)).astype(np.float32)
 
 
 def _check(rule: str, scope: str) -> None:
@@ -30,8 +60,15 @@ def _check(rule: str, scope: str) -> None:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
 
 
-def _score(rule: str, current, reference):
+def _score(rule: str, current, reference, key: int = 0):
     """The per-position score of a rule (higher is kept first), for numpy arrays or tensors."""
+    if rule == "random":
+        scores = random_scores(key, current.numel() if hasattr(current, "numel") else current.size)
+        if hasattr(current, "numel"):
+            import torch
+
+            return torch.from_numpy(scores).to(current.device).reshape(current.shape)
+        return scores.reshape(current.shape)
     if rule == "excess":
         return current - reference
     if rule == "reference":
@@ -39,8 +76,11 @@ def _score(rule: str, current, reference):
     return current
 
 
-def select_mask(current, reference, valid, ratio: float, scope: str = "batch", rule: str = "excess") -> np.ndarray:
-    """The selection mask (float32 of 0 and 1, shape ``[rows, len]``) in numpy."""
+def select_mask(
+    current, reference, valid, ratio: float, scope: str = "batch", rule: str = "excess", key: int = 0
+) -> np.ndarray:
+    """The selection mask (float32 of 0 and 1, shape ``[rows, len]``) in numpy; ``key`` scores
+    the ``random`` rule (``random_key(seed, step)``)."""
     _check(rule, scope)
     current = np.asarray(current, dtype=np.float32)
     reference = np.asarray(reference, dtype=np.float32)
@@ -48,7 +88,7 @@ def select_mask(current, reference, valid, ratio: float, scope: str = "batch", r
     if current.ndim == 1:
         current, reference, valid = current[None], reference[None], valid[None]
     with np.errstate(invalid="ignore"):  # inf - inf is NaN, as in Rust
-        score = _score(rule, current, reference)
+        score = _score(rule, current, reference, key)
     mask = np.zeros(current.shape, dtype=np.float32)
     groups = [slice(None)] if scope == "batch" else [slice(r, r + 1) for r in range(current.shape[0])]
     for g in groups:
@@ -68,7 +108,9 @@ def select_mask(current, reference, valid, ratio: float, scope: str = "batch", r
     return mask
 
 
-def select_mask_torch(current, reference, valid, ratio: float, scope: str = "batch", rule: str = "excess"):
+def select_mask_torch(
+    current, reference, valid, ratio: float, scope: str = "batch", rule: str = "excess", key: int = 0
+):
     """The same selection on torch tensors, on their device (no gradient flows through it)."""
     import torch
 
@@ -79,7 +121,7 @@ def select_mask_torch(current, reference, valid, ratio: float, scope: str = "bat
         valid = valid.bool()
         if current.dim() == 1:
             current, reference, valid = current[None], reference[None], valid[None]
-        score = _score(rule, current, reference)
+        score = _score(rule, current, reference, key)
         mask = torch.zeros_like(current)
         rows = [None] if scope == "batch" else list(range(current.shape[0]))
         for r in rows:
@@ -111,12 +153,14 @@ def slm_loss(
     valid=None,
     rule: str = "excess",
     return_mask: bool = False,
+    key: int = 0,
 ):
     """Selective Language Modeling loss in PyTorch.
 
     ``logits``: ``[B, T, V]`` for the inputs ``tokens[:, :-1]``; ``labels``: ``[B, T]`` targets
     ``tokens[:, 1:]``; ``ref_loss``: ``[B, T]`` reference losses from the stream; ``valid``:
-    ``[B, T]`` bool (default: every position). Returns the mean cross-entropy over the kept
+    ``[B, T]`` bool (default: every position); ``key``: the ``random`` rule's
+    ``random_key(seed, step)``. Returns the mean cross-entropy over the kept
     positions (0 when none is kept), and the mask with ``return_mask``.
     """
     import torch
@@ -126,7 +170,7 @@ def slm_loss(
     ce = F.cross_entropy(logits.float().reshape(b * t, v), labels.reshape(b * t).long(), reduction="none").view(b, t)
     if valid is None:
         valid = torch.ones((b, t), dtype=torch.bool, device=logits.device)
-    mask = select_mask_torch(ce.detach(), ref_loss.to(ce.device), valid.to(ce.device), ratio, scope, rule)
+    mask = select_mask_torch(ce.detach(), ref_loss.to(ce.device), valid.to(ce.device), ratio, scope, rule, key)
     kept = mask.sum()
     loss = (ce * mask).sum() / kept.clamp(min=1.0)
     return (loss, mask) if return_mask else loss

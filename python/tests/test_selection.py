@@ -9,6 +9,7 @@ import pytest
 from conftest import ROOT
 
 from rho_stream import keep_count, select_mask
+from rho_stream.selection import random_key
 
 
 def _float(v):
@@ -34,6 +35,7 @@ def cases():
             np.array([_float(x) for x in c["reference"]], dtype=np.float32).reshape(shape),
             np.array(c["valid"], dtype=bool).reshape(shape),
             np.array(c["mask"], dtype=np.float32).reshape(shape),
+            random_key(c.get("seed", 0), c.get("step", 0)),
         )
 
 
@@ -42,12 +44,13 @@ CASES = list(cases())
 
 def test_there_are_vectors():
     assert len(CASES) >= 40
+    assert any(c[1] == "random" for c in CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_numpy_selection_gives_the_rust_masks(case):
-    name, rule, scope, ratio, cur, ref, valid, expected = case
-    np.testing.assert_array_equal(select_mask(cur, ref, valid, ratio, scope, rule), expected)
+    name, rule, scope, ratio, cur, ref, valid, expected, key = case
+    np.testing.assert_array_equal(select_mask(cur, ref, valid, ratio, scope, rule, key), expected)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -55,8 +58,10 @@ def test_torch_selection_gives_the_rust_masks(case):
     torch = pytest.importorskip("torch")
     from rho_stream import select_mask_torch
 
-    name, rule, scope, ratio, cur, ref, valid, expected = case
-    got = select_mask_torch(torch.from_numpy(cur), torch.from_numpy(ref), torch.from_numpy(valid), ratio, scope, rule)
+    name, rule, scope, ratio, cur, ref, valid, expected, key = case
+    got = select_mask_torch(
+        torch.from_numpy(cur), torch.from_numpy(ref), torch.from_numpy(valid), ratio, scope, rule, key
+    )
     np.testing.assert_array_equal(got.numpy(), expected)
 
 

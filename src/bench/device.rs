@@ -318,6 +318,7 @@ fn training(a: &DeviceArgs, out: &Path, device: &Device) -> anyhow::Result<Vec<T
             score,
             scope: Scope::Batch,
             schedule: RatioSchedule::Constant { ratio },
+            seed: 0,
         };
         let mut backend = CandleBackend::from_checkpoint(&dir, device, optim, 1)?;
         let steps = 3u64;

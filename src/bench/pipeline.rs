@@ -231,6 +231,7 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
         score: ScoreRule::Excess,
         scope: Scope::Batch,
         schedule: RatioSchedule::Constant { ratio: 0.6 },
+        seed: 0,
     };
     let slm_json = serde_json::to_value(slm)?;
 

@@ -35,11 +35,13 @@ pub fn run(
         score: ScoreRule::None,
         scope: Scope::Batch,
         schedule: RatioSchedule::Constant { ratio: 1.0 },
+        seed: 0,
     };
     let slm = Selection {
         score: ScoreRule::Excess,
         scope: Scope::Batch,
         schedule: RatioSchedule::Constant { ratio: 0.6 },
+        seed: 0,
     };
     let mut backend = CandleBackend::from_checkpoint(&dir, &Device::Cpu, optim, 1)?;
     let params: usize = backend

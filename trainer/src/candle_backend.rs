@@ -143,7 +143,6 @@ impl Backend for CandleBackend {
         let (rows, t) = (b.rows, b.window - 1);
         let valid = input.valid();
         let n_valid = valid.iter().filter(|v| **v).count();
-        let ratio = selection.schedule.ratio(step);
         let chunk = rows.div_ceil(self.micro_batches.min(rows));
         let ranges: Vec<std::ops::Range<usize>> = (0..rows)
             .step_by(chunk)
@@ -166,10 +165,8 @@ impl Backend for CandleBackend {
                 current.extend(l.flatten_all()?.to_vec1::<f32>()?);
             }
         }
-        let mask = selection::select(
-            selection.score,
-            selection.scope,
-            ratio,
+        let mask = selection.mask(
+            step,
             &selection::Losses {
                 rows,
                 len: t,

@@ -10,7 +10,9 @@
 //!   keeps none and `ratio = 1` keeps all;
 //! - higher score is kept first; equal scores are broken by position (earlier first, row-major);
 //! - invalid positions (padding, masked) are never kept and never counted in `n`;
-//! - a NaN score ranks below every number.
+//! - a NaN score ranks below every number;
+//! - the `random` rule scores position `i` of a step (row-major) with
+//!   [`random_score`]`(random_key(seed, step), i)`: uniform in [0, 1), the same on every backend.
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +27,10 @@ pub enum ScoreRule {
     Reference,
     /// `L_theta`: the tokens the current model finds hardest (no reference needed).
     Current,
+    /// A uniformly random score per position, from `Selection::seed`, the step and the
+    /// position: a control that trains on as many tokens without choosing them (no reference
+    /// needed, reproducible).
+    Random,
     /// No selection: every valid token (plain causal LM).
     None,
 }
@@ -112,6 +118,9 @@ pub struct Selection {
     /// The share of tokens kept, by step.
     #[serde(default)]
     pub schedule: RatioSchedule,
+    /// The seed of the `random` rule (ignored by the others).
+    #[serde(default)]
+    pub seed: u64,
 }
 
 /// How many of `n` valid positions a ratio keeps.
@@ -119,14 +128,35 @@ pub fn keep_count(ratio: f64, n: usize) -> usize {
     ((ratio * n as f64) + 0.5).floor().clamp(0.0, n as f64) as usize
 }
 
-/// The per-position score under a rule (higher is kept first).
-pub fn score(rule: ScoreRule, current: f32, reference: f32) -> f32 {
+/// The per-position score under a rule (higher is kept first); `random` is `random_score(key,
+/// position)`.
+pub fn score(rule: ScoreRule, current: f32, reference: f32, key: u64, position: usize) -> f32 {
     match rule {
         ScoreRule::Excess => current - reference,
         ScoreRule::Reference => -reference,
         ScoreRule::Current => current,
+        ScoreRule::Random => random_score(key, position),
         ScoreRule::None => 0.0,
     }
+}
+
+/// SplitMix64's finalizer: a bijection of `u64` that mixes every bit into every other.
+pub fn mix64(z: u64) -> u64 {
+    let mut z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The key of step `step`'s random scores under `seed`: `mix64(seed ^ mix64(step))`.
+pub fn random_key(seed: u64, step: u64) -> u64 {
+    mix64(seed ^ mix64(step))
+}
+
+/// The random score of `position` (row-major within the step): the top 24 bits of
+/// `mix64(key ^ position)` over 2^24, uniform in [0, 1) and exact in f32.
+pub fn random_score(key: u64, position: usize) -> f32 {
+    (mix64(key ^ position as u64) >> 40) as f32 / (1u64 << 24) as f32
 }
 
 /// The per-position losses of one step: `rows` sequences of `len` target positions, row-major.
@@ -145,18 +175,36 @@ pub struct Losses<'a> {
 }
 
 impl Selection {
-    /// The selection mask of step `step` (its ratio from the schedule); see [`select`].
+    /// The selection mask of step `step` (its ratio from the schedule, its random key from the
+    /// seed); see [`select_keyed`].
     pub fn mask(&self, step: u64, losses: &Losses) -> Vec<f32> {
-        select(self.score, self.scope, self.schedule.ratio(step), losses)
+        select_keyed(
+            self.score,
+            self.scope,
+            self.schedule.ratio(step),
+            losses,
+            random_key(self.seed, step),
+        )
     }
+}
+
+/// [`select_keyed`] with random key 0.
+pub fn select(rule: ScoreRule, scope: Scope, ratio: f64, losses: &Losses) -> Vec<f32> {
+    select_keyed(rule, scope, ratio, losses, 0)
 }
 
 /// The selection mask of a step under `rule`, `scope` and `ratio`: 1.0 for kept positions,
 /// row-major like `losses`. Within each scope the `round(ratio * valid)` highest-scoring valid
 /// positions are kept (ties by position, NaN scores last); the rule `none` keeps every valid
-/// position. This is the function the selection vectors pin down, mirrored by the Python
-/// consumer.
-pub fn select(rule: ScoreRule, scope: Scope, ratio: f64, losses: &Losses) -> Vec<f32> {
+/// position; `random` scores with `key` (see [`random_score`]). This is the function the
+/// selection vectors pin down, mirrored by the Python consumer.
+pub fn select_keyed(
+    rule: ScoreRule,
+    scope: Scope,
+    ratio: f64,
+    losses: &Losses,
+    key: u64,
+) -> Vec<f32> {
     let Losses {
         rows,
         len,
@@ -167,7 +215,7 @@ pub fn select(rule: ScoreRule, scope: Scope, ratio: f64, losses: &Losses) -> Vec
     let n = rows * len;
     let mut mask = vec![0f32; n];
     let scores: Vec<f32> = (0..n)
-        .map(|i| score(rule, current[i], reference.map_or(0.0, |r| r[i])))
+        .map(|i| score(rule, current[i], reference.map_or(0.0, |r| r[i]), key, i))
         .collect();
     let mut pick = |positions: Vec<usize>| {
         let k = if rule == ScoreRule::None {
@@ -402,5 +450,43 @@ mod tests {
         let parsed: Selection = serde_json::from_str(r#"{"score":"excess","scope":"sequence","schedule":{"kind":"causal_then","steps":100,"ratio":0.7}}"#).unwrap();
         assert_eq!(parsed.scope, Scope::Sequence);
         assert_eq!(parsed.schedule.ratio(100), 0.7);
+    }
+
+    #[test]
+    fn the_random_rule_keeps_k_uniformly_and_reproducibly() {
+        let sel = |seed| Selection {
+            score: ScoreRule::Random,
+            scope: Scope::Batch,
+            schedule: RatioSchedule::Constant { ratio: 0.25 },
+            seed,
+        };
+        let (rows, len) = (16, 256);
+        let n = rows * len;
+        // The losses do not matter: the model's hardest tokens are not preferred.
+        let current: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let valid = vec![true; n];
+        let losses = Losses {
+            rows,
+            len,
+            current: &current,
+            reference: None,
+            valid: &valid,
+        };
+        let a = sel(3).mask(10, &losses);
+        assert_eq!(a.iter().sum::<f32>(), keep_count(0.25, n) as f32);
+        assert_eq!(a, sel(3).mask(10, &losses), "same seed and step, same mask");
+        assert_ne!(a, sel(3).mask(11, &losses), "another step, another mask");
+        assert_ne!(a, sel(4).mask(10, &losses), "another seed, another mask");
+        // Spread over positions: each quarter of the batch gets about a quarter of the kept.
+        for q in 0..4 {
+            let kept: f32 = a[q * n / 4..(q + 1) * n / 4].iter().sum();
+            assert!((200.0..=312.0).contains(&kept), "quarter {q} kept {kept}");
+        }
+        let mean = (0..n).map(|i| f64::from(random_score(7, i))).sum::<f64>() / n as f64;
+        assert!((mean - 0.5).abs() < 0.02, "mean score {mean}");
+        assert!(!ScoreRule::Random.needs_reference());
+        let parsed: Selection =
+            serde_json::from_str(r#"{"score":"random","seed":9,"schedule":{"kind":"constant","ratio":0.6}}"#).unwrap();
+        assert_eq!((parsed.score, parsed.seed), (ScoreRule::Random, 9));
     }
 }

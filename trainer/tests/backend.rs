@@ -184,6 +184,7 @@ fn a_resumed_run_ends_bit_identical() {
             steps: 2,
             ratio: 0.6,
         },
+        seed: 0,
     };
     let mut straight =
         CandleBackend::new(cfg.clone(), weights(&cfg, 1.0), &Device::Cpu, optim, 1).unwrap();

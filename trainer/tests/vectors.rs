@@ -6,9 +6,11 @@
 //! (`cargo test -p rho-trainer --test vectors -- --ignored`) and committed; the normal test
 //! checks that the selection still gives exactly those masks.
 //!
-//! Scores are JSON numbers, except NaN (`null`) and the infinities (`"inf"`, `"-inf"`).
+//! Scores are JSON numbers, except NaN (`null`) and the infinities (`"inf"`, `"-inf"`). Cases of
+//! the `random` rule also name the `seed` and `step` whose key (`random_key(seed, step)`) scores
+//! them.
 
-use rho_trainer::selection::{select, Losses, Scope, ScoreRule};
+use rho_trainer::selection::{random_key, select_keyed, Losses, Scope, ScoreRule};
 use serde_json::{json, Value};
 
 fn path() -> std::path::PathBuf {
@@ -39,6 +41,7 @@ fn rule_name(r: ScoreRule) -> &'static str {
         ScoreRule::Excess => "excess",
         ScoreRule::Reference => "reference",
         ScoreRule::Current => "current",
+        ScoreRule::Random => "random",
         ScoreRule::None => "none",
     }
 }
@@ -56,7 +59,28 @@ fn case(
     reference: Vec<f32>,
     valid: Vec<bool>,
 ) -> Value {
-    let mask = select(
+    seeded_case(
+        name,
+        rule,
+        scope,
+        ratio,
+        (rows, len),
+        (current, reference, valid),
+        (0, 0),
+    )
+}
+
+/// A case whose random key comes from `(seed, step)`; both are written for the `random` rule.
+fn seeded_case(
+    name: &str,
+    rule: ScoreRule,
+    scope: Scope,
+    ratio: f64,
+    (rows, len): (usize, usize),
+    (current, reference, valid): (Vec<f32>, Vec<f32>, Vec<bool>),
+    (seed, step): (u64, u64),
+) -> Value {
+    let mask = select_keyed(
         rule,
         scope,
         ratio,
@@ -67,8 +91,9 @@ fn case(
             reference: Some(&reference),
             valid: &valid,
         },
+        random_key(seed, step),
     );
-    json!({
+    let mut v = json!({
         "name": name,
         "rule": rule_name(rule),
         "scope": if scope == Scope::Batch { "batch" } else { "sequence" },
@@ -79,7 +104,12 @@ fn case(
         "reference": reference.iter().map(|&x| to_json(x)).collect::<Vec<_>>(),
         "valid": valid,
         "mask": mask.iter().map(|&m| m as u8).collect::<Vec<_>>(),
-    })
+    });
+    if rule == ScoreRule::Random {
+        v["seed"] = json!(seed);
+        v["step"] = json!(step);
+    }
+    v
 }
 
 /// SplitMix64, so that the cases never change with a dependency.
@@ -217,6 +247,27 @@ fn cases() -> Vec<Value> {
             valid,
         ));
     }
+    // The random rule: the losses do not matter, the key does.
+    for (i, (seed, step)) in [(0u64, 0u64), (0, 1), (1, 0), (7, 123), (u64::MAX, 5), (42, 99_999)]
+        .into_iter()
+        .enumerate()
+    {
+        let (rows, len) = (1 + i % 3, 5 + 7 * i);
+        let n = rows * len;
+        let current: Vec<f32> = (0..n).map(|_| (rng.below(64) as f32) / 8.0).collect();
+        let reference: Vec<f32> = (0..n).map(|_| (rng.below(64) as f32) / 8.0).collect();
+        let valid: Vec<bool> = (0..n).map(|_| rng.below(8) != 0).collect();
+        let scope = if i % 2 == 0 { Scope::Batch } else { Scope::Sequence };
+        out.push(seeded_case(
+            &format!("random rule {i}"),
+            ScoreRule::Random,
+            scope,
+            [0.3, 0.5, 0.6][i % 3],
+            (rows, len),
+            (current, reference, valid),
+            (seed, step),
+        ));
+    }
     out
 }
 
@@ -245,7 +296,9 @@ fn selection_gives_the_committed_masks() {
             .iter()
             .map(|b| b.as_bool().unwrap())
             .collect();
-        let mask = select(
+        let seed = c["seed"].as_u64().unwrap_or(0);
+        let step = c["step"].as_u64().unwrap_or(0);
+        let mask = select_keyed(
             rule,
             scope,
             c["ratio"].as_f64().unwrap(),
@@ -256,6 +309,7 @@ fn selection_gives_the_committed_masks() {
                 reference: Some(&floats("reference")),
                 valid: &valid,
             },
+            random_key(seed, step),
         );
         let expected: Vec<f32> = c["mask"]
             .as_array()
