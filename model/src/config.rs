@@ -156,6 +156,18 @@ pub struct Config {
     pub sliding_window: Vec<Option<usize>>,
 }
 
+impl Config {
+    /// The weights a token meets in a matrix product: every projection of every layer and the
+    /// LM head (counted once when it is the embedding). The embedding lookup, norms and biases
+    /// are left out. The `N` of "6N FLOPs per trained token, 2N per scored token".
+    pub fn matmul_parameters(&self) -> usize {
+        let h = self.hidden_size;
+        let attention = h * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads);
+        let mlp = 3 * h * self.intermediate_size;
+        self.num_layers * (attention + mlp) + self.vocab_size * h
+    }
+}
+
 fn bad(field: &'static str, reason: impl Into<String>) -> ModelError {
     ModelError::Config {
         field,

@@ -20,6 +20,7 @@ pub fn synthetic_corpus(
             shards,
             docs_per_shard,
             noise: 0.45,
+            easy: 0.0,
             seed,
         })?;
     }

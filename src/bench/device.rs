@@ -256,7 +256,7 @@ fn throughput(
                 + 3 * c.hidden_size * c.intermediate_size
                 + 2 * c.hidden_size)
         + c.hidden_size;
-    let matrices = params - c.vocab_size * c.hidden_size - (2 * c.num_layers + 1) * c.hidden_size;
+    let matrices = c.matmul_parameters();
     let flops_per_token =
         2.0 * matrices as f64 + 4.0 * (c.num_layers * a.seq_len * c.num_heads * c.head_dim) as f64;
     let window = a.seq_len + 1;

@@ -60,6 +60,7 @@ pub async fn run(args: LoaderArgs) -> anyhow::Result<()> {
                     shards,
                     docs_per_shard,
                     noise: 0.4,
+                    easy: 0.0,
                     seed: 7,
                 })?;
             }

@@ -7,7 +7,9 @@
 //!    the reference model, trained by plain causal LM on the curated set; then, from one
 //!    initialization, on one noisy stream, with one token budget, a causal-LM baseline and an
 //!    SLM model (k = 0.6, excess loss) scored by a selector process running the reference.
-//!    Both evaluate on the held-out set as they train.
+//!    Both evaluate on the held-out set as they train. With `--ablations`, three more target
+//!    runs from the same start on the same stream with the same k: ranked by reference loss
+//!    alone, by the model's own loss, and a random k% (the control).
 //! 4. A report in the run directory (`report/`): the table, the loss curves (SVG and
 //!    PNG), a page of sample documents colored by what SLM selects, and how much of what each
 //!    rule selects is noise.
@@ -24,6 +26,7 @@ pub mod report;
 use crate::commands::model as model_cmd;
 use crate::supervise::RunOutcome;
 use crate::synth::{self as corpus, SynthArgs};
+use rho_trainer::ScoreRule;
 
 pub use plan::DemoArgs;
 use plan::Plan;
@@ -37,15 +40,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let out = args.out.canonicalize()?;
-    let stages = 7;
+    let stages = if plan.ablations { 10 } else { 7 };
     let stage = |n: usize, what: &str| eprintln!("[{n}/{stages}] {what}");
 
     // 1. Corpora.
     let data = corpus::data_dir(&out);
     let sets = [
-        ("curated", plan.curated_docs, 0.0, 1u64),
-        ("train", plan.train_docs, plan.noise, 2),
-        ("heldout", plan.heldout_docs, 0.0, 3),
+        ("curated", plan.curated_docs, 0.0, plan.easy, 1u64),
+        ("train", plan.train_docs, plan.noise, plan.easy, 2),
+        ("heldout", plan.heldout_docs, 0.0, 0.0, 3),
     ];
     stage(
         1,
@@ -58,13 +61,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ),
     );
     let mut synth = Vec::new();
-    for (name, docs, noise, salt) in sets {
+    for (name, docs, noise, easy, salt) in sets {
         let shards = if docs >= 2000 { 4 } else { 1 };
         let a = SynthArgs {
             out: data.join(name),
             shards,
             docs_per_shard: docs.div_ceil(shards),
             noise,
+            easy,
             seed: args.seed.wrapping_mul(4).wrapping_add(salt),
         };
         let _ = std::fs::remove_dir_all(&a.out);
@@ -149,7 +153,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             &curated,
             &reference_init,
             plan.reference_steps,
-            None,
+            Rule::None,
         )
         .await?;
     let reference_model = final_model(&reference)?;
@@ -163,7 +167,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ),
     );
     let causal = pipes
-        .run("causal", &train_paths, &target_init, plan.steps, None)
+        .run("causal", &train_paths, &target_init, plan.steps, Rule::None)
         .await?;
     stage(
         6,
@@ -178,12 +182,35 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             &train_paths,
             &target_init,
             plan.steps,
-            Some(&reference_model),
+            Rule::Excess(&reference_model),
         )
         .await?;
 
-    // 7. The report.
-    stage(7, "writing the report");
+    // 7. to 9. The ablations: the other score rules, same start, stream, budget and k.
+    let mut ablations = Vec::new();
+    if plan.ablations {
+        let rules = [
+            ("reference", Rule::Reference(&reference_model), "ranked by reference loss alone, scored by a selector process"),
+            ("current", Rule::Current, "ranked by the model's own loss (no reference)"),
+            ("random", Rule::Random, "a random k% of each batch (no reference)"),
+        ];
+        for (i, (name, rule, what)) in rules.into_iter().enumerate() {
+            stage(
+                7 + i,
+                &format!(
+                    "ablation `{name}` (k = {}): {} steps {what} (`rho run`)",
+                    plan.ratio, plan.steps
+                ),
+            );
+            let run = pipes
+                .run(&format!("ablation-{name}"), &train_paths, &target_init, plan.steps, rule)
+                .await?;
+            ablations.push((rule.score(), run));
+        }
+    }
+
+    // The report.
+    stage(stages, "writing the report");
     let sample_docs = if args.data.is_none() {
         Some(corpus::shard_docs(&synth[1], 0))
     } else {
@@ -197,6 +224,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         reference_model: &reference_model,
         slm_model: &final_model(&slm)?,
         runs: [&reference, &causal, &slm],
+        ablations: ablations.iter().map(|(r, o)| (*r, o)).collect(),
         sample_docs: sample_docs.as_deref(),
         started,
     };
@@ -225,7 +253,41 @@ fn final_model(run: &RunOutcome) -> anyhow::Result<PathBuf> {
     Ok(dir.join(pointer.trim()).join("model"))
 }
 
-/// What the demo's three pipelines share.
+/// The selection of a target run, with the reference model where the rule needs one.
+#[derive(Clone, Copy)]
+enum Rule<'a> {
+    /// Every token: causal LM.
+    None,
+    /// SLM: the top k by excess loss.
+    Excess(&'a Path),
+    /// The top k by reference loss alone.
+    Reference(&'a Path),
+    /// The top k by the model's own loss.
+    Current,
+    /// A random k.
+    Random,
+}
+
+impl<'a> Rule<'a> {
+    fn score(self) -> ScoreRule {
+        match self {
+            Rule::None => ScoreRule::None,
+            Rule::Excess(_) => ScoreRule::Excess,
+            Rule::Reference(_) => ScoreRule::Reference,
+            Rule::Current => ScoreRule::Current,
+            Rule::Random => ScoreRule::Random,
+        }
+    }
+
+    fn reference(self) -> Option<&'a Path> {
+        match self {
+            Rule::Excess(r) | Rule::Reference(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// What the demo's pipelines share.
 struct Pipelines<'a> {
     out: &'a Path,
     plan: &'a Plan,
@@ -236,15 +298,16 @@ struct Pipelines<'a> {
 
 impl Pipelines<'_> {
     /// Writes a run config and runs it with `rho run`, its progress on this terminal: causal LM,
-    /// or SLM scored by a selector when `reference` is given.
+    /// or selection by `rule` with a selector process when the rule needs the reference.
     async fn run(
         &self,
         name: &str,
         data: &[String],
         init: &Path,
         steps: u64,
-        reference: Option<&Path>,
+        rule: Rule<'_>,
     ) -> anyhow::Result<RunOutcome> {
+        let reference = rule.reference();
         let (out, plan, seed, tokenizer, heldout_loader) = (
             self.out,
             self.plan,
@@ -255,10 +318,10 @@ impl Pipelines<'_> {
         let dir = out.join("runs").join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let selection = match reference {
-            Some(_) => json!({"score": "excess", "scope": "batch",
+        let selection = match rule {
+            Rule::None => json!({"score": "none"}),
+            _ => json!({"score": rule.score(), "scope": "batch", "seed": seed,
                           "schedule": {"kind": "constant", "ratio": plan.ratio}}),
-            None => json!({"score": "none"}),
         };
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         // With a selector, the trainer and the selector share the cores; alone, the trainer has them.

@@ -28,6 +28,10 @@ pub struct DemoArgs {
     /// The share of tokens SLM trains on.
     #[arg(long, default_value_t = 0.6)]
     pub ratio: f64,
+    /// Also train with the other score rules, from the same initialization on the same stream
+    /// with the same k: reference loss alone, the model's own loss, and a random k%.
+    #[arg(long)]
+    pub ablations: bool,
 }
 
 /// The sizes of a demo.
@@ -46,8 +50,12 @@ pub struct Plan {
     pub train_docs: usize,
     pub heldout_docs: usize,
     pub noise: f64,
+    /// Chance that a paragraph of the curated and training sets that is not noise is easy
+    /// (learned at once); the held-out set has none: it measures what is hard but learnable.
+    pub easy: f64,
     pub ratio: f64,
     pub quick: bool,
+    pub ablations: bool,
 }
 
 impl Plan {
@@ -70,9 +78,11 @@ impl Plan {
                 curated_docs: 300,
                 train_docs: 800,
                 heldout_docs: 60,
-                noise: 0.45,
+                noise: 0.35,
+                easy: 0.5,
                 ratio: args.ratio,
                 quick: args.quick,
+                ablations: args.ablations,
             }
         } else {
             Plan {
@@ -88,9 +98,11 @@ impl Plan {
                 curated_docs: 3000,
                 train_docs: 10_000,
                 heldout_docs: 400,
-                noise: 0.45,
+                noise: 0.35,
+                easy: 0.5,
                 ratio: args.ratio,
                 quick: args.quick,
+                ablations: args.ablations,
             }
         };
         if let Some(s) = args.steps {

@@ -1,6 +1,6 @@
 //! The token-selection view: documents scored by a reference and a current model, packed and
-//! selected as in training (batch scope), written as a page where every token shows what SLM
-//! keeps and its losses. The demo's `selection.html` and `rho report --selection` for any
+//! selected as in training (batch scope) by every score rule, written as a page where every
+//! token shows what the chosen rule keeps (SLM's excess loss first) and its losses. The demo's `selection.html` and `rho report --selection` for any
 //! checkpoint and data.
 
 use std::fmt::Write as _;
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use rho_trainer::selection::{select, Losses};
+use rho_trainer::selection::{random_key, select_keyed, Losses};
 use rho_trainer::{Scope, ScoreRule};
 
 use crate::synth::Doc;
@@ -27,6 +27,14 @@ pub struct Packing {
     pub batches: usize,
 }
 
+/// The rules the view compares, in the order of [`Scored::kept`]: SLM's first.
+pub const RULES: [ScoreRule; 4] = [
+    ScoreRule::Excess,
+    ScoreRule::Reference,
+    ScoreRule::Current,
+    ScoreRule::Random,
+];
+
 /// One scored target token.
 #[derive(Clone, Copy, Debug)]
 pub struct Scored {
@@ -34,10 +42,15 @@ pub struct Scored {
     pub reference: f32,
     /// Its loss under the current model.
     pub current: f32,
+    /// Whether each rule of [`RULES`] keeps it.
+    pub kept: [bool; RULES.len()],
+}
+
+impl Scored {
     /// Kept by excess loss (SLM).
-    pub by_excess: bool,
-    /// Kept by reference loss alone.
-    pub by_reference: bool,
+    pub fn by_excess(&self) -> bool {
+        self.kept[0]
+    }
 }
 
 /// Documents tokenized as one stream and scored.
@@ -51,7 +64,7 @@ pub struct ScoredDocs {
 }
 
 /// Tokenizes `docs` as the loader packs them, scores `packing.batches` batches with both models
-/// and selects by excess loss and by reference loss alone.
+/// and selects by every rule of [`RULES`] (batch `b`'s random key is `random_key(0, b)`).
 pub fn score_docs(
     tokenizer: &Path,
     reference: &Path,
@@ -107,15 +120,16 @@ pub fn score_docs(
             reference: Some(&l_ref),
             valid: &valid,
         };
-        let keep = |rule| select(rule, Scope::Batch, packing.ratio, &losses);
-        let (by_excess, by_reference) = (keep(ScoreRule::Excess), keep(ScoreRule::Reference));
+        let masks = RULES.map(|rule| {
+            let key = random_key(0, b as u64);
+            select_keyed(rule, Scope::Batch, packing.ratio, &losses, key)
+        });
         for i in 0..rows * len {
             let target = (b * rows + i / len) * len + i % len + 1;
             scored[target] = Some(Scored {
                 reference: l_ref[i],
                 current: l_cur[i],
-                by_excess: by_excess[i] != 0.0,
-                by_reference: by_reference[i] != 0.0,
+                kept: std::array::from_fn(|r| masks[r][i] != 0.0),
             });
         }
     }
@@ -137,10 +151,48 @@ pub fn escape(s: &str) -> String {
 const STYLE: &str = r#"<style>
 body { font-family: sans-serif; max-width: 60em; margin: 2em auto; line-height: 1.5; }
 .doc { font-family: monospace; white-space: pre-wrap; border: 1px solid #ccc; padding: 1em; }
-.doc span:not(.kept) { color: #777; }
+.doc span { color: #777; }
 .noise { text-decoration: underline wavy #c00; }
+.easy { text-decoration: underline dotted #36c; }
 .legend span { padding: 0 .3em; }
-</style>"#;
+"#;
+
+/// The style that colors what rule `r` keeps, when the page shows rule `r` (class `show-r`
+/// on the body; SLM's rule, 0, without a script).
+fn rule_style() -> String {
+    let mut css = String::new();
+    for r in 0..RULES.len() {
+        let body = if r == 0 {
+            "body:not([class^=show-]), body.show-0".to_string()
+        } else {
+            format!("body.show-{r}")
+        };
+        let _ = writeln!(
+            css,
+            "{body} .doc span.k{r} {{ color: inherit; background: rgba(34,139,34,var(--a)); }}"
+        );
+    }
+    css
+}
+
+/// A menu that switches which rule's selection the page colors.
+fn rule_menu() -> String {
+    let mut html = String::from(
+        "<p>Show what is kept by: <select onchange=\"document.body.className='show-'+this.value\">",
+    );
+    for (r, rule) in RULES.iter().enumerate() {
+        let what = match rule {
+            ScoreRule::Excess => "excess loss (SLM): model loss minus reference loss",
+            ScoreRule::Reference => "reference loss alone (lowest first)",
+            ScoreRule::Current => "the model's own loss (highest first)",
+            ScoreRule::Random => "a random choice (the control)",
+            ScoreRule::None => "every token",
+        };
+        let _ = write!(html, "<option value=\"{r}\">{}: {what}</option>", rule.name());
+    }
+    html.push_str("</select></p>\n");
+    html
+}
 
 /// The page: `intro` (HTML), then up to `max_docs` documents (only those with noise labels,
 /// when `noisy_only`), each token colored by what SLM keeps.
@@ -152,10 +204,18 @@ pub fn page(
     noisy_only: bool,
 ) -> String {
     let labels = docs.iter().any(|d| !d.noise.is_empty());
+    let easy = docs.iter().any(|d| !d.easy.is_empty());
     let mut html = format!(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>rho: which tokens SLM trains on</title>\n{STYLE}</head><body>\n<h1>Which tokens SLM trains on</h1>\n<p class=\"legend\">Green: kept by SLM (darker: larger excess loss, model loss minus reference loss). Grey: left out.{} Hover a token for its losses.</p>\n{intro}\n",
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>rho: which tokens SLM trains on</title>\n{STYLE}{}</style></head><body>\n<h1>Which tokens SLM trains on</h1>\n{}<p class=\"legend\">Green: kept by the rule shown (darker: larger excess loss, model loss minus reference loss). Grey: left out.{}{} Hover a token for its losses.</p>\n{intro}\n",
+        rule_style(),
+        rule_menu(),
         if labels {
             " <span class=\"noise\">Wavy red underline</span>: noise the corpus generator inserted (ids, hashes, tracking URLs, boilerplate, shuffled text, wrong results)."
+        } else {
+            ""
+        },
+        if easy {
+            " <span class=\"easy\">Dotted blue underline</span>: easy text of the target distribution (counting, tables, quoted statements), learned at once."
         } else {
             ""
         }
@@ -165,6 +225,7 @@ pub fn page(
         .iter()
         .flatten()
         .map(|s| s.current - s.reference)
+        .filter(|x| x.is_finite())
         .fold(0f32, f32::max)
         .max(1e-6);
     let (mut shown, mut i) = (0, 0);
@@ -206,28 +267,34 @@ fn document(
         let noisy = doc.noise_kind(s, e);
         let mut classes = vec![];
         if noisy.is_some() {
-            classes.push("noise");
+            classes.push("noise".to_string());
+        }
+        if doc.is_easy(s, e) {
+            classes.push("easy".to_string());
         }
         let (style, title) = match sd.scored[j] {
             Some(sc) => {
                 let excess = sc.current - sc.reference;
                 let alpha = 0.15 + 0.75 * (excess / max_excess).clamp(0.0, 1.0);
-                if sc.by_excess {
-                    classes.push("kept");
+                if sc.by_excess() {
+                    classes.push("kept".to_string());
                 }
-                let style = match sc.by_excess {
-                    true => format!("background: rgba(34,139,34,{alpha:.2})"),
-                    false => String::new(),
-                };
+                let kept_by: Vec<&str> = RULES
+                    .iter()
+                    .zip(sc.kept)
+                    .filter(|(_, k)| *k)
+                    .map(|(r, _)| r.name())
+                    .collect();
+                classes.extend((0..RULES.len()).filter(|&r| sc.kept[r]).map(|r| format!("k{r}")));
                 let title = format!(
-                    "reference {:.2} | model {:.2} | excess {:+.2} | {}{}",
+                    "reference {:.2} | model {:.2} | excess {:+.2} | kept by: {}{}",
                     sc.reference,
                     sc.current,
                     excess,
-                    if sc.by_excess { "kept" } else { "left out" },
+                    if kept_by.is_empty() { "none".to_string() } else { kept_by.join(", ") },
                     noisy.map_or(String::new(), |k| format!(" | noise: {}", k.name()))
                 );
-                (style, title)
+                (format!("--a: {alpha:.2}"), title)
             }
             None => (String::new(), "not scored".into()),
         };
@@ -308,7 +375,7 @@ pub fn run(a: &SelectionArgs, out: &Path) -> anyhow::Result<PathBuf> {
         batches: a.batches,
     };
     let sd = score_docs(&tokenizer, &reference, &model, &docs, &packing)?;
-    let kept = sd.scored.iter().flatten().filter(|s| s.by_excess).count();
+    let kept = sd.scored.iter().flatten().filter(|s| s.by_excess()).count();
     let total = sd.scored.iter().flatten().count();
     let intro = format!(
         "<p>Reference: <code>{}</code>. Current model: <code>{}</code>. Documents of <code>{}</code>; selection of the top {:.0}% by excess loss over batches of {} x {} tokens, as in training: {kept} of {total} tokens kept.</p>",
@@ -342,7 +409,7 @@ fn read_docs(path: &Path, text_field: &str, tokens: usize) -> anyhow::Result<Vec
             bytes += text.len();
             docs.push(Doc {
                 text,
-                noise: Vec::new(),
+                ..Doc::default()
             });
             if bytes > tokens * 8 {
                 break;

@@ -2,10 +2,13 @@
 //! (worked arithmetic and algebra with correct results, definitions, derivations, LaTeX, in
 //! varied templates with varied numbers) mixed with spans no model can or should learn from
 //! (random ids and hashes, session and tracking URLs, cookie banners and navigation
-//! boilerplate, shuffled text, wrong results). Written as parquet shards in the OpenWebMath
-//! schema (`url`, `text`, `date`, `metadata`); each document's `metadata` records its noise
-//! spans as byte ranges of `text` (`{"synthetic": {"noise": [[start, end, "kind"], ...]}}`), so
-//! that what a selection kept can be checked against what is noise.
+//! boilerplate, shuffled text, wrong results), and, where asked, with easy paragraphs: text of
+//! the target distribution that any model learns at once (counting, tables, statements quoted
+//! word for word), the "already learned" tokens that make up much of real math pages. Written as
+//! parquet shards in the OpenWebMath schema (`url`, `text`, `date`, `metadata`); each document's
+//! `metadata` records its noise and easy spans as byte ranges of `text` (`{"synthetic":
+//! {"noise": [[start, end, "kind"], ...], "easy": [[start, end], ...]}}`), so that what a
+//! selection kept can be checked against what is noise and what is easy.
 //!
 //! Everything follows from the seed: the same arguments write the same bytes.
 
@@ -28,13 +31,32 @@ pub struct SynthArgs {
     /// Chance that a paragraph is noise, 0..1 (0 writes a clean set).
     #[arg(long, default_value_t = 0.45)]
     pub noise: f64,
+    /// Chance that a paragraph that is not noise is easy (counting, tables, quoted statements),
+    /// 0..1.
+    #[arg(long, default_value_t = 0.0)]
+    pub easy: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
 pub fn run(args: SynthArgs) -> anyhow::Result<()> {
     let files = write_corpus(&args)?;
-    eprintln!("wrote {} shards to {}", files.len(), args.out.display());
+    let (mut bytes, mut noise, mut easy) = (0usize, 0usize, 0usize);
+    for s in 0..args.shards {
+        for d in shard_docs(&args, s) {
+            bytes += d.text.len();
+            noise += d.noise_bytes();
+            easy += d.easy.iter().map(|&(s, e)| e - s).sum::<usize>();
+        }
+    }
+    let pct = |x: usize| 100.0 * x as f64 / bytes.max(1) as f64;
+    eprintln!(
+        "wrote {} shards to {}: {bytes} bytes of text, {:.1}% noise, {:.1}% easy",
+        files.len(),
+        args.out.display(),
+        pct(noise),
+        pct(easy)
+    );
     Ok(())
 }
 
@@ -65,11 +87,13 @@ impl NoiseKind {
     }
 }
 
-/// One generated document and where its noise is (byte ranges of `text`).
-#[derive(Debug, Clone)]
+/// One generated document and where its noise and easy paragraphs are (byte ranges of `text`).
+#[derive(Debug, Clone, Default)]
 pub struct Doc {
     pub text: String,
     pub noise: Vec<(usize, usize, NoiseKind)>,
+    /// Easy paragraphs: clean text of the target distribution that is learned at once.
+    pub easy: Vec<(usize, usize)>,
 }
 
 impl Doc {
@@ -79,6 +103,13 @@ impl Doc {
             .iter()
             .find(|&&(s, e, _)| start < e && s < end.max(start + 1))
             .map(|&(_, _, k)| k)
+    }
+
+    /// Whether byte range `start..end` overlaps an easy paragraph.
+    pub fn is_easy(&self, start: usize, end: usize) -> bool {
+        self.easy
+            .iter()
+            .any(|&(s, e)| start < e && s < end.max(start + 1))
     }
 
     /// Bytes of noise in the document.
@@ -94,7 +125,7 @@ impl Doc {
             .collect();
         serde_json::json!({
             "extraction_info": {"found_math": true},
-            "synthetic": {"noise": spans},
+            "synthetic": {"noise": spans, "easy": self.easy},
         })
         .to_string()
     }
@@ -109,7 +140,7 @@ pub fn shard_docs(args: &SynthArgs, shard: usize) -> Vec<Doc> {
             ^ 0x0057_4D41_5448,
     );
     (0..args.docs_per_shard)
-        .map(|_| document(&mut rng, args.noise))
+        .map(|_| document(&mut rng, args.noise, args.easy))
         .collect()
 }
 
@@ -315,8 +346,39 @@ fn noise_paragraph(rng: &mut SplitMix64) -> (String, NoiseKind) {
     }
 }
 
-/// One document: a header, then paragraphs, each noise with chance `noise`.
-pub fn document(rng: &mut SplitMix64, noise: f64) -> Doc {
+/// A paragraph of the target distribution that both a reference and a fresh model learn almost
+/// at once: counting, a table of squares, or one of a few statements quoted word for word.
+fn easy_paragraph(rng: &mut SplitMix64) -> String {
+    match rng.below(3) {
+        0 => {
+            let step = [1i64, 2, 5, 10][rng.below(4) as usize];
+            let first = step * (1 + rng.below(4) as i64);
+            let terms: Vec<String> = (0..12).map(|i| (first + i * step).to_string()).collect();
+            format!("Counting by {step}s: {}, and so on.", terms.join(", "))
+        }
+        1 => {
+            let first = 1 + rng.below(3) as i64;
+            let terms: Vec<String> = (first..first + 8).map(|n| format!("${n}^2 = {}$", n * n)).collect();
+            format!("Table of squares: {}.", terms.join(", "))
+        }
+        _ => pick(
+            rng,
+            &[
+                "The quadratic formula: the solutions of $ax^2 + bx + c = 0$ are $x = \\frac{-b \\pm \\sqrt{b^2 - 4ac}}{2a}$.",
+                "The area of a circle of radius $r$ is $A = \\pi r^2$, and its circumference is $C = 2 \\pi r$.",
+                "The first ten prime numbers are 2, 3, 5, 7, 11, 13, 17, 19, 23 and 29.",
+                "Multiplication distributes over addition: $a(b + c) = ab + ac$ for all numbers $a$, $b$ and $c$.",
+                "The angles of a triangle add up to $180^\\circ$.",
+                "A function $f$ is even if $f(-x) = f(x)$ and odd if $f(-x) = -f(x)$ for every $x$.",
+            ],
+        )
+        .to_string(),
+    }
+}
+
+/// One document: a header, then paragraphs, each noise with chance `noise`, else easy with
+/// chance `easy`, else a worked example.
+pub fn document(rng: &mut SplitMix64, noise: f64, easy: f64) -> Doc {
     let paragraphs = 3 + rng.below(8);
     let mut text = String::from(pick(
         rng,
@@ -329,18 +391,26 @@ pub fn document(rng: &mut SplitMix64, noise: f64) -> Doc {
             "",
         ],
     ));
-    let mut spans = Vec::new();
+    let (mut spans, mut easy_spans) = (Vec::new(), Vec::new());
     for _ in 0..paragraphs {
         if chance(rng, noise) {
             let (p, kind) = noise_paragraph(rng);
             spans.push((text.len(), text.len() + p.len(), kind));
+            text.push_str(&p);
+        } else if easy > 0.0 && chance(rng, easy) {
+            let p = easy_paragraph(rng);
+            easy_spans.push((text.len(), text.len() + p.len()));
             text.push_str(&p);
         } else {
             text.push_str(&math_paragraph(rng, false));
         }
         text.push_str("\n\n");
     }
-    Doc { text, noise: spans }
+    Doc {
+        text,
+        noise: spans,
+        easy: easy_spans,
+    }
 }
 
 /// The default demo corpus location inside a run directory.
@@ -359,6 +429,7 @@ mod tests {
             shards: 1,
             docs_per_shard: 200,
             noise: 0.5,
+            easy: 0.0,
             seed: 7,
         };
         let docs = shard_docs(&args, 0);
@@ -388,8 +459,39 @@ mod tests {
             shards: 1,
             docs_per_shard: 100,
             noise: 0.0,
+            easy: 0.0,
             seed: 1,
         };
         assert!(shard_docs(&args, 0).iter().all(|d| d.noise.is_empty()));
+    }
+
+    #[test]
+    fn easy_paragraphs_are_clean_and_labelled() {
+        let args = SynthArgs {
+            out: PathBuf::new(),
+            shards: 1,
+            docs_per_shard: 200,
+            noise: 0.3,
+            easy: 0.5,
+            seed: 5,
+        };
+        let docs = shard_docs(&args, 0);
+        let easy: usize = docs.iter().flat_map(|d| &d.easy).map(|&(s, e)| e - s).sum();
+        let total: usize = docs.iter().map(|d| d.text.len()).sum();
+        assert!(easy as f64 / total as f64 > 0.15, "easy share {easy} of {total}");
+        for d in &docs {
+            for &(s, e) in &d.easy {
+                assert!(!d.text[s..e].contains("\n\n"));
+                // Easy text is never noise.
+                assert!(d.noise_kind(s, e).is_none(), "{:?}", &d.text[s..e]);
+                assert!(d.is_easy(s, s + 1) && !d.is_easy(e, e + 1));
+            }
+            let meta: serde_json::Value = serde_json::from_str(&d.metadata()).unwrap();
+            assert_eq!(meta["synthetic"]["easy"].as_array().unwrap().len(), d.easy.len());
+        }
+        // Without easy paragraphs the documents are those of before: `easy` draws nothing.
+        let plain = SynthArgs { easy: 0.0, ..args.clone() };
+        let before = shard_docs(&plain, 0);
+        assert!(before.iter().all(|d| d.easy.is_empty()));
     }
 }

@@ -36,6 +36,17 @@ pub enum ScoreRule {
 }
 
 impl ScoreRule {
+    /// The rule's name in configs: `excess`, `reference`, `current`, `random` or `none`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ScoreRule::Excess => "excess",
+            ScoreRule::Reference => "reference",
+            ScoreRule::Current => "current",
+            ScoreRule::Random => "random",
+            ScoreRule::None => "none",
+        }
+    }
+
     /// Whether the rule needs reference losses.
     pub fn needs_reference(self) -> bool {
         matches!(self, ScoreRule::Excess | ScoreRule::Reference)

@@ -36,16 +36,6 @@ fn from_json(v: &Value) -> f32 {
     }
 }
 
-fn rule_name(r: ScoreRule) -> &'static str {
-    match r {
-        ScoreRule::Excess => "excess",
-        ScoreRule::Reference => "reference",
-        ScoreRule::Current => "current",
-        ScoreRule::Random => "random",
-        ScoreRule::None => "none",
-    }
-}
-
 /// A case: its inputs and the mask the selection gives.
 #[allow(clippy::too_many_arguments)]
 fn case(
@@ -95,7 +85,7 @@ fn seeded_case(
     );
     let mut v = json!({
         "name": name,
-        "rule": rule_name(rule),
+        "rule": rule.name(),
         "scope": if scope == Scope::Batch { "batch" } else { "sequence" },
         "ratio": ratio,
         "rows": rows,

@@ -1,5 +1,6 @@
 //! The report of `rho demo`: numbers (`report.json`, `report.md`), loss curves (`loss.svg`,
-//! `loss.png`) and the token-selection page (`selection.html`).
+//! `loss.png`), the token-selection page (`selection.html`), and the compute each run took,
+//! counted in full (the reference's scoring and its own training too).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -10,10 +11,11 @@ use serde::{Deserialize, Serialize};
 
 use super::plan::Plan;
 use crate::report::chart::{Chart, Series};
-use crate::report::selection::{page, score_docs, Packing, ScoredDocs};
+use crate::report::selection::{page, score_docs, Packing, ScoredDocs, RULES};
 use crate::report::tokens_to_reach;
 use crate::supervise::RunOutcome;
 use crate::synth::{Doc, NoiseKind};
+use rho_trainer::ScoreRule;
 
 pub struct Inputs<'a> {
     pub out: &'a Path,
@@ -24,6 +26,8 @@ pub struct Inputs<'a> {
     pub slm_model: &'a Path,
     /// Reference, causal, SLM.
     pub runs: [&'a RunOutcome; 3],
+    /// The other score rules' runs (`--ablations`), same start, stream, budget and k as SLM.
+    pub ablations: Vec<(ScoreRule, &'a RunOutcome)>,
     /// Documents of the noisy training corpus with their noise spans (synthetic data only).
     pub sample_docs: Option<&'a [Doc]>,
     pub started: Instant,
@@ -68,8 +72,8 @@ fn throughput(run: &RunOutcome, plan: &Plan) -> Throughput {
     }
 }
 
-/// Selection by excess loss and by reference loss alone over packed windows of `docs`, with the
-/// final SLM model as the current model: how much of what each keeps is noise.
+/// Selection by every rule of [`RULES`] over packed windows of `docs`, with the final SLM
+/// model as the current model: how much of what each keeps is noise, easy or hard clean text.
 fn selection_analysis(inp: &Inputs, docs: &[Doc]) -> anyhow::Result<(Selection, String)> {
     let plan = inp.plan;
     let packing = Packing {
@@ -86,22 +90,31 @@ fn selection_analysis(inp: &Inputs, docs: &[Doc]) -> anyhow::Result<(Selection, 
         &packing,
     )?;
     let analysis = noise_shares(docs, &sd, plan.ratio);
-    let intro = format!(
-        "<p>Noise among all tokens: <b>{:.1}%</b>. Among the {:.0}% kept by excess loss (SLM): <b>{:.1}%</b>. \
-         Among the {:.0}% kept by reference loss alone: <b>{:.1}%</b>. Current model: the SLM model at the end of training; \
-         selection over batches of {} x {} tokens, as in training.</p>",
+    let mut intro = format!(
+        "<p>Noise among all tokens: <b>{:.1}%</b>; easy text: <b>{:.1}%</b>. Current model: the SLM model at the end of training; \
+         selection of {:.0}% over batches of {} x {} tokens, as in training.</p>\n<table><tr><th>rule</th><th>noise among kept</th><th>easy among kept</th><th>hard clean tokens kept</th></tr>",
         analysis.noise_share_of_corpus * 100.0,
+        analysis.easy_share_of_corpus * 100.0,
         plan.ratio * 100.0,
-        analysis.noise_share_selected_by_excess * 100.0,
-        plan.ratio * 100.0,
-        analysis.noise_share_selected_by_reference * 100.0,
         plan.batch,
         plan.seq_len
     );
+    for rule in RULES {
+        let name = rule.name();
+        let _ = write!(
+            intro,
+            "<tr><td>{name}</td><td>{:.1}%</td><td>{:.1}%</td><td>{:.1}%</td></tr>",
+            analysis.noise_share_selected[name] * 100.0,
+            analysis.easy_share_selected[name] * 100.0,
+            analysis.by_kind.get("clean").map_or(0.0, |k| k.kept[name]) * 100.0,
+        );
+    }
+    intro.push_str("</table>");
     Ok((analysis, page(docs, &sd, &intro, 8, true)))
 }
 
-/// Shares of noise among the scored tokens, overall and per kind, and among what each rule keeps.
+/// Shares of noise and easy text among the scored tokens, overall and per kind, and among what
+/// each rule keeps.
 fn noise_shares(docs: &[Doc], sd: &ScoredDocs, ratio: f64) -> Selection {
     let kinds = [
         NoiseKind::Id,
@@ -110,37 +123,53 @@ fn noise_shares(docs: &[Doc], sd: &ScoredDocs, ratio: f64) -> Selection {
         NoiseKind::Shuffled,
         NoiseKind::WrongResult,
     ];
-    let (mut n, mut noise, mut ex, mut ex_noise, mut rf, mut rf_noise) = (0, 0, 0, 0, 0, 0);
-    let mut per_kind = vec![(0usize, 0usize, 0usize); kinds.len() + 1]; // clean last
+    // Slots: the noise kinds, then `easy`, then `clean` (hard clean text).
+    let (easy_slot, clean_slot) = (kinds.len(), kinds.len() + 1);
+    let mut tokens = vec![0usize; kinds.len() + 2];
+    let mut kept = vec![[0usize; RULES.len()]; kinds.len() + 2];
     for (i, s) in sd.scored.iter().enumerate() {
         let Some(s) = s else { continue };
         let (d, start, end) = sd.origin[i];
-        let k = docs[d].noise_kind(start, end);
-        let slot = k.map_or(kinds.len(), |k| {
-            kinds.iter().position(|&x| x == k).unwrap_or(0)
-        });
-        n += 1;
-        ex += usize::from(s.by_excess);
-        rf += usize::from(s.by_reference);
-        per_kind[slot].0 += 1;
-        per_kind[slot].1 += usize::from(s.by_excess);
-        per_kind[slot].2 += usize::from(s.by_reference);
-        if k.is_some() {
-            noise += 1;
-            ex_noise += usize::from(s.by_excess);
-            rf_noise += usize::from(s.by_reference);
+        let slot = match docs[d].noise_kind(start, end) {
+            Some(k) => kinds.iter().position(|&x| x == k).unwrap_or(0),
+            None if docs[d].is_easy(start, end) => easy_slot,
+            None => clean_slot,
+        };
+        tokens[slot] += 1;
+        for (r, &k) in s.kept.iter().enumerate() {
+            kept[slot][r] += usize::from(k);
         }
     }
     let share = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let n: usize = tokens.iter().sum();
+    let noise: usize = tokens[..kinds.len()].iter().sum();
+    let kept_by = |r: usize, slots: std::ops::Range<usize>| -> usize {
+        kept[slots].iter().map(|k| k[r]).sum()
+    };
+    let all = 0..kinds.len() + 2;
+    let by_rule = |f: &dyn Fn(usize) -> f64| -> std::collections::BTreeMap<String, f64> {
+        RULES
+            .iter()
+            .enumerate()
+            .map(|(r, rule)| (rule.name().to_string(), f(r)))
+            .collect()
+    };
+    let noise_selected = by_rule(&|r| share(kept_by(r, 0..kinds.len()), kept_by(r, all.clone())));
+    let easy_selected = by_rule(&|r| share(kept_by(r, easy_slot..easy_slot + 1), kept_by(r, all.clone())));
     let mut by_kind = std::collections::BTreeMap::new();
-    for (slot, &(tokens, e, r)) in per_kind.iter().enumerate() {
-        let name = kinds.get(slot).map_or("clean", |k| k.name());
-        let kept = KindShare {
-            tokens,
-            kept_by_excess: share(e, tokens),
-            kept_by_reference: share(r, tokens),
+    for slot in 0..kinds.len() + 2 {
+        let name = match slot {
+            s if s == easy_slot => "easy",
+            s if s == clean_slot => "clean",
+            s => kinds[s].name(),
         };
-        by_kind.insert(name.to_string(), kept);
+        let entry = KindShare {
+            tokens: tokens[slot],
+            kept_by_excess: share(kept[slot][0], tokens[slot]),
+            kept_by_reference: share(kept[slot][1], tokens[slot]),
+            kept: by_rule(&|r| share(kept[slot][r], tokens[slot])),
+        };
+        by_kind.insert(name.to_string(), entry);
     }
     let used = &docs[..sd.used_docs];
     Selection {
@@ -153,8 +182,11 @@ fn noise_shares(docs: &[Doc], sd: &ScoredDocs, ratio: f64) -> Selection {
             used.iter().map(Doc::noise_bytes).sum(),
             used.iter().map(|d| d.text.len()).sum(),
         ),
-        noise_share_selected_by_excess: share(ex_noise, ex),
-        noise_share_selected_by_reference: share(rf_noise, rf),
+        easy_share_of_corpus: share(tokens[easy_slot], n),
+        noise_share_selected_by_excess: noise_selected["excess"],
+        noise_share_selected_by_reference: noise_selected["reference"],
+        noise_share_selected: noise_selected,
+        easy_share_selected: easy_selected,
         by_kind,
     }
 }
@@ -184,17 +216,79 @@ pub struct Report {
     pub ratio: f64,
     pub wall_seconds: f64,
     pub evals: Evals,
+    /// Every target run by its score rule: causal LM (`none`), SLM (`excess`) and, with
+    /// `--ablations`, `reference`, `current` and `random`.
+    pub rules: Vec<RuleRun>,
+    /// The compute of the runs, counted in full.
+    pub compute: Compute,
     /// What each rule selects of the noise (synthetic data only).
     pub selection: Option<Selection>,
     pub throughput: ByRun<Throughput>,
     pub runs: ByRun<std::path::PathBuf>,
 }
 
-/// Held-out loss by tokens read, of both target runs.
+/// Held-out loss by tokens read, of both target runs and of the ablations.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Evals {
     pub causal: Vec<EvalAt>,
     pub slm: Vec<EvalAt>,
+    /// By rule, the runs of `--ablations`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub ablations: std::collections::BTreeMap<String, Vec<EvalAt>>,
+}
+
+/// One target run under one score rule, against causal LM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RuleRun {
+    /// `none` (causal LM), `excess` (SLM), `reference`, `current` or `random`.
+    pub rule: String,
+    /// The run's directory under `runs/`.
+    pub run: String,
+    pub final_eval_loss: f64,
+    pub minus_causal: f64,
+    /// Share of the token budget read before the held-out loss first reached causal LM's
+    /// final loss (at an evaluation); `None` when it never did.
+    pub tokens_to_causal_final_fraction: Option<f64>,
+    /// The same, interpolated between evaluations.
+    pub tokens_to_causal_final_fraction_interpolated: Option<f64>,
+    /// Share of noise among what the rule keeps (the selection analysis), synthetic data only.
+    pub noise_share_kept: Option<f64>,
+    /// FLOPs of the whole run: `6 N` per token of every batch (the trainer's forward and
+    /// backward pass cover the whole batch; the mask only zeroes the loss of what is left out),
+    /// plus `2 N_ref` per token scored by the reference when the rule needs it.
+    pub flops: f64,
+    /// `flops` up to where the held-out loss reached causal LM's final (interpolated).
+    pub flops_to_causal_final: Option<f64>,
+    /// `flops_to_causal_final` over causal LM's `flops`.
+    pub compute_to_causal_final_ratio: Option<f64>,
+    /// The same with the reference's own training added, when the rule uses the reference.
+    pub compute_to_causal_final_ratio_with_reference_training: Option<f64>,
+    /// Wall time of the whole pipeline (`rho run`: loader, selectors, trainer).
+    pub pipeline_wall_seconds: f64,
+}
+
+/// Compute, counted in FLOPs as `6 N` per trained token and `2 N` per scored token, where `N`
+/// counts the weights a token meets in a matrix product (attention scores left out).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Compute {
+    /// `N` of the target models.
+    pub target_parameters: usize,
+    /// `N_ref` of the reference model.
+    pub reference_parameters: usize,
+    /// Training the reference: `6 N_ref` per token it read.
+    pub reference_training_flops: f64,
+    /// Causal LM's run: `6 N` per token.
+    pub causal_flops: f64,
+    /// SLM's run: `6 N` per token read plus `2 N_ref` per token scored.
+    pub slm_flops: f64,
+    /// SLM's trained tokens alone, as the paper counts them: `6 N` per kept token.
+    pub slm_selected_token_flops: f64,
+    /// SLM's compute to reach causal LM's final held-out loss, over causal LM's total.
+    pub slm_to_causal_final_ratio: Option<f64>,
+    /// The same with the reference's training added to SLM's side.
+    pub slm_to_causal_final_ratio_with_reference_training: Option<f64>,
+    /// Wall time of the reference's training pipeline.
+    pub reference_wall_seconds: f64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -203,12 +297,15 @@ pub struct EvalAt {
     pub loss: f64,
 }
 
-/// One value for each of the three runs.
+/// One value for each of the three runs, and for each ablation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ByRun<T> {
     pub reference: T,
     pub causal: T,
     pub slm: T,
+    /// By rule, the runs of `--ablations`.
+    #[serde(default = "std::collections::BTreeMap::new", skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub ablations: std::collections::BTreeMap<String, T>,
 }
 
 /// Throughput and memory of the processes of one run.
@@ -235,9 +332,15 @@ pub struct Selection {
     pub current_model: String,
     pub noise_share_of_corpus: f64,
     pub noise_share_of_corpus_bytes: f64,
+    /// Share of easy tokens (learned at once) among all scored tokens.
+    pub easy_share_of_corpus: f64,
     pub noise_share_selected_by_excess: f64,
     pub noise_share_selected_by_reference: f64,
-    /// By kind of noise, and `clean`.
+    /// Share of noise among what each rule keeps, by rule.
+    pub noise_share_selected: std::collections::BTreeMap<String, f64>,
+    /// Share of easy tokens among what each rule keeps, by rule.
+    pub easy_share_selected: std::collections::BTreeMap<String, f64>,
+    /// By kind of noise, `easy` and `clean` (the hard clean text).
     pub by_kind: std::collections::BTreeMap<String, KindShare>,
 }
 
@@ -246,14 +349,45 @@ pub struct KindShare {
     pub tokens: usize,
     pub kept_by_excess: f64,
     pub kept_by_reference: f64,
+    /// The share of these tokens each rule keeps, by rule.
+    pub kept: std::collections::BTreeMap<String, f64>,
+}
+
+/// `N` of a checkpoint directory (see [`Compute`]).
+fn matmul_parameters(model: &Path) -> anyhow::Result<usize> {
+    let config = rho_model::checkpoint::read_config(model)?.into_config()?;
+    Ok(config.matmul_parameters())
+}
+
+/// The curve's label of a rule.
+fn rule_label(rule: ScoreRule, ratio: f64) -> String {
+    let k = ratio * 100.0;
+    match rule {
+        ScoreRule::None => "causal LM (every token)".into(),
+        ScoreRule::Excess => format!("SLM (top {k:.0}% by excess loss)"),
+        ScoreRule::Reference => format!("top {k:.0}% by reference loss alone"),
+        ScoreRule::Current => format!("top {k:.0}% by the model's own loss"),
+        ScoreRule::Random => format!("a random {k:.0}% (control)"),
+    }
 }
 
 /// Writes every part of the report and returns `report.json`'s contents.
 pub fn write(inp: &Inputs) -> anyhow::Result<Report> {
     let plan = inp.plan;
     let [reference, causal, slm] = inp.runs;
-    let (c, s) = (curve(causal, plan), curve(slm, plan));
+    let mut targets = vec![(ScoreRule::None, causal), (ScoreRule::Excess, slm)];
+    targets.extend(inp.ablations.iter().copied());
+    let curves: Vec<Vec<(f64, f64)>> = targets.iter().map(|(_, run)| curve(run, plan)).collect();
     let final_of = |c: &[(f64, f64)]| c.last().map(|p| p.1);
+    for ((rule, run), c) in targets.iter().zip(&curves) {
+        anyhow::ensure!(
+            !c.is_empty(),
+            "the {} run `{}` has no evaluation",
+            rule.name(),
+            run.name
+        );
+    }
+    let (c, s) = (curves[0].clone(), curves[1].clone());
     let causal_final = final_of(&c).context("the causal-LM run has no evaluation")?;
     let slm_final = final_of(&s).context("the SLM run has no evaluation")?;
     let budget = plan.tokens_per_run() as f64;
@@ -264,16 +398,14 @@ pub fn write(inp: &Inputs) -> anyhow::Result<Report> {
         y_label: "loss (nats per token)",
         x_scale: 1e6,
         zoom: true,
-        series: vec![
-            Series {
-                label: "causal LM (every token)".into(),
-                points: c.clone(),
-            },
-            Series {
-                label: format!("SLM (top {:.0}% by excess loss)", plan.ratio * 100.0),
-                points: s.clone(),
-            },
-        ],
+        series: targets
+            .iter()
+            .zip(&curves)
+            .map(|((rule, _), points)| Series {
+                label: rule_label(*rule, plan.ratio),
+                points: points.clone(),
+            })
+            .collect(),
     }
     .write(inp.out, "loss")?;
     let (selection, html) = match inp.sample_docs {
@@ -286,9 +418,69 @@ pub fn write(inp: &Inputs) -> anyhow::Result<Report> {
     if let Some(h) = &html {
         std::fs::write(inp.out.join("selection.html"), h)?;
     }
-    let points = |c: &[(f64, f64)]| {
+    let points = |c: &[(f64, f64)]| -> Vec<EvalAt> {
         c.iter()
             .map(|&(tokens, loss)| EvalAt { tokens, loss })
+            .collect()
+    };
+
+    // Compute: 6N per token of every batch trained, 2N_ref per token scored.
+    let n = matmul_parameters(inp.slm_model)? as f64;
+    let n_ref = matmul_parameters(inp.reference_model)? as f64;
+    let reference_training_flops = 6.0 * n_ref * (plan.reference_steps * (plan.batch * plan.seq_len) as u64) as f64;
+    let flops_of = |rule: ScoreRule| {
+        6.0 * n * budget + if rule.needs_reference() { 2.0 * n_ref * budget } else { 0.0 }
+    };
+    let causal_flops = flops_of(ScoreRule::None);
+    let rules: Vec<RuleRun> = targets
+        .iter()
+        .zip(&curves)
+        .map(|((rule, run), curve)| {
+            let final_loss = final_of(curve).unwrap_or(f64::NAN);
+            let reach = tokens_to_reach(curve, causal_final);
+            let flops = flops_of(*rule);
+            let to_final = reach.map(|r| flops * r.1 / budget);
+            let extra = if rule.needs_reference() { reference_training_flops } else { 0.0 };
+            RuleRun {
+                rule: rule.name().into(),
+                run: run.name.clone(),
+                final_eval_loss: final_loss,
+                minus_causal: final_loss - causal_final,
+                tokens_to_causal_final_fraction: reach.map(|r| r.0 / budget),
+                tokens_to_causal_final_fraction_interpolated: reach.map(|r| r.1 / budget),
+                noise_share_kept: selection.as_ref().map(|sel| match rule {
+                    ScoreRule::None => sel.noise_share_of_corpus,
+                    r => sel.noise_share_selected.get(r.name()).copied().unwrap_or(f64::NAN),
+                }),
+                flops,
+                flops_to_causal_final: to_final,
+                compute_to_causal_final_ratio: to_final.map(|f| f / causal_flops),
+                compute_to_causal_final_ratio_with_reference_training: to_final
+                    .map(|f| (f + extra) / causal_flops),
+                pipeline_wall_seconds: run.summary.wall_seconds,
+            }
+        })
+        .collect();
+    let slm_row = &rules[1];
+    // Every position of a demo batch is valid: each step keeps round(k x positions).
+    let kept_tokens = (plan.steps
+        * rho_trainer::selection::keep_count(plan.ratio, plan.batch * plan.seq_len) as u64)
+        as f64;
+    let compute = Compute {
+        target_parameters: n as usize,
+        reference_parameters: n_ref as usize,
+        reference_training_flops,
+        causal_flops,
+        slm_flops: slm_row.flops,
+        slm_selected_token_flops: 6.0 * n * kept_tokens,
+        slm_to_causal_final_ratio: slm_row.compute_to_causal_final_ratio,
+        slm_to_causal_final_ratio_with_reference_training: slm_row
+            .compute_to_causal_final_ratio_with_reference_training,
+        reference_wall_seconds: reference.summary.wall_seconds,
+    };
+    let ablation_map = |f: &dyn Fn(usize) -> Throughput| {
+        (2..targets.len())
+            .map(|i| (targets[i].0.name().to_string(), f(i)))
             .collect()
     };
     let report = Report {
@@ -311,17 +503,26 @@ pub fn write(inp: &Inputs) -> anyhow::Result<Report> {
         evals: Evals {
             causal: points(&c),
             slm: points(&s),
+            ablations: (2..targets.len())
+                .map(|i| (targets[i].0.name().to_string(), points(&curves[i])))
+                .collect(),
         },
+        rules,
+        compute,
         selection,
         throughput: ByRun {
             reference: throughput(reference, plan),
             causal: throughput(causal, plan),
             slm: throughput(slm, plan),
+            ablations: ablation_map(&|i| throughput(targets[i].1, plan)),
         },
         runs: ByRun {
             reference: reference.dir.clone(),
             causal: causal.dir.clone(),
             slm: slm.dir.clone(),
+            ablations: (2..targets.len())
+                .map(|i| (targets[i].0.name().to_string(), targets[i].1.dir.clone()))
+                .collect(),
         },
     };
     std::fs::write(
@@ -341,21 +542,43 @@ pub fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| model | held-out loss at {} tokens | tokens to reach causal LM's final loss |",
+        "| model | held-out loss at {} tokens | minus causal LM | tokens to reach causal LM's final loss | noise among trained tokens | compute to reach it (x causal LM; with the reference's training) | pipeline wall time |",
         r.tokens_per_run
     );
-    s.push_str("|---|---|---|\n");
+    s.push_str("|---|---|---|---|---|---|---|\n");
+    for row in &r.rules {
+        let rule: ScoreRule = serde_json::from_value(serde_json::json!(row.rule)).unwrap_or(ScoreRule::None);
+        let compute = match (
+            row.compute_to_causal_final_ratio,
+            row.compute_to_causal_final_ratio_with_reference_training,
+        ) {
+            (Some(a), Some(b)) if rule.needs_reference() => format!("{a:.2}x; {b:.2}x"),
+            (Some(a), _) => format!("{a:.2}x"),
+            _ => "not reached".into(),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {:.4} | {:+.4} | {} | {} | {compute} | {:.0} s |",
+            rule_label(rule, r.ratio),
+            row.final_eval_loss,
+            row.minus_causal,
+            pct(row.tokens_to_causal_final_fraction),
+            row.noise_share_kept.map_or("-".into(), |x| format!("{:.1}%", x * 100.0)),
+            row.pipeline_wall_seconds
+        );
+    }
+    let c = &r.compute;
     let _ = writeln!(
         s,
-        "| causal LM (every token) | {:.4} | 100% |",
-        r.causal_final_eval_loss
-    );
-    let _ = writeln!(
-        s,
-        "| SLM, top {:.0}% by excess loss | {:.4} | {} |",
-        r.ratio * 100.0,
-        r.slm_final_eval_loss,
-        pct(r.slm_tokens_to_causal_final_fraction)
+        "\nCompute (6N FLOPs per token of every trained batch, 2N per token the reference scores; N = {:.2}M target, {:.2}M reference weights in matrix products): causal LM {:.2e} FLOPs; SLM {:.2e} (its kept tokens alone, as the paper counts: {:.2e}); the reference's training {:.2e} ({:.0} s). {}",
+        c.target_parameters as f64 / 1e6,
+        c.reference_parameters as f64 / 1e6,
+        c.causal_flops,
+        c.slm_flops,
+        c.slm_selected_token_flops,
+        c.reference_training_flops,
+        c.reference_wall_seconds,
+        compute_sentence(c)
     );
     if let Some(sel) = &r.selection {
         let _ = writeln!(
@@ -375,6 +598,19 @@ pub fn markdown(r: &Report) -> String {
         t.selector_tokens_per_s.unwrap_or(0.0)
     );
     s
+}
+
+/// What SLM's compute comes to against causal LM's, in one sentence.
+pub fn compute_sentence(c: &Compute) -> String {
+    match (
+        c.slm_to_causal_final_ratio,
+        c.slm_to_causal_final_ratio_with_reference_training,
+    ) {
+        (Some(a), Some(b)) => format!(
+            "SLM reaches causal LM's final held-out loss with {a:.2}x causal LM's compute counting the reference's scoring, {b:.2}x counting the reference's training too."
+        ),
+        _ => "SLM does not reach causal LM's final held-out loss within the budget.".into(),
+    }
 }
 
 /// What the terminal shows at the end.
