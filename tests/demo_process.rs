@@ -1,5 +1,5 @@
-//! `rho demo --quick`: the whole method through real `rho run` pipelines, and a report that
-//! holds what those runs measured.
+//! `rho demo --quick --ablations`: the whole method and its ablations through real `rho run`
+//! pipelines, and a report that holds what those runs measured.
 
 mod common;
 
@@ -15,7 +15,15 @@ fn read(path: &std::path::Path) -> Value {
 fn quick_demo_reports_what_its_runs_measured() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo");
-    rho(&["demo", "--quick", "--seed", "3", "--out", &p(&out)]);
+    rho(&[
+        "demo",
+        "--quick",
+        "--ablations",
+        "--seed",
+        "3",
+        "--out",
+        &p(&out),
+    ]);
 
     let report = read(&out.join("report.json"));
     for key in [
@@ -28,6 +36,99 @@ fn quick_demo_reports_what_its_runs_measured() {
         assert!(report.get(key).is_some(), "report.json lacks `{key}`");
     }
     assert!(report["wall_seconds"].as_f64().unwrap() > 0.0);
+
+    // Every target run, by rule: causal LM, SLM, then the ablations, each with its own
+    // pipeline; the last evaluation of its trainer is its final loss.
+    let rules = report["rules"].as_array().unwrap();
+    let names: Vec<&str> = rules.iter().map(|r| r["rule"].as_str().unwrap()).collect();
+    assert_eq!(names, ["none", "excess", "reference", "current", "random"]);
+    let causal_final = report["causal_final_eval_loss"].as_f64().unwrap();
+    for r in rules {
+        let run = r["run"].as_str().unwrap();
+        let trainer = read(&out.join("runs").join(run).join("trainer.report.json"));
+        let last = trainer["evals"].as_array().unwrap().last().unwrap()["loss"]
+            .as_f64()
+            .unwrap();
+        assert!(
+            (r["final_eval_loss"].as_f64().unwrap() - last).abs() < 1e-6,
+            "{run}"
+        );
+        let minus = r["minus_causal"].as_f64().unwrap();
+        assert!((minus - (last - causal_final)).abs() < 1e-6, "{run}");
+        // Same stream, same budget.
+        assert_eq!(
+            common::consumed(&trainer),
+            (0..report["steps_per_run"].as_u64().unwrap()).collect::<Vec<_>>(),
+            "{run}"
+        );
+        // A selector scores for the rules that need the reference, and only for those.
+        let scored = out
+            .join("runs")
+            .join(run)
+            .join("selector-0.report.json")
+            .exists();
+        assert_eq!(
+            scored,
+            matches!(r["rule"].as_str(), Some("excess" | "reference")),
+            "{run}"
+        );
+        // Each kept k% of every step (the control too), causal LM every token.
+        let metrics =
+            std::fs::read_to_string(out.join("runs").join(run).join("trainer.metrics.jsonl"))
+                .unwrap();
+        for line in metrics.lines() {
+            let m: Value = serde_json::from_str(line).unwrap();
+            let kept = m["selected_fraction"].as_f64().unwrap();
+            let want = if r["rule"] == "none" {
+                1.0
+            } else {
+                report["ratio"].as_f64().unwrap()
+            };
+            assert!((kept - want).abs() < 1e-3, "{run}: kept {kept}");
+        }
+    }
+    // The random rule is seeded: its config names the seed, and its masks differ from step
+    // to step (so do its losses of the selected tokens against those of all tokens).
+    let random = read(&out.join("runs/ablation-random/trainer.json"));
+    assert_eq!(random["selection"]["score"], "random");
+    assert!(random["selection"]["seed"].is_u64());
+
+    // Compute: 6N per token of every batch, 2N_ref per scored token, the reference's own
+    // training on top; the ratios follow from the interpolated fractions.
+    let c = &report["compute"];
+    let n = c["target_parameters"].as_f64().unwrap();
+    let n_ref = c["reference_parameters"].as_f64().unwrap();
+    let tokens = report["tokens_per_run"].as_f64().unwrap();
+    assert!(n > 0.0 && n_ref > 0.0);
+    assert!((c["causal_flops"].as_f64().unwrap() - 6.0 * n * tokens).abs() < 1.0);
+    assert!((c["slm_flops"].as_f64().unwrap() - (6.0 * n + 2.0 * n_ref) * tokens).abs() < 1.0);
+    let ref_tokens = report["reference_steps"].as_f64().unwrap()
+        * report["batch"][0].as_f64().unwrap()
+        * report["batch"][1].as_f64().unwrap();
+    let ref_flops = c["reference_training_flops"].as_f64().unwrap();
+    assert!((ref_flops - 6.0 * n_ref * ref_tokens).abs() < 1.0);
+    if let Some(f) = rules[1]["tokens_to_causal_final_fraction_interpolated"].as_f64() {
+        let ratio = c["slm_to_causal_final_ratio"].as_f64().unwrap();
+        let want = f * (6.0 * n + 2.0 * n_ref) / (6.0 * n);
+        assert!((ratio - want).abs() < 1e-9, "{ratio} vs {want}");
+        let with = c["slm_to_causal_final_ratio_with_reference_training"]
+            .as_f64()
+            .unwrap();
+        assert!((with - ratio - ref_flops / (6.0 * n * tokens)).abs() < 1e-9);
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for label in [
+        "causal LM",
+        "excess loss",
+        "reference loss alone",
+        "own loss",
+        "random",
+    ] {
+        assert!(md.contains(label), "report.md lacks `{label}`");
+    }
+    assert!(md.contains("x causal LM") && md.contains("FLOPs"), "{md}");
+    let svg = std::fs::read_to_string(out.join("loss.svg")).unwrap();
+    assert!(svg.contains("random") && svg.contains("reference loss alone"));
 
     // Each final loss is the last evaluation its trainer process reported.
     for (run, key) in [
@@ -73,6 +174,7 @@ fn quick_demo_reports_what_its_runs_measured() {
     let sel = &report["selection"];
     for key in [
         "noise_share_of_corpus",
+        "easy_share_of_corpus",
         "noise_share_selected_by_excess",
         "noise_share_selected_by_reference",
     ] {
@@ -80,6 +182,22 @@ fn quick_demo_reports_what_its_runs_measured() {
         assert!((0.0..=1.0).contains(&v), "{key} = {v}");
     }
     assert!(sel["noise_share_of_corpus"].as_f64().unwrap() > 0.2);
+    assert!(sel["easy_share_of_corpus"].as_f64().unwrap() > 0.1);
+    for rule in ["excess", "reference", "current", "random"] {
+        let v = sel["noise_share_selected"][rule].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&v), "{rule}: {v}");
+        for kind in ["clean", "easy", "id"] {
+            let k = sel["by_kind"][kind]["kept"][rule].as_f64().unwrap_or(-1.0);
+            assert!((0.0..=1.0).contains(&k), "{kind} by {rule}: {k}");
+        }
+    }
+    // The random control keeps about k of every kind, noise included.
+    let noise = sel["noise_share_of_corpus"].as_f64().unwrap();
+    let random_noise = sel["noise_share_selected"]["random"].as_f64().unwrap();
+    assert!(
+        (random_noise - noise).abs() < 0.1,
+        "{random_noise} vs {noise}"
+    );
 
     for file in ["loss.svg", "loss.png", "report.md"] {
         assert!(
@@ -90,7 +208,21 @@ fn quick_demo_reports_what_its_runs_measured() {
     let png = std::fs::read(out.join("loss.png")).unwrap();
     assert_eq!(&png[..4], b"\x89PNG");
     let html = std::fs::read_to_string(out.join("selection.html")).unwrap();
-    assert!(html.contains("class=\"kept\"") && html.contains("noise"));
+    assert!(html.contains("kept k0") && html.contains("noise") && html.contains("class=\"easy"));
+    // A menu shows what each rule keeps; every rule keeps some token of the page.
+    for (r, rule) in ["excess", "reference", "current", "random"]
+        .iter()
+        .enumerate()
+    {
+        assert!(
+            html.contains(&format!("<option value=\"{r}\">{rule}")),
+            "{rule}"
+        );
+        assert!(
+            html.contains(&format!(" k{r}")),
+            "{rule} keeps nothing shown"
+        );
+    }
 
     // `rho report` reads any runs back: the demo's two target runs here.
     let cmp = out.join("compare");
@@ -173,7 +305,7 @@ fn quick_demo_reports_what_its_runs_measured() {
     ]);
     let page = std::fs::read_to_string(sel.join("selection.html")).unwrap();
     assert!(
-        page.contains("class=\"kept\"") && page.contains("excess"),
+        page.contains("kept k0") && page.contains("excess"),
         "{page}"
     );
     // No labels of noise where the data has none.

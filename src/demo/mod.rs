@@ -190,9 +190,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut ablations = Vec::new();
     if plan.ablations {
         let rules = [
-            ("reference", Rule::Reference(&reference_model), "ranked by reference loss alone, scored by a selector process"),
-            ("current", Rule::Current, "ranked by the model's own loss (no reference)"),
-            ("random", Rule::Random, "a random k% of each batch (no reference)"),
+            (
+                "reference",
+                Rule::Reference(&reference_model),
+                "ranked by reference loss alone, scored by a selector process",
+            ),
+            (
+                "current",
+                Rule::Current,
+                "ranked by the model's own loss (no reference)",
+            ),
+            (
+                "random",
+                Rule::Random,
+                "a random k% of each batch (no reference)",
+            ),
         ];
         for (i, (name, rule, what)) in rules.into_iter().enumerate() {
             stage(
@@ -203,7 +215,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 ),
             );
             let run = pipes
-                .run(&format!("ablation-{name}"), &train_paths, &target_init, plan.steps, rule)
+                .run(
+                    &format!("ablation-{name}"),
+                    &train_paths,
+                    &target_init,
+                    plan.steps,
+                    rule,
+                )
                 .await?;
             ablations.push((rule.score(), run));
         }

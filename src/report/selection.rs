@@ -188,7 +188,11 @@ fn rule_menu() -> String {
             ScoreRule::Random => "a random choice (the control)",
             ScoreRule::None => "every token",
         };
-        let _ = write!(html, "<option value=\"{r}\">{}: {what}</option>", rule.name());
+        let _ = write!(
+            html,
+            "<option value=\"{r}\">{}: {what}</option>",
+            rule.name()
+        );
     }
     html.push_str("</select></p>\n");
     html
@@ -285,13 +289,21 @@ fn document(
                     .filter(|(_, k)| *k)
                     .map(|(r, _)| r.name())
                     .collect();
-                classes.extend((0..RULES.len()).filter(|&r| sc.kept[r]).map(|r| format!("k{r}")));
+                classes.extend(
+                    (0..RULES.len())
+                        .filter(|&r| sc.kept[r])
+                        .map(|r| format!("k{r}")),
+                );
                 let title = format!(
                     "reference {:.2} | model {:.2} | excess {:+.2} | kept by: {}{}",
                     sc.reference,
                     sc.current,
                     excess,
-                    if kept_by.is_empty() { "none".to_string() } else { kept_by.join(", ") },
+                    if kept_by.is_empty() {
+                        "none".to_string()
+                    } else {
+                        kept_by.join(", ")
+                    },
                     noisy.map_or(String::new(), |k| format!(" | noise: {}", k.name()))
                 );
                 (format!("--a: {alpha:.2}"), title)

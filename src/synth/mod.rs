@@ -478,7 +478,10 @@ mod tests {
         let docs = shard_docs(&args, 0);
         let easy: usize = docs.iter().flat_map(|d| &d.easy).map(|&(s, e)| e - s).sum();
         let total: usize = docs.iter().map(|d| d.text.len()).sum();
-        assert!(easy as f64 / total as f64 > 0.15, "easy share {easy} of {total}");
+        assert!(
+            easy as f64 / total as f64 > 0.15,
+            "easy share {easy} of {total}"
+        );
         for d in &docs {
             for &(s, e) in &d.easy {
                 assert!(!d.text[s..e].contains("\n\n"));
@@ -487,10 +490,16 @@ mod tests {
                 assert!(d.is_easy(s, s + 1) && !d.is_easy(e, e + 1));
             }
             let meta: serde_json::Value = serde_json::from_str(&d.metadata()).unwrap();
-            assert_eq!(meta["synthetic"]["easy"].as_array().unwrap().len(), d.easy.len());
+            assert_eq!(
+                meta["synthetic"]["easy"].as_array().unwrap().len(),
+                d.easy.len()
+            );
         }
         // Without easy paragraphs the documents are those of before: `easy` draws nothing.
-        let plain = SynthArgs { easy: 0.0, ..args.clone() };
+        let plain = SynthArgs {
+            easy: 0.0,
+            ..args.clone()
+        };
         let before = shard_docs(&plain, 0);
         assert!(before.iter().all(|d| d.easy.is_empty()));
     }

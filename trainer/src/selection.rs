@@ -496,8 +496,10 @@ mod tests {
         let mean = (0..n).map(|i| f64::from(random_score(7, i))).sum::<f64>() / n as f64;
         assert!((mean - 0.5).abs() < 0.02, "mean score {mean}");
         assert!(!ScoreRule::Random.needs_reference());
-        let parsed: Selection =
-            serde_json::from_str(r#"{"score":"random","seed":9,"schedule":{"kind":"constant","ratio":0.6}}"#).unwrap();
+        let parsed: Selection = serde_json::from_str(
+            r#"{"score":"random","seed":9,"schedule":{"kind":"constant","ratio":0.6}}"#,
+        )
+        .unwrap();
         assert_eq!((parsed.score, parsed.seed), (ScoreRule::Random, 9));
     }
 }

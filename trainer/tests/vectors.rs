@@ -238,16 +238,27 @@ fn cases() -> Vec<Value> {
         ));
     }
     // The random rule: the losses do not matter, the key does.
-    for (i, (seed, step)) in [(0u64, 0u64), (0, 1), (1, 0), (7, 123), (u64::MAX, 5), (42, 99_999)]
-        .into_iter()
-        .enumerate()
+    for (i, (seed, step)) in [
+        (0u64, 0u64),
+        (0, 1),
+        (1, 0),
+        (7, 123),
+        (u64::MAX, 5),
+        (42, 99_999),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let (rows, len) = (1 + i % 3, 5 + 7 * i);
         let n = rows * len;
         let current: Vec<f32> = (0..n).map(|_| (rng.below(64) as f32) / 8.0).collect();
         let reference: Vec<f32> = (0..n).map(|_| (rng.below(64) as f32) / 8.0).collect();
         let valid: Vec<bool> = (0..n).map(|_| rng.below(8) != 0).collect();
-        let scope = if i % 2 == 0 { Scope::Batch } else { Scope::Sequence };
+        let scope = if i % 2 == 0 {
+            Scope::Batch
+        } else {
+            Scope::Sequence
+        };
         out.push(seeded_case(
             &format!("random rule {i}"),
             ScoreRule::Random,

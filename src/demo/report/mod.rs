@@ -155,7 +155,12 @@ fn noise_shares(docs: &[Doc], sd: &ScoredDocs, ratio: f64) -> Selection {
             .collect()
     };
     let noise_selected = by_rule(&|r| share(kept_by(r, 0..kinds.len()), kept_by(r, all.clone())));
-    let easy_selected = by_rule(&|r| share(kept_by(r, easy_slot..easy_slot + 1), kept_by(r, all.clone())));
+    let easy_selected = by_rule(&|r| {
+        share(
+            kept_by(r, easy_slot..easy_slot + 1),
+            kept_by(r, all.clone()),
+        )
+    });
     let mut by_kind = std::collections::BTreeMap::new();
     for slot in 0..kinds.len() + 2 {
         let name = match slot {
@@ -304,7 +309,10 @@ pub struct ByRun<T> {
     pub causal: T,
     pub slm: T,
     /// By rule, the runs of `--ablations`.
-    #[serde(default = "std::collections::BTreeMap::new", skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[serde(
+        default = "std::collections::BTreeMap::new",
+        skip_serializing_if = "std::collections::BTreeMap::is_empty"
+    )]
     pub ablations: std::collections::BTreeMap<String, T>,
 }
 
@@ -427,9 +435,15 @@ pub fn write(inp: &Inputs) -> anyhow::Result<Report> {
     // Compute: 6N per token of every batch trained, 2N_ref per token scored.
     let n = matmul_parameters(inp.slm_model)? as f64;
     let n_ref = matmul_parameters(inp.reference_model)? as f64;
-    let reference_training_flops = 6.0 * n_ref * (plan.reference_steps * (plan.batch * plan.seq_len) as u64) as f64;
+    let reference_training_flops =
+        6.0 * n_ref * (plan.reference_steps * (plan.batch * plan.seq_len) as u64) as f64;
     let flops_of = |rule: ScoreRule| {
-        6.0 * n * budget + if rule.needs_reference() { 2.0 * n_ref * budget } else { 0.0 }
+        6.0 * n * budget
+            + if rule.needs_reference() {
+                2.0 * n_ref * budget
+            } else {
+                0.0
+            }
     };
     let causal_flops = flops_of(ScoreRule::None);
     let rules: Vec<RuleRun> = targets
@@ -440,7 +454,11 @@ pub fn write(inp: &Inputs) -> anyhow::Result<Report> {
             let reach = tokens_to_reach(curve, causal_final);
             let flops = flops_of(*rule);
             let to_final = reach.map(|r| flops * r.1 / budget);
-            let extra = if rule.needs_reference() { reference_training_flops } else { 0.0 };
+            let extra = if rule.needs_reference() {
+                reference_training_flops
+            } else {
+                0.0
+            };
             RuleRun {
                 rule: rule.name().into(),
                 run: run.name.clone(),
@@ -450,7 +468,11 @@ pub fn write(inp: &Inputs) -> anyhow::Result<Report> {
                 tokens_to_causal_final_fraction_interpolated: reach.map(|r| r.1 / budget),
                 noise_share_kept: selection.as_ref().map(|sel| match rule {
                     ScoreRule::None => sel.noise_share_of_corpus,
-                    r => sel.noise_share_selected.get(r.name()).copied().unwrap_or(f64::NAN),
+                    r => sel
+                        .noise_share_selected
+                        .get(r.name())
+                        .copied()
+                        .unwrap_or(f64::NAN),
                 }),
                 flops,
                 flops_to_causal_final: to_final,
@@ -547,7 +569,8 @@ pub fn markdown(r: &Report) -> String {
     );
     s.push_str("|---|---|---|---|---|---|---|\n");
     for row in &r.rules {
-        let rule: ScoreRule = serde_json::from_value(serde_json::json!(row.rule)).unwrap_or(ScoreRule::None);
+        let rule: ScoreRule =
+            serde_json::from_value(serde_json::json!(row.rule)).unwrap_or(ScoreRule::None);
         let compute = match (
             row.compute_to_causal_final_ratio,
             row.compute_to_causal_final_ratio_with_reference_training,
@@ -563,7 +586,8 @@ pub fn markdown(r: &Report) -> String {
             row.final_eval_loss,
             row.minus_causal,
             pct(row.tokens_to_causal_final_fraction),
-            row.noise_share_kept.map_or("-".into(), |x| format!("{:.1}%", x * 100.0)),
+            row.noise_share_kept
+                .map_or("-".into(), |x| format!("{:.1}%", x * 100.0)),
             row.pipeline_wall_seconds
         );
     }
