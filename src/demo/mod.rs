@@ -191,22 +191,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if plan.ablations {
         let rules = [
             (
-                "reference",
                 Rule::Reference(&reference_model),
                 "ranked by reference loss alone, scored by a selector process",
             ),
             (
-                "current",
                 Rule::Current,
                 "ranked by the model's own loss (no reference)",
             ),
-            (
-                "random",
-                Rule::Random,
-                "a random k% of each batch (no reference)",
-            ),
+            (Rule::Random, "a random k% of each batch (no reference)"),
         ];
-        for (i, (name, rule, what)) in rules.into_iter().enumerate() {
+        for (i, (rule, what)) in rules.into_iter().enumerate() {
+            let name = rule.score().name();
             stage(
                 7 + i,
                 &format!(
