@@ -162,14 +162,15 @@ body { font-family: sans-serif; max-width: 60em; margin: 2em auto; line-height: 
 fn rule_style() -> String {
     let mut css = String::new();
     for r in 0..RULES.len() {
-        let body = if r == 0 {
-            "body:not([class^=show-]), body.show-0".to_string()
+        let shown = format!("body.show-{r} .doc span.k{r}");
+        let selector = if r == 0 {
+            format!("body:not([class^=show-]) .doc span.k0, {shown}")
         } else {
-            format!("body.show-{r}")
+            shown
         };
         let _ = writeln!(
             css,
-            "{body} .doc span.k{r} {{ color: inherit; background: rgba(34,139,34,var(--a)); }}"
+            "{selector} {{ color: inherit; background: rgba(34,139,34,var(--a)); }}"
         );
     }
     css
