@@ -13,6 +13,9 @@ pub enum Preset {
     Small,
     /// 8 layers, hidden 384, 6 heads: about 20M parameters with a 32k vocabulary.
     M20,
+    /// 8 layers, hidden 512, 8 heads, intermediate 1376: about 60M parameters with a 32k
+    /// vocabulary (the second size of the trainer's speed comparison).
+    M60,
     /// TinyLlama-1.1B's shape: 22 layers, hidden 2048, 32 heads (4 key-value heads),
     /// intermediate 5632; 1.1B parameters with a 32k vocabulary. Real-size memory and speed
     /// checks.
@@ -21,7 +24,13 @@ pub enum Preset {
 
 impl Preset {
     /// Every preset, smallest first.
-    pub const ALL: [Preset; 4] = [Preset::Tiny, Preset::Small, Preset::M20, Preset::B1];
+    pub const ALL: [Preset; 5] = [
+        Preset::Tiny,
+        Preset::Small,
+        Preset::M20,
+        Preset::M60,
+        Preset::B1,
+    ];
 
     /// The name the command line and configs use.
     pub fn name(self) -> &'static str {
@@ -29,6 +38,7 @@ impl Preset {
             Preset::Tiny => "tiny",
             Preset::Small => "small",
             Preset::M20 => "20m",
+            Preset::M60 => "60m",
             Preset::B1 => "1b",
         }
     }
@@ -39,6 +49,7 @@ impl Preset {
             Preset::Tiny => (64, 2, 4, 2, 172),
             Preset::Small => (128, 4, 4, 4, 344),
             Preset::M20 => (384, 8, 6, 6, 1024),
+            Preset::M60 => (512, 8, 8, 8, 1376),
             Preset::B1 => (2048, 22, 32, 4, 5632),
         }
     }
@@ -81,7 +92,7 @@ impl FromStr for Preset {
         Preset::ALL
             .into_iter()
             .find(|p| p.name() == s)
-            .ok_or_else(|| format!("unknown preset `{s}` (tiny, small, 20m, 1b)"))
+            .ok_or_else(|| format!("unknown preset `{s}` (tiny, small, 20m, 60m, 1b)"))
     }
 }
 
@@ -103,6 +114,6 @@ mod tests {
         assert!("huge"
             .parse::<Preset>()
             .unwrap_err()
-            .contains("tiny, small, 20m, 1b"));
+            .contains("tiny, small, 20m, 60m, 1b"));
     }
 }

@@ -15,7 +15,7 @@ pub enum BenchCommand {
         /// Working directory (model).
         #[arg(long, default_value = "runs/bench-trainer")]
         out: PathBuf,
-        /// Model size: tiny, small or 20m.
+        /// Model size: tiny, small, 20m or 60m.
         #[arg(long, default_value = "20m")]
         preset: String,
         #[arg(long, default_value_t = 512)]
@@ -25,6 +25,10 @@ pub enum BenchCommand {
         /// Steps per measurement round (4 rounds of each mode).
         #[arg(long, default_value_t = 3)]
         steps: u64,
+        /// Vocabulary of the model (its directory is `model-<preset>`, or
+        /// `model-<preset>-v<size>` for another size than the default).
+        #[arg(long, default_value_t = trainer::DEFAULT_VOCAB)]
+        vocab_size: usize,
     },
     /// Selector throughput (a real `rho loader` and `rho selector`, this process as the trainer)
     /// against the bare in-process forward of the same model on batches of the same shape.
@@ -32,7 +36,7 @@ pub enum BenchCommand {
         /// Working directory (corpus, tokenizer, model).
         #[arg(long, default_value = "runs/bench-selector")]
         out: PathBuf,
-        /// Reference model size: tiny, small or 20m.
+        /// Reference model size: tiny, small, 20m or 60m.
         #[arg(long, default_value = "20m")]
         preset: String,
         #[arg(long, default_value_t = 512)]
@@ -69,7 +73,8 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             seq_len,
             batch_size,
             steps,
-        } => trainer::run(out, preset, seq_len, batch_size, steps),
+            vocab_size,
+        } => trainer::run(out, preset, seq_len, batch_size, steps, vocab_size),
         BenchCommand::Selector {
             out,
             preset,

@@ -10,15 +10,21 @@ use rho_trainer::{Backend, CandleBackend, RatioSchedule, Scope, ScoreRule, Selec
 
 use crate::commands::model as model_cmd;
 
+/// The vocabulary of the benchmark's model unless `--vocab-size` says otherwise.
+pub const DEFAULT_VOCAB: usize = 8192;
+
 pub fn run(
     out: PathBuf,
     preset: String,
     seq_len: usize,
     batch_size: usize,
     steps: u64,
+    vocab: usize,
 ) -> anyhow::Result<()> {
-    let vocab = 8192;
-    let dir = out.join(format!("model-{preset}"));
+    let dir = out.join(match vocab {
+        DEFAULT_VOCAB => format!("model-{preset}"),
+        v => format!("model-{preset}-v{v}"),
+    });
     if !dir.join("model.safetensors").exists() {
         model_cmd::init_checkpoint(
             &dir,

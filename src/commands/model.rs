@@ -47,7 +47,8 @@ pub enum ModelCommand {
         #[arg(long)]
         out: PathBuf,
         /// `tiny` (2 layers, hidden 64), `small` (4 layers, hidden 128), `20m` (8 layers, hidden
-        /// 384) or `1b` (TinyLlama-1.1B's shape: 22 layers, hidden 2048, 4 key-value heads).
+        /// 384), `60m` (8 layers, hidden 512) or `1b` (TinyLlama-1.1B's shape: 22 layers, hidden
+        /// 2048, 4 key-value heads).
         #[arg(long, default_value = "tiny")]
         preset: rho_model::Preset,
         /// Vocabulary size; default: the size of --tokenizer's vocabulary.
