@@ -246,7 +246,7 @@ pub struct Evals {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RuleRun {
     /// `none` (causal LM), `excess` (SLM), `reference`, `current` or `random`.
-    pub rule: String,
+    pub rule: ScoreRule,
     /// The run's directory under `runs/`.
     pub run: String,
     pub final_eval_loss: f64,
@@ -460,7 +460,7 @@ pub fn write(inp: &Inputs) -> anyhow::Result<Report> {
                 0.0
             };
             RuleRun {
-                rule: rule.name().into(),
+                rule: *rule,
                 run: run.name.clone(),
                 final_eval_loss: final_loss,
                 minus_causal: final_loss - causal_final,
@@ -569,8 +569,7 @@ pub fn markdown(r: &Report) -> String {
     );
     s.push_str("|---|---|---|---|---|---|---|\n");
     for row in &r.rules {
-        let rule: ScoreRule =
-            serde_json::from_value(serde_json::json!(row.rule)).unwrap_or(ScoreRule::None);
+        let rule = row.rule;
         let compute = match (
             row.compute_to_causal_final_ratio,
             row.compute_to_causal_final_ratio_with_reference_training,
