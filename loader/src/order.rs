@@ -1,39 +1,10 @@
 //! Deterministic order: which shards an epoch reads in which order, and how windows are shuffled.
 //!
-//! Randomness comes from SplitMix64, written here so that the order of a run can never change
-//! with a dependency's version. Window shuffling permutes fixed blocks of `shuffle_window`
+//! Randomness comes from SplitMix64 (`rho_protocol::splitmix`), so that the order of a run can
+//! never change with a dependency's version. Window shuffling permutes fixed blocks of `shuffle_window`
 //! consecutive windows; its whole state is (seed, epoch, block), so resuming needs nothing saved.
 
-/// SplitMix64 (Steele, Lea, Flood 2014).
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    /// A generator from `seed`.
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    /// The next number.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0), by rejection so that no value is favoured.
-    pub fn below(&mut self, n: u64) -> u64 {
-        let zone = u64::MAX - (u64::MAX % n);
-        loop {
-            let x = self.next_u64();
-            if x < zone {
-                return x % n;
-            }
-        }
-    }
-}
+pub use rho_protocol::SplitMix64;
 
 /// Derives a stream seed from a run seed and labels.
 pub fn mix(parts: &[u64]) -> u64 {

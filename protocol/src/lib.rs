@@ -29,6 +29,7 @@ pub mod liveness;
 pub mod lock;
 pub mod messages;
 pub mod producer;
+pub mod splitmix;
 pub mod tensorboard;
 pub mod tokenizer;
 
@@ -39,6 +40,7 @@ pub use error::DecodeError;
 pub use fingerprint::Fingerprint;
 pub use liveness::Liveness;
 pub use messages::{Ack, Credit, End, Heartbeat, Resume, Role, ScoredBatch, Shutdown, TokenBatch};
+pub use splitmix::{mix64, SplitMix64};
 
 /// An error and its causes on one line, `outer: inner: ...` (for a message that is a string,
 /// such as a config field's reason).

@@ -14,6 +14,7 @@
 //! - the `random` rule scores position `i` of a step (row-major) with
 //!   [`random_score`]`(random_key(seed, step), i)`: uniform in [0, 1), the same on every backend.
 
+pub use rho_protocol::mix64;
 use serde::{Deserialize, Serialize};
 
 /// What ranks the tokens.
@@ -149,14 +150,6 @@ pub fn score(rule: ScoreRule, current: f32, reference: f32, key: u64, position: 
         ScoreRule::Random => random_score(key, position),
         ScoreRule::None => 0.0,
     }
-}
-
-/// SplitMix64's finalizer: a bijection of `u64` that mixes every bit into every other.
-pub fn mix64(z: u64) -> u64 {
-    let mut z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// The key of step `step`'s random scores under `seed`: `mix64(seed ^ mix64(step))`.
