@@ -3,7 +3,8 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, DType, Layout, Storage, Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::{Result, TrainerError};
@@ -94,6 +95,9 @@ pub struct AdamW {
     names: Vec<String>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// Whether CPU f32 variables take the fused update (always, but for the test that compares
+    /// it with the tensor-op path).
+    fused: bool,
 }
 
 impl AdamW {
@@ -111,21 +115,51 @@ impl AdamW {
             names: vars.iter().map(|(n, _)| n.clone()).collect(),
             m,
             v,
+            fused: true,
         })
     }
 
-    /// One update with learning rate `lr` and per-variable gradients (same order as the vars).
-    pub fn step(&mut self, vars: &[(String, Var)], grads: &[Tensor], lr: f64) -> Result<()> {
+    /// One update with learning rate `lr` and per-variable gradients (same order as the vars),
+    /// each gradient multiplied by `grad_scale` first where given (gradient clipping).
+    ///
+    /// Contiguous f32 variables on the CPU take one fused pass per variable, parallel over
+    /// chunks, that reads the gradient and both moments once and updates the variable in place;
+    /// it does the same f32 operations in the same order as the tensor-op path that every other
+    /// variable takes, so the two give the same bits (checked by a test).
+    pub fn step(
+        &mut self,
+        vars: &[(String, Var)],
+        grads: &[Tensor],
+        lr: f64,
+        grad_scale: Option<f64>,
+    ) -> Result<()> {
         self.t += 1;
-        let c = &self.config;
-        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
+        let c = self.config;
+        let k = Coefficients::new(&c, self.t, lr);
         for (i, ((_, var), g)) in vars.iter().zip(grads).enumerate() {
+            let p = var.as_tensor();
+            let decay = p.rank() >= 2 && c.weight_decay > 0.0;
+            if self.fused {
+                if let Some((m, v)) =
+                    fused_step(p, g, &self.m[i], &self.v[i], &k, grad_scale, decay)?
+                {
+                    self.m[i] = m;
+                    self.v[i] = v;
+                    continue;
+                }
+            }
+            let scaled;
+            let g = match grad_scale {
+                Some(s) => {
+                    scaled = (g * s)?;
+                    &scaled
+                }
+                None => g,
+            };
             let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
-            let p = var.as_tensor();
-            let decayed = if p.rank() >= 2 && c.weight_decay > 0.0 {
+            let update = ((&m / k.bc1)? / ((&v / k.bc2)?.sqrt()? + c.eps)?)?;
+            let decayed = if decay {
                 (p * (1.0 - lr * c.weight_decay))?
             } else {
                 p.clone()
@@ -181,6 +215,197 @@ impl AdamW {
     }
 }
 
+/// The step's scalars, as f64 (the tensor path's `affine` takes f64 and rounds to f32 inside).
+struct Coefficients {
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    lr: f64,
+    bc1: f64,
+    bc2: f64,
+}
+
+impl Coefficients {
+    fn new(c: &OptimizerConfig, t: u64, lr: f64) -> Self {
+        Coefficients {
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            lr,
+            bc1: 1.0 - c.beta1.powi(t as i32),
+            bc2: 1.0 - c.beta2.powi(t as i32),
+        }
+    }
+}
+
+/// Elements per parallel task of the fused step.
+const CHUNK: usize = 1 << 15;
+
+/// The fused AdamW update of one variable: `p` in place, the new moments returned. `None` (and
+/// nothing changed) where the tensors are not contiguous f32 on the CPU.
+///
+/// Each line mirrors one tensor op of [`AdamW::step`]'s other path: `x * a` on a tensor is
+/// `affine(a, 0)`, which computes `x * (a as f32) + 0` in f32 (the `+ 0.0` is kept: it turns a
+/// `-0.0` into `0.0`, as the tensor op does), `x / a` is `affine(1 / a, 0)`, `x + a` is
+/// `affine(1, a)`.
+fn fused_step(
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    k: &Coefficients,
+    grad_scale: Option<f64>,
+    decay: bool,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let cpu_f32 = |t: &Tensor| {
+        t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous() && t.dims() == p.dims()
+    };
+    if ![p, g, m, v].into_iter().all(cpu_f32) {
+        return Ok(None);
+    }
+    let op = FusedAdamW {
+        g: g.clone(),
+        k: Scalars {
+            scale: grad_scale.map(|s| s as f32),
+            beta1: k.beta1 as f32,
+            one_minus_beta1: (1.0 - k.beta1) as f32,
+            beta2: k.beta2 as f32,
+            one_minus_beta2: (1.0 - k.beta2) as f32,
+            inv_bc1: (1.0 / k.bc1) as f32,
+            inv_bc2: (1.0 / k.bc2) as f32,
+            eps: k.eps as f32,
+            decay: decay.then_some((1.0 - k.lr * k.weight_decay) as f32),
+            lr: k.lr as f32,
+        },
+        moments: std::sync::Mutex::new(None),
+    };
+    p.inplace_op3(m, v, &op)?;
+    let (m, v) = op
+        .moments
+        .into_inner()
+        .map_err(|_| candle_core::Error::Msg("fused AdamW: a worker panicked".into()))?
+        .ok_or_else(|| candle_core::Error::Msg("fused AdamW: no moments written".into()))?;
+    Ok(Some((
+        Tensor::from_vec(m, p.dims(), p.device())?,
+        Tensor::from_vec(v, p.dims(), p.device())?,
+    )))
+}
+
+/// The f32 scalars of one fused update.
+#[derive(Clone, Copy)]
+struct Scalars {
+    scale: Option<f32>,
+    beta1: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    inv_bc1: f32,
+    inv_bc2: f32,
+    eps: f32,
+    decay: Option<f32>,
+    lr: f32,
+}
+
+impl Scalars {
+    /// One element: `(p, g, m, v)` to `(p', m', v')`.
+    #[inline(always)]
+    fn update(&self, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
+        let g = match self.scale {
+            Some(s) => g * s + 0.0,
+            None => g,
+        };
+        let m = (m * self.beta1 + 0.0) + (g * self.one_minus_beta1 + 0.0);
+        let v = (v * self.beta2 + 0.0) + ((g * g) * self.one_minus_beta2 + 0.0);
+        let denom = (v * self.inv_bc2 + 0.0).sqrt() * 1.0 + self.eps;
+        let update = (m * self.inv_bc1 + 0.0) / denom;
+        let p = match self.decay {
+            Some(d) => p * d + 0.0,
+            None => p,
+        };
+        (p - (update * self.lr + 0.0), m, v)
+    }
+}
+
+/// The in-place op behind [`fused_step`]: the variable is the mutated input, the moments the
+/// other two; the gradient rides along, and the new moments come back through `moments`.
+struct FusedAdamW {
+    g: Tensor,
+    k: Scalars,
+    moments: std::sync::Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl candle_core::InplaceOp3 for FusedAdamW {
+    fn name(&self) -> &'static str {
+        "fused-adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let (g_storage, g_layout) = self.g.storage_and_layout();
+        let Storage::Cpu(CpuStorage::F32(g)) = &*g_storage else {
+            candle_core::bail!("fused AdamW: the gradient is not f32 on the CPU");
+        };
+        let (CpuStorage::F32(p), CpuStorage::F32(m), CpuStorage::F32(v)) = (s1, s2, s3) else {
+            candle_core::bail!("fused AdamW: the variable and moments must be f32");
+        };
+        let span = |l: &Layout| {
+            l.contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("fused AdamW: not contiguous".into()))
+        };
+        let (p_range, g_range, m_range, v_range) =
+            (span(l1)?, span(g_layout)?, span(l2)?, span(l3)?);
+        let p = &mut p[p_range.0..p_range.1];
+        let g = &g[g_range.0..g_range.1];
+        let m = &m[m_range.0..m_range.1];
+        let v = &v[v_range.0..v_range.1];
+        let n = p.len();
+        if g.len() != n || m.len() != n || v.len() != n {
+            candle_core::bail!("fused AdamW: sizes differ");
+        }
+        let mut m_out: Vec<f32> = Vec::with_capacity(n);
+        let mut v_out: Vec<f32> = Vec::with_capacity(n);
+        let k = self.k;
+        p.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+            .zip(
+                m_out.spare_capacity_mut()[..n]
+                    .par_chunks_mut(CHUNK)
+                    .zip(v_out.spare_capacity_mut()[..n].par_chunks_mut(CHUNK)),
+            )
+            .for_each(|(((p, g), (m, v)), (mo, vo))| {
+                for j in 0..p.len() {
+                    let (pj, mj, vj) = k.update(p[j], g[j], m[j], v[j]);
+                    p[j] = pj;
+                    mo[j].write(mj);
+                    vo[j].write(vj);
+                }
+            });
+        #[allow(unsafe_code)]
+        // SAFETY: the loop above wrote every one of the first `n` elements of both vectors
+        // (the chunks of `[..n]` cover it exactly), and their capacity is `n`.
+        unsafe {
+            m_out.set_len(n);
+            v_out.set_len(n);
+        }
+        *self
+            .moments
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("fused AdamW: poisoned".into()))? =
+            Some((m_out, v_out));
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,11 +443,12 @@ mod tests {
         let vars = vec![("w".to_string(), var.clone())];
         let mut opt = AdamW::new(c, &vars).unwrap();
         let g = Tensor::new(&[[2.0f32]], &Device::Cpu).unwrap();
-        opt.step(&vars, std::slice::from_ref(&g), 0.1).unwrap();
+        opt.step(&vars, std::slice::from_ref(&g), 0.1, None)
+            .unwrap();
         // p = 1 * (1 - 0.05) - 0.1 * 1 = 0.85 (the first Adam step is lr * sign(g))
         let p1 = var.as_tensor().to_vec2::<f32>().unwrap()[0][0];
         assert!((p1 - 0.85).abs() < 1e-6, "{p1}");
-        opt.step(&vars, &[g], 0.1).unwrap();
+        opt.step(&vars, &[g], 0.1, None).unwrap();
         let p2 = var.as_tensor().to_vec2::<f32>().unwrap()[0][0];
         assert!((p2 - (0.85 * 0.95 - 0.1)).abs() < 1e-5, "{p2}");
         // State round-trips.
@@ -232,5 +458,86 @@ mod tests {
             .load_state(&state, opt.t, std::path::Path::new("optimizer.safetensors"))
             .unwrap();
         assert_eq!(again.t, 2);
+    }
+    #[test]
+    fn the_fused_update_gives_the_bits_of_the_tensor_op_path() {
+        // Sizes across chunk boundaries, a matrix (decayed) and a vector (not); gradients with
+        // zeros, negative zeros and a wide range of magnitudes; steps with and without clipping.
+        let c = OptimizerConfig::default();
+        let shapes: [&[usize]; 3] = [&[3, CHUNK + 17], &[2 * CHUNK + 5], &[7]];
+        let mut rng = rho_protocol::splitmix::SplitMix64::new(11);
+        let mut uniform = move || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        let make = |shape: &[usize], f: &mut dyn FnMut() -> f32| {
+            let n: usize = shape.iter().product();
+            Tensor::from_vec(
+                (0..n).map(|_| f()).collect::<Vec<f32>>(),
+                shape,
+                &Device::Cpu,
+            )
+            .unwrap()
+        };
+        let params: Vec<Tensor> = shapes.iter().map(|s| make(s, &mut uniform)).collect();
+        let vars = |ps: &[Tensor]| -> Vec<(String, Var)> {
+            ps.iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    (
+                        format!("p{i}"),
+                        Var::from_tensor(&p.copy().unwrap()).unwrap(),
+                    )
+                })
+                .collect()
+        };
+        let (fused_vars, plain_vars) = (vars(&params), vars(&params));
+        let mut fused = AdamW::new(c, &fused_vars).unwrap();
+        let mut plain = AdamW::new(c, &plain_vars).unwrap();
+        plain.fused = false;
+        for step in 0..4 {
+            let grads: Vec<Tensor> = shapes
+                .iter()
+                .map(|s| {
+                    let mut k = 0usize;
+                    make(s, &mut || {
+                        k += 1;
+                        match k % 11 {
+                            0 => 0.0,
+                            1 => -0.0,
+                            2 => uniform() * 1e-30,
+                            _ => uniform() * 10f32.powi((k % 7) as i32 - 3),
+                        }
+                    })
+                })
+                .collect();
+            let scale = (step % 2 == 1).then_some(0.37);
+            let lr = 1e-3 * (step + 1) as f64;
+            fused.step(&fused_vars, &grads, lr, scale).unwrap();
+            plain.step(&plain_vars, &grads, lr, scale).unwrap();
+            let bits = |t: &Tensor| -> Vec<u32> {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            };
+            for i in 0..shapes.len() {
+                assert_eq!(
+                    bits(fused_vars[i].1.as_tensor()),
+                    bits(plain_vars[i].1.as_tensor()),
+                    "param {i}, step {step}"
+                );
+                assert_eq!(
+                    bits(&fused.m[i]),
+                    bits(&plain.m[i]),
+                    "exp_avg {i}, step {step}"
+                );
+                assert_eq!(
+                    bits(&fused.v[i]),
+                    bits(&plain.v[i]),
+                    "exp_avg_sq {i}, step {step}"
+                );
+            }
+        }
     }
 }

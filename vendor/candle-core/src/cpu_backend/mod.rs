@@ -1390,32 +1390,44 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
         } else {
             Parallelism::None
         };
+        let len = b * m * n;
+        // gemm with `read_dst = false` never reads `dst` and writes every element of each
+        // `m x n` block (zeros where k = 0); where those blocks tile `dst` exactly it need not be
+        // zeroed first (a full serial pass over every matmul output otherwise). The layout whose
+        // blocks are laid out otherwise keeps the zeros.
+        let mut covers = true;
         let (b, m, n, k) = if b_skip == 0 && a_skip == m * k {
             // a_skip and c_skip should be updated but step is always 0 so
             // it wouldn't matter.
             (1, b * m, n, k)
         } else if a_skip == 0 && b_skip == n * k {
+            covers = b == 1;
             (1, m, b * n, k)
         } else {
             (b, m, n, k)
         };
+        let mut dst: Vec<T> = if covers {
+            Vec::with_capacity(len)
+        } else {
+            vec![T::zero(); len]
+        };
         for step in 0..b {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
-            let dst_p = &mut dst[step * c_skip..];
+            // A pointer into the allocation (its length may still be 0, see `covers`).
+            let dst_p = dst.as_mut_ptr().wrapping_add(step * c_skip);
             unsafe {
                 gemm(
                     /* m: usize = */ m,
                     /* n: usize = */ n,
                     /* k: usize = */ k,
-                    /* dst: *mut T = */ dst_p.as_mut_ptr(),
+                    /* dst: *mut T = */ dst_p,
                     /* dst_cs: isize = */ dst_cs as isize,
                     /* dst_rs: isize = */ dst_rs as isize,
                     /* read_dst: bool = */ false,
@@ -1433,6 +1445,10 @@ impl Map2 for MatMul {
                     parallelism,
                 )
             }
+        }
+        if covers {
+            // SAFETY: the gemm calls above wrote all `len` elements (see `covers`).
+            unsafe { dst.set_len(len) };
         }
         Ok(dst)
     }
