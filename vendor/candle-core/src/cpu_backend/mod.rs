@@ -892,8 +892,33 @@ fn copy2d_<T: Copy>(
     }
 }
 
-fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l: &Layout) {
+fn copy_strided_src_<T: Copy + Send + Sync>(
+    src: &[T],
+    dst: &mut [T],
+    dst_offset: usize,
+    src_l: &Layout,
+) {
+    if transpose_last_two(src, dst, dst_offset, src_l) {
+        return;
+    }
     match src_l.strided_blocks() {
+        // Many blocks of some length (a transpose of the last dimensions but one, such as
+        // `[b, t, h, d]` to `[b, h, t, d]`): the blocks are copied on the rayon pool.
+        crate::StridedBlocks::MultipleBlocks {
+            block_start_index,
+            block_len,
+        } if block_len >= 8 && src_l.shape().elem_count() >= utils::PAR_MIN => {
+            let starts: Vec<usize> = block_start_index.collect();
+            let end = dst.len().min(dst_offset + starts.len() * block_len);
+            if dst_offset >= end {
+                return;
+            }
+            dst[dst_offset..end]
+                .par_chunks_mut(block_len)
+                .with_min_len((utils::PAR_CHUNK / block_len).max(1))
+                .zip(starts.par_iter())
+                .for_each(|(d, &s)| d.copy_from_slice(&src[s..s + d.len()]));
+        }
         crate::StridedBlocks::SingleBlock { start_offset, len } => {
             let to_copy = (dst.len() - dst_offset).min(len);
             dst[dst_offset..dst_offset + to_copy]
@@ -928,6 +953,71 @@ fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l
             }
         }
     }
+}
+
+/// Copies a large view that is a contiguous tensor with its last two dimensions swapped (the
+/// layout of `t()`, as the backward pass of every linear layer's weight has it) in square
+/// tiles, the tiles of each batch shared out on the rayon pool; returns false, having done
+/// nothing, for any other layout. The element-by-element walk otherwise took the most time of
+/// any copy in a training step.
+fn transpose_last_two<T: Copy + Send + Sync>(
+    src: &[T],
+    dst: &mut [T],
+    dst_offset: usize,
+    src_l: &Layout,
+) -> bool {
+    const TILE: usize = 32;
+    let dims = src_l.dims();
+    let stride = src_l.stride();
+    let rank = dims.len();
+    if rank < 2 || src_l.shape().elem_count() < utils::PAR_MIN {
+        return false;
+    }
+    // The view is `[.., r, c]` with strides `[.., 1, r]`: element (i, j) of a batch lies at
+    // `j * r + i` of that batch's `c x r` block.
+    let (r, c) = (dims[rank - 2], dims[rank - 1]);
+    if r < 2 || c < 2 || stride[rank - 2] != 1 || stride[rank - 1] != r {
+        return false;
+    }
+    let mut expected = r * c;
+    for k in (0..rank - 2).rev() {
+        if dims[k] > 1 && stride[k] != expected {
+            return false;
+        }
+        expected *= dims[k];
+    }
+    let batches = src_l.shape().elem_count() / (r * c);
+    let len = batches * r * c;
+    if dst_offset + len > dst.len() {
+        return false;
+    }
+    let start = src_l.start_offset();
+    let src = &src[start..start + len];
+    // One task per band of TILE output rows of one batch.
+    dst[dst_offset..dst_offset + len]
+        .par_chunks_mut(r * c)
+        .enumerate()
+        .flat_map(|(b, out)| {
+            out.par_chunks_mut(TILE * c)
+                .enumerate()
+                .map(move |(band, rows)| (b, band, rows))
+        })
+        .for_each(|(b, band, rows)| {
+            let src = &src[b * r * c..(b + 1) * r * c];
+            let i0 = band * TILE;
+            let height = rows.len() / c;
+            for j0 in (0..c).step_by(TILE) {
+                let j1 = (j0 + TILE).min(c);
+                for di in 0..height {
+                    let i = i0 + di;
+                    let row = &mut rows[di * c..di * c + c];
+                    for j in j0..j1 {
+                        row[j] = src[j * r + i];
+                    }
+                }
+            }
+        });
+    true
 }
 
 struct Conv1D<'a>(&'a crate::conv::ParamsConv1D);
@@ -1397,30 +1487,24 @@ impl Map2 for MatMul {
             Parallelism::None
         };
         let len = b * m * n;
-        // gemm with `read_dst = false` never reads `dst` and writes every element of each
-        // `m x n` block (zeros where k = 0); where those blocks tile `dst` exactly it need not be
-        // zeroed first (a full serial pass over every matmul output otherwise). The layout whose
-        // blocks are laid out otherwise keeps the zeros.
-        let mut covers = true;
         let (b, m, n, k) = if b_skip == 0 && a_skip == m * k {
             // a_skip and c_skip should be updated but step is always 0 so
             // it wouldn't matter.
             (1, b * m, n, k)
-        } else if a_skip == 0 && b_skip == n * k {
-            covers = b == 1;
-            (1, m, b * n, k)
         } else {
+            // (candle 0.9.2 flattened a left operand broadcast over a batch of right operands
+            // into one `m x (b * n)` product here, which reads the right operands and writes
+            // `dst` with the wrong strides; the loop below does that case right.)
             (b, m, n, k)
         };
-        let mut dst: Vec<T> = if covers {
-            Vec::with_capacity(len)
-        } else {
-            vec![T::zero(); len]
-        };
+        // gemm with `read_dst = false` never reads `dst` and writes every element of each
+        // `m x n` block (zeros where k = 0), and the blocks tile `dst` exactly, so it need not
+        // be zeroed first (a full serial pass over every matmul output otherwise).
+        let mut dst: Vec<T> = Vec::with_capacity(len);
         for step in 0..b {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
-            // A pointer into the allocation (its length may still be 0, see `covers`).
+            // A pointer into the allocation (its length is still 0).
             let dst_p = dst.as_mut_ptr().wrapping_add(step * c_skip);
             unsafe {
                 gemm(
@@ -1446,10 +1530,8 @@ impl Map2 for MatMul {
                 )
             }
         }
-        if covers {
-            // SAFETY: the gemm calls above wrote all `len` elements (see `covers`).
-            unsafe { dst.set_len(len) };
-        }
+        // SAFETY: the gemm calls above wrote all `len` elements.
+        unsafe { dst.set_len(len) };
         Ok(dst)
     }
 

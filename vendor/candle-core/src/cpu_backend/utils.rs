@@ -130,14 +130,28 @@ pub trait Map2U8 {
     }
 }
 
-pub fn binary_map<T: Copy, U: Copy, F: FnMut(T, T) -> U>(
+/// Elementwise maps over at least this many elements run on the rayon pool, in chunks of
+/// [`PAR_CHUNK`]; each element is computed by the same function either way, so the results are
+/// the same bits.
+pub const PAR_MIN: usize = 1 << 16;
+/// See [`PAR_MIN`].
+pub const PAR_CHUNK: usize = 1 << 14;
+
+pub fn binary_map<T: Copy + Send + Sync, U: Copy + Send, F: Fn(T, T) -> U + Sync>(
     lhs_l: &Layout,
     rhs_l: &Layout,
     lhs: &[T],
     rhs: &[T],
-    mut f: F,
+    f: F,
 ) -> Vec<U> {
+    use rayon::prelude::*;
     match (lhs_l.contiguous_offsets(), rhs_l.contiguous_offsets()) {
+        (Some((o_l1, o_l2)), Some((o_r1, o_r2))) if o_l2 - o_l1 >= PAR_MIN => lhs[o_l1..o_l2]
+            .par_iter()
+            .with_min_len(PAR_CHUNK)
+            .zip(rhs[o_r1..o_r2].par_iter())
+            .map(|(&l, &r)| f(l, r))
+            .collect(),
         (Some((o_l1, o_l2)), Some((o_r1, o_r2))) => lhs[o_l1..o_l2]
             .iter()
             .zip(rhs[o_r1..o_r2].iter())
@@ -321,12 +335,19 @@ pub fn binary_map_vec<T: Copy, F: FnMut(T, T) -> T, FV: FnMut(&[T], &[T], &mut [
     }
 }
 
-pub fn unary_map<T: Copy, U: Copy, F: FnMut(T) -> U>(
+pub fn unary_map<T: Copy + Send + Sync, U: Copy + Send, F: Fn(T) -> U + Sync>(
     vs: &[T],
     layout: &Layout,
-    mut f: F,
+    f: F,
 ) -> Vec<U> {
+    use rayon::prelude::*;
     match layout.strided_blocks() {
+        crate::StridedBlocks::SingleBlock { start_offset, len } if len >= PAR_MIN => vs
+            [start_offset..start_offset + len]
+            .par_iter()
+            .with_min_len(PAR_CHUNK)
+            .map(|&v| f(v))
+            .collect(),
         crate::StridedBlocks::SingleBlock { start_offset, len } => vs
             [start_offset..start_offset + len]
             .iter()
