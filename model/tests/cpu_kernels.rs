@@ -242,3 +242,29 @@ fn matmul_writes_every_output_element() {
         assert!(flat(&z).iter().all(|v| *v == 0.0), "k = 0 gives zeros");
     }
 }
+
+#[test]
+fn a_batch_of_products_gives_the_bits_of_each_product_alone() {
+    // A batched product (attention's heads) and its products one at a time: the same bits
+    // (a plain and a transposed right operand).
+    let (bs, m, k, n) = (6, 128, 64, 96);
+    let a = tensor(&[bs, m, k], 11);
+    let b = tensor(&[bs, k, n], 12);
+    let bt = b
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
+    for (rhs, what) in [(&b, "plain"), (&bt, "transposed")] {
+        let batched = flat(&a.matmul(rhs).unwrap());
+        let mut one_by_one = Vec::new();
+        for i in 0..bs {
+            let p = a.i(i).unwrap().matmul(&rhs.i(i).unwrap()).unwrap();
+            one_by_one.extend(flat(&p));
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&batched), bits(&one_by_one), "{what}");
+    }
+}
