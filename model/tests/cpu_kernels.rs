@@ -131,8 +131,8 @@ fn large_elementwise_maps_match_the_scalar_functions() {
         let (va, vb) = (flat(&a), flat(&b));
         let check = |got: Tensor, f: &dyn Fn(usize) -> f32, what: &str| {
             let got = flat(&got);
-            for i in 0..got.len() {
-                assert_eq!(got[i].to_bits(), f(i).to_bits(), "{what} at {i} of {n}");
+            for (i, g) in got.iter().enumerate() {
+                assert_eq!(g.to_bits(), f(i).to_bits(), "{what} at {i} of {n}");
             }
         };
         check((&a + &b).unwrap(), &|i| va[i] + vb[i], "add");
