@@ -41,6 +41,16 @@ fn by_index(t: &Tensor) -> Vec<f32> {
         .collect()
 }
 
+/// The same `[b, r, c]` values stored with each matrix's columns contiguous.
+fn stored_transposed(t: &Tensor) -> Tensor {
+    t.transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+}
+
 fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
@@ -202,13 +212,7 @@ fn matmul_writes_every_output_element() {
         let b = tensor(&[bs, k, n], 6 + round);
         let want = matmul_by_hand(&flat(&a), &flat(&b), bs, m, k, n);
         assert_close(&flat(&a.matmul(&b).unwrap()), &want, "batched");
-        let bt = b
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap();
+        let bt = stored_transposed(&b);
         assert_close(&flat(&a.matmul(&bt).unwrap()), &want, "transposed rhs");
         let w = tensor(&[k, n], 7 + round);
         let wb = w.broadcast_as((bs, k, n)).unwrap();
@@ -223,6 +227,13 @@ fn matmul_writes_every_output_element() {
             &flat(&a.matmul(&wb).unwrap()),
             &want_b,
             "broadcast rhs view",
+        );
+        // The same left operand stored with its columns contiguous, times a broadcast right one.
+        let at = stored_transposed(&a);
+        assert_close(
+            &flat(&at.broadcast_matmul(&w).unwrap()),
+            &want_b,
+            "transposed lhs, broadcast rhs",
         );
         // A broadcast left operand, several rows and one (candle 0.9.2 flattened it into one
         // wide product with the wrong strides: wrong results, fixed by the patch).
@@ -250,13 +261,7 @@ fn a_batch_of_products_gives_the_bits_of_each_product_alone() {
     let (bs, m, k, n) = (6, 128, 64, 96);
     let a = tensor(&[bs, m, k], 11);
     let b = tensor(&[bs, k, n], 12);
-    let bt = b
-        .transpose(1, 2)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .transpose(1, 2)
-        .unwrap();
+    let bt = stored_transposed(&b);
     for (rhs, what) in [(&b, "plain"), (&bt, "transposed")] {
         let batched = flat(&a.matmul(rhs).unwrap());
         let mut one_by_one = Vec::new();
