@@ -228,12 +228,19 @@ fn matmul_writes_every_output_element() {
             &want_b,
             "broadcast rhs view",
         );
-        // The same left operand stored with its columns contiguous, times a broadcast right one.
+        // The same left operand stored with its columns contiguous, times a broadcast right one
+        // (candle 0.9.2 flattened the view case into one product as if the rows were evenly
+        // spaced: wrong results, fixed by the patch).
         let at = stored_transposed(&a);
         assert_close(
             &flat(&at.broadcast_matmul(&w).unwrap()),
             &want_b,
             "transposed lhs, broadcast rhs",
+        );
+        assert_close(
+            &flat(&at.matmul(&wb).unwrap()),
+            &want_b,
+            "transposed lhs, broadcast rhs view",
         );
         // A broadcast left operand, several rows and one (candle 0.9.2 flattened it into one
         // wide product with the wrong strides: wrong results, fixed by the patch).

@@ -3,7 +3,8 @@
 //! version.
 
 /// SplitMix64's finalizer: a bijection of `u64` that mixes every bit into every other. The
-/// generator's `n`-th number from `seed` is `mix64(seed + n * golden)`, `n` from 1.
+/// generator's `n`-th number from `seed` is `mix64(seed + n * golden)`, `n` from 0
+/// (`golden` = 0x9E37_79B9_7F4A_7C15).
 pub fn mix64(z: u64) -> u64 {
     let mut z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

@@ -135,14 +135,14 @@ impl AdamW {
     ) -> Result<()> {
         self.t += 1;
         let c = self.config;
-        let k = Coefficients::new(&c, self.t, lr);
+        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
         for (i, ((_, var), g)) in vars.iter().zip(grads).enumerate() {
             let p = var.as_tensor();
             let decay = p.rank() >= 2 && c.weight_decay > 0.0;
             if self.fused {
-                if let Some((m, v)) =
-                    fused_step(p, g, &self.m[i], &self.v[i], &k, grad_scale, decay)?
-                {
+                let k = Scalars::new(&c, bc1, bc2, lr, grad_scale, decay);
+                if let Some((m, v)) = fused_step(p, g, &self.m[i], &self.v[i], k)? {
                     self.m[i] = m;
                     self.v[i] = v;
                     continue;
@@ -158,7 +158,7 @@ impl AdamW {
             };
             let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let update = ((&m / k.bc1)? / ((&v / k.bc2)?.sqrt()? + c.eps)?)?;
+            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
             let decayed = if decay {
                 (p * (1.0 - lr * c.weight_decay))?
             } else {
@@ -215,31 +215,6 @@ impl AdamW {
     }
 }
 
-/// The step's scalars, as f64 (the tensor path's `affine` takes f64 and rounds to f32 inside).
-struct Coefficients {
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-    lr: f64,
-    bc1: f64,
-    bc2: f64,
-}
-
-impl Coefficients {
-    fn new(c: &OptimizerConfig, t: u64, lr: f64) -> Self {
-        Coefficients {
-            beta1: c.beta1,
-            beta2: c.beta2,
-            eps: c.eps,
-            weight_decay: c.weight_decay,
-            lr,
-            bc1: 1.0 - c.beta1.powi(t as i32),
-            bc2: 1.0 - c.beta2.powi(t as i32),
-        }
-    }
-}
-
 /// Elements per parallel task of the fused step.
 const CHUNK: usize = 1 << 15;
 
@@ -255,9 +230,7 @@ fn fused_step(
     g: &Tensor,
     m: &Tensor,
     v: &Tensor,
-    k: &Coefficients,
-    grad_scale: Option<f64>,
-    decay: bool,
+    k: Scalars,
 ) -> Result<Option<(Tensor, Tensor)>> {
     let cpu_f32 = |t: &Tensor| {
         t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous() && t.dims() == p.dims()
@@ -267,18 +240,7 @@ fn fused_step(
     }
     let op = FusedAdamW {
         g: g.clone(),
-        k: Scalars {
-            scale: grad_scale.map(|s| s as f32),
-            beta1: k.beta1 as f32,
-            one_minus_beta1: (1.0 - k.beta1) as f32,
-            beta2: k.beta2 as f32,
-            one_minus_beta2: (1.0 - k.beta2) as f32,
-            inv_bc1: (1.0 / k.bc1) as f32,
-            inv_bc2: (1.0 / k.bc2) as f32,
-            eps: k.eps as f32,
-            decay: decay.then_some((1.0 - k.lr * k.weight_decay) as f32),
-            lr: k.lr as f32,
-        },
+        k,
         moments: std::sync::Mutex::new(None),
     };
     p.inplace_op3(m, v, &op)?;
@@ -309,6 +271,30 @@ struct Scalars {
 }
 
 impl Scalars {
+    /// The scalars of step `lr` with bias corrections `bc1`, `bc2`, rounded to f32 as the
+    /// tensor path's `affine` rounds them; `decay`: whether this variable is decayed.
+    fn new(
+        c: &OptimizerConfig,
+        bc1: f64,
+        bc2: f64,
+        lr: f64,
+        grad_scale: Option<f64>,
+        decay: bool,
+    ) -> Self {
+        Scalars {
+            scale: grad_scale.map(|s| s as f32),
+            beta1: c.beta1 as f32,
+            one_minus_beta1: (1.0 - c.beta1) as f32,
+            beta2: c.beta2 as f32,
+            one_minus_beta2: (1.0 - c.beta2) as f32,
+            inv_bc1: (1.0 / bc1) as f32,
+            inv_bc2: (1.0 / bc2) as f32,
+            eps: c.eps as f32,
+            decay: decay.then_some((1.0 - lr * c.weight_decay) as f32),
+            lr: lr as f32,
+        }
+    }
+
     /// One element: `(p, g, m, v)` to `(p', m', v')`.
     #[inline(always)]
     fn update(&self, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {

@@ -1487,8 +1487,11 @@ impl Map2 for MatMul {
             Parallelism::None
         };
         let len = b * m * n;
-        let (b, m, n, k) = if b_skip == 0 && a_skip == m * k {
-            // a_skip and c_skip should be updated but step is always 0 so
+        let (b, m, n, k) = if b_skip == 0 && a_skip == m * k && a_skip == m * lhs_rs {
+            // One right operand for the whole batch, and the left operand's rows evenly spaced
+            // across it: one `(b * m) x n` product. (candle 0.9.2 did this whenever
+            // `a_skip == m * k`, which is wrong for a left operand stored with its columns
+            // contiguous.) a_skip and c_skip should be updated but step is always 0 so
             // it wouldn't matter.
             (1, b * m, n, k)
         } else {
