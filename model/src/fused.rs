@@ -11,6 +11,7 @@
 //!
 //! Other devices use the equivalent compositions of tensor ops.
 
+use crate::vmath;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -72,18 +73,9 @@ impl CustomOp1 for CausalSoftmax {
             .for_each(|(row, (o, x))| {
                 let i = row % t;
                 let lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
-                let visible = &x[lo..=i];
-                let max = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (dst, &v) in o[lo..=i].iter_mut().zip(visible) {
-                    let e = (v - max).exp();
-                    *dst = e;
-                    sum += e;
-                }
-                let inv = 1.0 / sum;
-                for dst in &mut o[lo..=i] {
-                    *dst *= inv;
-                }
+                let (visible, o) = (&x[lo..=i], &mut o[lo..=i]);
+                vmath::exp_shifted(o, visible, vmath::max(visible));
+                vmath::scale(o, 1.0 / vmath::sum(o));
             });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
@@ -118,7 +110,7 @@ impl candle_core::CustomOp2 for SoftmaxBackward {
         out.par_chunks_mut(t)
             .zip(y.par_chunks(t).zip(g.par_chunks(t)))
             .for_each(|(o, (y, g))| {
-                let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                let dot = vmath::dot(y, g);
                 for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
                     *o = y * (g - dot);
                 }
@@ -167,11 +159,14 @@ impl candle_core::CustomOp2 for RowLoss {
         let out: Vec<f32> = logits
             .par_chunks(v)
             .zip(targets.par_iter())
-            .map(|(row, &t)| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
-                sum.ln() + max - row[t as usize]
-            })
+            .map_init(
+                || vec![0f32; v],
+                |e, (row, &t)| {
+                    let max = vmath::max(row);
+                    vmath::exp_shifted(e, row, max);
+                    vmath::sum(e).ln() + max - row[t as usize]
+                },
+            )
             .collect();
         Ok((CpuStorage::F32(out), Shape::from(targets.len())))
     }
@@ -221,17 +216,8 @@ impl candle_core::CustomOp3 for RowLossBackward {
             .zip(logits.par_chunks(v))
             .zip(targets.par_iter().zip(grad.par_iter()))
             .for_each(|((o, row), (&t, &g))| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (o, &x) in o.iter_mut().zip(row) {
-                    let e = (x - max).exp();
-                    *o = e;
-                    sum += e;
-                }
-                let scale = g / sum;
-                for o in o.iter_mut() {
-                    *o *= scale;
-                }
+                vmath::exp_shifted(o, row, vmath::max(row));
+                vmath::scale(o, g / vmath::sum(o));
                 o[t as usize] -= g;
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -256,10 +242,6 @@ pub fn row_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Option<Ten
 /// `silu(gate) * up`, elementwise.
 struct SwiGlu;
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 impl candle_core::CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "swiglu"
@@ -276,11 +258,7 @@ impl candle_core::CustomOp2 for SwiGlu {
         let mut out = vec![0f32; gate.len()];
         out.par_chunks_mut(4096)
             .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
-            .for_each(|(o, (g, u))| {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g * sigmoid(g) * u;
-                }
-            });
+            .for_each(|(o, (g, u))| vmath::swiglu(o, g, u));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -327,13 +305,7 @@ impl candle_core::CustomOp3 for SwiGluBackward {
             .zip(d_up.par_chunks_mut(4096))
             .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
             .zip(grad.par_chunks(4096))
-            .for_each(|(((dg, du), (g, u)), gr)| {
-                for i in 0..g.len() {
-                    let s = sigmoid(g[i]);
-                    du[i] = gr[i] * g[i] * s;
-                    dg[i] = gr[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                }
-            });
+            .for_each(|(((dg, du), (g, u)), gr)| vmath::swiglu_backward(dg, du, g, u, gr));
         let mut dims = vec![2];
         dims.extend_from_slice(l1.dims());
         Ok((CpuStorage::F32(out), Shape::from(dims)))

@@ -17,6 +17,7 @@ pub mod loss;
 pub mod model;
 pub mod preset;
 pub mod rope;
+mod vmath;
 
 pub use config::{Config, Family, HfConfig, RopeScaling};
 pub use device::{parse_device, DTypeSpec, DeviceSpec};
