@@ -52,6 +52,19 @@ fn f32_slices3<'a>(
     ))
 }
 
+/// `n` zeros, written on the rayon pool: the kernels' outputs are large (a `[B, nh, T, T]`
+/// attention map is 25 MB at 4 x 6 x 512 x 512), and one thread clearing them held up the other.
+fn par_zeros(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    v.par_extend(rayon::iter::repeat_n(0f32, n));
+    v
+}
+
+/// The keys query `i` sees: `lo..=i`, `lo` past the window's start.
+fn visible(i: usize, window: Option<usize>) -> std::ops::RangeInclusive<usize> {
+    window.map_or(0, |w| (i + 1).saturating_sub(w))..=i
+}
+
 struct CausalSoftmax {
     window: Option<usize>,
 }
@@ -65,15 +78,14 @@ impl CustomOp1 for CausalSoftmax {
         let data = f32_slice("causal-softmax", storage, layout)?;
         let dims = layout.dims();
         let t = dims[dims.len() - 1];
-        let mut out = vec![0f32; data.len()];
+        let mut out = par_zeros(data.len());
         let window = self.window;
         out.par_chunks_mut(t)
             .zip(data.par_chunks(t))
             .enumerate()
             .for_each(|(row, (o, x))| {
-                let i = row % t;
-                let lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
-                let (visible, o) = (&x[lo..=i], &mut o[lo..=i]);
+                let keys = visible(row % t, window);
+                let (visible, o) = (&x[keys.clone()], &mut o[keys]);
                 vmath::exp_shifted(o, visible, vmath::max(visible));
                 vmath::scale(o, 1.0 / vmath::sum(o));
             });
@@ -84,12 +96,17 @@ impl CustomOp1 for CausalSoftmax {
         // d softmax: y * (g - sum(g * y)) per row; masked entries have y = 0 and get 0.
         Ok(Some(res.contiguous()?.apply_op2_no_bwd(
             &grad_res.contiguous()?,
-            &SoftmaxBackward,
+            &SoftmaxBackward {
+                window: self.window,
+            },
         )?))
     }
 }
 
-struct SoftmaxBackward;
+/// The backward pass of [`CausalSoftmax`], over each query's visible keys only.
+struct SoftmaxBackward {
+    window: Option<usize>,
+}
 
 impl candle_core::CustomOp2 for SoftmaxBackward {
     fn name(&self) -> &'static str {
@@ -106,10 +123,14 @@ impl candle_core::CustomOp2 for SoftmaxBackward {
         let op = "softmax-backward";
         let (y, g) = (f32_slice(op, s1, l1)?, f32_slice(op, s2, l2)?);
         let t = l1.dims()[l1.dims().len() - 1];
-        let mut out = vec![0f32; y.len()];
+        let mut out = par_zeros(y.len());
+        let window = self.window;
         out.par_chunks_mut(t)
             .zip(y.par_chunks(t).zip(g.par_chunks(t)))
-            .for_each(|(o, (y, g))| {
+            .enumerate()
+            .for_each(|(row, (o, (y, g)))| {
+                let keys = visible(row % t, window);
+                let (o, y, g) = (&mut o[keys.clone()], &y[keys.clone()], &g[keys]);
                 let dot = vmath::dot(y, g);
                 for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
                     *o = y * (g - dot);
@@ -211,7 +232,7 @@ impl candle_core::CustomOp3 for RowLossBackward {
             f32_slice(op, s3, l3)?,
         );
         let v = l1.dims()[1];
-        let mut out = vec![0f32; logits.len()];
+        let mut out = par_zeros(logits.len());
         out.par_chunks_mut(v)
             .zip(logits.par_chunks(v))
             .zip(targets.par_iter().zip(grad.par_iter()))
@@ -255,7 +276,7 @@ impl candle_core::CustomOp2 for SwiGlu {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (gate, up) = (f32_slice("swiglu", s1, l1)?, f32_slice("swiglu", s2, l2)?);
-        let mut out = vec![0f32; gate.len()];
+        let mut out = par_zeros(gate.len());
         out.par_chunks_mut(4096)
             .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
             .for_each(|(o, (g, u))| vmath::swiglu(o, g, u));
@@ -298,7 +319,7 @@ impl candle_core::CustomOp3 for SwiGluBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let (gate, up, grad) = f32_slices3("swiglu-backward", (s1, l1), (s2, l2), (s3, l3))?;
         let n = gate.len();
-        let mut out = vec![0f32; 2 * n];
+        let mut out = par_zeros(2 * n);
         let (d_gate, d_up) = out.split_at_mut(n);
         d_gate
             .par_chunks_mut(4096)
@@ -357,7 +378,7 @@ impl candle_core::CustomOp2 for RmsNorm {
             f32_slice("rms-norm", s2, l2)?,
         );
         let h = w.len();
-        let mut out = vec![0f32; x.len()];
+        let mut out = par_zeros(x.len());
         out.par_chunks_mut(h)
             .zip(x.par_chunks(h))
             .for_each(|(o, x)| {
@@ -493,7 +514,7 @@ impl CustomOp1 for Rope {
             );
         }
         let sign = if self.inverse { -1.0 } else { 1.0 };
-        let mut out = vec![0f32; x.len()];
+        let mut out = par_zeros(x.len());
         out.par_chunks_mut(t * d)
             .zip(x.par_chunks(t * d))
             .for_each(|(o, x)| {
@@ -650,6 +671,62 @@ mod tests {
                     .recip()
                     .unwrap();
                 ((&t[0] * s).unwrap() * &t[1]).unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn causal_softmax_matches_its_composition_and_finite_differences() {
+        let t = 37; // more keys than one row of vector lanes, and a tail
+        for window in [None, Some(5)] {
+            let args = [var(2 * t * t, &[2, t, t], 6)];
+            let mask: Vec<f32> = (0..t * t)
+                .map(|n| {
+                    let (i, j) = (n / t, n % t);
+                    let seen = j <= i && window.is_none_or(|w| i - j < w);
+                    if seen {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
+            check(
+                &args,
+                &|x| super::causal_softmax(&x[0], window).unwrap().unwrap(),
+                &|x| {
+                    let m = x[0].broadcast_add(&mask).unwrap();
+                    let max = m.max_keepdim(D::Minus1).unwrap();
+                    let e = m.broadcast_sub(&max).unwrap().exp().unwrap();
+                    e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn row_cross_entropy_matches_its_composition_and_finite_differences() {
+        let (n, v) = (6, 45);
+        let args = [var(n * v, &[n, v], 8)];
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7) % v as u32).collect();
+        let targets = Tensor::from_vec(targets, n, &Device::Cpu).unwrap();
+        check(
+            &args,
+            &|x| super::row_cross_entropy(&x[0], &targets).unwrap().unwrap(),
+            &|x| {
+                let max = x[0].max_keepdim(D::Minus1).unwrap();
+                let shifted = x[0].broadcast_sub(&max).unwrap();
+                let lse = shifted
+                    .exp()
+                    .unwrap()
+                    .sum_keepdim(D::Minus1)
+                    .unwrap()
+                    .log()
+                    .unwrap();
+                let logp = shifted.broadcast_sub(&lse).unwrap();
+                let picked = logp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap();
+                picked.squeeze(1).unwrap().neg().unwrap()
             },
         );
     }

@@ -25,13 +25,7 @@ pub fn exp(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     const C1: f32 = 0.693_359_4; // ln 2 = C1 + C2, C1 with few mantissa bits: n * C1 is exact
     const C2: f32 = -2.121_944_4e-4;
-    let xc = if x > HI {
-        HI
-    } else if x < LO {
-        LO
-    } else {
-        x
-    };
+    let xc = x.clamp(LO, HI); // NaN stays NaN
     let t = xc * std::f32::consts::LOG2_E + MAGIC;
     let n = t - MAGIC;
     let r = xc - n * C1 - n * C2;
@@ -40,7 +34,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let p = p * (r * r) + r + 1.0;
     // The integer n sits in the low mantissa bits of t.
     let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
