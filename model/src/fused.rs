@@ -54,7 +54,7 @@ fn f32_slices3<'a>(
 
 /// `n` zeros, written on the rayon pool: the kernels' outputs are large (a `[B, nh, T, T]`
 /// attention map is 25 MB at 4 x 6 x 512 x 512), and one thread clearing them held up the other.
-fn par_zeros(n: usize) -> Vec<f32> {
+pub(crate) fn par_zeros(n: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(n);
     v.par_extend(rayon::iter::repeat_n(0f32, n));
     v
@@ -700,6 +700,48 @@ mod tests {
                     let max = m.max_keepdim(D::Minus1).unwrap();
                     let e = m.broadcast_sub(&max).unwrap().exp().unwrap();
                     e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn causal_attention_matches_its_composition_and_finite_differences() {
+        // More queries than one block, not a multiple of it; windows inside and across blocks.
+        let (b, h, t, d) = (2, 2, 70, 8);
+        for window in [None, Some(5), Some(66)] {
+            let n = b * h * t * d;
+            let args = [
+                var(n, &[b, h, t, d], 11),
+                var(n, &[b, h, t, d], 12),
+                var(n, &[b, h, t, d], 13),
+            ];
+            let mask: Vec<f32> = (0..t * t)
+                .map(|n| {
+                    let (i, j) = (n / t, n % t);
+                    let seen = j <= i && window.is_none_or(|w| i - j < w);
+                    if seen {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
+            check(
+                &args,
+                &|x| {
+                    crate::attention::causal_attention(&x[0], &x[1], &x[2], window)
+                        .unwrap()
+                        .unwrap()
+                },
+                &|x| {
+                    let s = x[0].matmul(&x[1].t().unwrap()).unwrap();
+                    let m = s.broadcast_add(&mask).unwrap();
+                    let max = m.max_keepdim(D::Minus1).unwrap();
+                    let e = m.broadcast_sub(&max).unwrap().exp().unwrap();
+                    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+                    p.matmul(&x[2]).unwrap()
                 },
             );
         }

@@ -321,9 +321,13 @@ impl Attention {
         let v = repeat_kv(v, groups)?;
         // Scaling q (T x d) is cheaper than scaling the scores (T x T).
         let q = (q * (1.0 / (hd as f64).sqrt()))?;
-        let scores = q.matmul(&k.t()?)?;
-        let probs = self.probs(&scores, pass)?;
-        let out = probs.matmul(&v)?; // [B, nh, T, hd]
+        let out = match crate::attention::causal_attention(&q, &k, &v, self.window)? {
+            Some(out) => out,
+            None => {
+                let scores = q.matmul(&k.t()?)?;
+                self.probs(&scores, pass)?.matmul(&v)?
+            }
+        }; // [B, nh, T, hd]
         let out = out.transpose(1, 2)?.reshape((b * t, nh * hd))?;
         Ok(self.o.forward(&out)?)
     }

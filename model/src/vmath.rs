@@ -186,6 +186,21 @@ kernel! {
 }
 
 kernel! {
+    /// `x[i] = e^(x[i] - shift)`.
+    pub fn exp_shifted_in_place(x: &mut [f32], shift: f32) {
+        for v in x.iter_mut() {
+            *v = exp(*v - shift);
+        }
+    }
+}
+
+/// `x = softmax(x)`: `e^(x - max(x))` over its [`sum`].
+pub fn softmax_in_place(x: &mut [f32]) {
+    exp_shifted_in_place(x, max(x));
+    scale(x, 1.0 / sum(x));
+}
+
+kernel! {
     /// `x[i] *= s`.
     pub fn scale(x: &mut [f32], s: f32) {
         for v in x.iter_mut() {
