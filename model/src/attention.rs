@@ -9,8 +9,10 @@
 //! only. Batch rows and heads run in parallel on the rayon pool, each block product on one
 //! thread with `gemm`, the library candle's CPU matmul uses.
 //!
-//! The probabilities are kept for the backward pass (`[B, nh, T, T]`, as the composition keeps
-//! them), inside the op, which candle's graph holds until the backward pass has run.
+//! Where a backward pass can follow (an input tracks gradients), the probabilities are kept for
+//! it (`[B, nh, T, T]`, as the composition keeps them), inside the op, which candle's graph holds
+//! until the backward pass has run. Otherwise (a selector's scoring, evaluation) each batch row
+//! and head works in a scratch of one block of rows, and nothing of `[T, T]` size is allocated.
 
 use crate::vmath;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
@@ -132,6 +134,8 @@ fn blocks(t: usize, window: Option<usize>) -> impl Iterator<Item = (usize, usize
 /// output `[B, nh, T, hd]`.
 struct CausalAttention {
     window: Option<usize>,
+    /// Whether to keep the probabilities for a backward pass.
+    keep: bool,
     /// The probabilities `[B, nh, T, T]` of the forward pass, for the backward pass.
     probs: Mutex<Option<Arc<Vec<f32>>>>,
 }
@@ -179,45 +183,50 @@ impl candle_core::CustomOp3 for CausalAttention {
         }
         let window = self.window;
         let mut out = vec![0f32; pairs * t * d];
-        let mut probs = crate::fused::par_zeros(pairs * t * t);
+        // One pair's attention; row `i - i0 + first` of `p` holds query i's probabilities over
+        // all T keys (`first = i0` in the kept `[T, T]` map, 0 in a scratch of one block).
+        let pair = |o: &mut [f32], p: &mut [f32], q: &[f32], k: &[f32], v: &[f32], kept: bool| {
+            for (i0, i1, k0) in blocks(t, window) {
+                let (nk, first) = (i1 - k0, if kept { i0 } else { 0 });
+                let s = Mat::rows(q, d, i0, i1, 0, d);
+                let keys_t = Mat::rows(k, d, k0, i1, 0, d).t();
+                gemm(&mut p[first * t + k0..], t, false, s, keys_t);
+                for i in i0..i1 {
+                    let row = &mut p[(i - i0 + first) * t..(i - i0 + first + 1) * t];
+                    let lo = first_key(i, window);
+                    row[k0..lo].fill(0.0);
+                    row[i + 1..i1].fill(0.0);
+                    vmath::softmax_in_place(&mut row[lo..=i]);
+                }
+                let probs = Mat::rows(p, t, first, first + i1 - i0, k0, nk);
+                gemm(
+                    &mut o[i0 * d..],
+                    d,
+                    false,
+                    probs,
+                    Mat::rows(v, d, k0, i1, 0, d),
+                );
+            }
+        };
         let (qd, kd, vd) = (
             q.par_chunks(t * d),
             k.par_chunks(t * d),
             v.par_chunks(t * d),
         );
-        out.par_chunks_mut(t * d)
-            .zip(probs.par_chunks_mut(t * t))
-            .zip(qd.zip(kd).zip(vd))
-            .for_each(|((o, p), ((q, k), v))| {
-                for (i0, i1, k0) in blocks(t, window) {
-                    let nk = i1 - k0;
-                    let s = Mat::rows(q, d, i0, i1, 0, d);
-                    gemm(
-                        &mut p[i0 * t + k0..],
-                        t,
-                        false,
-                        s,
-                        Mat::rows(k, d, k0, i1, 0, d).t(),
-                    );
-                    for i in i0..i1 {
-                        let row = &mut p[i * t..(i + 1) * t];
-                        let lo = first_key(i, window);
-                        row[k0..lo].fill(0.0);
-                        row[i + 1..i1].fill(0.0);
-                        let visible = &mut row[lo..=i];
-                        vmath::softmax_in_place(visible);
-                    }
-                    gemm(
-                        &mut o[i0 * d..],
-                        d,
-                        false,
-                        Mat::rows(p, t, i0, i1, k0, nk),
-                        Mat::rows(v, d, k0, i1, 0, d),
-                    );
-                }
-            });
-        if let Ok(mut slot) = self.probs.lock() {
-            *slot = Some(Arc::new(probs));
+        let outputs = out.par_chunks_mut(t * d).zip(qd.zip(kd).zip(vd));
+        if self.keep {
+            let mut probs = crate::fused::par_zeros(pairs * t * t);
+            outputs
+                .zip(probs.par_chunks_mut(t * t))
+                .for_each(|((o, ((q, k), v)), p)| pair(o, p, q, k, v, true));
+            if let Ok(mut slot) = self.probs.lock() {
+                *slot = Some(Arc::new(probs));
+            }
+        } else {
+            outputs.for_each_init(
+                || vec![0f32; BLOCK.min(t) * t],
+                |p, (o, ((q, k), v))| pair(o, p, q, k, v, false),
+            );
         }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -360,6 +369,7 @@ pub fn causal_attention(
     }
     let op = CausalAttention {
         window,
+        keep: q.track_op() || k.track_op() || v.track_op(),
         probs: Mutex::new(None),
     };
     Ok(Some(q.contiguous()?.apply_op3(
@@ -367,4 +377,39 @@ pub fn causal_attention(
         &v.contiguous()?,
         op,
     )?))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    #[test]
+    fn the_forward_without_gradients_gives_the_bits_of_the_one_that_keeps_them() {
+        let (b, h, t, d) = (1, 3, 150, 16);
+        let make = |seed: u64| -> Tensor {
+            let mut s = seed;
+            let v: Vec<f32> = (0..b * h * t * d)
+                .map(|_| {
+                    s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+                })
+                .collect();
+            Tensor::from_vec(v, (b, h, t, d), &Device::Cpu).unwrap()
+        };
+        let (q, k, v) = (make(1), make(2), make(3));
+        for window in [None, Some(70)] {
+            let plain = super::causal_attention(&q, &k, &v, window)
+                .unwrap()
+                .unwrap();
+            let tracked = Var::from_tensor(&q).unwrap();
+            let kept = super::causal_attention(tracked.as_tensor(), &k, &v, window)
+                .unwrap()
+                .unwrap();
+            let bits = |x: &Tensor| -> Vec<u32> {
+                let v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                v.iter().map(|f| f.to_bits()).collect()
+            };
+            assert_eq!(bits(&plain), bits(&kept), "window {window:?}");
+        }
+    }
 }

@@ -3,7 +3,9 @@
 //!
 //! One set of weights serves two forward modes ([`ForwardMode`]): the fused mode uses candle's
 //! fused kernels (`rms_norm`, `softmax_last_dim`, `rope`), which have no backward pass; the
-//! differentiable mode uses only differentiable tensor ops, for training.
+//! differentiable mode uses only differentiable tensor ops, for training. On the CPU in f32 both
+//! modes use rho's own fused kernels, which have backward passes (`fused.rs`; causal attention in
+//! `attention.rs`, which multiplies each block of queries only with the keys it can see).
 //!
 //! The parts are candle's: [`DecoderLm`] holds [`Block`]s, each an [`Attention`] and an [`Mlp`]
 //! between two RMSNorms.
