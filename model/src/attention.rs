@@ -14,6 +14,7 @@
 //! until the backward pass has run. Otherwise (a selector's scoring, evaluation) each batch row
 //! and head works in a scratch of one block of rows, and nothing of `[T, T]` size is allocated.
 
+use crate::fused::{f32_slice, f32_slices3};
 use crate::vmath;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -147,16 +148,6 @@ fn dims4(op: &str, l: &Layout) -> Result<(usize, usize, usize)> {
     }
 }
 
-fn f32_data<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("{op} expects f32");
-    };
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{op} expects contiguous inputs")))?;
-    Ok(&data[a..b])
-}
-
 impl candle_core::CustomOp3 for CausalAttention {
     fn name(&self) -> &'static str {
         "causal-attention"
@@ -172,11 +163,7 @@ impl candle_core::CustomOp3 for CausalAttention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = "causal-attention";
-        let (q, k, v) = (
-            f32_data(op, s1, l1)?,
-            f32_data(op, s2, l2)?,
-            f32_data(op, s3, l3)?,
-        );
+        let (q, k, v) = f32_slices3(op, (s1, l1), (s2, l2), (s3, l3))?;
         let (pairs, t, d) = dims4(op, l1)?;
         if l2.dims() != l1.dims() || l3.dims() != l1.dims() {
             candle_core::bail!("{op}: q, k and v differ in shape");
@@ -281,7 +268,7 @@ impl candle_core::CustomOp2 for AttentionBackward {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = "causal-attention-backward";
-        let (qkv, go) = (f32_data(op, s1, l1)?, f32_data(op, s2, l2)?);
+        let (qkv, go) = (f32_slice(op, s1, l1)?, f32_slice(op, s2, l2)?);
         let (pairs, t, d) = dims4(op, l2)?;
         let n = pairs * t * d;
         if qkv.len() != 3 * n || self.probs.len() != pairs * t * t {

@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// The contiguous f32 slice of a storage, or an error naming the op.
-fn f32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = s else {
         candle_core::bail!("{op} expects f32");
     };
@@ -39,7 +39,7 @@ fn offsets(op: &str, l: &Layout) -> Result<std::ops::Range<usize>> {
 }
 
 /// Three contiguous f32 slices: the inputs of a backward kernel.
-fn f32_slices3<'a>(
+pub(crate) fn f32_slices3<'a>(
     op: &str,
     (s1, l1): (&'a CpuStorage, &Layout),
     (s2, l2): (&'a CpuStorage, &Layout),
@@ -675,32 +675,40 @@ mod tests {
         );
     }
 
+    /// The additive mask `[T, T]` of causal attention: 0 where query i sees key j, -inf elsewhere.
+    fn causal_mask(t: usize, window: Option<usize>) -> Tensor {
+        let mask: Vec<f32> = (0..t * t)
+            .map(|n| {
+                let (i, j) = (n / t, n % t);
+                let seen = j <= i && window.is_none_or(|w| i - j < w);
+                if seen {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap()
+    }
+
+    /// Softmax over the last dimension of `x + mask`, composed of tensor ops.
+    fn masked_softmax(x: &Tensor, mask: &Tensor) -> Tensor {
+        let m = x.broadcast_add(mask).unwrap();
+        let max = m.max_keepdim(D::Minus1).unwrap();
+        let e = m.broadcast_sub(&max).unwrap().exp().unwrap();
+        e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
+    }
+
     #[test]
     fn causal_softmax_matches_its_composition_and_finite_differences() {
         let t = 37; // more keys than one row of vector lanes, and a tail
         for window in [None, Some(5)] {
             let args = [var(2 * t * t, &[2, t, t], 6)];
-            let mask: Vec<f32> = (0..t * t)
-                .map(|n| {
-                    let (i, j) = (n / t, n % t);
-                    let seen = j <= i && window.is_none_or(|w| i - j < w);
-                    if seen {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
+            let mask = causal_mask(t, window);
             check(
                 &args,
                 &|x| super::causal_softmax(&x[0], window).unwrap().unwrap(),
-                &|x| {
-                    let m = x[0].broadcast_add(&mask).unwrap();
-                    let max = m.max_keepdim(D::Minus1).unwrap();
-                    let e = m.broadcast_sub(&max).unwrap().exp().unwrap();
-                    e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
-                },
+                &|x| masked_softmax(&x[0], &mask),
             );
         }
     }
@@ -716,18 +724,7 @@ mod tests {
                 var(n, &[b, h, t, d], 12),
                 var(n, &[b, h, t, d], 13),
             ];
-            let mask: Vec<f32> = (0..t * t)
-                .map(|n| {
-                    let (i, j) = (n / t, n % t);
-                    let seen = j <= i && window.is_none_or(|w| i - j < w);
-                    if seen {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
+            let mask = causal_mask(t, window);
             check(
                 &args,
                 &|x| {
@@ -737,11 +734,7 @@ mod tests {
                 },
                 &|x| {
                     let s = x[0].matmul(&x[1].t().unwrap()).unwrap();
-                    let m = s.broadcast_add(&mask).unwrap();
-                    let max = m.max_keepdim(D::Minus1).unwrap();
-                    let e = m.broadcast_sub(&max).unwrap().exp().unwrap();
-                    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
-                    p.matmul(&x[2]).unwrap()
+                    masked_softmax(&s, &mask).matmul(&x[2]).unwrap()
                 },
             );
         }
