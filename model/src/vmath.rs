@@ -7,6 +7,8 @@
 //! that changes with the CPU is how many lanes run at once. Each public kernel is compiled
 //! three times, for AVX-512, for AVX2 and for the target's baseline, and picks the widest one
 //! the CPU has at run time.
+//! With the environment variable `RHO_VMATH_BASELINE` set, every kernel runs its baseline
+//! version (for checking that the bits agree; it is read once per process).
 
 /// Partial results kept by the reductions ([`sum`], [`dot`], [`max`]): 16 f32, one AVX-512
 /// register.
