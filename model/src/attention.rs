@@ -14,7 +14,7 @@
 //! until the backward pass has run. Otherwise (a selector's scoring, evaluation) each batch row
 //! and head works in a scratch of one block of rows, and nothing of `[T, T]` size is allocated.
 
-use crate::fused::{f32_slice, f32_slices3};
+use crate::fused::{causal_softmax_applies, f32_slice, f32_slices3, first_key};
 use crate::vmath;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -117,11 +117,6 @@ fn gemm(dst: &mut [f32], dst_rs: usize, accumulate: bool, a: Mat, b: Mat) {
             gemm::Parallelism::None,
         )
     }
-}
-
-/// The keys query `i` sees: `lo..=i`, `lo` past the start of the window.
-fn first_key(i: usize, window: Option<usize>) -> usize {
-    window.map_or(0, |w| (i + 1).saturating_sub(w))
 }
 
 /// The blocks of queries `(i0, i1, k0)`: queries `i0..i1` see keys among `k0..i1`.
@@ -288,57 +283,47 @@ impl candle_core::CustomOp2 for AttentionBackward {
             .zip(dk.par_chunks_mut(t * d))
             .zip(dv.par_chunks_mut(t * d))
             .zip(inputs)
-            .for_each(|(((dq, dk), dv), (((q, k), v), (go, p)))| {
-                let mut ds = vec![0f32; BLOCK * t];
-                for (i0, i1, k0) in blocks(t, window) {
-                    let nk = i1 - k0;
-                    let go_rows = Mat::rows(go, d, i0, i1, 0, d);
-                    // dP = dO V^T over the block's keys.
-                    gemm(
-                        &mut ds,
-                        nk,
-                        false,
-                        go_rows,
-                        Mat::rows(v, d, k0, i1, 0, d).t(),
-                    );
-                    // dS = P * (dP - sum(P * dP)) over each query's visible keys, 0 elsewhere.
-                    for i in i0..i1 {
-                        let row = &mut ds[(i - i0) * nk..(i - i0 + 1) * nk];
-                        let lo = first_key(i, window) - k0;
-                        let visible = lo..=i - k0;
-                        let prow = &p[i * t + k0..i * t + i1];
-                        let dot = vmath::dot(&prow[visible.clone()], &row[visible.clone()]);
-                        row[..lo].fill(0.0);
-                        row[i - k0 + 1..].fill(0.0);
-                        for (g, &y) in row[visible.clone()].iter_mut().zip(&prow[visible]) {
-                            *g = y * (*g - dot);
+            .for_each_init(
+                || vec![0f32; BLOCK.min(t) * t],
+                |ds, (((dq, dk), dv), (((q, k), v), (go, p)))| {
+                    for (i0, i1, k0) in blocks(t, window) {
+                        let nk = i1 - k0;
+                        let go_rows = Mat::rows(go, d, i0, i1, 0, d);
+                        // dP = dO V^T over the block's keys.
+                        gemm(ds, nk, false, go_rows, Mat::rows(v, d, k0, i1, 0, d).t());
+                        // dS = P * (dP - sum(P * dP)) over each query's visible keys, 0 elsewhere.
+                        for i in i0..i1 {
+                            let row = &mut ds[(i - i0) * nk..(i - i0 + 1) * nk];
+                            let lo = first_key(i, window) - k0;
+                            let visible = lo..=i - k0;
+                            let prow = &p[i * t + k0..i * t + i1];
+                            let dot = vmath::dot(&prow[visible.clone()], &row[visible.clone()]);
+                            row[..lo].fill(0.0);
+                            row[i - k0 + 1..].fill(0.0);
+                            for (g, &y) in row[visible.clone()].iter_mut().zip(&prow[visible]) {
+                                *g = y * (*g - dot);
+                            }
                         }
+                        let ds_rows = Mat::rows(ds, nk, 0, i1 - i0, 0, nk);
+                        // dQ = dS K; dK += dS^T Q; dV += P^T dO.
+                        gemm(
+                            &mut dq[i0 * d..],
+                            d,
+                            false,
+                            ds_rows,
+                            Mat::rows(k, d, k0, i1, 0, d),
+                        );
+                        let q_rows = Mat::rows(q, d, i0, i1, 0, d);
+                        gemm(&mut dk[k0 * d..], d, true, ds_rows.t(), q_rows);
+                        let p_rows = Mat::rows(p, t, i0, i1, k0, nk);
+                        gemm(&mut dv[k0 * d..], d, true, p_rows.t(), go_rows);
                     }
-                    let ds_rows = Mat::rows(&ds, nk, 0, i1 - i0, 0, nk);
-                    // dQ = dS K; dK += dS^T Q; dV += P^T dO.
-                    gemm(
-                        &mut dq[i0 * d..],
-                        d,
-                        false,
-                        ds_rows,
-                        Mat::rows(k, d, k0, i1, 0, d),
-                    );
-                    let q_rows = Mat::rows(q, d, i0, i1, 0, d);
-                    gemm(&mut dk[k0 * d..], d, true, ds_rows.t(), q_rows);
-                    let p_rows = Mat::rows(p, t, i0, i1, k0, nk);
-                    gemm(&mut dv[k0 * d..], d, true, p_rows.t(), go_rows);
-                }
-            });
+                },
+            );
         let mut dims = vec![3];
         dims.extend_from_slice(l2.dims());
         Ok((CpuStorage::F32(grads), Shape::from(dims)))
     }
-}
-
-/// Whether [`causal_attention`] runs fused for tensors on `device` of `dtype`: on the CPU, in
-/// f32.
-pub fn causal_attention_applies(device: &candle_core::Device, dtype: candle_core::DType) -> bool {
-    device.is_cpu() && dtype == candle_core::DType::F32
 }
 
 /// `softmax(q k^T + causal mask) v` for `q`, `k`, `v` of shape `[B, nh, T, hd]` (the same
@@ -351,7 +336,8 @@ pub fn causal_attention(
     v: &Tensor,
     window: Option<usize>,
 ) -> Result<Option<Tensor>> {
-    if !causal_attention_applies(q.device(), q.dtype()) {
+    // The same devices and dtypes as the fused softmax: the CPU, in f32.
+    if !causal_softmax_applies(q.device(), q.dtype()) {
         return Ok(None);
     }
     let op = CausalAttention {

@@ -60,9 +60,14 @@ pub(crate) fn par_zeros(n: usize) -> Vec<f32> {
     v
 }
 
-/// The keys query `i` sees: `lo..=i`, `lo` past the window's start.
+/// The first key query `i` sees: 0, or the start of its sliding window.
+pub(crate) fn first_key(i: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| (i + 1).saturating_sub(w))
+}
+
+/// The keys query `i` sees: `first_key..=i`.
 fn visible(i: usize, window: Option<usize>) -> std::ops::RangeInclusive<usize> {
-    window.map_or(0, |w| (i + 1).saturating_sub(w))..=i
+    first_key(i, window)..=i
 }
 
 struct CausalSoftmax {
