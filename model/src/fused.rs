@@ -3,8 +3,10 @@
 //! - a causal softmax: softmax over the visible keys of each query (causal, optionally within a
 //!   sliding window), zeros elsewhere, without a mask tensor and without exponentiating masked
 //!   entries;
-//! - a row cross-entropy: `logsumexp(logits) - logits[target]` per row, without materializing
-//!   the log-probabilities;
+//! - the LM head's cross-entropy: `logsumexp(logits) - logits[target]` per row, without
+//!   materializing the log-probabilities, and a backward pass through the head that leaves out
+//!   the rows whose loss gets no gradient (the tokens selective language modeling does not
+//!   train on);
 //! - SwiGLU's `silu(gate) * up`, RMSNorm and RoPE, each one pass forward and one backward
 //!   instead of five to ten tensor ops (and as many gradients for candle's backward pass to
 //!   accumulate).
@@ -19,14 +21,6 @@ use rayon::prelude::*;
 pub(crate) fn f32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = s else {
         candle_core::bail!("{op} expects f32");
-    };
-    Ok(&data[offsets(op, l)?])
-}
-
-/// The contiguous u32 slice of a storage, or an error naming the op.
-fn u32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
-    let CpuStorage::U32(data) = s else {
-        candle_core::bail!("{op} expects u32");
     };
     Ok(&data[offsets(op, l)?])
 }
@@ -165,104 +159,170 @@ pub fn causal_softmax(scores: &Tensor, window: Option<usize>) -> Result<Option<T
     }
 }
 
-struct RowLoss;
+/// The LM head's cross-entropy, `logsumexp(logits[i]) - logits[i][targets[i]]` with
+/// `logits = h head`, differentiable in `h` `[N, D]` and `head` `[D, V]` (the transposed
+/// weight). The op takes the logits made by candle's matmul, detached, so that the backward
+/// pass through the head is this op's.
+///
+/// That backward pass works on the rows whose loss has a nonzero gradient only. Selective
+/// language modeling trains on the top k% of the tokens, so the other rows' logit gradients are
+/// zero; the composition would still build them and multiply them into both products of the
+/// head's backward pass (`dh = dlogits head^T` and `dhead = h^T dlogits`, the largest products
+/// of a step with a large vocabulary). With every row selected, the products are the
+/// composition's, operand for operand.
+struct HeadLoss {
+    targets: Vec<u32>,
+}
 
-impl candle_core::CustomOp2 for RowLoss {
+impl candle_core::CustomOp3 for HeadLoss {
     fn name(&self) -> &'static str {
-        "row-cross-entropy"
+        "head-cross-entropy"
     }
 
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
         l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+        _s3: &CpuStorage,
+        _l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let op = "row-cross-entropy";
-        let (logits, targets) = (f32_slice(op, s1, l1)?, u32_slice(op, s2, l2)?);
-        let v = l1.dims()[1];
-        let out: Vec<f32> = logits
-            .par_chunks(v)
-            .zip(targets.par_iter())
-            .map_init(
-                || vec![0f32; v],
-                |e, (row, &t)| {
-                    let max = vmath::max(row);
-                    vmath::exp_shifted(e, row, max);
-                    vmath::sum(e).ln() + max - row[t as usize]
-                },
-            )
-            .collect();
-        Ok((CpuStorage::F32(out), Shape::from(targets.len())))
+        let logits = f32_slice("head-cross-entropy", s1, l1)?;
+        let out = row_losses(logits, &self.targets, l1.dims()[1]);
+        Ok((CpuStorage::F32(out), Shape::from(self.targets.len())))
     }
 
     fn bwd(
         &self,
         logits: &Tensor,
-        targets: &Tensor,
+        h: &Tensor,
+        head: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // d/dlogits = g * (softmax(logits) - onehot(target)); targets get no gradient.
-        let g = logits.contiguous()?.apply_op3_no_bwd(
-            &targets.contiguous()?,
-            &grad_res.contiguous()?,
-            &RowLossBackward,
-        )?;
-        Ok((Some(g), None))
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad_res.to_vec1::<f32>()?;
+        let rows: Vec<u32> = (0..grad.len() as u32)
+            .filter(|&i| grad[i as usize] != 0.0)
+            .collect();
+        if rows.is_empty() {
+            return Ok((None, None, None));
+        }
+        let n = grad.len();
+        let all = rows.len() == n;
+        let dlogits = logits
+            .contiguous()?
+            .apply_op1_no_bwd(&SelectedRowLossBackward {
+                targets: rows.iter().map(|&i| self.targets[i as usize]).collect(),
+                grad: rows.iter().map(|&i| grad[i as usize]).collect(),
+                rows: rows.clone(),
+            })?;
+        // The composition's products (candle's matmul backward), on the selected rows.
+        let (dh, dhead) = if all {
+            (dlogits.matmul(&head.t()?)?, h.t()?.matmul(&dlogits)?)
+        } else {
+            let idx = Tensor::from_vec(rows, dlogits.dim(0)?, h.device())?;
+            let hs = h.index_select(&idx, 0)?;
+            let dh = h
+                .zeros_like()?
+                .index_add(&idx, &dlogits.matmul(&head.t()?)?, 0)?;
+            (dh, hs.t()?.matmul(&dlogits)?)
+        };
+        Ok((None, Some(dh), Some(dhead)))
     }
 }
 
-struct RowLossBackward;
+/// The logit gradients `g * (softmax(logits) - onehot(target))` of the chosen rows of `[N, V]`
+/// logits, as `[rows.len(), V]`.
+struct SelectedRowLossBackward {
+    rows: Vec<u32>,
+    targets: Vec<u32>,
+    grad: Vec<f32>,
+}
 
-impl candle_core::CustomOp3 for RowLossBackward {
+impl CustomOp1 for SelectedRowLossBackward {
     fn name(&self) -> &'static str {
-        "row-cross-entropy-backward"
+        "head-cross-entropy-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let op = "row-cross-entropy-backward";
-        let (logits, targets, grad) = (
-            f32_slice(op, s1, l1)?,
-            u32_slice(op, s2, l2)?,
-            f32_slice(op, s3, l3)?,
-        );
-        let v = l1.dims()[1];
-        let mut out = par_zeros(logits.len());
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let op = "head-cross-entropy-backward";
+        let logits = f32_slice(op, s, l)?;
+        let v = l.dims()[1];
+        if let Some(&r) = self
+            .rows
+            .iter()
+            .find(|&&r| (r as usize + 1) * v > logits.len())
+        {
+            candle_core::bail!("{op}: row {r} is past the logits");
+        }
+        let mut out = par_zeros(self.rows.len() * v);
         out.par_chunks_mut(v)
-            .zip(logits.par_chunks(v))
-            .zip(targets.par_iter().zip(grad.par_iter()))
-            .for_each(|((o, row), (&t, &g))| {
-                vmath::exp_shifted(o, row, vmath::max(row));
-                vmath::scale(o, g / vmath::sum(o));
-                o[t as usize] -= g;
+            .zip(self.rows.par_iter())
+            .zip(self.targets.par_iter().zip(self.grad.par_iter()))
+            .for_each(|((o, &r), (&t, &g))| {
+                row_loss_grad(o, &logits[r as usize * v..(r as usize + 1) * v], t, g)
             });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(out), Shape::from((self.rows.len(), v))))
     }
 }
 
-/// `logsumexp(logits[i]) - logits[i][targets[i]]` for `[N, V]` f32 logits and `[N]` u32 targets,
-/// fused and parallel over rows on CPU, differentiable in `logits`; `None` where the fused kernel
-/// does not apply.
-pub fn row_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Option<Tensor>> {
-    if !logits.device().is_cpu()
-        || logits.dtype() != candle_core::DType::F32
-        || targets.dtype() != candle_core::DType::U32
-    {
+/// `logsumexp(logits[i]) - logits[i][targets[i]]` of every row of `[N, V]` logits.
+fn row_losses(logits: &[f32], targets: &[u32], v: usize) -> Vec<f32> {
+    logits
+        .par_chunks(v)
+        .zip(targets.par_iter())
+        .map_init(
+            || vec![0f32; v],
+            |e, (row, &t)| {
+                let max = vmath::max(row);
+                vmath::exp_shifted(e, row, max);
+                vmath::sum(e).ln() + max - row[t as usize]
+            },
+        )
+        .collect()
+}
+
+/// One row's logit gradient `g * (softmax(row) - onehot(t))`, written to `o`.
+fn row_loss_grad(o: &mut [f32], row: &[f32], t: u32, g: f32) {
+    vmath::exp_shifted(o, row, vmath::max(row));
+    vmath::scale(o, g / vmath::sum(o));
+    o[t as usize] -= g;
+}
+
+/// The LM head's per-row cross-entropy from `logits = h head` (`[N, V]` f32, as made by the
+/// caller), `h` `[N, D]`, `head` `[D, V]` and `[N]` u32 targets; differentiable in `h` and
+/// `head`, with a backward pass over the rows whose loss has a gradient only (see [`HeadLoss`]).
+/// `None` where the fused kernel does not apply (not CPU, or not all f32).
+pub fn head_cross_entropy(
+    logits: &Tensor,
+    h: &Tensor,
+    head: &Tensor,
+    targets: &Tensor,
+) -> Result<Option<Tensor>> {
+    let f32s = [logits, h, head]
+        .iter()
+        .all(|t| t.dtype() == candle_core::DType::F32);
+    if !logits.device().is_cpu() || !f32s || targets.dtype() != candle_core::DType::U32 {
         return Ok(None);
     }
-    let logits = logits.contiguous()?;
-    let targets = targets.contiguous()?;
-    Ok(Some(logits.apply_op2(&targets, RowLoss)?))
+    let (n, v) = logits.dims2()?;
+    let (hn, d) = h.dims2()?;
+    if head.dims2()? != (d, v) || hn != n || targets.dims1()? != n {
+        candle_core::bail!(
+            "head-cross-entropy: logits {:?}, h {:?}, head {:?}, targets {:?} do not fit",
+            logits.dims(),
+            h.dims(),
+            head.dims(),
+            targets.dims()
+        );
+    }
+    let targets = targets.to_vec1::<u32>()?;
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= v) {
+        candle_core::bail!("head-cross-entropy: target {t} is outside the vocabulary of {v}");
+    }
+    let op = HeadLoss { targets };
+    Ok(Some(logits.detach().contiguous()?.apply_op3(h, head, op)?))
 }
 
 /// `silu(gate) * up`, elementwise.
@@ -745,30 +805,87 @@ mod tests {
         }
     }
 
-    #[test]
-    fn row_cross_entropy_matches_its_composition_and_finite_differences() {
-        let (n, v) = (6, 45);
-        let args = [var(n * v, &[n, v], 8)];
+    /// `-log_softmax(logits)[target]` per row, as plain tensor ops.
+    fn plain_row_loss(logits: &Tensor, targets: &Tensor) -> Tensor {
+        let max = logits.max_keepdim(D::Minus1).unwrap();
+        let shifted = logits.broadcast_sub(&max).unwrap();
+        let lse = shifted
+            .exp()
+            .unwrap()
+            .sum_keepdim(D::Minus1)
+            .unwrap()
+            .log()
+            .unwrap();
+        let logp = shifted.broadcast_sub(&lse).unwrap();
+        let picked = logp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap();
+        picked.squeeze(1).unwrap().neg().unwrap()
+    }
+
+    fn head_targets(n: usize, v: usize) -> Tensor {
         let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7) % v as u32).collect();
-        let targets = Tensor::from_vec(targets, n, &Device::Cpu).unwrap();
-        check(
-            &args,
-            &|x| super::row_cross_entropy(&x[0], &targets).unwrap().unwrap(),
-            &|x| {
-                let max = x[0].max_keepdim(D::Minus1).unwrap();
-                let shifted = x[0].broadcast_sub(&max).unwrap();
-                let lse = shifted
-                    .exp()
-                    .unwrap()
-                    .sum_keepdim(D::Minus1)
-                    .unwrap()
-                    .log()
-                    .unwrap();
-                let logp = shifted.broadcast_sub(&lse).unwrap();
-                let picked = logp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap();
-                picked.squeeze(1).unwrap().neg().unwrap()
-            },
-        );
+        Tensor::from_vec(targets, n, &Device::Cpu).unwrap()
+    }
+
+    fn fused_head_loss(x: &[Tensor], targets: &Tensor) -> Tensor {
+        let logits = x[0].matmul(&x[1]).unwrap();
+        super::head_cross_entropy(&logits, &x[0], &x[1], targets)
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn head_cross_entropy_matches_its_composition_and_finite_differences() {
+        let (n, d, v) = (6, 5, 45);
+        let args = [var(n * d, &[n, d], 8), var(d * v, &[d, v], 9)];
+        let targets = head_targets(n, v);
+        check(&args, &|x| fused_head_loss(x, &targets), &|x| {
+            plain_row_loss(&x[0].matmul(&x[1]).unwrap(), &targets)
+        });
+    }
+
+    /// Rows whose loss gets no gradient are left out of the backward pass: the gradients are
+    /// still the composition's, with every row, with some, and with none selected.
+    #[test]
+    fn head_cross_entropy_backward_skips_unselected_rows() {
+        let (n, d, v) = (9, 7, 33);
+        let args = [var(n * d, &[n, d], 3), var(d * v, &[d, v], 4)];
+        let targets = head_targets(n, v);
+        let ts: Vec<Tensor> = args.iter().map(|a| a.as_tensor().clone()).collect();
+        let fused = fused_head_loss(&ts, &targets);
+        let plain = plain_row_loss(&ts[0].matmul(&ts[1]).unwrap(), &targets);
+        let masks: [Vec<f32>; 3] = [
+            vec![1.0; n],
+            (0..n)
+                .map(|i| f32::from(u8::from(i % 3 == 1)) * 0.7)
+                .collect(),
+            vec![0.0; n],
+        ];
+        for mask in masks {
+            let m = Tensor::from_vec(mask.clone(), n, &Device::Cpu).unwrap();
+            let gf = objective(&fused, &m).backward().unwrap();
+            let gp = objective(&plain, &m).backward().unwrap();
+            for (k, a) in args.iter().enumerate() {
+                let read = |g: Option<&Tensor>| match g {
+                    Some(g) => g.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    None => vec![0.0; a.as_tensor().elem_count()],
+                };
+                let (x, y) = (read(gf.get(a)), read(gp.get(a)));
+                for (i, (x, y)) in x.iter().zip(&y).enumerate() {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                        "mask {mask:?}, arg {k}[{i}]: fused {x}, plain {y}"
+                    );
+                }
+                if k == 0 {
+                    // Unselected rows of `h` get exactly zero.
+                    for (r, &w) in mask.iter().enumerate() {
+                        if w == 0.0 {
+                            assert!(x[r * d..(r + 1) * d].iter().all(|&g| g == 0.0));
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -49,12 +49,10 @@ pub fn per_token_loss(
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        let logits = hidden
-            .narrow(0, start, len)?
-            .matmul(&head)?
-            .to_dtype(DType::F32)?;
+        let rows = hidden.narrow(0, start, len)?;
+        let logits = rows.matmul(&head)?.to_dtype(DType::F32)?;
         let idx = targets.narrow(0, start, len)?;
-        if let Some(l) = crate::fused::row_cross_entropy(&logits, &idx)? {
+        if let Some(l) = crate::fused::head_cross_entropy(&logits, &rows, &head, &idx)? {
             parts.push(l);
             start += len;
             continue;
