@@ -208,20 +208,18 @@ impl candle_core::CustomOp3 for HeadLoss {
         if rows.is_empty() {
             return Ok((None, None, None));
         }
-        let n = grad.len();
-        let all = rows.len() == n;
-        let dlogits = logits
-            .contiguous()?
-            .apply_op1_no_bwd(&SelectedRowLossBackward {
-                targets: rows.iter().map(|&i| self.targets[i as usize]).collect(),
-                grad: rows.iter().map(|&i| grad[i as usize]).collect(),
-                rows: rows.clone(),
-            })?;
+        let all = rows.len() == grad.len();
+        let op = SelectedRowLossBackward {
+            targets: rows.iter().map(|&i| self.targets[i as usize]).collect(),
+            grad: rows.iter().map(|&i| grad[i as usize]).collect(),
+            rows,
+        };
+        let dlogits = logits.contiguous()?.apply_op1_no_bwd(&op)?;
         // The composition's products (candle's matmul backward), on the selected rows.
         let (dh, dhead) = if all {
             (dlogits.matmul(&head.t()?)?, h.t()?.matmul(&dlogits)?)
         } else {
-            let idx = Tensor::from_vec(rows, dlogits.dim(0)?, h.device())?;
+            let idx = Tensor::new(op.rows.as_slice(), h.device())?;
             let hs = h.index_select(&idx, 0)?;
             let dh = h
                 .zeros_like()?
