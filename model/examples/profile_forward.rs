@@ -5,6 +5,15 @@ use std::time::Instant;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+fn cpu_secs() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let rest = &s[s.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ut: f64 = f[11].parse().unwrap();
+    let st: f64 = f[12].parse().unwrap();
+    (ut + st) / 100.0
+}
+
 fn main() -> anyhow::Result<()> {
     let dir = std::env::args().nth(1).expect("checkpoint dir");
     let model = rho_model::checkpoint::load(std::path::Path::new(&dir), &Device::Cpu, DType::F32)?;
@@ -12,44 +21,28 @@ fn main() -> anyhow::Result<()> {
     let ids: Vec<u32> = (0..4 * 513).map(|i| ((i * 7919) % v) as u32).collect();
     let ids = Tensor::from_vec(ids, (4, 513), &Device::Cpu)?;
     let inputs = ids.narrow(1, 0, 512)?.contiguous()?;
-    for _ in 0..2 {
-        let t = Instant::now();
-        let h = model.hidden(&inputs, rho_model::ForwardMode::Fused)?;
-        let th = t.elapsed();
-        let t = Instant::now();
-        let h2 = h.reshape((2048, h.dim(2)?))?;
-        let logits = h2.matmul(&model.lm_head().t()?)?;
-        let tl = t.elapsed();
-        let t = Instant::now();
-        let _ = rho_model::per_token_loss(&model, &ids, rho_model::ForwardMode::Fused, None)?;
-        let tt = t.elapsed();
+    let _ = rho_model::per_token_loss(&model, &ids, rho_model::ForwardMode::Fused, None)?;
+    heads_ab(model.config())?;
+    for _ in 0..3 {
+        let (t, c) = (Instant::now(), cpu_secs());
+        for _ in 0..5 {
+            let _ = model.hidden(&inputs, rho_model::ForwardMode::Fused)?;
+        }
+        let (w, c) = (t.elapsed().as_secs_f64() / 5.0, (cpu_secs() - c) / 5.0);
+        let (t, c2) = (Instant::now(), cpu_secs());
+        for _ in 0..5 {
+            let _ = rho_model::per_token_loss(&model, &ids, rho_model::ForwardMode::Fused, None)?;
+        }
+        let (w2, c2) = (t.elapsed().as_secs_f64() / 5.0, (cpu_secs() - c2) / 5.0);
         println!(
-            "hidden {th:?}, lm_head matmul {tl:?} ({:?}), full loss {tt:?}",
-            logits.dims()
+            "hidden {:.1} ms wall, {:.2} cpus; full loss {:.1} ms wall, {:.2} cpus, {:.0} tokens/s",
+            w * 1e3,
+            c / w,
+            w2 * 1e3,
+            c2 / w2,
+            2048.0 / w2
         );
     }
-    attention_parts()?;
-    let a = Tensor::randn(0f32, 1., (2048, 384), &Device::Cpu)?;
-    let w = Tensor::randn(0f32, 1., (1024, 384), &Device::Cpu)?;
-    let t = Instant::now();
-    for _ in 0..10 {
-        let _ = a.matmul(&w.t()?)?;
-    }
-    let e = t.elapsed().as_secs_f64() / 10.0;
-    println!(
-        "matmul 2048x384 @ 384x1024 (w.t()): {:.1} GFLOP/s",
-        2.0 * 2048.0 * 384.0 * 1024.0 / e / 1e9
-    );
-    let wt = w.t()?.contiguous()?;
-    let t = Instant::now();
-    for _ in 0..10 {
-        let _ = a.matmul(&wt)?;
-    }
-    let e = t.elapsed().as_secs_f64() / 10.0;
-    println!(
-        "matmul 2048x384 @ 384x1024 (contiguous): {:.1} GFLOP/s",
-        2.0 * 2048.0 * 384.0 * 1024.0 / e / 1e9
-    );
     Ok(())
 }
 
@@ -78,5 +71,39 @@ fn attention_parts() -> anyhow::Result<()> {
     let p = time("softmax_last_dim", &|| candle_nn::ops::softmax_last_dim(&s))?;
     time("p @ v", &|| p.matmul(&k))?;
     time("transpose+contiguous", &|| q.transpose(1, 2)?.contiguous())?;
+    Ok(())
+}
+
+#[allow(dead_code)]
+fn heads_ab(cfg: &rho_model::Config) -> anyhow::Result<()> {
+    let (b, t, n, d) = (4, 512, 6, 64);
+    let x = Tensor::randn(0f32, 1., (b * t, n * d), &Device::Cpu)?;
+    let (cos, sin) = rho_model::rope::tables(cfg, t, &Device::Cpu, DType::F32)?;
+    let tables = rho_model::fused::RopeTables::new(&cos, &sin)?.unwrap();
+    let (mut a, mut c) = (0.0, 0.0);
+    for _ in 0..20 {
+        let s = Instant::now();
+        for _ in 0..8 {
+            let q = x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?;
+            let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
+            let _q = (q * 0.125)?;
+            let k = x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?;
+            let _k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+            let _v = x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?;
+        }
+        a += s.elapsed().as_secs_f64();
+        let s = Instant::now();
+        for _ in 0..8 {
+            let _q = rho_model::fused::heads(&x, (b, t, n, d), Some(&tables), Some(0.125))?;
+            let _k = rho_model::fused::heads(&x, (b, t, n, d), Some(&tables), None)?;
+            let _v = rho_model::fused::heads(&x, (b, t, n, d), None, None)?;
+        }
+        c += s.elapsed().as_secs_f64();
+    }
+    println!(
+        "8 layers of q, k, v heads: composition {:.1} ms, fused {:.1} ms",
+        a / 20.0 * 1e3,
+        c / 20.0 * 1e3
+    );
     Ok(())
 }

@@ -7,15 +7,18 @@
 //!   materializing the log-probabilities, and a backward pass through the head that leaves out
 //!   the rows whose loss gets no gradient (the tokens selective language modeling does not
 //!   train on);
-//! - SwiGLU's `silu(gate) * up`, RMSNorm and RoPE, each one pass forward and one backward
-//!   instead of five to ten tensor ops (and as many gradients for candle's backward pass to
-//!   accumulate).
+//! - SwiGLU's `silu(gate) * up` and RMSNorm, each one pass forward and one backward instead of
+//!   five to ten tensor ops (and as many gradients for candle's backward pass to accumulate);
+//! - the heads of a projection: the linear layer's rows split into heads, rotated by RoPE and
+//!   scaled in one pass, where the composition makes a transposed copy, then RoPE, then the
+//!   scaling (bit for bit the composition's values and gradients).
 //!
 //! Other devices use the equivalent compositions of tensor ops.
 
 use crate::vmath;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// The contiguous f32 slice of a storage, or an error naming the op.
 pub(crate) fn f32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -550,77 +553,191 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>>
     )?))
 }
 
-/// RoPE on `[B, H, T, D]` (non-interleaved halves): `y1 = x1 cos - x2 sin`,
-/// `y2 = x2 cos + x1 sin`. The gradient is the same rotation by the opposite angle.
-struct Rope {
-    /// `[T, D/2]` tables.
-    cos: std::sync::Arc<Vec<f32>>,
-    sin: std::sync::Arc<Vec<f32>>,
-    /// Rotate by `-angle` (the backward pass).
-    inverse: bool,
+/// RoPE tables `[T, D/2]` as plain vectors, made once per forward pass for the [`heads`] op.
+#[derive(Debug, Clone)]
+pub struct RopeTables {
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
 }
 
-impl CustomOp1 for Rope {
+impl RopeTables {
+    /// From the `[T, D/2]` tensors of [`crate::rope::tables`]; `None` where the fused kernels do
+    /// not apply (not on the CPU, not f32).
+    pub fn new(cos: &Tensor, sin: &Tensor) -> Result<Option<Self>> {
+        if !fused_applies(cos) {
+            return Ok(None);
+        }
+        let table = |t: &Tensor| -> Result<Arc<Vec<f32>>> {
+            Ok(Arc::new(t.flatten_all()?.to_vec1::<f32>()?))
+        };
+        Ok(Some(RopeTables {
+            cos: table(cos)?,
+            sin: table(sin)?,
+        }))
+    }
+}
+
+/// RoPE of one head vector in place (non-interleaved halves), rotating by the angle (`sign` 1)
+/// or by its opposite (`sign` -1, the backward pass): `y1 = x1 cos - x2 sin`,
+/// `y2 = x2 cos + x1 sin`.
+fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {
+    let half = cos.len();
+    for i in 0..half {
+        let (x1, x2, s) = (x[i], x[i + half], sign * sin[i]);
+        x[i] = x1 * cos[i] - x2 * s;
+        x[i + half] = x2 * cos[i] + x1 * s;
+    }
+}
+
+/// `x * scale`, as candle's affine map computes it (`x * scale + 0`), so that the bits are
+/// those of the composition.
+fn scale_in_place(x: &mut [f32], scale: f32) {
+    for v in x {
+        *v = *v * scale + 0.0;
+    }
+}
+
+/// The heads of a projection: rows `[B*T, n*hd]` (position-major, as a linear layer makes them)
+/// to `[B, n, T, hd]` (head-major, as attention reads them), each head vector rotated by RoPE
+/// and scaled where asked, in one pass. The composition is a transposed copy, RoPE and a
+/// scaling, three passes over the tensor forward and three backward.
+struct Heads {
+    batch: usize,
+    len: usize,
+    heads: usize,
+    dim: usize,
+    rope: Option<RopeTables>,
+    scale: Option<f32>,
+}
+
+impl Heads {
+    /// The tables of position `p`.
+    fn tables(&self, p: usize) -> Option<(&[f32], &[f32])> {
+        let half = self.dim / 2;
+        self.rope.as_ref().map(|r| {
+            (
+                &r.cos[p * half..(p + 1) * half],
+                &r.sin[p * half..(p + 1) * half],
+            )
+        })
+    }
+
+    /// Head vector `x` of position `p` into `o`: rotated, then scaled.
+    fn forward_one(&self, o: &mut [f32], x: &[f32], p: usize) {
+        o.copy_from_slice(x);
+        if let Some((c, s)) = self.tables(p) {
+            rotate(o, c, s, 1.0);
+        }
+        if let Some(scale) = self.scale {
+            scale_in_place(o, scale);
+        }
+    }
+
+    /// The gradient `g` of one head vector into `o`: scaled, then rotated back (the
+    /// composition's order).
+    fn backward_one(&self, o: &mut [f32], g: &[f32], p: usize) {
+        o.copy_from_slice(g);
+        if let Some(scale) = self.scale {
+            scale_in_place(o, scale);
+        }
+        if let Some((c, s)) = self.tables(p) {
+            rotate(o, c, s, -1.0);
+        }
+    }
+
+    fn check(&self, op: &str, n: usize) -> Result<()> {
+        let (b, t, h, d) = (self.batch, self.len, self.heads, self.dim);
+        if n != b * t * h * d {
+            candle_core::bail!("{op}: {n} elements, expected {b} x {t} x {h} x {d}");
+        }
+        if let Some(r) = &self.rope {
+            if d % 2 != 0 || r.cos.len() < t * (d / 2) || r.sin.len() != r.cos.len() {
+                candle_core::bail!(
+                    "{op}: RoPE tables of {} values for {t} positions of head size {d}",
+                    r.cos.len()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp1 for Heads {
     fn name(&self) -> &'static str {
-        "rope"
+        "heads"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice("rope", storage, layout)?;
-        let dims = layout.dims();
-        let (t, d) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-        let half = d / 2;
-        if self.cos.len() < t * half {
-            candle_core::bail!(
-                "rope: tables for {} positions, input of {t}",
-                self.cos.len() / half.max(1)
-            );
-        }
-        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let x = f32_slice("heads", storage, layout)?;
+        self.check("heads", x.len())?;
+        let (t, n, d) = (self.len, self.heads, self.dim);
         let mut out = par_zeros(x.len());
-        out.par_chunks_mut(t * d)
-            .zip(x.par_chunks(t * d))
-            .for_each(|(o, x)| {
-                for p in 0..t {
-                    let (c, s) = (
-                        &self.cos[p * half..(p + 1) * half],
-                        &self.sin[p * half..(p + 1) * half],
-                    );
-                    let (x, o) = (&x[p * d..(p + 1) * d], &mut o[p * d..(p + 1) * d]);
-                    for i in 0..half {
-                        let (x1, x2, s) = (x[i], x[i + half], sign * s[i]);
-                        o[i] = x1 * c[i] - x2 * s;
-                        o[i + half] = x2 * c[i] + x1 * s;
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+        // One (batch row, head) pair per task: its `[T, hd]` output is contiguous.
+        out.par_chunks_mut(t * d).enumerate().for_each(|(pair, o)| {
+            let (b, h) = (pair / n, pair % n);
+            for p in 0..t {
+                let at = ((b * t + p) * n + h) * d;
+                self.forward_one(&mut o[p * d..(p + 1) * d], &x[at..at + d], p);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((self.batch, n, t, d))))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let inverse = Rope {
-            cos: self.cos.clone(),
-            sin: self.sin.clone(),
-            inverse: !self.inverse,
-        };
-        Ok(Some(grad.contiguous()?.apply_op1(inverse)?))
+        let back = HeadsBackward(Heads {
+            rope: self.rope.clone(),
+            ..*self
+        });
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
     }
 }
 
-/// RoPE of `x: [B, H, T, D]` with `cos`, `sin`: `[T, D/2]`, fused on CPU for f32 and
-/// differentiable in `x` (the tables are constants); `None` where the fused kernel does not
-/// apply.
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
-    if !fused_applies(x) || x.rank() != 4 || cos.dtype() != x.dtype() {
+/// The gradient of [`Heads`]: `[B, n, T, hd]` back to rows `[B*T, n*hd]`.
+struct HeadsBackward(Heads);
+
+impl CustomOp1 for HeadsBackward {
+    fn name(&self) -> &'static str {
+        "heads-backward"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let op = &self.0;
+        let g = f32_slice("heads-backward", storage, layout)?;
+        op.check("heads-backward", g.len())?;
+        let (t, n, d) = (op.len, op.heads, op.dim);
+        let mut out = par_zeros(g.len());
+        // One row (batch row, position) per task: its `[n * hd]` output is contiguous.
+        out.par_chunks_mut(n * d).enumerate().for_each(|(row, o)| {
+            let (b, p) = (row / t, row % t);
+            for h in 0..n {
+                let at = ((b * n + h) * t + p) * d;
+                op.backward_one(&mut o[h * d..(h + 1) * d], &g[at..at + d], p);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((op.batch * t, n * d))))
+    }
+}
+
+/// The heads of a projection `x: [B*T, n*hd]` as `[B, n, T, hd]`, rotated by RoPE where `rope`
+/// is given and multiplied by `scale` where given (after the rotation), in one pass, fused on
+/// CPU for f32 and differentiable in `x`; `None` where the fused kernel does not apply.
+pub fn heads(
+    x: &Tensor,
+    (batch, len, heads, dim): (usize, usize, usize, usize),
+    rope: Option<&RopeTables>,
+    scale: Option<f64>,
+) -> Result<Option<Tensor>> {
+    if !fused_applies(x) {
         return Ok(None);
     }
-    let table = |t: &Tensor| -> Result<std::sync::Arc<Vec<f32>>> {
-        Ok(std::sync::Arc::new(t.flatten_all()?.to_vec1::<f32>()?))
-    };
-    let op = Rope {
-        cos: table(cos)?,
-        sin: table(sin)?,
-        inverse: false,
+    let op = Heads {
+        batch,
+        len,
+        heads,
+        dim,
+        rope: rope.cloned(),
+        // As candle's `Tensor * f64` rounds its factor.
+        scale: scale.map(|s| s as f32),
     };
     Ok(Some(x.contiguous()?.apply_op1(op)?))
 }
@@ -887,20 +1004,63 @@ mod tests {
     }
 
     #[test]
-    fn rope_matches_its_composition_and_finite_differences() {
-        let (t, d) = (5, 8);
-        let args = [var(2 * 3 * t * d, &[2, 3, t, d], 5)];
+    fn heads_match_their_composition_and_finite_differences() {
+        let (b, t, n, d) = (2, 5, 3, 8);
         let angles: Vec<f32> = (0..t * d / 2).map(|i| i as f32 * 0.37).collect();
         let table = |f: fn(f32) -> f32| {
             let v: Vec<f32> = angles.iter().map(|&a| f(a)).collect();
             Tensor::from_vec(v, (t, d / 2), &Device::Cpu).unwrap()
         };
         let (cos, sin) = (table(f32::cos), table(f32::sin));
-        check(
-            &args,
-            &|x| super::rope(&x[0], &cos, &sin).unwrap().unwrap(),
-            &|x| crate::rope::apply_plain(&x[0], &cos, &sin).unwrap(),
-        );
+        let tables = super::RopeTables::new(&cos, &sin).unwrap().unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        for (rotate, scaled) in [(true, true), (true, false), (false, false), (false, true)] {
+            let args = [var(b * t * n * d, &[b * t, n * d], 5)];
+            let fused = |x: &[Tensor]| {
+                let rope = rotate.then_some(&tables);
+                super::heads(&x[0], (b, t, n, d), rope, scaled.then_some(scale))
+                    .unwrap()
+                    .unwrap()
+            };
+            // The composition as the model's other paths run it: a transposed copy, RoPE
+            // (candle's kernel, or the plain tensor ops, which are differentiable), the scaling.
+            let composed = |x: &Tensor, plain: bool| {
+                let x = x.reshape((b, t, n, d)).unwrap().transpose(1, 2).unwrap();
+                let x = x.contiguous().unwrap();
+                let x = match (rotate, plain) {
+                    (false, _) => x,
+                    (true, true) => crate::rope::apply_plain(&x, &cos, &sin).unwrap(),
+                    (true, false) => candle_nn::rotary_emb::rope(&x, &cos, &sin).unwrap(),
+                };
+                if scaled {
+                    (x * scale).unwrap()
+                } else {
+                    x
+                }
+            };
+            let bits = |t: &Tensor| -> Vec<u32> {
+                let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                v.iter().map(|x| x.to_bits()).collect()
+            };
+            let x = args[0].as_tensor();
+            assert_eq!(
+                bits(&fused(std::slice::from_ref(x))),
+                bits(&composed(x, false))
+            );
+            assert_eq!(bits(&composed(x, false)), bits(&composed(x, true)));
+            // The gradients too, bit for bit.
+            let probe = Tensor::from_vec(values(b * t * n * d, 9), (b, n, t, d), &Device::Cpu);
+            let probe = probe.unwrap();
+            let grad = |out: Tensor| {
+                let g = objective(&out, &probe).backward().unwrap();
+                bits(g.get(x).unwrap())
+            };
+            assert_eq!(
+                grad(fused(std::slice::from_ref(x))),
+                grad(composed(x, true))
+            );
+            check(&args, &fused, &|x| composed(&x[0], true));
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub mod checkpoint;
 pub mod config;
 mod device;
 mod error;
-mod fused;
+pub mod fused;
 pub mod init;
 pub mod loss;
 pub mod model;

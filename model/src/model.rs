@@ -81,6 +81,8 @@ struct Pass<'a> {
     len: usize,
     cos: &'a Tensor,
     sin: &'a Tensor,
+    /// The same tables for the fused [`crate::fused::heads`] op, where it applies.
+    tables: Option<crate::fused::RopeTables>,
     masks: &'a HashMap<Option<usize>, Tensor>,
     eps: f64,
     mode: ForwardMode,
@@ -232,6 +234,7 @@ impl DecoderLm {
             len: t,
             cos: &cos,
             sin: &sin,
+            tables: crate::fused::RopeTables::new(&cos, &sin)?,
             masks: &masks,
             eps: self.config.rms_norm_eps,
             mode,
@@ -296,33 +299,29 @@ impl Attention {
     fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
         let (b, t) = (pass.batch, pass.len);
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
-            y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
-        };
-        let q = heads(self.q.forward(x)?, nh)?;
-        let k = heads(self.k.forward(x)?, nkv)?;
-        let v = heads(self.v.forward(x)?, nkv)?;
-        let (cos, sin) = (pass.cos, pass.sin);
-        let (q, k) = match pass.mode {
-            ForwardMode::Fused => (
-                candle_nn::rotary_emb::rope(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope(&k, cos, sin)?,
-            ),
-            ForwardMode::Differentiable => {
-                let rotate = |x: &Tensor| -> Result<Tensor> {
-                    Ok(match crate::fused::rope(x, cos, sin)? {
-                        Some(y) => y,
-                        None => rope::apply_plain(x, cos, sin)?,
+        let scale = 1.0 / (hd as f64).sqrt();
+        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        let (q, k, v) = match &pass.tables {
+            // One pass per projection: split into heads, rotate, and scale q (cheaper than
+            // scaling the `T x T` scores).
+            Some(tables) => {
+                let split = |y: &Tensor, n: usize, rope, scale| -> Result<Tensor> {
+                    crate::fused::heads(y, (b, t, n, hd), rope, scale)?.ok_or(ModelError::Config {
+                        field: "device",
+                        reason: "the fused RoPE tables were made for another device".into(),
                     })
                 };
-                (rotate(&q)?, rotate(&k)?)
+                (
+                    split(&q, nh, Some(tables), Some(scale))?,
+                    split(&k, nkv, Some(tables), None)?,
+                    split(&v, nkv, None, None)?,
+                )
             }
+            None => self.heads_composed(q, k, v, pass, scale)?,
         };
         let groups = nh / nkv;
         let k = repeat_kv(k, groups)?;
         let v = repeat_kv(v, groups)?;
-        // Scaling q (T x d) is cheaper than scaling the scores (T x T).
-        let q = (q * (1.0 / (hd as f64).sqrt()))?;
         let out = match crate::attention::causal_attention(&q, &k, &v, self.window)? {
             Some(out) => out,
             None => {
@@ -332,6 +331,37 @@ impl Attention {
         }; // [B, nh, T, hd]
         let out = out.transpose(1, 2)?.reshape((b * t, nh * hd))?;
         Ok(self.o.forward(&out)?)
+    }
+
+    /// The heads of the projections `[B*T, n*hd]` as `[B, n, T, hd]`, rotated (q and k) and
+    /// scaled (q), composed of tensor ops (where the fused op does not apply).
+    fn heads_composed(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        pass: &Pass,
+        scale: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, hd) = (pass.batch, pass.len, self.head_dim);
+        let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = heads(q, self.num_heads)?;
+        let k = heads(k, self.num_kv_heads)?;
+        let v = heads(v, self.num_kv_heads)?;
+        let (cos, sin) = (pass.cos, pass.sin);
+        let (q, k) = match pass.mode {
+            ForwardMode::Fused => (
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            ),
+            ForwardMode::Differentiable => (
+                rope::apply_plain(&q, cos, sin)?,
+                rope::apply_plain(&k, cos, sin)?,
+            ),
+        };
+        Ok(((q * scale)?, k, v))
     }
 
     /// Attention probabilities from scores `[B, nh, T, T]`, in the scores' dtype. The softmax
