@@ -1,4 +1,7 @@
-//! Where the time of a forward goes: `cargo run --release -p rho-model --example profile_forward -- DIR`.
+//! Where the time of a forward goes: `cargo run --release -p rho-model --example profile_forward -- DIR`
+//! (a checkpoint directory, such as `ref-20m` written by `rho bench selector`): the fused heads op
+//! against its composition in one process, the elementwise kernels and the attention op alone,
+//! then the forward with the CPU time it used (cores busy, spinning included).
 use candle_core::{DType, Device, Tensor};
 use std::time::Instant;
 
@@ -23,6 +26,8 @@ fn main() -> anyhow::Result<()> {
     let inputs = ids.narrow(1, 0, 512)?.contiguous()?;
     let _ = rho_model::per_token_loss(&model, &ids, rho_model::ForwardMode::Fused, None)?;
     heads_ab(model.config())?;
+    elementwise()?;
+    attention_op()?;
     for _ in 0..3 {
         let (t, c) = (Instant::now(), cpu_secs());
         for _ in 0..5 {
@@ -74,7 +79,6 @@ fn attention_parts() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[allow(dead_code)]
 fn heads_ab(cfg: &rho_model::Config) -> anyhow::Result<()> {
     let (b, t, n, d) = (4, 512, 6, 64);
     let x = Tensor::randn(0f32, 1., (b * t, n * d), &Device::Cpu)?;
@@ -104,6 +108,50 @@ fn heads_ab(cfg: &rho_model::Config) -> anyhow::Result<()> {
         "8 layers of q, k, v heads: composition {:.1} ms, fused {:.1} ms",
         a / 20.0 * 1e3,
         c / 20.0 * 1e3
+    );
+    Ok(())
+}
+
+fn elementwise() -> anyhow::Result<()> {
+    let g = Tensor::randn(0f32, 1., (2048, 1024), &Device::Cpu)?;
+    let u = Tensor::randn(0f32, 1., (2048, 1024), &Device::Cpu)?;
+    let x = Tensor::randn(0f32, 1., (2048, 384), &Device::Cpu)?;
+    let w = Tensor::ones(384, DType::F32, &Device::Cpu)?;
+    let time = |name: &str, f: &dyn Fn() -> anyhow::Result<Tensor>| -> anyhow::Result<()> {
+        f()?;
+        let t = Instant::now();
+        for _ in 0..40 {
+            f()?;
+        }
+        println!("{name}: {:.3} ms", t.elapsed().as_secs_f64() / 40.0 * 1e3);
+        Ok(())
+    };
+    time("swiglu 2048x1024", &|| {
+        Ok(rho_model::fused::swiglu(&g, &u)?.unwrap())
+    })?;
+    time("rms_norm 2048x384", &|| {
+        Ok(rho_model::fused::rms_norm(&x, &w, 1e-5)?.unwrap())
+    })?;
+    time("add 2048x384", &|| Ok((&x + &x)?))?;
+    time("copy 2048x1024", &|| Ok(g.copy()?))?;
+    Ok(())
+}
+
+fn attention_op() -> anyhow::Result<()> {
+    let q = Tensor::randn(0f32, 1., (4, 6, 512, 64), &Device::Cpu)?;
+    let k = Tensor::randn(0f32, 1., (4, 6, 512, 64), &Device::Cpu)?;
+    let v = Tensor::randn(0f32, 1., (4, 6, 512, 64), &Device::Cpu)?;
+    rho_model::attention::causal_attention(&q, &k, &v, None)?;
+    let t = Instant::now();
+    for _ in 0..40 {
+        rho_model::attention::causal_attention(&q, &k, &v, None)?;
+    }
+    let e = t.elapsed().as_secs_f64() / 40.0;
+    let flops = 4.0 * 6.0 * 2.0 * 2.0 * 64.0 * (512.0 * 513.0 / 2.0);
+    println!(
+        "causal attention op 4x6x512x64: {:.3} ms ({:.1} GFLOP/s of visible products)",
+        e * 1e3,
+        flops / e / 1e9
     );
     Ok(())
 }

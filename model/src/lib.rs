@@ -7,7 +7,7 @@
 #![warn(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
-mod attention;
+pub mod attention;
 pub mod checkpoint;
 pub mod config;
 mod device;
