@@ -4,7 +4,8 @@ checkpoint in `transformers`, on batches of the same shape, on the same cores.
     python bench/torch_forward.py --model runs/bench-selector/ref-20m --seq-len 512 --batch-size 4 --threads 2
 
 Prints tokens/s (target positions scored per second), measured as rho measures its bare
-forward: one warm-up batch, then N timed batches.
+forward: one warm-up batch, then N timed batches. With `--profile`, also prints where PyTorch's
+time goes over five more batches (`torch.profiler`, ops by their own CPU time).
 """
 
 import argparse
@@ -21,6 +22,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--batches", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="also print torch.profiler's table of ops")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -41,6 +43,13 @@ def main():
     secs = time.perf_counter() - t0
     tokens = args.batch_size * args.seq_len * args.batches
     print(f"torch {torch.__version__}, {args.threads} threads: {tokens / secs:.0f} tokens/s")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                score()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 if __name__ == "__main__":
