@@ -2,7 +2,7 @@
 //! with its backward pass, computing only the blocks of the score matrix that a query can see.
 //!
 //! The composition of tensor ops multiplies every query with every key (`[T, T]` scores), then
-//! masks out the half above the diagonal. Here the queries go in blocks of [`BLOCK`]: block
+//! masks out the half above the diagonal. Here the queries go in blocks of `BLOCK` (64): block
 //! `i0..i1` is multiplied with keys `lo(i0)..i1` only (`lo` is where a sliding window starts, 0
 //! without one), so the four products of the backward pass and the two of the forward pass do
 //! about 56% of the work at 512 tokens, and the softmax and its backward read the visible keys

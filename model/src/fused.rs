@@ -293,7 +293,7 @@ fn row_loss_grad(o: &mut [f32], row: &[f32], t: u32, g: f32) {
 
 /// The LM head's per-row cross-entropy from `logits = h head` (`[N, V]` f32, as made by the
 /// caller), `h` `[N, D]`, `head` `[D, V]` and `[N]` u32 targets; differentiable in `h` and
-/// `head`, with a backward pass over the rows whose loss has a gradient only (see [`HeadLoss`]).
+/// `head`, with a backward pass over the rows whose loss has a gradient only (the `HeadLoss` op).
 /// `None` where the fused kernel does not apply (not CPU, or not all f32).
 pub fn head_cross_entropy(
     logits: &Tensor,
@@ -399,7 +399,7 @@ impl candle_core::CustomOp3 for SwiGluBackward {
     }
 }
 
-/// Whether the fused kernels [`swiglu`], [`rms_norm`] and [`rope`] run for this tensor: on the
+/// Whether the fused kernels [`swiglu`], [`rms_norm`] and [`heads`] run for this tensor: on the
 /// CPU, in f32.
 fn fused_applies(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32
