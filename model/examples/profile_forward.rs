@@ -51,34 +51,6 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[allow(dead_code)]
-fn attention_parts() -> anyhow::Result<()> {
-    let q = Tensor::randn(0f32, 1., (4, 6, 512, 64), &Device::Cpu)?;
-    let k = Tensor::randn(0f32, 1., (4, 6, 512, 64), &Device::Cpu)?;
-    let mask = Tensor::zeros((512, 512), DType::F32, &Device::Cpu)?;
-    let time =
-        |name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>| -> anyhow::Result<Tensor> {
-            let t = Instant::now();
-            let mut r = f()?;
-            for _ in 0..4 {
-                r = f()?;
-            }
-            println!("{name}: {:?}", t.elapsed() / 5);
-            Ok(r)
-        };
-    let s = time("q @ k^T", &|| q.matmul(&k.t()?))?;
-    let s2 = time("k^T contiguous then matmul", &|| {
-        q.matmul(&k.t()?.contiguous()?)
-    })?;
-    let _ = s2;
-    time("scale", &|| &s * 0.125)?;
-    time("mask add", &|| s.broadcast_add(&mask))?;
-    let p = time("softmax_last_dim", &|| candle_nn::ops::softmax_last_dim(&s))?;
-    time("p @ v", &|| p.matmul(&k))?;
-    time("transpose+contiguous", &|| q.transpose(1, 2)?.contiguous())?;
-    Ok(())
-}
-
 fn heads_ab(cfg: &rho_model::Config) -> anyhow::Result<()> {
     let (b, t, n, d) = (4, 512, 6, 64);
     let x = Tensor::randn(0f32, 1., (b * t, n * d), &Device::Cpu)?;
@@ -118,12 +90,7 @@ fn elementwise() -> anyhow::Result<()> {
     let x = Tensor::randn(0f32, 1., (2048, 384), &Device::Cpu)?;
     let w = Tensor::ones(384, DType::F32, &Device::Cpu)?;
     let time = |name: &str, f: &dyn Fn() -> anyhow::Result<Tensor>| -> anyhow::Result<()> {
-        f()?;
-        let t = Instant::now();
-        for _ in 0..40 {
-            f()?;
-        }
-        println!("{name}: {:.3} ms", t.elapsed().as_secs_f64() / 40.0 * 1e3);
+        println!("{name}: {:.3} ms", mean_ms(f)?);
         Ok(())
     };
     time("swiglu 2048x1024", &|| {
@@ -141,17 +108,24 @@ fn attention_op() -> anyhow::Result<()> {
     let q = Tensor::randn(0f32, 1., (4, 6, 512, 64), &Device::Cpu)?;
     let k = Tensor::randn(0f32, 1., (4, 6, 512, 64), &Device::Cpu)?;
     let v = Tensor::randn(0f32, 1., (4, 6, 512, 64), &Device::Cpu)?;
-    rho_model::attention::causal_attention(&q, &k, &v, None)?;
-    let t = Instant::now();
-    for _ in 0..40 {
-        rho_model::attention::causal_attention(&q, &k, &v, None)?;
-    }
-    let e = t.elapsed().as_secs_f64() / 40.0;
+    let ms = mean_ms(&|| {
+        rho_model::attention::causal_attention(&q, &k, &v, None)?
+            .ok_or_else(|| anyhow::anyhow!("the fused attention op does not apply"))
+    })?;
     let flops = 4.0 * 6.0 * 2.0 * 2.0 * 64.0 * (512.0 * 513.0 / 2.0);
     println!(
-        "causal attention op 4x6x512x64: {:.3} ms ({:.1} GFLOP/s of visible products)",
-        e * 1e3,
-        flops / e / 1e9
+        "causal attention op 4x6x512x64: {ms:.3} ms ({:.1} GFLOP/s of visible products)",
+        flops / ms / 1e6
     );
     Ok(())
+}
+
+/// Mean wall time of `f` in milliseconds over 40 calls, after one warm-up call.
+fn mean_ms(f: &dyn Fn() -> anyhow::Result<Tensor>) -> anyhow::Result<f64> {
+    f()?;
+    let t = Instant::now();
+    for _ in 0..40 {
+        f()?;
+    }
+    Ok(t.elapsed().as_secs_f64() / 40.0 * 1e3)
 }

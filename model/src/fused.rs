@@ -399,8 +399,8 @@ impl candle_core::CustomOp3 for SwiGluBackward {
     }
 }
 
-/// Whether the fused kernels [`swiglu`], [`rms_norm`] and [`heads`] run for this tensor: on the
-/// CPU, in f32.
+/// Whether the fused kernels [`swiglu`], [`rms_norm`] and [`heads`] (through
+/// [`RopeTables::new`]) run for this tensor: on the CPU, in f32.
 fn fused_applies(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32
 }
@@ -719,17 +719,14 @@ impl CustomOp1 for HeadsBackward {
 }
 
 /// The heads of a projection `x: [B*T, n*hd]` as `[B, n, T, hd]`, rotated by RoPE where `rope`
-/// is given and multiplied by `scale` where given (after the rotation), in one pass, fused on
-/// CPU for f32 and differentiable in `x`; `None` where the fused kernel does not apply.
+/// is given and multiplied by `scale` where given (after the rotation), in one pass, on CPU for
+/// f32 (where [`RopeTables::new`] gives tables), differentiable in `x`.
 pub fn heads(
     x: &Tensor,
     (batch, len, heads, dim): (usize, usize, usize, usize),
     rope: Option<&RopeTables>,
     scale: Option<f64>,
-) -> Result<Option<Tensor>> {
-    if !fused_applies(x) {
-        return Ok(None);
-    }
+) -> Result<Tensor> {
     let op = Heads {
         batch,
         len,
@@ -739,7 +736,7 @@ pub fn heads(
         // As candle's `Tensor * f64` rounds its factor.
         scale: scale.map(|s| s as f32),
     };
-    Ok(Some(x.contiguous()?.apply_op1(op)?))
+    x.contiguous()?.apply_op1(op)
 }
 
 #[cfg(test)]
@@ -1018,9 +1015,7 @@ mod tests {
             let args = [var(b * t * n * d, &[b * t, n * d], 5)];
             let fused = |x: &[Tensor]| {
                 let rope = rotate.then_some(&tables);
-                super::heads(&x[0], (b, t, n, d), rope, scaled.then_some(scale))
-                    .unwrap()
-                    .unwrap()
+                super::heads(&x[0], (b, t, n, d), rope, scaled.then_some(scale)).unwrap()
             };
             // The composition as the model's other paths run it: a transposed copy, RoPE
             // (candle's kernel, or the plain tensor ops, which are differentiable), the scaling.

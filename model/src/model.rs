@@ -305,11 +305,8 @@ impl Attention {
             // One pass per projection: split into heads, rotate, and scale q (cheaper than
             // scaling the `T x T` scores).
             Some(tables) => {
-                let split = |y: &Tensor, n: usize, rope, scale| -> Result<Tensor> {
-                    crate::fused::heads(y, (b, t, n, hd), rope, scale)?.ok_or(ModelError::Config {
-                        field: "device",
-                        reason: "the fused RoPE tables were made for another device".into(),
-                    })
+                let split = |y: &Tensor, n: usize, rope, scale| {
+                    crate::fused::heads(y, (b, t, n, hd), rope, scale)
                 };
                 (
                     split(&q, nh, Some(tables), Some(scale))?,
