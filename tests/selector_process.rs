@@ -325,3 +325,94 @@ async fn mismatched_vocabulary_and_tokenizer_are_refused_by_name() {
     );
     let _ = loader.kill();
 }
+
+/// Two lanes score two batches at once, each on one thread: the batches are delivered in the
+/// order they arrived, every one exactly once, with the bits of the model's losses computed
+/// in this process on every core.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_deliver_in_order_with_the_same_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    setup(root);
+    let (loader, loader_ep) = start_loader(root);
+    let mut router = RouterSocket::new();
+    let trainer_ep = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+    let mut acker = Consumer::connect(&loader_ep, "sel", Limits::default())
+        .await
+        .unwrap();
+    let model_dir = root.join("ref");
+    let cfg = json!({
+        "run_id": "sel", "loader": loader_ep, "trainer": trainer_ep, "model": p(&model_dir),
+        "tokenizer": p(&root.join("tokenizer.json")), "lanes": 2, "threads": 2,
+    });
+    let path = root.join("lanes.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let selector = start_selector(&path);
+    let model = rho_model::checkpoint::load(&model_dir, &Device::Cpu, DType::F32).unwrap();
+
+    let mut order = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let m = match tokio::time::timeout(Duration::from_secs(5), router.recv()).await {
+            Ok(m) => m.unwrap(),
+            Err(_) => break, // quiet: the stream is done
+        };
+        assert!(Instant::now() < deadline);
+        let mut frames = m.into_vec();
+        let peer = frames.remove(0);
+        match Message::decode(&frames, &Limits::default()).unwrap() {
+            // Credits for four: both lanes busy, two more batches queued behind them.
+            Message::Heartbeat(_) if order.is_empty() => {
+                router.send(credit(&peer, 4)).await.unwrap()
+            }
+            Message::Heartbeat(_) => {}
+            Message::Scored(s) => {
+                let b = &s.batch;
+                let ids = Tensor::from_slice(&b.tokens, (b.rows, b.window), &Device::Cpu).unwrap();
+                let want =
+                    rho_model::per_token_loss(&model, &ids, rho_model::ForwardMode::Fused, None)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                let t = b.window - 1;
+                for r in 0..b.rows {
+                    let valid = b.lengths[r] as usize - 1;
+                    for i in 0..valid {
+                        let (g, e) = (s.ref_loss[r * t + i], want[r * t + i]);
+                        assert_eq!(
+                            g.to_bits(),
+                            e.to_bits(),
+                            "batch {} row {r} pos {i}: {g} vs {e}",
+                            b.seq
+                        );
+                    }
+                }
+                order.push(b.seq);
+                acker.ack(vec![b.seq]).await.unwrap();
+                router.send(credit(&peer, 1)).await.unwrap();
+            }
+            other => panic!("unexpected {}", other.kind()),
+        }
+    }
+    let loader_out = loader.wait_with_output().unwrap();
+    assert!(loader_out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&loader_out.stdout).unwrap();
+    let total = report["total"].as_u64().unwrap();
+    assert!(total >= 6, "only {total} batches");
+    assert_eq!(
+        order,
+        (0..total).collect::<Vec<_>>(),
+        "delivered in arrival order, once each"
+    );
+    let out = selector.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["lanes"], 2);
+    assert_eq!(r["batches"].as_u64(), Some(total));
+}

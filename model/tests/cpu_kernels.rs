@@ -1,6 +1,7 @@
 //! The CPU paths that the workspace's candle-core patch changed (vendor/candle-core/PATCH.md),
 //! against element-by-element references: matmul outputs allocated without a zero fill,
-//! elementwise maps and strided copies on the rayon pool, the tiled transpose. Sizes straddle
+//! elementwise maps and strided copies on the rayon pool, the tiled transpose, products split
+//! over the threads of the pool they run in. Sizes straddle
 //! the thresholds where the parallel paths start, layouts include offsets, batches and
 //! broadcasts.
 
@@ -278,5 +279,41 @@ fn a_batch_of_products_gives_the_bits_of_each_product_alone() {
         }
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&batched), bits(&one_by_one), "{what}");
+    }
+}
+
+#[test]
+fn products_split_over_the_current_pool_with_the_same_bits() {
+    // candle's matmul splits a product over the threads of the rayon pool it runs in (the
+    // patched `get_num_threads`): a pool of one thread multiplies alone, and every pool gives
+    // the same bits (a selector's lanes depend on it). The shapes are a 20m layer's, large
+    // enough that `gemm` splits them.
+    let x = tensor(&[1024, 384], 21);
+    let w = tensor(&[1024, 384], 22);
+    let h = tensor(&[1024, 1024], 23);
+    let bits = |t: Tensor| flat(&t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let products = || {
+        (
+            rayon::current_num_threads(),
+            candle_core::utils::get_num_threads(),
+            bits(x.matmul(&w.t().unwrap()).unwrap()),
+            bits(h.matmul(&w).unwrap()),
+            bits(h.t().unwrap().matmul(&x).unwrap()),
+        )
+    };
+    let mut results = Vec::new();
+    for threads in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let (seen, used, a, b, c) = pool.install(products);
+        assert_eq!((seen, used), (threads, threads), "the pool's threads");
+        results.push((a, b, c));
+    }
+    for (i, r) in results.iter().enumerate().skip(1) {
+        assert!(r.0 == results[0].0, "x w^T: {} threads", i + 1);
+        assert!(r.1 == results[0].1, "h w: {} threads", i + 1);
+        assert!(r.2 == results[0].2, "h^T x: {} threads", i + 1);
     }
 }

@@ -33,7 +33,9 @@ pub struct SelectorConfig {
     /// `f32` (default), `f16` (CPU or GPU) or `bf16` (GPU).
     #[serde(default)]
     pub dtype: rho_model::DTypeSpec,
-    /// Batches asked of the loader ahead of scoring. Default 2.
+    /// Batches asked of the loader ahead of scoring. Default 2. With more than one lane, each
+    /// extra lane holds one more: at most `prefetch + lanes - 1` batches are here at once
+    /// (queued, being scored, or waiting for the trainer's credit).
     #[serde(default = "default_prefetch")]
     pub prefetch: NonZeroU32,
     /// Positions per logits chunk in the loss; default: about 32 MiB of logits.
@@ -55,6 +57,14 @@ pub struct SelectorConfig {
     /// CPU threads for model math; default: every core (or `RAYON_NUM_THREADS`).
     #[serde(default)]
     pub threads: Option<usize>,
+    /// Batches scored at once on the CPU, each on its own share of the threads (`threads /
+    /// lanes`, the first lanes taking the remainder). A small model's products split poorly
+    /// over many cores; whole batches side by side keep every core busy, at the cost of one
+    /// batch's activations per lane and a longer wait for each batch. The scores are the same
+    /// bits with any number of lanes. Default: 2 on the CPU with at least 2 threads, else 1;
+    /// a GPU scores one batch at a time.
+    #[serde(default)]
+    pub lanes: Option<NonZeroUsize>,
     /// Heartbeats to the producers and reconnection when one falls silent.
     #[serde(default)]
     pub liveness: rho_protocol::Liveness,
@@ -127,6 +137,80 @@ impl SelectorConfig {
         if self.metrics_interval_secs.is_nan() || self.metrics_interval_secs <= 0.0 {
             return field("metrics_interval_secs", "must be positive");
         }
+        if let Some(lanes) = self.lanes {
+            if lanes.get() > 1 && self.device != rho_model::DeviceSpec::Cpu {
+                return field(
+                    "lanes",
+                    "more than one lane needs `device: \"cpu\"` (a GPU scores one batch at a time)",
+                );
+            }
+            if let Some(threads) = self.threads.filter(|&t| t < lanes.get()) {
+                return Err(SelectorError::ConfigField {
+                    field: "lanes",
+                    reason: format!(
+                        "{lanes} lanes need at least as many `threads` (got {threads})"
+                    ),
+                });
+            }
+        }
         Ok(())
+    }
+
+    /// The lanes to score in, given `threads` CPU threads for model math (see [`Self::lanes`]);
+    /// an explicit `lanes` above `threads` is cut to `threads`.
+    pub fn lanes_for(&self, threads: usize) -> usize {
+        let threads = threads.max(1);
+        match self.lanes {
+            Some(n) => n.get().min(threads),
+            None if self.device == rho_model::DeviceSpec::Cpu => threads.min(2),
+            None => 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: serde_json::Value) -> SelectorConfig {
+        let mut v = serde_json::json!({
+            "model": "m", "tokenizer": "t.json",
+            "loader": "tcp://127.0.0.1:5555", "trainer": "tcp://127.0.0.1:5556",
+        });
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn lanes_default_to_two_on_a_cpu_with_the_threads_for_them() {
+        let c = config(serde_json::json!({}));
+        assert_eq!(c.lanes_for(1), 1);
+        assert_eq!(c.lanes_for(2), 2);
+        assert_eq!(c.lanes_for(64), 2);
+        let c = config(serde_json::json!({"lanes": 8}));
+        assert_eq!(c.lanes_for(64), 8);
+        assert_eq!(c.lanes_for(4), 4, "cut to the threads");
+        let c = config(serde_json::json!({"device": "cuda"}));
+        assert_eq!(c.lanes_for(16), 1, "a GPU scores one batch at a time");
+    }
+
+    #[test]
+    fn impossible_lanes_are_refused_by_name() {
+        for bad in [
+            serde_json::json!({"lanes": 2, "device": "cuda:0"}),
+            serde_json::json!({"lanes": 3, "threads": 2}),
+        ] {
+            match config(bad.clone()).validate() {
+                Err(SelectorError::ConfigField { field, .. }) => assert_eq!(field, "lanes"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        assert!(config(serde_json::json!({"lanes": 2, "threads": 2}))
+            .validate()
+            .is_ok());
+        let zero = serde_json::json!({"model": "m", "tokenizer": "t", "lanes": 0});
+        assert!(serde_json::from_value::<SelectorConfig>(zero).is_err());
     }
 }

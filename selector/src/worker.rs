@@ -5,7 +5,7 @@
 //! trainer has granted it credits for (and at most `prefetch`), so no process buffers more than
 //! its consumer can take.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::num::NonZeroUsize;
 use std::ops::ControlFlow;
@@ -18,7 +18,7 @@ use rho_protocol::client::{ClientError, Consumer};
 use rho_protocol::jsonl::JsonLines;
 use rho_protocol::tensorboard::EventWriter;
 use rho_protocol::{Fingerprint, Key, Limits, Message, Role, ScoredBatch, TokenBatch};
-use tokio::task::JoinError;
+use tokio::task::{JoinError, JoinSet};
 
 use crate::config::SelectorConfig;
 use crate::scorer::{CandleScorer, Scorer};
@@ -33,8 +33,11 @@ pub struct Report {
     pub tokens: u64,
     /// Seconds from start to stop.
     pub wall_secs: f64,
-    /// Time spent in the model.
+    /// Time spent in the model, summed over the lanes.
     pub score_secs: f64,
+    /// Batches scored at once (the config's `lanes`, as resolved).
+    #[serde(default)]
+    pub lanes: usize,
     /// Time batches waited between arrival and scoring, summed.
     pub queue_wait_secs: f64,
     /// Time from a batch's arrival to its delivery, summed.
@@ -67,7 +70,7 @@ pub struct SelectorMetrics {
     pub mean_latency_ms: f64,
     /// Mean time a batch waited for the model.
     pub mean_queue_wait_ms: f64,
-    /// Fraction of the wall time the model was not scoring.
+    /// Fraction of the lanes' wall time not spent scoring.
     pub idle_fraction: f64,
     /// Messages refused so far.
     pub messages_rejected: u64,
@@ -84,7 +87,7 @@ impl Report {
             mean_score_ms: self.score_secs / n * 1e3,
             mean_latency_ms: self.latency_secs / n * 1e3,
             mean_queue_wait_ms: self.queue_wait_secs / n * 1e3,
-            idle_fraction: 1.0 - self.score_secs / elapsed.max(1e-9),
+            idle_fraction: 1.0 - self.score_secs / (elapsed.max(1e-9) * self.lanes.max(1) as f64),
             messages_rejected: self.messages_rejected,
         }
     }
@@ -202,6 +205,10 @@ pub fn load_scorer(config: &SelectorConfig) -> Result<(CandleScorer, Fingerprint
 }
 
 struct Scored {
+    /// The order the batch started scoring in (and is delivered in).
+    order: u64,
+    /// The lane it was scored in.
+    lane: usize,
     batch: TokenBatch,
     arrived: Instant,
     started: Instant,
@@ -247,8 +254,17 @@ pub struct Selector {
     credits: Credits,
     /// Batches received, waiting for the model.
     queue: VecDeque<(TokenBatch, Instant)>,
-    /// The batch being scored (one at a time: the model uses every core).
-    scoring: Option<tokio::task::JoinHandle<Scored>>,
+    /// The thread pool of each lane; none with one lane (the model uses the global pool).
+    pools: Vec<Arc<rayon::ThreadPool>>,
+    /// Lanes not scoring now.
+    free: Vec<usize>,
+    /// The batches being scored, at most one per lane.
+    scoring: JoinSet<Scored>,
+    /// Batches scored ahead of one started earlier, by start order (delivered in that order).
+    finished: BTreeMap<u64, Scored>,
+    /// The start order of the next batch to score, and of the next to deliver.
+    next_start: u64,
+    next_done: u64,
     /// Scored batches waiting for a credit from the trainer (or for it to come back).
     outbox: VecDeque<(Message, Instant)>,
     /// The loader said the stream ended.
@@ -271,6 +287,7 @@ impl Selector {
         tokenizer: Fingerprint,
     ) -> Result<Self> {
         let started = Instant::now();
+        let (lanes_n, lanes) = lane_pools(&config)?;
         let limits = Limits::with_max_message_bytes(config.max_message_bytes);
         let key = Key::from_config(config.secret_file.as_deref()).map_err(|reason| {
             SelectorError::ConfigField {
@@ -304,22 +321,31 @@ impl Selector {
             })?),
             None => None,
         };
+        let held = config.prefetch.get().saturating_add(lanes_n as u32 - 1);
         Ok(Selector {
-            credits: Credits::new(config.prefetch.get()),
+            credits: Credits::new(held),
             config,
             scorer,
             tokenizer,
             loader,
             trainer,
             queue: VecDeque::new(),
-            scoring: None,
+            free: (0..lanes_n).rev().collect(),
+            pools: lanes,
+            scoring: JoinSet::new(),
+            finished: BTreeMap::new(),
+            next_start: 0,
+            next_done: 0,
             outbox: VecDeque::new(),
             ended: false,
             cache,
             metrics,
             events,
             progress: indicatif::ProgressBar::new_spinner(),
-            report: Report::default(),
+            report: Report {
+                lanes: lanes_n,
+                ..Report::default()
+            },
             started,
         })
     }
@@ -341,7 +367,7 @@ impl Selector {
                 _ = &mut shutdown => self.interrupted(),
                 m = self.loader.recv() => self.on_loader(m)?,
                 m = self.trainer.recv() => self.on_trainer(m)?,
-                done = scored(self.scoring.as_mut()) => self.on_scored(done)?,
+                done = scored(&mut self.scoring) => self.on_scored(done)?,
                 _ = beat.tick() => self.on_heartbeat(&mut shutdown).await?,
                 _ = tick.tick() => self.on_metrics_tick(),
             };
@@ -383,27 +409,36 @@ impl Selector {
         if self.ended {
             return;
         }
-        let held = self.queue.len() + usize::from(self.scoring.is_some()) + self.outbox.len();
+        let held = self.queue.len() + self.scoring.len() + self.finished.len() + self.outbox.len();
         let n = self.credits.request(held as u64);
         if n > 0 && self.loader.credit(n).await.is_err() {
             self.credits.unrequest(n);
         }
     }
 
-    /// Starts scoring the next queued batch when the model is free; `Break` when the stream
-    /// ended and everything received has been delivered.
+    /// Starts scoring queued batches in the free lanes; `Break` when the stream ended and
+    /// everything received has been delivered.
     fn start_scoring(&mut self) -> Result<Flow> {
-        if self.scoring.is_some() {
-            return Ok(Flow::Continue(()));
+        while !self.free.is_empty() {
+            let Some((batch, arrived)) = self.queue.pop_front() else {
+                break;
+            };
+            self.start_one(batch, arrived)?;
         }
-        let Some((batch, arrived)) = self.queue.pop_front() else {
-            let done = self.ended && self.outbox.is_empty();
-            return Ok(if done {
-                Flow::Break(())
-            } else {
-                Flow::Continue(())
-            });
-        };
+        let done = self.ended
+            && self.queue.is_empty()
+            && self.scoring.is_empty()
+            && self.finished.is_empty()
+            && self.outbox.is_empty();
+        Ok(if done {
+            Flow::Break(())
+        } else {
+            Flow::Continue(())
+        })
+    }
+
+    /// Scores `batch` in a free lane.
+    fn start_one(&mut self, batch: TokenBatch, arrived: Instant) -> Result<()> {
         if batch.tokenizer != self.tokenizer {
             return Err(SelectorError::TokenizerMismatch {
                 seq: batch.seq,
@@ -413,19 +448,30 @@ impl Selector {
             });
         }
         let scorer = self.scorer.clone();
-        self.scoring = Some(tokio::task::spawn_blocking(move || {
+        let lane = self.free.pop().expect("a free lane");
+        let pool = self.pools.get(lane).cloned();
+        let order = self.next_start;
+        self.next_start += 1;
+        self.scoring.spawn_blocking(move || {
             let started = Instant::now();
-            let result = scorer.score(&batch);
+            let result = match pool {
+                // The lane's share of the cores: candle's products and rho's kernels split
+                // their work over the pool they run in.
+                Some(pool) => pool.install(|| scorer.score(&batch)),
+                None => scorer.score(&batch),
+            };
             let secs = started.elapsed().as_secs_f64();
             Scored {
+                order,
+                lane,
                 batch,
                 arrived,
                 started,
                 result,
                 secs,
             }
-        }));
-        Ok(Flow::Continue(()))
+        });
+        Ok(())
     }
 
     fn on_loader(&mut self, m: std::result::Result<Message, ClientError>) -> Result<Flow> {
@@ -471,10 +517,21 @@ impl Selector {
         }
     }
 
-    /// A batch came back from the model: into the cache (when configured) and the outbox.
+    /// A batch came back from the model; it and every batch it held up go, in the order they
+    /// started, into the cache (when configured) and the outbox.
     fn on_scored(&mut self, done: std::result::Result<Scored, JoinError>) -> Result<Flow> {
-        self.scoring = None;
         let done = done?;
+        self.free.push(done.lane);
+        self.finished.insert(done.order, done);
+        while let Some(done) = self.finished.remove(&self.next_done) {
+            self.next_done += 1;
+            self.deliverable(done)?;
+        }
+        Ok(Flow::Continue(()))
+    }
+
+    /// A scored batch, in its turn: into the cache (when configured) and the outbox.
+    fn deliverable(&mut self, done: Scored) -> Result<()> {
         let seq = done.batch.seq;
         let ref_loss = done
             .result
@@ -492,7 +549,7 @@ impl Selector {
             self.report.cache_bytes = w.bytes;
         }
         self.outbox.push_back((scored, done.arrived));
-        Ok(Flow::Continue(()))
+        Ok(())
     }
 
     /// Heartbeats both ways; a peer silent for too long is connected to again. `Break` when
@@ -550,14 +607,45 @@ impl Selector {
     }
 }
 
-/// The batch being scored, when it is done; never, when none is.
-async fn scored(
-    scoring: Option<&mut tokio::task::JoinHandle<Scored>>,
-) -> std::result::Result<Scored, JoinError> {
-    match scoring {
-        Some(s) => s.await,
+/// The next batch done scoring, in whatever lane; never, when none is being scored.
+async fn scored(scoring: &mut JoinSet<Scored>) -> std::result::Result<Scored, JoinError> {
+    match scoring.join_next().await {
+        Some(done) => done,
         None => std::future::pending().await,
     }
+}
+
+/// How many lanes score at once, and their thread pools: each lane takes its share of the
+/// global pool's threads; a single lane has no pool of its own (it uses the global pool).
+fn lane_pools(config: &SelectorConfig) -> Result<(usize, Vec<Arc<rayon::ThreadPool>>)> {
+    let threads = rayon::current_num_threads();
+    let n = config.lanes_for(threads);
+    if let Some(asked) = config.lanes.filter(|l| l.get() > n) {
+        tracing::warn!(
+            lanes = asked.get(),
+            threads,
+            "more lanes than threads: scoring in {n}"
+        );
+    }
+    if n == 1 {
+        return Ok((1, Vec::new()));
+    }
+    let pools = (0..n)
+        .map(|lane| {
+            let share = threads / n + usize::from(lane < threads % n);
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(share)
+                .thread_name(move |i| format!("rho-lane{lane}-{i}"))
+                .build()
+                .map(Arc::new)
+                .map_err(|e| SelectorError::ConfigField {
+                    field: "lanes",
+                    reason: format!("could not start the threads of lane {lane}: {e}"),
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    tracing::info!(lanes = n, threads, "scoring batches side by side");
+    Ok((n, pools))
 }
 
 /// The scored cache this selector writes to, when `cache_out` is set.

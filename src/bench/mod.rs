@@ -46,6 +46,9 @@ pub enum BenchCommand {
         /// Batches to score in each measurement.
         #[arg(long, default_value_t = 12)]
         batches: usize,
+        /// The selector process's `lanes` (batches scored at once); default: its own default.
+        #[arg(long)]
+        lanes: Option<std::num::NonZeroUsize>,
     },
     /// What a device does with rho's models, as one JSON (`bench/gpu/check.sh` runs it on a
     /// GPU): fixture losses against the CPU in f32 and half precision, reference throughput and
@@ -81,7 +84,8 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             seq_len,
             batch_size,
             batches,
-        } => selector::run(out, preset, seq_len, batch_size, batches).await,
+            lanes,
+        } => selector::run(out, preset, seq_len, batch_size, batches, lanes).await,
         BenchCommand::Loader(args) => loader::run(args).await,
         BenchCommand::Device(args) => device::run(args).await,
     }

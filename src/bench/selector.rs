@@ -19,6 +19,7 @@ pub async fn run(
     seq_len: usize,
     batch_size: usize,
     batches: usize,
+    lanes: Option<std::num::NonZeroUsize>,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
     let out = out.canonicalize()?;
@@ -61,6 +62,7 @@ pub async fn run(
         seq_len,
         batch_size,
         batches + 1,
+        lanes,
     )
     .await?;
 
@@ -68,14 +70,25 @@ pub async fn run(
     let after = bare()?;
     let bare = (before + after) / 2.0;
 
+    // The lanes the selector process resolves, as it does (the same threads: every core).
+    let threads = rayon::current_num_threads();
+    let n = rho_selector::SelectorConfig {
+        lanes,
+        ..serde_json::from_value(serde_json::json!({"model": "", "tokenizer": ""}))?
+    }
+    .lanes_for(threads);
     println!("| measurement | tokens/s | vs bare forward |");
     println!("|---|---|---|");
-    println!("| bare in-process forward + per-token loss (before / after the pipeline: {before:.0} / {after:.0}) | {bare:.0} | 1.000x |");
-    println!("| `rho selector` process, fed by `rho loader`, delivered over loopback | {piped:.0} | {:.3}x |", piped / bare);
-    println!(
-        "overhead of protocol and transport: {:.1}%",
-        (1.0 - piped / bare) * 100.0
-    );
+    println!("| bare in-process forward + per-token loss, one batch at a time on {threads} threads (before / after the pipeline: {before:.0} / {after:.0}) | {bare:.0} | 1.000x |");
+    println!("| `rho selector` process ({n} lane{}), fed by `rho loader`, delivered over loopback | {piped:.0} | {:.3}x |", if n == 1 { "" } else { "s" }, piped / bare);
+    if n == 1 {
+        println!(
+            "overhead of protocol and transport: {:.1}%",
+            (1.0 - piped / bare) * 100.0
+        );
+    } else {
+        println!("the selector scores {n} batches side by side, each on its share of the {threads} threads (`--lanes 1` measures the protocol's overhead alone)");
+    }
     Ok(())
 }
 
@@ -98,6 +111,7 @@ async fn pipeline(
     seq_len: usize,
     batch_size: usize,
     batches: usize,
+    lanes: Option<std::num::NonZeroUsize>,
 ) -> anyhow::Result<f64> {
     let run_id = "bench-selector";
     let endpoint_file = out.join("loader.endpoint");
@@ -128,7 +142,7 @@ async fn pipeline(
     let trainer_ep = router.bind("tcp://127.0.0.1:0").await?.to_string();
     let selector_cfg = serde_json::json!({
         "run_id": run_id, "loader": loader_ep, "trainer": trainer_ep, "model": model,
-        "tokenizer": tokenizer, "prefetch": 2,
+        "tokenizer": tokenizer, "prefetch": 2, "lanes": lanes,
     });
     std::fs::write(out.join("selector.json"), selector_cfg.to_string())?;
     let mut selector = tokio::process::Command::new(&exe)

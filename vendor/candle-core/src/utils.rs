@@ -1,15 +1,10 @@
 //! Useful functions for checking features.
-use std::str::FromStr;
 
 pub fn get_num_threads() -> usize {
-    // Respond to the same environment variable as rayon.
-    match std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|s| usize::from_str(&s).ok())
-    {
-        Some(x) if x > 0 => x,
-        Some(_) | None => num_cpus::get(),
-    }
+    // The threads of the rayon pool this runs in: the global pool (sized by
+    // `RAYON_NUM_THREADS`, as the published crate read it), or the pool a caller installed to
+    // give this work its own share of the cores.
+    rayon::current_num_threads()
 }
 
 pub fn has_accelerate() -> bool {
