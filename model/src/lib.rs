@@ -14,6 +14,7 @@ mod device;
 mod error;
 pub mod fused;
 pub mod init;
+pub mod lanes;
 pub mod loss;
 pub mod model;
 pub mod preset;

@@ -137,34 +137,17 @@ impl SelectorConfig {
         if self.metrics_interval_secs.is_nan() || self.metrics_interval_secs <= 0.0 {
             return field("metrics_interval_secs", "must be positive");
         }
-        if let Some(lanes) = self.lanes {
-            if lanes.get() > 1 && self.device != rho_model::DeviceSpec::Cpu {
-                return field(
-                    "lanes",
-                    "more than one lane needs `device: \"cpu\"` (a GPU scores one batch at a time)",
-                );
+        rho_model::lanes::check(self.lanes, self.device, self.threads).map_err(|reason| {
+            SelectorError::ConfigField {
+                field: "lanes",
+                reason,
             }
-            if let Some(threads) = self.threads.filter(|&t| t < lanes.get()) {
-                return Err(SelectorError::ConfigField {
-                    field: "lanes",
-                    reason: format!(
-                        "{lanes} lanes need at least as many `threads` (got {threads})"
-                    ),
-                });
-            }
-        }
-        Ok(())
+        })
     }
 
-    /// The lanes to score in, given `threads` CPU threads for model math (see [`Self::lanes`]);
-    /// an explicit `lanes` above `threads` is cut to `threads`.
+    /// The lanes to score in, given `threads` CPU threads for model math (see [`Self::lanes`]).
     pub fn lanes_for(&self, threads: usize) -> usize {
-        let threads = threads.max(1);
-        match self.lanes {
-            Some(n) => n.get().min(threads),
-            None if self.device == rho_model::DeviceSpec::Cpu => threads.min(2),
-            None => 1,
-        }
+        rho_model::lanes::resolve(self.lanes, self.device, threads)
     }
 }
 
@@ -181,19 +164,6 @@ mod tests {
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
         serde_json::from_value(v).unwrap()
-    }
-
-    #[test]
-    fn lanes_default_to_two_on_a_cpu_with_the_threads_for_them() {
-        let c = config(serde_json::json!({}));
-        assert_eq!(c.lanes_for(1), 1);
-        assert_eq!(c.lanes_for(2), 2);
-        assert_eq!(c.lanes_for(64), 2);
-        let c = config(serde_json::json!({"lanes": 8}));
-        assert_eq!(c.lanes_for(64), 8);
-        assert_eq!(c.lanes_for(4), 4, "cut to the threads");
-        let c = config(serde_json::json!({"device": "cuda"}));
-        assert_eq!(c.lanes_for(16), 1, "a GPU scores one batch at a time");
     }
 
     #[test]

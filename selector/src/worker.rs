@@ -627,25 +627,13 @@ fn lane_pools(config: &SelectorConfig) -> Result<(usize, Vec<Arc<rayon::ThreadPo
             "more lanes than threads: scoring in {n}"
         );
     }
-    if n == 1 {
-        return Ok((1, Vec::new()));
-    }
-    let pools = (0..n)
-        .map(|lane| {
-            let share = threads / n + usize::from(lane < threads % n);
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(share)
-                .thread_name(move |i| format!("rho-lane{lane}-{i}"))
-                .build()
-                .map(Arc::new)
-                .map_err(|e| SelectorError::ConfigField {
-                    field: "lanes",
-                    reason: format!("could not start the threads of lane {lane}: {e}"),
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let pools =
+        rho_model::lanes::pools(n, threads, "lane").map_err(|e| SelectorError::ConfigField {
+            field: "lanes",
+            reason: format!("could not start the lanes' threads: {e}"),
+        })?;
     tracing::info!(lanes = n, threads, "scoring batches side by side");
-    Ok((n, pools))
+    Ok((n, pools.into_iter().map(Arc::new).collect()))
 }
 
 /// The scored cache this selector writes to, when `cache_out` is set.

@@ -29,6 +29,12 @@ pub enum BenchCommand {
         /// `model-<preset>-v<size>` for another size than the default).
         #[arg(long, default_value_t = trainer::DEFAULT_VOCAB)]
         vocab_size: usize,
+        /// Micro-batches per step (the trainer's `micro_batches`).
+        #[arg(long, default_value_t = std::num::NonZeroUsize::MIN)]
+        micro_batches: std::num::NonZeroUsize,
+        /// Micro-batches run at once (the trainer's `lanes`); default: the trainer's default.
+        #[arg(long)]
+        lanes: Option<std::num::NonZeroUsize>,
     },
     /// Selector throughput (a real `rho loader` and `rho selector`, this process as the trainer)
     /// against the bare in-process forward of the same model on batches of the same shape.
@@ -77,7 +83,16 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             batch_size,
             steps,
             vocab_size,
-        } => trainer::run(out, preset, seq_len, batch_size, steps, vocab_size),
+            micro_batches,
+            lanes,
+        } => trainer::run(
+            out,
+            preset,
+            (seq_len, batch_size),
+            steps,
+            vocab_size,
+            (micro_batches, lanes),
+        ),
         BenchCommand::Selector {
             out,
             preset,

@@ -1,5 +1,6 @@
 //! `rho bench trainer`: what token selection costs a training step.
 
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -16,10 +17,10 @@ pub const DEFAULT_VOCAB: usize = 8192;
 pub fn run(
     out: PathBuf,
     preset: String,
-    seq_len: usize,
-    batch_size: usize,
+    (seq_len, batch_size): (usize, usize),
     steps: u64,
     vocab: usize,
+    (micro_batches, lanes): (NonZeroUsize, Option<NonZeroUsize>),
 ) -> anyhow::Result<()> {
     let dir = out.join(match vocab {
         DEFAULT_VOCAB => format!("model-{preset}"),
@@ -49,13 +50,18 @@ pub fn run(
         schedule: RatioSchedule::Constant { ratio: 0.6 },
         seed: 0,
     };
-    let mut backend = CandleBackend::from_checkpoint(&dir, &Device::Cpu, optim, 1)?;
+    // As the trainer resolves them, on every core.
+    let threads = rayon::current_num_threads();
+    let micro = micro_batches.get().min(batch_size);
+    let lanes = rho_model::lanes::resolve(lanes, rho_model::DeviceSpec::Cpu, threads).min(micro);
+    let mut backend = CandleBackend::from_checkpoint(&dir, &Device::Cpu, optim, micro)?
+        .with_lanes(lanes, threads)?;
     let params: usize = backend
         .vars()
         .iter()
         .map(|(_, v)| v.as_tensor().elem_count())
         .sum();
-    println!("model `{preset}`: {:.1}M parameters; batches of {batch_size} x {seq_len} tokens; AdamW; candle CPU f32", params as f64 / 1e6);
+    println!("model `{preset}`: {:.1}M parameters; batches of {batch_size} x {seq_len} tokens; AdamW; candle CPU f32; {micro} micro-batch{} in {lanes} lane{} on {threads} threads", params as f64 / 1e6, if micro == 1 { "" } else { "es" }, if lanes == 1 { "" } else { "s" });
     backend.step(0, &input(0), &slm)?; // warm-up
     let (mut t_causal, mut t_slm) = (0f64, 0f64);
     let mut step = 1;

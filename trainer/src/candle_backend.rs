@@ -21,6 +21,9 @@ pub struct CandleBackend {
     optimizer: AdamW,
     optim_config: OptimizerConfig,
     micro_batches: usize,
+    /// The thread pool of each lane; none with one lane (micro-batches run one after another
+    /// on the global pool).
+    lanes: Vec<rayon::ThreadPool>,
     device: Device,
 }
 
@@ -72,8 +75,62 @@ impl CandleBackend {
             optimizer,
             optim_config: optim,
             micro_batches: micro_batches.max(1),
+            lanes: Vec::new(),
             device: device.clone(),
         })
+    }
+
+    /// Runs the micro-batches of a step `lanes` at a time on the CPU, splitting `threads`
+    /// between the lanes; 1 (or a GPU) runs them one after another. The gradients are the same
+    /// bits with any number of lanes.
+    pub fn with_lanes(mut self, lanes: usize, threads: usize) -> Result<Self> {
+        let lanes = if self.device.is_cpu() { lanes } else { 1 };
+        self.lanes = rho_model::lanes::pools(lanes, threads, "trainer-lane").map_err(|e| {
+            TrainerError::ConfigField {
+                field: "lanes",
+                reason: format!("could not start the lanes' threads: {e}"),
+            }
+        })?;
+        if lanes > 1 {
+            tracing::info!(lanes, threads, "micro-batches run side by side");
+        }
+        Ok(self)
+    }
+
+    /// `f(i)` for every `i` in `0..n`, item `i` in lane `i % lanes`, each lane on its own
+    /// threads; the results in item order.
+    fn in_lanes<T: Send>(&self, n: usize, f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+        let lanes = self.lanes.len();
+        let mut out: Vec<Option<Result<T>>> = (0..n).map(|_| None).collect();
+        std::thread::scope(|s| {
+            let f = &f;
+            let running: Vec<_> = self
+                .lanes
+                .iter()
+                .enumerate()
+                .map(|(lane, pool)| {
+                    s.spawn(move || {
+                        pool.install(|| {
+                            (lane..n)
+                                .step_by(lanes)
+                                .map(|i| (i, f(i)))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                })
+                .collect();
+            for lane in running {
+                let done = lane
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                for (i, r) in done {
+                    out[i] = Some(r);
+                }
+            }
+        });
+        out.into_iter()
+            .map(|r| r.expect("every item ran in a lane"))
+            .collect()
     }
 
     fn build(config: &Config, vars: &[(String, Var)]) -> Result<DecoderLm> {
@@ -154,7 +211,22 @@ impl Backend for CandleBackend {
         // batch needs all of them. With one micro-batch the same forward also gives gradients.
         let mut current = Vec::with_capacity(rows * t);
         let mut single = None;
-        if ranges.len() == 1 {
+        // Micro-batches side by side keep their losses' graphs for the backward pass.
+        let mut kept_graphs = Vec::new();
+        if ranges.len() > 1 && self.lanes.len() > 1 {
+            kept_graphs = self.in_lanes(ranges.len(), |i| {
+                let ids = self.ids(b, ranges[i].clone())?;
+                Ok(per_token_loss(
+                    &self.model,
+                    &ids,
+                    ForwardMode::Differentiable,
+                    None,
+                )?)
+            })?;
+            for l in &kept_graphs {
+                current.extend(l.flatten_all()?.to_vec1::<f32>()?);
+            }
+        } else if ranges.len() == 1 {
             let ids = self.ids(b, 0..rows)?;
             let losses = per_token_loss(&self.model, &ids, ForwardMode::Differentiable, None)?;
             current = losses.flatten_all()?.to_vec1::<f32>()?;
@@ -181,12 +253,26 @@ impl Backend for CandleBackend {
         let mut grad_norm = 0f32;
         let lr = self.optim_config.lr_at(step);
         if kept > 0.0 {
+            let mask_of = |r: &std::ops::Range<usize>| &mask[r.start * t..r.end * t];
+            let mut side_by_side = if kept_graphs.is_empty() {
+                Vec::new()
+            } else {
+                self.in_lanes(ranges.len(), |i| {
+                    Ok(self
+                        .backward_masked(&kept_graphs[i], mask_of(&ranges[i]), kept)?
+                        .1)
+                })?
+            }
+            .into_iter();
+            kept_graphs.clear();
+            // Summed in micro-batch order, however they ran.
             let mut total: Option<Vec<Tensor>> = None;
             for r in &ranges {
-                let m = &mask[r.start * t..r.end * t];
-                let grads = match &single {
-                    Some(losses) => self.backward_masked(losses, m, kept)?.1,
-                    None => self.gradients(&self.ids(b, r.clone())?, m, kept)?.1,
+                let m = mask_of(r);
+                let grads = match (&single, side_by_side.next()) {
+                    (_, Some(grads)) => grads,
+                    (Some(losses), None) => self.backward_masked(losses, m, kept)?.1,
+                    (None, None) => self.gradients(&self.ids(b, r.clone())?, m, kept)?.1,
                 };
                 total = Some(match total {
                     None => grads,

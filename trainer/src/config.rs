@@ -99,8 +99,20 @@ pub struct TrainerConfig {
     #[serde(default)]
     pub optimizer: OptimizerConfig,
     /// Micro-batches per step (gradient accumulation); selection still spans the whole step.
+    /// In one lane, each micro-batch's forward pass runs twice (once for the losses that
+    /// selection needs, once under its backward pass) and only one micro-batch's activations
+    /// are held at a time; in several `lanes`, the micro-batches run side by side and keep their
+    /// activations from forward to backward (the memory of one whole batch). The gradients are
+    /// the same bits either way.
     #[serde(default = "d_one")]
     pub micro_batches: NonZeroUsize,
+    /// Micro-batches run at once on the CPU, each on its own share of the threads (`threads /
+    /// lanes`); only with `micro_batches` of 2 or more. A small model's products split poorly
+    /// over many cores, and whole micro-batches side by side keep every core busy
+    /// (docs/BENCHMARKS.md, "Lanes"). Default: 2 on the CPU with at least 2 threads, else 1; a
+    /// GPU runs one at a time.
+    #[serde(default)]
+    pub lanes: Option<NonZeroUsize>,
     /// Stop after this many steps; default: when the stream ends.
     #[serde(default)]
     pub max_steps: Option<u64>,
@@ -228,6 +240,9 @@ impl TrainerConfig {
         }
         if self.resume && self.checkpoint.is_none() {
             return bad("resume", "needs `checkpoint.dir` to resume from".into());
+        }
+        if let Err(reason) = rho_model::lanes::check(self.lanes, self.device, self.threads) {
+            return bad("lanes", reason);
         }
         Ok(())
     }

@@ -495,12 +495,18 @@ fn build_backend(config: &TrainerConfig) -> Result<Box<dyn Backend>> {
                     reason: "missing".into(),
                 })?;
             let device = config.device.open()?;
-            Ok(Box::new(CandleBackend::from_checkpoint(
-                dir,
-                &device,
-                config.optimizer,
-                config.micro_batches.get(),
-            )?))
+            let threads = rayon::current_num_threads();
+            let lanes = rho_model::lanes::resolve(config.lanes, config.device, threads)
+                .min(config.micro_batches.get());
+            Ok(Box::new(
+                CandleBackend::from_checkpoint(
+                    dir,
+                    &device,
+                    config.optimizer,
+                    config.micro_batches.get(),
+                )?
+                .with_lanes(lanes, threads)?,
+            ))
         }
     }
 }
