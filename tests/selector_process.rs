@@ -115,19 +115,60 @@ fn credit(peer: &Bytes, n: u32) -> ZmqMessage {
     ZmqMessage::try_from(frames).unwrap()
 }
 
+/// The test trainer: binds the delivery endpoint, grants credits, acknowledges to the loader.
+struct TestTrainer {
+    router: RouterSocket,
+    endpoint: String,
+    acker: Consumer,
+    deadline: Instant,
+}
+
+impl TestTrainer {
+    async fn new(loader: &str) -> Self {
+        let mut router = RouterSocket::new();
+        let endpoint = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+        let acker = Consumer::connect(loader, "sel", Limits::default())
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        TestTrainer {
+            router,
+            endpoint,
+            acker,
+            deadline,
+        }
+    }
+
+    /// The next message and its sender; `None` after 5 quiet seconds (the stream is done).
+    async fn next(&mut self) -> Option<(Bytes, Message)> {
+        let m = tokio::time::timeout(Duration::from_secs(5), self.router.recv())
+            .await
+            .ok()?
+            .unwrap();
+        assert!(
+            Instant::now() < self.deadline,
+            "the selectors took too long"
+        );
+        let mut frames = m.into_vec();
+        let peer = frames.remove(0);
+        Some((peer, Message::decode(&frames, &Limits::default()).unwrap()))
+    }
+
+    /// Acknowledges batch `seq` to the loader and gives `peer` its credit back.
+    async fn done(&mut self, peer: &Bytes, seq: u64) {
+        self.acker.ack(vec![seq]).await.unwrap();
+        self.router.send(credit(peer, 1)).await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_selectors_score_every_batch_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     setup(root);
     let (loader, loader_ep) = start_loader(root);
-
-    // The test trainer: binds the delivery endpoint, grants credits, acknowledges to the loader.
-    let mut router = RouterSocket::new();
-    let trainer_ep = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
-    let mut acker = Consumer::connect(&loader_ep, "sel", Limits::default())
-        .await
-        .unwrap();
+    let mut trainer = TestTrainer::new(&loader_ep).await;
+    let trainer_ep = trainer.endpoint.clone();
     let model_dir = root.join("ref");
     let mut selectors = Vec::new();
     // One selector runs its model in half precision on the CPU; its losses still travel as f32.
@@ -157,17 +198,9 @@ async fn two_selectors_score_every_batch_exactly_once() {
     let mut seen = std::collections::BTreeMap::new();
     let mut dtype_of_peer = std::collections::BTreeMap::new();
     let mut peers = std::collections::BTreeSet::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let m = match tokio::time::timeout(Duration::from_secs(5), router.recv()).await {
-            Ok(m) => m.unwrap(),
-            Err(_) => break, // quiet: the stream is done
-        };
-        assert!(Instant::now() < deadline);
-        let mut frames = m.into_vec();
-        let peer = frames.remove(0);
-        match Message::decode(&frames, &Limits::default()).unwrap() {
-            Message::Heartbeat(_) => router.send(credit(&peer, 2)).await.unwrap(),
+    while let Some((peer, m)) = trainer.next().await {
+        match m {
+            Message::Heartbeat(_) => trainer.router.send(credit(&peer, 2)).await.unwrap(),
             Message::Scored(s) => {
                 assert_eq!(s.ref_model, fingerprint);
                 let b = &s.batch;
@@ -217,8 +250,7 @@ async fn two_selectors_score_every_batch_exactly_once() {
                     b.seq
                 );
                 peers.insert(peer.clone());
-                acker.ack(vec![b.seq]).await.unwrap();
-                router.send(credit(&peer, 1)).await.unwrap();
+                trainer.done(&peer, b.seq).await;
             }
             other => panic!("unexpected {}", other.kind()),
         }
@@ -335,14 +367,10 @@ async fn lanes_deliver_in_order_with_the_same_bits() {
     let root = dir.path();
     setup(root);
     let (loader, loader_ep) = start_loader(root);
-    let mut router = RouterSocket::new();
-    let trainer_ep = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
-    let mut acker = Consumer::connect(&loader_ep, "sel", Limits::default())
-        .await
-        .unwrap();
+    let mut trainer = TestTrainer::new(&loader_ep).await;
     let model_dir = root.join("ref");
     let cfg = json!({
-        "run_id": "sel", "loader": loader_ep, "trainer": trainer_ep, "model": p(&model_dir),
+        "run_id": "sel", "loader": loader_ep, "trainer": trainer.endpoint, "model": p(&model_dir),
         "tokenizer": p(&root.join("tokenizer.json")), "lanes": 2, "threads": 2,
     });
     let path = root.join("lanes.json");
@@ -351,19 +379,11 @@ async fn lanes_deliver_in_order_with_the_same_bits() {
     let model = rho_model::checkpoint::load(&model_dir, &Device::Cpu, DType::F32).unwrap();
 
     let mut order = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let m = match tokio::time::timeout(Duration::from_secs(5), router.recv()).await {
-            Ok(m) => m.unwrap(),
-            Err(_) => break, // quiet: the stream is done
-        };
-        assert!(Instant::now() < deadline);
-        let mut frames = m.into_vec();
-        let peer = frames.remove(0);
-        match Message::decode(&frames, &Limits::default()).unwrap() {
+    while let Some((peer, m)) = trainer.next().await {
+        match m {
             // Credits for four: both lanes busy, two more batches queued behind them.
             Message::Heartbeat(_) if order.is_empty() => {
-                router.send(credit(&peer, 4)).await.unwrap()
+                trainer.router.send(credit(&peer, 4)).await.unwrap()
             }
             Message::Heartbeat(_) => {}
             Message::Scored(s) => {
@@ -390,8 +410,7 @@ async fn lanes_deliver_in_order_with_the_same_bits() {
                     }
                 }
                 order.push(b.seq);
-                acker.ack(vec![b.seq]).await.unwrap();
-                router.send(credit(&peer, 1)).await.unwrap();
+                trainer.done(&peer, b.seq).await;
             }
             other => panic!("unexpected {}", other.kind()),
         }
