@@ -103,6 +103,16 @@ fn start_selector(config: &Path) -> Child {
         .unwrap()
 }
 
+/// The batches the loader served, from its report once it has exited (at least six).
+fn loader_total(loader: Child) -> u64 {
+    let out = loader.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let total = report["total"].as_u64().unwrap();
+    assert!(total >= 6, "only {total} batches");
+    total
+}
+
 fn credit(peer: &Bytes, n: u32) -> ZmqMessage {
     let mut frames = vec![peer.clone()];
     frames.extend(
@@ -255,11 +265,7 @@ async fn two_selectors_score_every_batch_exactly_once() {
             other => panic!("unexpected {}", other.kind()),
         }
     }
-    let loader_out = loader.wait_with_output().unwrap();
-    assert!(loader_out.status.success());
-    let report: serde_json::Value = serde_json::from_slice(&loader_out.stdout).unwrap();
-    let total = report["total"].as_u64().unwrap();
-    assert!(total >= 6, "only {total} batches");
+    let total = loader_total(loader);
     assert_eq!(
         seen.keys().copied().collect::<Vec<_>>(),
         (0..total).collect::<Vec<_>>()
@@ -415,11 +421,7 @@ async fn lanes_deliver_in_order_with_the_same_bits() {
             other => panic!("unexpected {}", other.kind()),
         }
     }
-    let loader_out = loader.wait_with_output().unwrap();
-    assert!(loader_out.status.success());
-    let report: serde_json::Value = serde_json::from_slice(&loader_out.stdout).unwrap();
-    let total = report["total"].as_u64().unwrap();
-    assert!(total >= 6, "only {total} batches");
+    let total = loader_total(loader);
     assert_eq!(
         order,
         (0..total).collect::<Vec<_>>(),
