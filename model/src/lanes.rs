@@ -13,13 +13,25 @@ use crate::DeviceSpec;
 
 /// The lanes to run in, given `threads` for model math: `asked` (cut to `threads`), or by
 /// default 2 on the CPU with at least 2 threads and 1 otherwise; a GPU runs one at a time.
-pub fn resolve(asked: Option<NonZeroUsize>, device: DeviceSpec, threads: usize) -> usize {
+pub fn resolve(asked: Option<NonZeroUsize>, on_cpu: bool, threads: usize) -> usize {
     let threads = threads.max(1);
-    match (asked, device) {
-        (_, DeviceSpec::Cuda(_)) => 1,
-        (Some(n), DeviceSpec::Cpu) => n.get().min(threads),
-        (None, DeviceSpec::Cpu) => threads.min(2),
+    match asked {
+        _ if !on_cpu => 1,
+        Some(n) => n.get().min(threads),
+        None => threads.min(2),
     }
+}
+
+/// The pools of the lanes [`resolve`] gives for the current rayon pool's threads, at most
+/// `most` of them (a trainer has no more lanes than micro-batches); see [`pools`].
+pub fn start(
+    asked: Option<NonZeroUsize>,
+    on_cpu: bool,
+    most: usize,
+    name: &'static str,
+) -> Result<Vec<rayon::ThreadPool>, rayon::ThreadPoolBuildError> {
+    let threads = rayon::current_num_threads();
+    pools(resolve(asked, on_cpu, threads).min(most), threads, name)
 }
 
 /// Why a config's `lanes` cannot be: more than one on a GPU, or more than `threads` (when set).
@@ -68,12 +80,12 @@ mod tests {
     fn lanes_default_to_two_on_a_cpu_with_the_threads_for_them() {
         let two = NonZeroUsize::new(2);
         let eight = NonZeroUsize::new(8);
-        assert_eq!(resolve(None, DeviceSpec::Cpu, 1), 1);
-        assert_eq!(resolve(None, DeviceSpec::Cpu, 2), 2);
-        assert_eq!(resolve(None, DeviceSpec::Cpu, 64), 2);
-        assert_eq!(resolve(eight, DeviceSpec::Cpu, 64), 8);
-        assert_eq!(resolve(eight, DeviceSpec::Cpu, 4), 4, "cut to the threads");
-        assert_eq!(resolve(None, DeviceSpec::Cuda(0), 16), 1);
+        assert_eq!(resolve(None, true, 1), 1);
+        assert_eq!(resolve(None, true, 2), 2);
+        assert_eq!(resolve(None, true, 64), 2);
+        assert_eq!(resolve(eight, true, 64), 8);
+        assert_eq!(resolve(eight, true, 4), 4, "cut to the threads");
+        assert_eq!(resolve(eight, false, 16), 1, "a GPU runs one at a time");
         assert!(check(two, DeviceSpec::Cuda(0), None).is_err());
         assert!(check(NonZeroUsize::new(3), DeviceSpec::Cpu, Some(2)).is_err());
         assert!(check(two, DeviceSpec::Cpu, Some(2)).is_ok());

@@ -144,11 +144,6 @@ impl SelectorConfig {
             }
         })
     }
-
-    /// The lanes to score in, given `threads` CPU threads for model math (see [`Self::lanes`]).
-    pub fn lanes_for(&self, threads: usize) -> usize {
-        rho_model::lanes::resolve(self.lanes, self.device, threads)
-    }
 }
 
 #[cfg(test)]

@@ -287,7 +287,8 @@ impl Selector {
         tokenizer: Fingerprint,
     ) -> Result<Self> {
         let started = Instant::now();
-        let (lanes_n, lanes) = lane_pools(&config)?;
+        let pools = lane_pools(&config)?;
+        let lanes = pools.len().max(1);
         let limits = Limits::with_max_message_bytes(config.max_message_bytes);
         let key = Key::from_config(config.secret_file.as_deref()).map_err(|reason| {
             SelectorError::ConfigField {
@@ -321,7 +322,7 @@ impl Selector {
             })?),
             None => None,
         };
-        let held = config.prefetch.get().saturating_add(lanes_n as u32 - 1);
+        let held = config.prefetch.get().saturating_add(lanes as u32 - 1);
         Ok(Selector {
             credits: Credits::new(held),
             config,
@@ -330,8 +331,8 @@ impl Selector {
             loader,
             trainer,
             queue: VecDeque::new(),
-            free: (0..lanes_n).rev().collect(),
-            pools: lanes,
+            free: (0..lanes).rev().collect(),
+            pools,
             scoring: JoinSet::new(),
             finished: BTreeMap::new(),
             next_start: 0,
@@ -343,7 +344,7 @@ impl Selector {
             events,
             progress: indicatif::ProgressBar::new_spinner(),
             report: Report {
-                lanes: lanes_n,
+                lanes,
                 ..Report::default()
             },
             started,
@@ -615,11 +616,17 @@ async fn scored(scoring: &mut JoinSet<Scored>) -> std::result::Result<Scored, Jo
     }
 }
 
-/// How many lanes score at once, and their thread pools: each lane takes its share of the
-/// global pool's threads; a single lane has no pool of its own (it uses the global pool).
-fn lane_pools(config: &SelectorConfig) -> Result<(usize, Vec<Arc<rayon::ThreadPool>>)> {
-    let threads = rayon::current_num_threads();
-    let n = config.lanes_for(threads);
+/// The thread pools of the lanes that score at once, each with its share of the global pool's
+/// threads; none for a single lane (it uses the global pool).
+fn lane_pools(config: &SelectorConfig) -> Result<Vec<Arc<rayon::ThreadPool>>> {
+    let on_cpu = config.device == rho_model::DeviceSpec::Cpu;
+    let pools = rho_model::lanes::start(config.lanes, on_cpu, usize::MAX, "lane").map_err(|e| {
+        SelectorError::ConfigField {
+            field: "lanes",
+            reason: format!("could not start the lanes' threads: {e}"),
+        }
+    })?;
+    let (n, threads) = (pools.len().max(1), rayon::current_num_threads());
     if let Some(asked) = config.lanes.filter(|l| l.get() > n) {
         tracing::warn!(
             lanes = asked.get(),
@@ -627,13 +634,8 @@ fn lane_pools(config: &SelectorConfig) -> Result<(usize, Vec<Arc<rayon::ThreadPo
             "more lanes than threads: scoring in {n}"
         );
     }
-    let pools =
-        rho_model::lanes::pools(n, threads, "lane").map_err(|e| SelectorError::ConfigField {
-            field: "lanes",
-            reason: format!("could not start the lanes' threads: {e}"),
-        })?;
     tracing::info!(lanes = n, threads, "scoring batches side by side");
-    Ok((n, pools.into_iter().map(Arc::new).collect()))
+    Ok(pools.into_iter().map(Arc::new).collect())
 }
 
 /// The scored cache this selector writes to, when `cache_out` is set.

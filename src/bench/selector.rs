@@ -72,11 +72,7 @@ pub async fn run(
 
     // The lanes the selector process resolves, as it does (the same threads: every core).
     let threads = rayon::current_num_threads();
-    let n = rho_selector::SelectorConfig {
-        lanes,
-        ..serde_json::from_value(serde_json::json!({"model": "", "tokenizer": ""}))?
-    }
-    .lanes_for(threads);
+    let n = rho_model::lanes::resolve(lanes, true, threads);
     println!("| measurement | tokens/s | vs bare forward |");
     println!("|---|---|---|");
     println!("| bare in-process forward + per-token loss, one batch at a time on {threads} threads (before / after the pipeline: {before:.0} / {after:.0}) | {bare:.0} | 1.000x |");

@@ -53,9 +53,9 @@ pub fn run(
     // As the trainer resolves them, on every core.
     let threads = rayon::current_num_threads();
     let micro = micro_batches.get().min(batch_size);
-    let lanes = rho_model::lanes::resolve(lanes, rho_model::DeviceSpec::Cpu, threads).min(micro);
-    let mut backend = CandleBackend::from_checkpoint(&dir, &Device::Cpu, optim, micro)?
-        .with_lanes(lanes, threads)?;
+    let mut backend =
+        CandleBackend::from_checkpoint(&dir, &Device::Cpu, optim, micro)?.with_lanes(lanes)?;
+    let lanes = backend.lanes();
     let params: usize = backend
         .vars()
         .iter()

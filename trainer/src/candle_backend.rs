@@ -1,6 +1,7 @@
 //! The candle backend: trains the `rho-model` decoder through its differentiable (plain) path.
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -80,21 +81,31 @@ impl CandleBackend {
         })
     }
 
-    /// Runs the micro-batches of a step `lanes` at a time on the CPU, splitting `threads`
-    /// between the lanes; 1 (or a GPU) runs them one after another. The gradients are the same
-    /// bits with any number of lanes.
-    pub fn with_lanes(mut self, lanes: usize, threads: usize) -> Result<Self> {
-        let lanes = if self.device.is_cpu() { lanes } else { 1 };
-        self.lanes = rho_model::lanes::pools(lanes, threads, "trainer-lane").map_err(|e| {
-            TrainerError::ConfigField {
+    /// Runs the micro-batches of a step side by side on the CPU, in the lanes the config's
+    /// `lanes` asks for (`rho_model::lanes::resolve` over the current rayon pool's threads, at
+    /// most one per micro-batch); one lane (or a GPU) runs them one after another. The gradients
+    /// are the same bits with any number of lanes.
+    pub fn with_lanes(mut self, asked: Option<NonZeroUsize>) -> Result<Self> {
+        let on_cpu = self.device.is_cpu();
+        self.lanes = rho_model::lanes::start(asked, on_cpu, self.micro_batches, "trainer-lane")
+            .map_err(|e| TrainerError::ConfigField {
                 field: "lanes",
                 reason: format!("could not start the lanes' threads: {e}"),
-            }
-        })?;
-        if lanes > 1 {
-            tracing::info!(lanes, threads, "micro-batches run side by side");
+            })?;
+        if self.lanes() > 1 {
+            let threads = rayon::current_num_threads();
+            tracing::info!(
+                lanes = self.lanes(),
+                threads,
+                "micro-batches run side by side"
+            );
         }
         Ok(self)
+    }
+
+    /// How many micro-batches run at once.
+    pub fn lanes(&self) -> usize {
+        self.lanes.len().max(1)
     }
 
     /// `f(i)` for every `i` in `0..n`, item `i` in lane `i % lanes`, each lane on its own

@@ -495,9 +495,6 @@ fn build_backend(config: &TrainerConfig) -> Result<Box<dyn Backend>> {
                     reason: "missing".into(),
                 })?;
             let device = config.device.open()?;
-            let threads = rayon::current_num_threads();
-            let lanes = rho_model::lanes::resolve(config.lanes, config.device, threads)
-                .min(config.micro_batches.get());
             Ok(Box::new(
                 CandleBackend::from_checkpoint(
                     dir,
@@ -505,7 +502,7 @@ fn build_backend(config: &TrainerConfig) -> Result<Box<dyn Backend>> {
                     config.optimizer,
                     config.micro_batches.get(),
                 )?
-                .with_lanes(lanes, threads)?,
+                .with_lanes(config.lanes)?,
             ))
         }
     }

@@ -262,19 +262,27 @@ fn micro_batches_in_lanes_give_the_bits_of_one_lane() {
     // backward pass. Same losses, same gradients, same weights, to the bit.
     let cfg = tiny_config(false);
     let sel = Selection::default();
+    // Made on two threads, whatever this machine's cores: the lanes split the current pool's.
+    let two_threads = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
     let make = |lanes| {
-        CandleBackend::new(
-            cfg.clone(),
-            weights(&cfg, 1.0),
-            &Device::Cpu,
-            OptimizerConfig::default(),
-            3,
-        )
-        .unwrap()
-        .with_lanes(lanes, 2)
-        .unwrap()
+        two_threads.install(|| {
+            CandleBackend::new(
+                cfg.clone(),
+                weights(&cfg, 1.0),
+                &Device::Cpu,
+                OptimizerConfig::default(),
+                3,
+            )
+            .unwrap()
+            .with_lanes(std::num::NonZeroUsize::new(lanes))
+            .unwrap()
+        })
     };
     let (mut one, mut two) = (make(1), make(2));
+    assert_eq!((one.lanes(), two.lanes()), (1, 2));
     for step in 0..2 {
         let a = one.step(step, &input(step), &sel).unwrap();
         let b = two.step(step, &input(step), &sel).unwrap();
