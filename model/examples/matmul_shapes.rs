@@ -1,5 +1,6 @@
 //! The matmul shapes of a `20m` training step (4 x 512 tokens), timed one by one:
-//! `cargo run --release -p rho-model --example matmul_shapes`; `bench/torch_matmul.py` times the
+//! `cargo run --release -p rho-model --example matmul_shapes` (`-- 512 1376 32000 8` for the
+//! 60M model); `bench/torch_matmul.py` times the
 //! same products in PyTorch.
 use candle_core::{Device, Tensor};
 use std::time::Instant;
@@ -19,7 +20,17 @@ fn t(name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>, flops: f64) -> any
 }
 fn main() -> anyhow::Result<()> {
     let c = Device::Cpu;
-    let (n, d, ff, v) = (2048usize, 384usize, 1024usize, 8192usize);
+    // `20m` by default; `-- 512 1376 32000 8` gives the 60M model's (hidden, MLP, vocabulary, heads).
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
+    let (d, ff, v, heads) = match args[..] {
+        [] => (384, 1024, 8192, 6),
+        [d, ff, v, heads] => (d, ff, v, heads),
+        _ => anyhow::bail!("arguments: hidden MLP vocabulary heads (or none, for `20m`)"),
+    };
+    let n = 2048usize;
     let r = |a: usize, b: usize| Tensor::randn(0f32, 1., (a, b), &c);
     let (x, w, wq, h, wd, wl, dy, dyl) = (
         r(n, d)?,
@@ -40,10 +51,11 @@ fn main() -> anyhow::Result<()> {
     t("dy.T@x (dW gate)", &|| dy.t()?.matmul(&x), f(n, d, ff))?;
     t("dyl@wl (dx lm)", &|| dyl.matmul(&wl), f(n, d, v))?;
     t("dyl.T@x (dW lm)", &|| dyl.t()?.matmul(&x), f(n, d, v))?;
-    let q = Tensor::randn(0f32, 1., (24, 512, 64), &c)?;
-    let k = Tensor::randn(0f32, 1., (24, 512, 64), &c)?;
-    let p = Tensor::randn(0f32, 1., (24, 512, 512), &c)?;
-    t("q@k.T", &|| q.matmul(&k.t()?), f(24 * 512, 512, 64))?;
-    t("p@v", &|| p.matmul(&k), f(24 * 512, 512, 64))?;
+    let bh = 4 * heads;
+    let q = Tensor::randn(0f32, 1., (bh, 512, 64), &c)?;
+    let k = Tensor::randn(0f32, 1., (bh, 512, 64), &c)?;
+    let p = Tensor::randn(0f32, 1., (bh, 512, 512), &c)?;
+    t("q@k.T", &|| q.matmul(&k.t()?), f(bh * 512, 512, 64))?;
+    t("p@v", &|| p.matmul(&k), f(bh * 512, 512, 64))?;
     Ok(())
 }

@@ -22,6 +22,20 @@ pub fn resolve(asked: Option<NonZeroUsize>, on_cpu: bool, threads: usize) -> usi
     }
 }
 
+/// A trainer's micro-batches per step: `asked`, or by default one per lane that [`resolve`]
+/// gives for `lanes` over `threads`, so that every lane has one: 2 on a CPU with at least 2
+/// threads, else 1. The count is part of a run's numbers (the gradients are summed micro-batch
+/// by micro-batch) while the lanes are not, so a run that must give the same last digits on one
+/// thread as on several sets it.
+pub fn micro_batches(
+    asked: Option<NonZeroUsize>,
+    lanes: Option<NonZeroUsize>,
+    on_cpu: bool,
+    threads: usize,
+) -> usize {
+    asked.map_or_else(|| resolve(lanes, on_cpu, threads), NonZeroUsize::get)
+}
+
 /// The pools of the lanes [`resolve`] gives for the current rayon pool's threads, at most
 /// `most` of them (a trainer has no more lanes than micro-batches); see [`pools`].
 pub fn start(
@@ -90,6 +104,26 @@ mod tests {
         assert!(check(NonZeroUsize::new(3), DeviceSpec::Cpu, Some(2)).is_err());
         assert!(check(two, DeviceSpec::Cpu, Some(2)).is_ok());
         assert!(check(None, DeviceSpec::Cuda(1), Some(1)).is_ok());
+    }
+
+    #[test]
+    fn micro_batches_default_to_one_per_lane() {
+        let (one, three) = (NonZeroUsize::new(1), NonZeroUsize::new(3));
+        assert_eq!(micro_batches(None, None, true, 2), 2);
+        assert_eq!(micro_batches(None, None, true, 1), 1);
+        assert_eq!(
+            micro_batches(None, None, false, 16),
+            1,
+            "a GPU runs one at a time"
+        );
+        assert_eq!(micro_batches(None, three, true, 8), 3);
+        assert_eq!(micro_batches(None, one, true, 8), 1);
+        assert_eq!(
+            micro_batches(three, None, true, 1),
+            3,
+            "as asked, whatever the lanes"
+        );
+        assert_eq!(micro_batches(one, None, true, 8), 1);
     }
 
     #[test]

@@ -320,7 +320,15 @@ fn training(a: &DeviceArgs, out: &Path, device: &Device) -> anyhow::Result<Vec<T
             schedule: RatioSchedule::Constant { ratio },
             seed: 0,
         };
-        let mut backend = CandleBackend::from_checkpoint(&dir, device, optim, 1)?;
+        // The trainer's defaults on this device.
+        let micro = rho_model::lanes::micro_batches(
+            None,
+            None,
+            device.is_cpu(),
+            rayon::current_num_threads(),
+        );
+        let mut backend =
+            CandleBackend::from_checkpoint(&dir, device, optim, micro)?.with_lanes(None)?;
         let steps = 3u64;
         backend.step(
             0,

@@ -29,9 +29,9 @@ pub enum BenchCommand {
         /// `model-<preset>-v<size>` for another size than the default).
         #[arg(long, default_value_t = trainer::DEFAULT_VOCAB)]
         vocab_size: usize,
-        /// Micro-batches per step (the trainer's `micro_batches`).
-        #[arg(long, default_value_t = std::num::NonZeroUsize::MIN)]
-        micro_batches: std::num::NonZeroUsize,
+        /// Micro-batches per step (the trainer's `micro_batches`); default: the trainer's default.
+        #[arg(long)]
+        micro_batches: Option<std::num::NonZeroUsize>,
         /// Micro-batches run at once (the trainer's `lanes`); default: the trainer's default.
         #[arg(long)]
         lanes: Option<std::num::NonZeroUsize>,

@@ -185,7 +185,10 @@ fn sequential(a: &PipelineArgs, s: &Setup, selection: &Selection) -> anyhow::Res
         lr: 1e-3,
         ..Default::default()
     };
-    let mut backend = CandleBackend::from_checkpoint(&s.init, &Device::Cpu, optim, 1)?;
+    // The trainer's defaults, as the pipeline's trainer has them.
+    let micro = rho_model::lanes::micro_batches(None, None, true, rayon::current_num_threads());
+    let mut backend =
+        CandleBackend::from_checkpoint(&s.init, &Device::Cpu, optim, micro)?.with_lanes(None)?;
     let warm = batches.len() / 5;
     let mut clock = Instant::now();
     let mut tokens = 0u64;

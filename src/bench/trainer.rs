@@ -20,7 +20,7 @@ pub fn run(
     (seq_len, batch_size): (usize, usize),
     steps: u64,
     vocab: usize,
-    (micro_batches, lanes): (NonZeroUsize, Option<NonZeroUsize>),
+    (micro_batches, lanes): (Option<NonZeroUsize>, Option<NonZeroUsize>),
 ) -> anyhow::Result<()> {
     let dir = out.join(match vocab {
         DEFAULT_VOCAB => format!("model-{preset}"),
@@ -52,7 +52,8 @@ pub fn run(
     };
     // As the trainer resolves them, on every core.
     let threads = rayon::current_num_threads();
-    let micro = micro_batches.get().min(batch_size);
+    let micro =
+        rho_model::lanes::micro_batches(micro_batches, lanes, true, threads).min(batch_size);
     let mut backend =
         CandleBackend::from_checkpoint(&dir, &Device::Cpu, optim, micro)?.with_lanes(lanes)?;
     let lanes = backend.lanes();

@@ -95,6 +95,7 @@ impl CandleBackend {
         if self.lanes() > 1 {
             let threads = rayon::current_num_threads();
             tracing::info!(
+                micro_batches = self.micro_batches,
                 lanes = self.lanes(),
                 threads,
                 "micro-batches run side by side"

@@ -103,9 +103,11 @@ pub struct TrainerConfig {
     /// selection needs, once under its backward pass) and only one micro-batch's activations
     /// are held at a time; in several `lanes`, the micro-batches run side by side and keep their
     /// activations from forward to backward (the memory of one whole batch). The gradients are
-    /// the same bits either way.
-    #[serde(default = "d_one")]
-    pub micro_batches: NonZeroUsize,
+    /// the same bits in any number of lanes. Default: one per lane (2 on a CPU with at least 2
+    /// threads, else 1); their count sets the last digits of a run's numbers, so set it where a
+    /// run must repeat to the last digit on a machine with other threads or device.
+    #[serde(default)]
+    pub micro_batches: Option<NonZeroUsize>,
     /// Micro-batches run at once on the CPU, each on its own share of the threads (`threads /
     /// lanes`); only with `micro_batches` of 2 or more. A small model's products split poorly
     /// over many cores, and whole micro-batches side by side keep every core busy
@@ -168,9 +170,6 @@ fn d_run_id() -> String {
 }
 fn d_delivery() -> Endpoint {
     Endpoint::new("tcp://127.0.0.1:5556").unwrap_or_default()
-}
-fn d_one() -> NonZeroUsize {
-    NonZeroUsize::MIN
 }
 fn d_credits() -> NonZeroU32 {
     NonZeroU32::MIN.saturating_add(1)
