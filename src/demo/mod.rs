@@ -341,9 +341,9 @@ impl Pipelines<'_> {
         };
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         // The trainer has every core, its two micro-batches side by side (one lane each on two
-        // cores); a selector takes half the cores beside it: it scores a batch in about a third of
-        // the time the trainer trains on one, so it is idle most of the time. The micro-batch
-        // count is fixed and the lanes do not change any bit, so the numbers are the same on any
+        // cores); a selector takes half the cores beside it (its forward pass is a third of a
+        // training step's work; times in docs/BENCHMARKS.md, "The demo"). The micro-batch count
+        // is fixed and the lanes do not change any bit, so the numbers are the same on any
         // machine.
         let selector = reference.map(|r| {
             json!({
