@@ -321,14 +321,7 @@ fn training(a: &DeviceArgs, out: &Path, device: &Device) -> anyhow::Result<Vec<T
             seed: 0,
         };
         // The trainer's defaults on this device.
-        let micro = rho_model::lanes::micro_batches(
-            None,
-            None,
-            device.is_cpu(),
-            rayon::current_num_threads(),
-        );
-        let mut backend =
-            CandleBackend::from_checkpoint(&dir, device, optim, micro)?.with_lanes(None)?;
+        let mut backend = CandleBackend::from_checkpoint(&dir, device, optim)?.split(None, None)?;
         let steps = 3u64;
         backend.step(
             0,

@@ -186,9 +186,8 @@ fn sequential(a: &PipelineArgs, s: &Setup, selection: &Selection) -> anyhow::Res
         ..Default::default()
     };
     // The trainer's defaults, as the pipeline's trainer has them.
-    let micro = rho_model::lanes::micro_batches(None, None, true, rayon::current_num_threads());
     let mut backend =
-        CandleBackend::from_checkpoint(&s.init, &Device::Cpu, optim, micro)?.with_lanes(None)?;
+        CandleBackend::from_checkpoint(&s.init, &Device::Cpu, optim)?.split(None, None)?;
     let warm = batches.len() / 5;
     let mut clock = Instant::now();
     let mut tokens = 0u64;

@@ -52,11 +52,10 @@ pub fn run(
     };
     // As the trainer resolves them, on every core.
     let threads = rayon::current_num_threads();
-    let micro =
-        rho_model::lanes::micro_batches(micro_batches, lanes, true, threads).min(batch_size);
     let mut backend =
-        CandleBackend::from_checkpoint(&dir, &Device::Cpu, optim, micro)?.with_lanes(lanes)?;
-    let lanes = backend.lanes();
+        CandleBackend::from_checkpoint(&dir, &Device::Cpu, optim)?.split(micro_batches, lanes)?;
+    let micro = backend.micro_batches().min(batch_size);
+    let lanes = backend.lanes().min(micro);
     let params: usize = backend
         .vars()
         .iter()

@@ -36,28 +36,24 @@ struct OptimizerMeta {
 }
 
 impl CandleBackend {
-    /// A backend over the weights of a checkpoint directory.
-    pub fn from_checkpoint(
-        dir: &Path,
-        device: &Device,
-        optim: OptimizerConfig,
-        micro_batches: usize,
-    ) -> Result<Self> {
+    /// A backend over the weights of a checkpoint directory, training in one micro-batch (see
+    /// [`CandleBackend::split`]).
+    pub fn from_checkpoint(dir: &Path, device: &Device, optim: OptimizerConfig) -> Result<Self> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| TrainerError::io(&path, e))?;
         let hf_config: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| TrainerError::checkpoint(&path, e))?;
         let tensors = checkpoint::read_tensors(dir, device)?;
-        Self::new(hf_config, tensors, device, optim, micro_batches)
+        Self::new(hf_config, tensors, device, optim)
     }
 
-    /// A backend over named tensors (HF names) and the `config.json` they belong to.
+    /// A backend over named tensors (HF names) and the `config.json` they belong to, training
+    /// in one micro-batch (see [`CandleBackend::split`]).
     pub fn new(
         hf_config: serde_json::Value,
         tensors: HashMap<String, Tensor>,
         device: &Device,
         optim: OptimizerConfig,
-        micro_batches: usize,
     ) -> Result<Self> {
         let config = HfConfig::from_json(&hf_config.to_string())?.into_config()?;
         let mut names: Vec<String> = tensors.keys().cloned().collect();
@@ -75,25 +71,30 @@ impl CandleBackend {
             model,
             optimizer,
             optim_config: optim,
-            micro_batches: micro_batches.max(1),
+            micro_batches: 1,
             lanes: Vec::new(),
             device: device.clone(),
         })
     }
 
-    /// Runs the micro-batches of a step side by side on the CPU, in the lanes the config's
+    /// Splits every step into the config's `micro_batches` (by default one per lane,
+    /// `rho_model::lanes::micro_batches`) and runs them side by side on the CPU in the lanes its
     /// `lanes` asks for (`rho_model::lanes::resolve` over the current rayon pool's threads, at
     /// most one per micro-batch); one lane (or a GPU) runs them one after another. The gradients
     /// are the same bits with any number of lanes.
-    pub fn with_lanes(mut self, asked: Option<NonZeroUsize>) -> Result<Self> {
-        let on_cpu = self.device.is_cpu();
-        self.lanes = rho_model::lanes::start(asked, on_cpu, self.micro_batches, "trainer-lane")
+    pub fn split(
+        mut self,
+        micro_batches: Option<NonZeroUsize>,
+        lanes: Option<NonZeroUsize>,
+    ) -> Result<Self> {
+        let (on_cpu, threads) = (self.device.is_cpu(), rayon::current_num_threads());
+        self.micro_batches = rho_model::lanes::micro_batches(micro_batches, lanes, on_cpu, threads);
+        self.lanes = rho_model::lanes::start(lanes, on_cpu, self.micro_batches, "trainer-lane")
             .map_err(|e| TrainerError::ConfigField {
                 field: "lanes",
                 reason: format!("could not start the lanes' threads: {e}"),
             })?;
         if self.lanes() > 1 {
-            let threads = rayon::current_num_threads();
             tracing::info!(
                 micro_batches = self.micro_batches,
                 lanes = self.lanes(),
@@ -102,6 +103,11 @@ impl CandleBackend {
             );
         }
         Ok(self)
+    }
+
+    /// Micro-batches per step (fewer when a batch has fewer rows).
+    pub fn micro_batches(&self) -> usize {
+        self.micro_batches
     }
 
     /// How many micro-batches run at once.

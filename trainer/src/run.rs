@@ -495,15 +495,9 @@ fn build_backend(config: &TrainerConfig) -> Result<Box<dyn Backend>> {
                     reason: "missing".into(),
                 })?;
             let device = config.device.open()?;
-            let micro_batches = rho_model::lanes::micro_batches(
-                config.micro_batches,
-                config.lanes,
-                device.is_cpu(),
-                rayon::current_num_threads(),
-            );
             Ok(Box::new(
-                CandleBackend::from_checkpoint(dir, &device, config.optimizer, micro_batches)?
-                    .with_lanes(config.lanes)?,
+                CandleBackend::from_checkpoint(dir, &device, config.optimizer)?
+                    .split(config.micro_batches, config.lanes)?,
             ))
         }
     }

@@ -82,7 +82,6 @@ fn gradients_agree_with_finite_differences() {
             weights(&cfg, 25.0),
             &Device::Cpu,
             OptimizerConfig::default(),
-            1,
         )
         .unwrap();
         let b = batch(0, 2, 9);
@@ -134,7 +133,6 @@ fn every_parameter_receives_a_gradient_and_moves() {
         weights(&cfg, 1.0),
         &Device::Cpu,
         OptimizerConfig::default(),
-        1,
     )
     .unwrap();
     let b = batch(0, 3, 10);
@@ -187,17 +185,17 @@ fn a_resumed_run_ends_bit_identical() {
         seed: 0,
     };
     let mut straight =
-        CandleBackend::new(cfg.clone(), weights(&cfg, 1.0), &Device::Cpu, optim, 1).unwrap();
+        CandleBackend::new(cfg.clone(), weights(&cfg, 1.0), &Device::Cpu, optim).unwrap();
     run(&mut straight, 0..8, &sel);
 
     let mut first =
-        CandleBackend::new(cfg.clone(), weights(&cfg, 1.0), &Device::Cpu, optim, 1).unwrap();
+        CandleBackend::new(cfg.clone(), weights(&cfg, 1.0), &Device::Cpu, optim).unwrap();
     run(&mut first, 0..3, &sel);
     let dir = tempfile::tempdir().unwrap();
     first.save(dir.path()).unwrap();
     drop(first);
     let mut resumed =
-        CandleBackend::from_checkpoint(&dir.path().join("model"), &Device::Cpu, optim, 1).unwrap();
+        CandleBackend::from_checkpoint(&dir.path().join("model"), &Device::Cpu, optim).unwrap();
     resumed.load(dir.path()).unwrap();
     run(&mut resumed, 3..8, &sel);
 
@@ -220,7 +218,6 @@ fn micro_batches_select_over_the_whole_step() {
         weights(&cfg, 1.0),
         &Device::Cpu,
         OptimizerConfig::default(),
-        1,
     )
     .unwrap();
     let mut three = CandleBackend::new(
@@ -228,7 +225,11 @@ fn micro_batches_select_over_the_whole_step() {
         weights(&cfg, 1.0),
         &Device::Cpu,
         OptimizerConfig::default(),
-        3,
+    )
+    .unwrap()
+    .split(
+        std::num::NonZeroUsize::new(3),
+        std::num::NonZeroUsize::new(1),
     )
     .unwrap();
     let a = one.step(0, &input(0), &sel).unwrap();
@@ -274,10 +275,12 @@ fn micro_batches_in_lanes_give_the_bits_of_one_lane() {
                 weights(&cfg, 1.0),
                 &Device::Cpu,
                 OptimizerConfig::default(),
-                3,
             )
             .unwrap()
-            .with_lanes(std::num::NonZeroUsize::new(lanes))
+            .split(
+                std::num::NonZeroUsize::new(3),
+                std::num::NonZeroUsize::new(lanes),
+            )
             .unwrap()
         })
     };
