@@ -196,3 +196,74 @@ fn processes_start_in_reverse_order() {
     finish(loader, "loader");
     finish(selector, "selector");
 }
+
+/// Rule: one reference per run. A second selector whose reference is another model joins
+/// mid-run: none of its batches is trained on, it is told to stop and exits naming both
+/// fingerprints, the trainer counts the refusals, and every batch is trained exactly once, with
+/// the scores of the run's reference (the leases hand the refused batches to the first
+/// selector).
+#[test]
+fn batches_of_another_reference_are_refused_and_scored_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    setup(root);
+    let mut loader_cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("loader.json")).unwrap()).unwrap();
+    loader_cfg["lease_secs"] = json!(2.0);
+    write(&root.join("loader.json"), &loader_cfg);
+    let loader = spawn(&["loader", "--config", &p(&root.join("loader.json"))]);
+    let loader_ep = wait_file(&root.join("loader.endpoint"));
+    let trainer = spawn(&[
+        "trainer",
+        "--config",
+        &p(&trainer_config(root, &loader_ep, "excess", "mixed")),
+    ]);
+    let delivery = wait_file(&root.join("mixed.delivery"));
+    let selector = |name: &str, model: &str| {
+        let sel = json!({"run_id": "tr", "loader": loader_ep, "trainer": delivery, "model": model, "tokenizer": "tokenizer.json"});
+        let path = root.join(format!("{name}.json"));
+        write(&path, &sel);
+        spawn(&["selector", "--config", &p(&path)])
+    };
+    let right = selector("right", "ref");
+    let metrics = root.join("mixed.metrics.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while common::last_metrics(&metrics).is_none_or(|m| m["step"].as_u64() < Some(2)) {
+        assert!(std::time::Instant::now() < deadline, "no step 2");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let wrong = selector("wrong", "init");
+    let out = wrong.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the other reference's selector ended well: {said}"
+    );
+    let fp = |m: &str| rho_selector::scorer::model_fingerprint(&root.join(m)).unwrap();
+    for f in [fp("ref"), fp("init")] {
+        assert!(said.contains(f.as_str()), "its error names {f}: {said}");
+    }
+    assert!(
+        said.contains("the trainer asked this selector to stop"),
+        "{said}"
+    );
+
+    let report = finish(trainer, "trainer");
+    let steps = report["steps"].as_u64().unwrap();
+    assert_eq!(
+        common::consumed(&report),
+        (0..steps).collect::<Vec<_>>(),
+        "every batch once, in order"
+    );
+    assert!(report["reference_refused"].as_u64().unwrap() >= 1);
+    let last = common::last_metrics(&metrics).unwrap();
+    assert_eq!(last["reference_refused"], report["reference_refused"]);
+    let l = finish(loader, "loader");
+    assert_eq!(l["counts"]["batches_acked"], report["steps"]);
+    finish(right, "selector");
+    // The checkpoint names the run's reference.
+    let ck = Path::new(report["last_checkpoint"].as_str().unwrap());
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["stream"]["reference"], json!(fp("ref").as_str()));
+}

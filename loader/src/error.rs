@@ -30,10 +30,13 @@ pub enum LoaderError {
         patterns: Vec<String>,
     },
     /// Every shard is empty or unreadable.
-    #[error("the corpus yields no tokens (all {shards} shards empty or unreadable)")]
+    #[error("the corpus yields no tokens (all {shards} shards empty or unreadable): {listed}")]
     EmptyCorpus {
         /// Shards found.
         shards: usize,
+        /// The first shards, each with what is wrong with it where the file system says
+        /// (`held.jsonl (does not exist)`).
+        listed: String,
     },
     /// A start (or resume) past the end of the stream.
     #[error("cannot start at batch {seq}: the stream holds {total} batches")]
@@ -70,3 +73,29 @@ pub enum LoaderError {
 
 /// A loader result.
 pub type Result<T, E = LoaderError> = std::result::Result<T, E>;
+
+impl LoaderError {
+    /// [`LoaderError::EmptyCorpus`] of `shards`, the first of them named.
+    pub fn empty_corpus(shards: &[crate::sources::Shard]) -> Self {
+        const NAMED: usize = 8;
+        let mut listed: Vec<String> = shards
+            .iter()
+            .take(NAMED)
+            .map(|s| match std::fs::metadata(&s.path) {
+                Ok(m) if m.len() == 0 => format!("{} (empty)", s.path.display()),
+                Ok(_) => s.path.display().to_string(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    format!("{} (does not exist)", s.path.display())
+                }
+                Err(e) => format!("{} ({e})", s.path.display()),
+            })
+            .collect();
+        if shards.len() > NAMED {
+            listed.push(format!("and {} more", shards.len() - NAMED));
+        }
+        LoaderError::EmptyCorpus {
+            shards: shards.len(),
+            listed: listed.join(", "),
+        }
+    }
+}

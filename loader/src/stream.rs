@@ -213,9 +213,7 @@ impl Stream {
             }
             produced_any |= epoch_tokens > 0;
             if epoch == 0 && !produced_any {
-                return Err(LoaderError::EmptyCorpus {
-                    shards: self.shards.len(),
-                });
+                return Err(LoaderError::empty_corpus(&self.shards));
             }
             epoch += 1;
             w0 = 0;
@@ -261,9 +259,7 @@ impl Stream {
                 cum += c;
             }
             if cum == 0 {
-                return Err(LoaderError::EmptyCorpus {
-                    shards: self.shards.len(),
-                });
+                return Err(LoaderError::empty_corpus(&self.shards));
             }
             let per_epoch = cum.div_ceil(window);
             total_windows += per_epoch;

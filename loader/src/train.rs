@@ -80,9 +80,7 @@ pub fn train_bpe(
         .train(&mut trainer, docs)
         .map_err(|e| LoaderError::Training(e.to_string()))?;
     if documents == 0 {
-        return Err(LoaderError::EmptyCorpus {
-            shards: shards.len(),
-        });
+        return Err(LoaderError::empty_corpus(&shards));
     }
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).map_err(|source| LoaderError::Io {

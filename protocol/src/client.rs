@@ -84,7 +84,7 @@ impl Consumer {
         limits: Limits,
         key: Option<Key>,
     ) -> Result<Self, ClientError> {
-        let mut socket = DealerSocket::new();
+        let mut socket = DealerSocket::with_options(limits.socket_options());
         socket
             .connect(endpoint)
             .await

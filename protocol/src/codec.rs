@@ -26,6 +26,19 @@ impl Limits {
     }
 }
 
+impl Limits {
+    /// The transport's options for a socket under these limits: every frame length a peer
+    /// claims, and every multipart message it sends, is checked against `max_message_bytes`
+    /// before the transport reserves memory for it; a peer that claims more is disconnected
+    /// (it reconnects by the heartbeat rule). The same limit is then checked again on the
+    /// decoded frames by [`Message::decode_with`].
+    pub fn socket_options(&self) -> zeromq::SocketOptions {
+        let mut options = zeromq::SocketOptions::default();
+        options.max_message_size(usize::try_from(self.max_message_bytes).unwrap_or(usize::MAX));
+        options
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {

@@ -39,7 +39,9 @@ pub use endpoint::Endpoint;
 pub use error::DecodeError;
 pub use fingerprint::Fingerprint;
 pub use liveness::Liveness;
-pub use messages::{Ack, Credit, End, Heartbeat, Resume, Role, ScoredBatch, Shutdown, TokenBatch};
+pub use messages::{
+    first_non_finite, Ack, Credit, End, Heartbeat, Resume, Role, ScoredBatch, Shutdown, TokenBatch,
+};
 pub use splitmix::{mix64, SplitMix64};
 
 /// An error and its causes on one line, `outer: inner: ...` (for a message that is a string,

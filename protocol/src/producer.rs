@@ -91,7 +91,7 @@ impl Producer {
         limits: Limits,
         key: Option<Key>,
     ) -> Result<Self, ProducerError> {
-        let mut router = RouterSocket::new();
+        let mut router = RouterSocket::with_options(limits.socket_options());
         let bound = router
             .bind(endpoint)
             .await

@@ -62,6 +62,8 @@ class Stats:
     messages_rejected: int = 0
     reconnects: int = 0
     selectors_seen: int = 0
+    # Scored batches refused: another reference model, or reference losses that are not finite.
+    reference_refused: int = 0
 
 
 _END = object()
@@ -76,7 +78,12 @@ class RhoStream:
     the run's shared secret (default: ``RHO_SECRET``, else unsigned). ``rank`` / ``world``:
     consume the sequence numbers ``rank, rank + world, ...`` of a loader sharded the same way
     (data parallelism: one pipeline per rank). ``as_torch``: yield torch tensors
-    (``pin_memory`` for faster host-to-device copies).
+    (``pin_memory`` for faster host-to-device copies). ``reference``: the reference model's
+    fingerprint the scores must come from (``sha256:...``); unset, the first scored batch's
+    (or the one in a cursor given to :meth:`load_state_dict`). A scored batch of another
+    reference, or with a reference loss that is not finite at a valid position, is never
+    yielded: its selector is told to stop (``shutdown`` with the reason) and the batch is scored
+    again by another selector when its lease runs out (docs/PROTOCOL.md).
     """
 
     def __init__(
@@ -98,6 +105,7 @@ class RhoStream:
         as_torch: bool = False,
         pin_memory: bool = False,
         limits: Optional[Limits] = None,
+        reference: Optional[str] = None,
     ):
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"rank {rank} / world {world}: need 0 <= rank < world")
@@ -110,6 +118,8 @@ class RhoStream:
         self.rank, self.world = rank, world
         self.as_torch, self.pin_memory, self.limits = as_torch, pin_memory, limits or Limits()
         self.stats = Stats()
+        # The run's reference model, once known (the I/O thread fixes it from the first batch).
+        self.reference: Optional[str] = reference
         self.total: Optional[int] = None
         # The cursor: the next sequence number the training loop needs.
         self._next_seq = rank
@@ -123,6 +133,8 @@ class RhoStream:
         if scored:
             self._delivery = self._ctx.socket(zmq.ROUTER)
             self._delivery.setsockopt(zmq.LINGER, 0)
+            # A peer claiming a frame past the limit is dropped before anything is reserved.
+            self._delivery.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
             self._delivery.bind(delivery)
             self.delivery_endpoint = self._delivery.getsockopt_string(zmq.LAST_ENDPOINT)
         self._thread: Optional[threading.Thread] = None
@@ -133,7 +145,10 @@ class RhoStream:
     def state_dict(self) -> Dict[str, Any]:
         """The stream cursor: save it with the model; :meth:`load_state_dict` resumes there."""
         nxt = self._next_seq if self._yielded is None else self._yielded + self.world
-        return {"run_id": self.run_id, "next_seq": nxt, "rank": self.rank, "world": self.world}
+        state = {"run_id": self.run_id, "next_seq": nxt, "rank": self.rank, "world": self.world}
+        if self.reference is not None:
+            state["reference"] = self.reference
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continue the stream at a saved cursor (before iterating, or at any time)."""
@@ -142,6 +157,14 @@ class RhoStream:
         nxt = int(state["next_seq"])
         if nxt % self.world != self.rank:
             raise ValueError(f"cursor {nxt} is not a sequence number of rank {self.rank} of {self.world}")
+        saved = state.get("reference")
+        if saved is not None:
+            if self.reference is not None and self.reference != saved:
+                raise ValueError(
+                    f"the cursor was trained against the reference model {saved}, not {self.reference}: "
+                    "one run trains against one reference"
+                )
+            self.reference = saved
         self._yielded = None
         self._next_seq = nxt
         if self._thread is not None:
@@ -224,6 +247,7 @@ class RhoStream:
     def _loader_socket(self):
         s = self._ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         s.connect(self.loader)
         return s
 
@@ -362,7 +386,14 @@ class RhoStream:
                     self.stats.selectors_seen += 1
                     self._send(self._delivery, control("credit", run_id, key, n=self.credits_per_selector), peer)
             elif kind == "scored":
-                accept(self._batch(m), peer)
+                b = self._batch(m)
+                why = self._refusal(b)
+                if why is not None:
+                    self.stats.reference_refused += 1
+                    log.warning("refused a scored batch and told its selector to stop: %s", why)
+                    self._send(self._delivery, control("shutdown", run_id, key, reason=why), peer)
+                    return
+                accept(b, peer)
             else:
                 self.stats.messages_rejected += 1
                 log.warning("refused a `%s` message on the delivery endpoint", kind)
@@ -379,6 +410,27 @@ class RhoStream:
         else:
             self.stats.messages_rejected += 1
             log.warning("refused a `%s` message from the loader", kind)
+
+    def _refusal(self, b: Batch) -> Optional[str]:
+        """Why a scored batch is refused, or None; the first one fixes the run's reference."""
+        valid = b.valid()
+        bad = np.argwhere(valid & ~np.isfinite(np.asarray(b.ref_loss, dtype=np.float32)))
+        if len(bad):
+            row, pos = (int(x) for x in bad[0])
+            value = float(np.asarray(b.ref_loss)[row, pos])
+            return (
+                f"batch {b.seq}: the reference loss at row {row}, position {pos} is {value}, "
+                f"not a finite number (reference {b.ref_model})"
+            )
+        if self.reference is None:
+            self.reference = b.ref_model
+            log.info("the run's reference model: %s", b.ref_model)
+        elif b.ref_model != self.reference:
+            return (
+                f"batch {b.seq} was scored by the reference model {b.ref_model}, "
+                f"but this run's reference is {self.reference}: one run trains against one reference"
+            )
+        return None
 
     @staticmethod
     def _batch(m: Message) -> Batch:

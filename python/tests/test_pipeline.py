@@ -1,5 +1,6 @@
 """rho_stream against real `rho loader` and `rho selector` processes: a whole stream, a resume
-mid-stream, a selector killed mid-run, and foreign or wrongly signed messages."""
+mid-stream, a selector killed mid-run, foreign or wrongly signed messages, and scores of another
+reference model or not finite."""
 
 import os
 import signal
@@ -9,7 +10,7 @@ import zmq
 from conftest import RUN_ID, SECRET, wait_until
 
 from rho_stream import Key, RhoStream
-from rho_stream.protocol import control, encode
+from rho_stream.protocol import control, decode, encode
 
 
 def consume(stream, limit=None, on_batch=None):
@@ -123,3 +124,53 @@ def test_foreign_and_wrongly_signed_messages_are_refused(pipeline):
     # The forged batch 0 was never trained on: batch 0 came from the real selector.
     assert batches[0].ref_loss.max() > 0
     assert stream.stats.messages_rejected == 4
+
+
+def test_another_reference_or_a_non_finite_score_is_refused_and_scored_again(pipeline):
+    loader = pipeline.loader()
+    key = Key(SECRET.encode())
+    with RhoStream(loader, RUN_ID, secret=SECRET.encode(), heartbeat_secs=0.2, peer_timeout_secs=2.0) as stream:
+        stream.start()
+        pipeline.selector(loader, stream.delivery_endpoint)
+        reasons = []
+
+        def intrude(b):
+            if b.seq != 2:
+                return
+            # The run's reference is the real selector's, fixed by its first batch.
+            assert stream.reference == b.ref_model
+            ctx = zmq.Context.instance()
+            other = ctx.socket(zmq.DEALER)
+            other.setsockopt(zmq.LINGER, 0)
+            other.connect(stream.delivery_endpoint)
+            other.send_multipart(control("heartbeat", RUN_ID, key, role="selector", at_ms=0))
+            rows, window = b.rows, b.window
+            for ref_model, ref in (
+                ("sha256:" + "2" * 64, np.ones((rows, window - 1), "<f4")),
+                (stream.reference, np.full((rows, window - 1), np.nan, "<f4")),
+            ):
+                header = {
+                    "kind": "scored", "run_id": RUN_ID, "seq": 5, "epoch": 0, "tokenizer": b.tokenizer,
+                    "lengths": [int(x) for x in b.lengths], "doc_starts": b.doc_starts, "ref_model": ref_model,
+                    "tensors": [
+                        {"name": "tokens", "dtype": "u32", "shape": [rows, window]},
+                        {"name": "ref_loss", "dtype": "f32", "shape": [rows, window - 1]},
+                    ],
+                }
+                tokens = np.asarray(b.tokens, dtype="<u4")
+                other.send_multipart(encode(header, [tokens.tobytes(), ref.tobytes()], key))
+            deadline = 20
+            while len(reasons) < 2:
+                assert other.poll(deadline * 1000), "no shutdown from the stream"
+                m = decode(other.recv_multipart(), key=key)
+                if m.kind == "shutdown":
+                    reasons.append(m.header["reason"])
+            other.close(0)
+
+        batches = consume(stream, on_batch=intrude)
+    check_scored(batches)
+    assert stream.stats.reference_refused == 2
+    assert "sha256:" + "2" * 64 in reasons[0] and stream.reference in reasons[0]
+    assert "not a finite number" in reasons[1] and "batch 5" in reasons[1]
+    # Batch 5 was trained on with the real selector's scores.
+    assert batches[5].ref_model == stream.reference and np.isfinite(batches[5].ref_loss).all()

@@ -63,6 +63,26 @@ pub enum SelectorError {
         /// The cause.
         source: rho_model::ModelError,
     },
+    /// The model gave a reference loss that is not a finite number; nothing was sent.
+    #[error("batch {seq}: the reference model {reference} gave a reference loss of {value} at row {row}, position {position}, not a finite number; refusing to send it (a model in half precision can overflow: score in f32)")]
+    NonFinite {
+        /// The batch's sequence number.
+        seq: u64,
+        /// The reference model's fingerprint.
+        reference: String,
+        /// The row.
+        row: usize,
+        /// The target position in the row.
+        position: usize,
+        /// The value.
+        value: f32,
+    },
+    /// The trainer refused this selector's batches and asked it to stop.
+    #[error("the trainer asked this selector to stop: {reason}")]
+    Stopped {
+        /// The trainer's reason.
+        reason: String,
+    },
     /// A connection failed.
     #[error("a connection")]
     Client(#[from] rho_protocol::client::ClientError),

@@ -491,9 +491,9 @@ impl Selector {
     fn on_trainer(&mut self, m: std::result::Result<Message, ClientError>) -> Result<Flow> {
         match m {
             Ok(Message::Credit(c)) if c.run_id == self.config.run_id => self.credits.granted(c.n),
-            Ok(Message::Shutdown(s)) => {
-                tracing::info!(reason = %s.reason, "the trainer asked this selector to stop");
-                return Ok(self.interrupted());
+            Ok(Message::Shutdown(s)) if s.run_id == self.config.run_id => {
+                // Its batches in flight go back to the loader's leases.
+                return Err(SelectorError::Stopped { reason: s.reason });
             }
             Ok(Message::Heartbeat(_)) => {}
             other => self.refuse("trainer", other)?,
@@ -537,6 +537,16 @@ impl Selector {
         let ref_loss = done
             .result
             .map_err(|source| SelectorError::Scoring { seq, source })?;
+        if let Some((row, position, value)) = rho_protocol::first_non_finite(&done.batch, &ref_loss)
+        {
+            return Err(SelectorError::NonFinite {
+                seq,
+                reference: self.scorer.fingerprint().to_string(),
+                row,
+                position,
+                value,
+            });
+        }
         self.report.tokens += done.batch.target_count() as u64;
         self.report.score_secs += done.secs;
         self.report.queue_wait_secs += done.started.duration_since(done.arrived).as_secs_f64();

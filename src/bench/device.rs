@@ -319,6 +319,7 @@ fn training(a: &DeviceArgs, out: &Path, device: &Device) -> anyhow::Result<Vec<T
             scope: Scope::Batch,
             schedule: RatioSchedule::Constant { ratio },
             seed: 0,
+            ..Selection::default()
         };
         // The trainer's defaults on this device.
         let mut backend = CandleBackend::from_checkpoint(&dir, device, optim)?.split(None, None)?;

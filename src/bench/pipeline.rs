@@ -234,8 +234,9 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
         scope: Scope::Batch,
         schedule: RatioSchedule::Constant { ratio: 0.6 },
         seed: 0,
+        ..Selection::default()
     };
-    let slm_json = serde_json::to_value(slm)?;
+    let slm_json = serde_json::to_value(&slm)?;
 
     eprintln!("[1/7] plain causal LM, trainer on one core");
     let dir = fresh(out.join("causal"))?;

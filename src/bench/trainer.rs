@@ -43,12 +43,14 @@ pub fn run(
         scope: Scope::Batch,
         schedule: RatioSchedule::Constant { ratio: 1.0 },
         seed: 0,
+        ..Selection::default()
     };
     let slm = Selection {
         score: ScoreRule::Excess,
         scope: Scope::Batch,
         schedule: RatioSchedule::Constant { ratio: 0.6 },
         seed: 0,
+        ..Selection::default()
     };
     // As the trainer resolves them, on every core.
     let threads = rayon::current_num_threads();

@@ -47,21 +47,32 @@ impl Role {
 struct TailState {
     /// The last lines.
     lines: std::collections::VecDeque<String>,
-    /// The last error report (`Error: ...` and its causes, up to a backtrace).
+    /// The last error report: `Error: ...` and its causes, or a panic (`thread '...' panicked
+    /// at ...` and its message), up to a backtrace or the hint about one; or an allocation
+    /// failure's line (the process aborted).
     error: Vec<String>,
     in_error: bool,
 }
 
 impl TailState {
     fn push(&mut self, text: String) {
-        if text.starts_with("Error:") {
+        let panic = text.starts_with("thread '") && text.contains("panicked at");
+        let abort = text.starts_with("memory allocation of");
+        if text.starts_with("Error:") || panic || abort {
             self.error.clear();
             self.in_error = true;
-        } else if text.starts_with("Stack backtrace:") || text.starts_with("stack backtrace:") {
+        } else if text.starts_with("Stack backtrace:")
+            || text.starts_with("stack backtrace:")
+            || text.starts_with("note: run with `RUST_BACKTRACE")
+            || text.starts_with("note: Some details are omitted")
+        {
             self.in_error = false;
         }
         if self.in_error && self.error.len() < ERROR_LINES && !text.trim().is_empty() {
             self.error.push(text.trim().to_string());
+        }
+        if abort {
+            self.in_error = false;
         }
         if self.lines.len() == TAIL_LINES {
             self.lines.pop_front();
@@ -283,6 +294,47 @@ mod tests {
         t.push("  0: frame".into());
         assert_eq!(t.error.len(), 3);
         assert_eq!(t.lines.len(), 8);
+    }
+
+    #[test]
+    fn a_panic_is_kept_with_its_message_and_without_the_backtrace_hint() {
+        let mut t = TailState::default();
+        for l in [
+            "INFO step 3",
+            "thread 'main' panicked at vendor/candle-core/src/backprop.rs:175:18:",
+            "candle internal error - grad not populated",
+            "note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace",
+        ] {
+            t.push(l.to_string());
+        }
+        assert_eq!(
+            t.error,
+            vec![
+                "thread 'main' panicked at vendor/candle-core/src/backprop.rs:175:18:",
+                "candle internal error - grad not populated"
+            ]
+        );
+        let mut t = TailState::default();
+        for l in [
+            "thread 'w' panicked at src/x.rs:1:1:",
+            "boom",
+            "stack backtrace:",
+            "   0: frame",
+            "note: Some details are omitted, run with `RUST_BACKTRACE=full` for a verbose backtrace.",
+        ] {
+            t.push(l.to_string());
+        }
+        assert_eq!(
+            t.error,
+            vec!["thread 'w' panicked at src/x.rs:1:1:", "boom"]
+        );
+        let mut t = TailState::default();
+        t.push("memory allocation of 4611686018427453449 bytes failed".into());
+        t.push("".into());
+        assert_eq!(
+            t.error,
+            vec!["memory allocation of 4611686018427453449 bytes failed"]
+        );
     }
 
     #[test]

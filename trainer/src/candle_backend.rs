@@ -213,12 +213,34 @@ impl CandleBackend {
     }
 }
 
-impl Backend for CandleBackend {
-    fn step(&mut self, step: u64, input: &StepInput, selection: &Selection) -> Result<StepStats> {
+/// The forward, selection and backward passes of one step, before the update.
+#[derive(Debug)]
+pub struct StepGradients {
+    /// The model's own loss of every target position, row-major `[rows, window - 1]`.
+    pub current: Vec<f32>,
+    /// The selection mask (1.0 for a kept position), like `current`.
+    pub mask: Vec<f32>,
+    /// Positions kept.
+    pub kept: f32,
+    /// The gradient of the mean loss over the kept positions for every variable, in
+    /// [`CandleBackend::vars`] order (zeros where a variable gets none); empty when nothing is
+    /// kept (the step then changes nothing).
+    pub grads: Vec<Tensor>,
+}
+
+impl CandleBackend {
+    /// The forward pass of the step's batch, the selection over its losses, and the backward
+    /// pass of the mean loss over the selected positions (summed over micro-batches in their
+    /// order, however many lanes ran them). [`Backend::step`] is this, then the update.
+    pub fn step_gradients(
+        &self,
+        step: u64,
+        input: &StepInput,
+        selection: &Selection,
+    ) -> Result<StepGradients> {
         let b = &input.batch;
         let (rows, t) = (b.rows, b.window - 1);
         let valid = input.valid();
-        let n_valid = valid.iter().filter(|v| **v).count();
         let chunk = rows.div_ceil(self.micro_batches.min(rows));
         let ranges: Vec<std::ops::Range<usize>> = (0..rows)
             .step_by(chunk)
@@ -267,9 +289,7 @@ impl Backend for CandleBackend {
             },
         );
         let kept: f32 = mask.iter().sum();
-
-        let mut grad_norm = 0f32;
-        let lr = self.optim_config.lr_at(step);
+        let mut grads = Vec::new();
         if kept > 0.0 {
             let mask_of = |r: &std::ops::Range<usize>| &mask[r.start * t..r.end * t];
             let mut side_by_side = if kept_graphs.is_empty() {
@@ -301,7 +321,30 @@ impl Backend for CandleBackend {
                         .collect::<candle_core::Result<Vec<_>>>()?,
                 });
             }
-            let grads = total.unwrap_or_default();
+            grads = total.unwrap_or_default();
+        }
+        Ok(StepGradients {
+            current,
+            mask,
+            kept,
+            grads,
+        })
+    }
+}
+
+impl Backend for CandleBackend {
+    fn step(&mut self, step: u64, input: &StepInput, selection: &Selection) -> Result<StepStats> {
+        let StepGradients {
+            current,
+            mask,
+            kept,
+            grads,
+        } = self.step_gradients(step, input, selection)?;
+        let valid = input.valid();
+        let n_valid = valid.iter().filter(|v| **v).count();
+        let mut grad_norm = 0f32;
+        let lr = self.optim_config.lr_at(step);
+        if !grads.is_empty() {
             // One variable's squared norm per task, each summed by the same tensor ops as ever,
             // then added up in variable order: the same bits as a serial loop.
             let sq: f32 = grads

@@ -37,6 +37,30 @@ pub struct TrainerState {
     pub next_seq: u64,
     /// Valid target tokens trained on so far.
     pub tokens: u64,
+    /// What the stream was, as the trainer saw it (absent in checkpoints of older builds).
+    #[serde(default, skip_serializing_if = "StreamSeen::is_empty")]
+    pub stream: StreamSeen,
+}
+
+/// The identity of the stream a checkpoint was trained on, as far as the batches show it: a
+/// resumed run whose batches differ in any of these is refused with the item named.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StreamSeen {
+    /// The tokenizer fingerprint of the batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<rho_protocol::Fingerprint>,
+    /// Target positions per row (the loader's `seq_len`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq_len: Option<usize>,
+    /// The reference model of the scored batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<rho_protocol::Fingerprint>,
+}
+
+impl StreamSeen {
+    fn is_empty(&self) -> bool {
+        *self == StreamSeen::default()
+    }
 }
 
 /// One file of a checkpoint, as written.
@@ -392,6 +416,7 @@ mod tests {
             step,
             next_seq: step,
             tokens: step * 10,
+            stream: Default::default(),
         }
     }
 

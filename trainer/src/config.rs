@@ -115,7 +115,8 @@ pub struct TrainerConfig {
     /// GPU runs one at a time.
     #[serde(default)]
     pub lanes: Option<NonZeroUsize>,
-    /// Stop after this many steps; default: when the stream ends.
+    /// Stop once the run has taken this many steps in all (a global step: a run resumed at
+    /// step 50 with `max_steps` 80 takes 30 more); default: when the stream ends.
     #[serde(default)]
     pub max_steps: Option<u64>,
     /// Where checkpoints go, and how often.

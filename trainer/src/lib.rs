@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+pub mod admission;
 pub mod backend;
 pub mod candle_backend;
 pub mod checkpoint;
@@ -18,7 +19,7 @@ pub mod run;
 pub mod selection;
 
 pub use backend::{Backend, NullBackend, StepInput, StepStats};
-pub use candle_backend::CandleBackend;
+pub use candle_backend::{CandleBackend, StepGradients};
 pub use config::TrainerConfig;
 pub use error::{Result, TrainerError};
 pub use metrics::StepMetrics;

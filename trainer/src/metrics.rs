@@ -25,6 +25,10 @@ pub struct StepMetrics {
     pub eval_loss: Option<f32>,
     /// Batches received again so far (dropped).
     pub duplicates: u64,
+    /// Scored batches refused so far (another reference model, or reference losses that are
+    /// not finite); each one is scored again by another selector.
+    #[serde(default)]
+    pub reference_refused: u64,
 }
 
 impl StepMetrics {

@@ -12,9 +12,10 @@ use rho_protocol::flow::{Inserted, Reorder};
 use rho_protocol::jsonl::JsonLines;
 use rho_protocol::producer::{Incoming, Peer, Producer, ProducerError};
 use rho_protocol::tensorboard::EventWriter;
-use rho_protocol::{Credit, Heartbeat, Key, Limits, Message, Role, TokenBatch};
+use rho_protocol::{Credit, Heartbeat, Key, Limits, Message, Role, Shutdown, TokenBatch};
 use serde::{Deserialize, Serialize};
 
+use crate::admission::Admission;
 use crate::backend::{Backend, NullBackend, StepInput, StepStats};
 use crate::candle_backend::CandleBackend;
 use crate::checkpoint::{Checkpoints, TrainerState};
@@ -50,6 +51,10 @@ pub struct Report {
     pub duplicates: u64,
     /// Messages refused (malformed, of another run, unsigned, unexpected).
     pub messages_rejected: u64,
+    /// Scored batches refused (another reference model, or reference losses that are not
+    /// finite); their selectors were told to stop, and the batches were scored again.
+    #[serde(default)]
+    pub reference_refused: u64,
     /// Times the loader fell silent and was connected to again.
     pub reconnects: u64,
     /// Seconds from start to stop.
@@ -109,8 +114,8 @@ pub struct Trainer {
     backend: Box<dyn Backend>,
     eval_batches: Vec<TokenBatch>,
     state: TrainerState,
-    /// The step this process started at (resumed runs start past 0).
-    first_step: u64,
+    /// What a batch must be to be taken (one reference, finite scores, the checkpoint's stream).
+    admission: Admission,
     checkpoints: Option<Checkpoints>,
     loader: Consumer,
     /// Where selectors deliver scored batches; `None` when batches come from the loader.
@@ -141,7 +146,12 @@ impl Trainer {
         let clock = Clock::new();
         let cfg = config.clone();
         let mut backend = tokio::task::spawn_blocking(move || build_backend(&cfg)).await??;
-        let (checkpoints, state) = open_checkpoints(&config, backend.as_mut())?;
+        let (checkpoints, state, resumed) = open_checkpoints(&config, backend.as_mut())?;
+        let admission = Admission::new(
+            config.selection.reference_fingerprint.clone(),
+            config.selection.change_reference,
+            resumed.map(|dir| (dir, state.stream.clone())),
+        )?;
         let limits = Limits::with_max_message_bytes(config.max_message_bytes);
         let key = Key::from_config(config.secret_file.as_deref()).map_err(|reason| {
             TrainerError::ConfigField {
@@ -183,11 +193,11 @@ impl Trainer {
         Ok(Trainer {
             run_id: config.run_id.clone(),
             buffer: Reorder::new(state.next_seq, config.reorder_window.get()),
-            first_step: state.step,
             config,
             backend,
             eval_batches,
             state,
+            admission,
             checkpoints,
             loader,
             delivery,
@@ -219,7 +229,7 @@ impl Trainer {
                 _ = &mut shutdown => self.interrupted(),
                 m = self.loader.recv() => self.on_loader(m)?,
                 _ = beat.tick() => self.on_heartbeat(&mut shutdown).await?,
-                m = next_delivery(self.delivery.as_mut()) => self.on_delivery(m).await,
+                m = next_delivery(self.delivery.as_mut()) => self.on_delivery(m).await?,
             };
             if flow.is_break() {
                 break;
@@ -237,12 +247,17 @@ impl Trainer {
         self.total.is_some_and(|t| self.state.next_seq >= t)
     }
 
-    /// Trains on every batch that is next in sequence; `Break` once `max_steps` is reached.
+    /// Trains on every batch that is next in sequence; `Break` once the run's step count
+    /// reaches `max_steps` (a global step: a run resumed at step 50 with `max_steps` 80 takes 30
+    /// more steps, and one resumed at or past it takes none).
     async fn train_ready(&mut self) -> Result<Flow> {
+        let reached = |step: u64, max: Option<u64>| max.is_some_and(|m| step >= m);
+        if reached(self.state.step, self.config.max_steps) {
+            return Ok(Flow::Break(()));
+        }
         while let Some(input) = self.buffer.pop() {
             self.train(input).await?;
-            let max = self.config.max_steps;
-            if max.is_some_and(|m| self.state.step - self.first_step >= m) {
+            if reached(self.state.step, self.config.max_steps) {
                 return Ok(Flow::Break(()));
             }
         }
@@ -297,6 +312,7 @@ impl Trainer {
             data_wait_fraction: self.clock.wait_fraction(),
             eval_loss,
             duplicates: self.report.duplicates,
+            reference_refused: self.report.reference_refused,
         };
         if let Some(f) = &mut self.metrics {
             f.append(&line);
@@ -324,6 +340,7 @@ impl Trainer {
     }
 
     fn checkpoint(&mut self) -> Result<()> {
+        self.state.stream = self.admission.seen().clone();
         if let Some(ck) = self.checkpoints.as_mut() {
             let (backend, state) = (self.backend.as_ref(), &self.state);
             self.report.last_checkpoint =
@@ -360,10 +377,18 @@ impl Trainer {
                     });
                 }
                 self.requested = self.requested.saturating_sub(1);
+                self.admission.batch(&b)?;
                 self.insert(b, None);
             }
             Ok(Message::Scored(s)) if direct && s.batch.run_id == self.run_id => {
                 self.requested = self.requested.saturating_sub(1);
+                // Nothing else can score the loader's batches again: a refusal stops the run.
+                if let Some(reason) = self.admission.scored(&s)? {
+                    return Err(TrainerError::Batch {
+                        seq: s.batch.seq,
+                        reason: format!("from the loader's scored cache: {reason}"),
+                    });
+                }
                 self.insert(s.batch, Some(s.ref_loss));
             }
             Ok(Message::End(e)) => self.total = Some(e.total),
@@ -412,10 +437,12 @@ impl Trainer {
 
     /// A message on the delivery endpoint: a selector's heartbeat (its first one introduces it
     /// and earns its credits) or a scored batch (its credit goes back at once while the reorder
-    /// buffer has room, later otherwise).
-    async fn on_delivery(&mut self, incoming: Option<Incoming>) -> Flow {
+    /// buffer has room, later otherwise). A scored batch that is refused (another reference,
+    /// scores that are not finite) is dropped unacknowledged, so that its lease hands it to
+    /// another selector, and its selector is told to stop.
+    async fn on_delivery(&mut self, incoming: Option<Incoming>) -> Result<Flow> {
         let (Some(incoming), Some(d)) = (incoming, self.delivery.as_mut()) else {
-            return Flow::Break(());
+            return Ok(Flow::Break(()));
         };
         match incoming {
             Incoming::Refused { .. } => {}
@@ -433,6 +460,17 @@ impl Trainer {
                 peer,
                 message: Message::Scored(s),
             } => {
+                if let Some(reason) = self.admission.scored(&s)? {
+                    self.report.reference_refused += 1;
+                    tracing::warn!(seq = s.batch.seq, selector = ?peer, "refused a scored batch and told its selector to stop: {reason}");
+                    let stop = Message::Shutdown(Shutdown {
+                        run_id: self.run_id.clone(),
+                        reason,
+                    });
+                    let d = self.delivery.as_mut().expect("matched above");
+                    let _ = d.send(&peer, &stop).await;
+                    return Ok(Flow::Continue(()));
+                }
                 self.insert(s.batch, Some(s.ref_loss));
                 match self.buffer.has_room() {
                     true => {
@@ -447,7 +485,7 @@ impl Trainer {
                 d.refuse(peer, &why);
             }
         }
-        Flow::Continue(())
+        Ok(Flow::Continue(()))
     }
 
     /// The end: a last evaluation and checkpoint, and the report.
@@ -504,23 +542,28 @@ fn build_backend(config: &TrainerConfig) -> Result<Box<dyn Backend>> {
 }
 
 /// Takes the checkpoint directory, when there is one, and the state to start from: a resumed
-/// checkpoint's (loaded into `backend`) or step 0.
+/// checkpoint's (loaded into `backend`, its directory returned) or step 0.
 fn open_checkpoints(
     config: &TrainerConfig,
     backend: &mut dyn Backend,
-) -> Result<(Option<Checkpoints>, TrainerState)> {
+) -> Result<(
+    Option<Checkpoints>,
+    TrainerState,
+    Option<std::path::PathBuf>,
+)> {
     let fresh = TrainerState {
         run_id: config.run_id.clone(),
         step: 0,
         next_seq: 0,
         tokens: 0,
+        stream: Default::default(),
     };
     let Some(ck) = &config.checkpoint else {
-        return Ok((None, fresh));
+        return Ok((None, fresh, None));
     };
     let (held, found) = Checkpoints::open(&ck.dir, config.resume, ck.overwrite)?;
     let Some((dir, saved)) = found else {
-        return Ok((Some(held), fresh));
+        return Ok((Some(held), fresh, None));
     };
     if saved.run_id != config.run_id {
         let why = format!("belongs to run `{}`, not `{}`", saved.run_id, config.run_id);
@@ -528,7 +571,7 @@ fn open_checkpoints(
     }
     backend.load(&dir)?;
     tracing::info!(checkpoint = %dir.display(), step = saved.step, next_seq = saved.next_seq, "resumed");
-    Ok((Some(held), saved))
+    Ok((Some(held), saved, Some(dir)))
 }
 
 /// Binds the endpoint selectors deliver to; a bad address or endpoint file is the config's.

@@ -9,6 +9,10 @@
 //! - the number kept from `n` valid positions is `round_half_up(ratio * n)`, so `ratio = 0`
 //!   keeps none and `ratio = 1` keeps all;
 //! - higher score is kept first; equal scores are broken by position (earlier first, row-major);
+//!   so exactly `k` are kept whatever the ties: where several positions share the `k`-th
+//!   highest score, the earliest of them fill the places left, and the later ones are not kept
+//!   (with every score equal, as when the reference is the model itself, the first `k` valid
+//!   positions of the scope are kept);
 //! - invalid positions (padding, masked) are never kept and never counted in `n`;
 //! - a NaN score ranks below every number;
 //! - the `random` rule scores position `i` of a step (row-major) with
@@ -118,7 +122,7 @@ impl RatioSchedule {
 }
 
 /// The selection settings of a run.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Selection {
     /// How a token is scored.
@@ -133,6 +137,17 @@ pub struct Selection {
     /// The seed of the `random` rule (ignored by the others).
     #[serde(default)]
     pub seed: u64,
+    /// The reference model this run's scores must come from (the `sha256:` fingerprint a
+    /// selector logs and stamps on every scored batch). Unset, the run takes the reference of
+    /// its first scored batch, or of its checkpoint when it resumes; either way a batch scored
+    /// by another reference is refused, never trained on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_fingerprint: Option<rho_protocol::Fingerprint>,
+    /// On resume, take `reference_fingerprint` (or the first scored batch's reference) even
+    /// where the checkpoint was trained against another one: a deliberate change of reference,
+    /// logged. Default false: a checkpoint's reference is the run's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub change_reference: bool,
 }
 
 /// How many of `n` valid positions a ratio keeps.
@@ -463,6 +478,7 @@ mod tests {
             scope: Scope::Batch,
             schedule: RatioSchedule::Constant { ratio: 0.25 },
             seed,
+            ..Selection::default()
         };
         let (rows, len) = (16, 256);
         let n = rows * len;

@@ -183,6 +183,7 @@ fn a_resumed_run_ends_bit_identical() {
             ratio: 0.6,
         },
         seed: 0,
+        ..Selection::default()
     };
     let mut straight =
         CandleBackend::new(cfg.clone(), weights(&cfg, 1.0), &Device::Cpu, optim).unwrap();

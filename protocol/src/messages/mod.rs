@@ -6,4 +6,4 @@ mod scored;
 
 pub use batch::TokenBatch;
 pub use control::{Ack, Credit, End, Heartbeat, Resume, Role, Shutdown};
-pub use scored::ScoredBatch;
+pub use scored::{first_non_finite, ScoredBatch};

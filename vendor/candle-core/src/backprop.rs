@@ -170,9 +170,12 @@ impl Tensor {
             if node.is_variable() {
                 continue;
             }
-            let grad = grads
-                .remove(node)
-                .expect("candle internal error - grad not populated");
+            // A node that no consumer gave a gradient (a custom op's `bwd` answered `None` for
+            // it: its gradient is zero) contributes nothing to its inputs: skip it instead of
+            // panicking, as the variables it leads to already are (absent from the store).
+            let Some(grad) = grads.remove(node) else {
+                continue;
+            };
             // https://github.com/huggingface/candle/issues/1241
             // Ideally, we would make these operations in place where possible to ensure that we
             // do not have to allocate too often. Here we just call `.detach` to avoid computing
