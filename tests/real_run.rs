@@ -597,3 +597,97 @@ fn the_starting_model_as_its_own_reference_trains_to_the_end() {
     )
     .unwrap();
 }
+
+/// Rule: a checkpoint knows what it was trained on. A run resumed on another stream (the
+/// loader's `seq_len`, `batch_size` or `seed` changed, a shard added) or against another
+/// reference model is refused, with the changed item named, instead of continuing at the old
+/// cursor of a different stream; a change the config accepts (`accept_stream_changes`) resumes.
+/// And `max_steps` is the global step to stop at.
+#[test]
+fn a_resume_on_another_stream_is_refused_with_the_item_named() {
+    let w = world();
+    let data = w.join("resume-data");
+    std::fs::create_dir_all(&data).unwrap();
+    for e in std::fs::read_dir(w.join("data")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), data.join(e.file_name())).unwrap();
+    }
+    let (config, run) = run_config("resume-stream", |c| {
+        c["loader"]["data"]["paths"] = json!([p(&data)]);
+        c["trainer"]["max_steps"] = json!(5);
+    });
+    let out = run_to_end(&config);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(common::last_step(&run), 5);
+    let original: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let rerun = |edit: &dyn Fn(&mut Value)| {
+        let mut c = original.clone();
+        c["trainer"]["max_steps"] = json!(8);
+        edit(&mut c);
+        std::fs::write(&config, c.to_string()).unwrap();
+        run_to_end(&config)
+    };
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(Edit, &str, &str)> = vec![
+        (
+            Box::new(|c| c["loader"]["seq_len"] = json!(32)),
+            "loader.seq_len: 64 in the",
+            ", 32 ",
+        ),
+        (
+            Box::new(|c| c["loader"]["batch_size"] = json!(8)),
+            "loader.batch_size: 4 in the",
+            ", 8 ",
+        ),
+        (
+            Box::new(|c| c["loader"]["seed"] = json!(5)),
+            "loader.seed: 0 in the",
+            ", 5 ",
+        ),
+        (
+            Box::new(move |c| c["selector"]["model"] = json!(p(&world().join("init")))),
+            "this run's reference is",
+            "the trainer asked this selector to stop",
+        ),
+    ];
+    for (edit, named, also) in &cases {
+        let out = rerun(edit.as_ref());
+        let said = stderr(&out);
+        assert!(!out.status.success(), "resumed on another stream: {said}");
+        assert!(
+            said.contains(named) && said.contains(also),
+            "`{named}` not named: {said}"
+        );
+        assert_eq!(
+            latest_checkpoint(&run),
+            "step-00000005",
+            "trained on: {said}"
+        );
+    }
+    // A shard appended to the corpus: refused, then accepted when the config says so.
+    let first = std::fs::read_dir(&data)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let name = format!("zz-{}", first.file_name().unwrap().to_string_lossy());
+    std::fs::copy(&first, data.join(name)).unwrap();
+    let out = rerun(&|_| {});
+    let said = stderr(&out);
+    assert!(!out.status.success(), "resumed on a changed corpus: {said}");
+    assert!(said.contains("loader.data.paths: 2 shards"), "{said}");
+    assert!(said.contains("3 shards"), "{said}");
+    let out = rerun(&|c| c["trainer"]["accept_stream_changes"] = json!(["loader.data.paths"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(common::last_step(&run), 8, "max_steps is the global step");
+    assert_eq!(latest_checkpoint(&run), "step-00000008");
+}
+
+/// The name of the run's latest checkpoint.
+fn latest_checkpoint(run: &Path) -> String {
+    std::fs::read_to_string(run.join("checkpoints/latest"))
+        .unwrap()
+        .trim()
+        .to_string()
+}

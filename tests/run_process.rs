@@ -156,6 +156,7 @@ async fn foreign_and_wrongly_signed_messages_are_refused() {
         tokens: vec![1, 2, 3],
         lengths: vec![3],
         doc_starts: vec![vec![0]],
+        stream: None,
     };
     let scored = Message::Scored(ScoredBatch {
         batch,

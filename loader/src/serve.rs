@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use rho_protocol::flow::{AckOutcome, Credits, Ledger};
 use rho_protocol::producer::{Incoming, Peer, Producer, ProducerError};
-use rho_protocol::{End, Heartbeat, Key, Limits, Message, Role};
+use rho_protocol::{End, Heartbeat, Key, Limits, Message, Resume, Role, Shutdown, StreamIdentity};
 
 use crate::config::LoaderConfig;
 use crate::metrics::{Counts, Metrics, Reporter};
@@ -166,6 +166,9 @@ pub struct Loader {
     total: Option<u64>,
     interrupted: bool,
     started: Instant,
+    /// What shapes the stream this loader issues (none for a scored cache, whose batches carry
+    /// the identity of the stream they were scored from).
+    identity: Option<StreamIdentity>,
 }
 
 impl Loader {
@@ -206,6 +209,10 @@ impl Loader {
             world: u64::from(config.world.get()),
             rank: u64::from(config.rank),
         };
+        let identity = match &source {
+            Source::Tokens(stream) => Some(stream.identity().clone()),
+            Source::Cache(_) => None,
+        };
         let source = Arc::new(Mutex::new(source));
         let start = stride.local_of(config.start_batch);
         Ok(Loader {
@@ -224,6 +231,7 @@ impl Loader {
             total: None,
             interrupted: false,
             started,
+            identity,
         })
     }
 
@@ -333,7 +341,7 @@ impl Loader {
                 });
                 let _ = self.socket.send(&peer, &reply).await;
             }
-            Message::Resume(r) => self.on_resume(r.next_seq),
+            Message::Resume(r) => self.on_resume(peer, r).await,
             Message::Shutdown(s) => {
                 tracing::info!(reason = %s.reason, "shutdown requested by a peer");
                 return self.interrupt();
@@ -370,7 +378,30 @@ impl Loader {
     }
 
     /// Restarts the stream at a consumer's cursor: what was in flight is forgotten.
-    fn on_resume(&mut self, next_seq: u64) {
+    /// A consumer's cursor: the stream restarts there, unless the cursor names a stream that
+    /// is not this loader's (then the consumer is told why, with every differing item, and
+    /// nothing moves).
+    async fn on_resume(&mut self, peer: Peer, r: Resume) {
+        let next_seq = r.next_seq;
+        if let (Some(theirs), Some(mine)) = (&r.stream, &self.identity) {
+            let differences = theirs.differences(mine);
+            if !differences.is_empty() {
+                let reason = format!(
+                    "cannot resume at batch {next_seq}: the cursor belongs to another stream ({}); resume only on the stream it was trained on, accept the change where the consumer allows it (a trainer's `accept_stream_changes`), or start a new run",
+                    rho_protocol::describe_differences(&differences, "in the cursor's stream", "in this loader's")
+                );
+                tracing::error!("{reason}");
+                self.socket
+                    .refuse(peer.clone(), "a resume of another stream");
+                Metrics::set(&self.metrics.messages_rejected, self.socket.refused());
+                let stop = Message::Shutdown(Shutdown {
+                    run_id: self.config.run_id.clone(),
+                    reason,
+                });
+                let _ = self.socket.send(&peer, &stop).await;
+                return;
+            }
+        }
         let local = self.stride.local_of(next_seq);
         tracing::info!(next_seq, "resuming the stream at the consumer's cursor");
         self.producer = spawn_producer(self.source.clone(), local, self.config.prefetch.get());

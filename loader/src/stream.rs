@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use rayon::prelude::*;
-use rho_protocol::{Fingerprint, TokenBatch};
+use rho_protocol::{Corpus, Fingerprint, StreamIdentity, TokenBatch};
 
 use crate::config::LoaderConfig;
 use crate::index::ShardIndex;
@@ -57,6 +57,7 @@ pub struct Stream {
     pool: rayon::ThreadPool,
     index: ShardIndex,
     metrics: Arc<Metrics>,
+    identity: StreamIdentity,
 }
 
 impl Stream {
@@ -96,7 +97,9 @@ impl Stream {
             config.max_doc_bytes
         );
         let index = ShardIndex::open(config.state_dir.as_deref(), key);
+        let identity = identity(config, tokenizer.fingerprint(), &shards);
         Ok(Stream {
+            identity,
             config: config.clone(),
             shards,
             tokenizer,
@@ -104,6 +107,11 @@ impl Stream {
             index,
             metrics,
         })
+    }
+
+    /// What shapes this stream; every batch carries it.
+    pub fn identity(&self) -> &StreamIdentity {
+        &self.identity
     }
 
     /// The tokenizer.
@@ -165,6 +173,7 @@ impl Stream {
             rank: u64::from(self.config.rank),
             run_id: self.config.run_id.clone(),
             tokenizer: self.tokenizer.fingerprint().clone(),
+            identity: self.identity.clone(),
         };
         let mut produced_any = start > 0;
         while epoch < u64::from(self.config.epochs.get()) {
@@ -483,6 +492,7 @@ struct Batcher {
     rank: u64,
     run_id: String,
     tokenizer: Fingerprint,
+    identity: StreamIdentity,
 }
 
 impl Batcher {
@@ -546,6 +556,49 @@ impl Batcher {
             tokens,
             lengths,
             doc_starts,
+            stream: Some(self.identity.clone()),
         }
+    }
+}
+
+/// The identity of the stream of `config` over `shards` (see [`StreamIdentity`]): the shards by
+/// path, size and modification time (a shard that cannot be read counts as 0 bytes at time 0).
+fn identity(config: &LoaderConfig, tokenizer: &Fingerprint, shards: &[Shard]) -> StreamIdentity {
+    let mut bytes = 0u64;
+    let lines: Vec<String> = shards
+        .iter()
+        .map(|s| {
+            let meta = std::fs::metadata(&s.path).ok();
+            let size = meta.as_ref().map_or(0, |m| m.len());
+            let mtime = meta
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            bytes += size;
+            format!("{}\t{size}\t{mtime}", s.path.display())
+        })
+        .collect();
+    let format = serde_json::to_value(config.data.format)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    StreamIdentity {
+        tokenizer: tokenizer.clone(),
+        seq_len: config.seq_len.get() as u64,
+        batch_size: config.batch_size.get() as u64,
+        seed: config.seed,
+        shuffle_window: config.shuffle_window.get() as u64,
+        add_bos: config.add_bos,
+        add_eos: config.add_eos,
+        bos_token: config.bos_token.clone(),
+        eos_token: config.eos_token.clone(),
+        text_field: config.data.text_field.clone(),
+        format,
+        max_doc_bytes: config.max_doc_bytes as u64,
+        corpus: Corpus {
+            shards: shards.len() as u64,
+            bytes,
+            digest: Fingerprint::of_bytes(lines.join("\n").as_bytes()),
+        },
     }
 }

@@ -396,6 +396,7 @@ mod tests {
                 tokens: (0..6).map(|i| i + seq as u32).collect(),
                 lengths: vec![3, 2],
                 doc_starts: vec![vec![0], vec![]],
+                stream: None,
             },
             ref_model: Fingerprint::of_bytes(b"ref"),
             ref_loss: (0..4).map(|i| i as f32 + seq as f32).collect(),

@@ -197,10 +197,15 @@ impl Consumer {
     }
 
     /// Asks the producer to continue the stream at `next_seq`.
-    pub async fn resume(&mut self, next_seq: u64) -> Result<(), ClientError> {
+    pub async fn resume(
+        &mut self,
+        next_seq: u64,
+        stream: Option<crate::StreamIdentity>,
+    ) -> Result<(), ClientError> {
         let m = Message::Resume(Resume {
             run_id: self.run_id.clone(),
             next_seq,
+            stream,
         });
         self.send(&m).await
     }

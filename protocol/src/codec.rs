@@ -95,6 +95,8 @@ struct BatchHeader {
     tokenizer: Fingerprint,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ref_model: Option<Fingerprint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stream: Option<StreamIdentity>,
     lengths: Vec<u32>,
     doc_starts: Vec<Vec<u32>>,
     tensors: Vec<TensorSpec>,
@@ -119,6 +121,8 @@ struct ControlHeader {
     reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     total: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stream: Option<StreamIdentity>,
 }
 
 impl ControlHeader {
@@ -133,6 +137,7 @@ impl ControlHeader {
             at_ms: None,
             next_seq: None,
             reason: None,
+            stream: None,
             total: None,
         }
     }
@@ -195,6 +200,7 @@ impl Message {
             Message::Resume(m) => {
                 let mut h = ControlHeader::new("resume", &m.run_id);
                 h.next_seq = Some(m.next_seq);
+                h.stream = m.stream.clone();
                 control_frames(&h)
             }
             Message::Shutdown(m) => {
@@ -346,6 +352,7 @@ fn decode_control(header: &[u8]) -> Result<Message, DecodeError> {
         "resume" => Message::Resume(Resume {
             run_id,
             next_seq: required(h.next_seq, "next_seq")?,
+            stream: h.stream,
         }),
         "shutdown" => Message::Shutdown(Shutdown {
             run_id,
@@ -380,6 +387,7 @@ fn encode_batch(b: &TokenBatch, scored: Option<(&Fingerprint, &Vec<f32>)>) -> Ve
         epoch: b.epoch,
         tokenizer: b.tokenizer.clone(),
         ref_model: scored.map(|(f, _)| f.clone()),
+        stream: b.stream.clone(),
         lengths: b.lengths.clone(),
         doc_starts: b.doc_starts.clone(),
         tensors,
@@ -538,6 +546,7 @@ fn decode_batch(header: &[u8], data: &[Bytes], scored: bool) -> Result<Message, 
         tokens,
         lengths: h.lengths,
         doc_starts: h.doc_starts,
+        stream: h.stream,
     };
     if !scored {
         if h.ref_model.is_some() {

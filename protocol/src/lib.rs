@@ -40,7 +40,8 @@ pub use error::DecodeError;
 pub use fingerprint::Fingerprint;
 pub use liveness::Liveness;
 pub use messages::{
-    first_non_finite, Ack, Credit, End, Heartbeat, Resume, Role, ScoredBatch, Shutdown, TokenBatch,
+    describe_differences, first_non_finite, Ack, Corpus, Credit, Difference, End, Heartbeat,
+    Resume, Role, ScoredBatch, Shutdown, StreamIdentity, TokenBatch, STREAM_ITEMS,
 };
 pub use splitmix::{mix64, SplitMix64};
 

@@ -36,6 +36,7 @@ fn token_batch() -> impl Strategy<Value = TokenBatch> {
                         .into_iter()
                         .map(|s| s.into_iter().collect())
                         .collect(),
+                    stream: None,
                 })
         })
 }
@@ -62,9 +63,10 @@ fn message() -> impl Strategy<Value = Message> {
             role: Role::Selector,
             at_ms
         })),
-        (run, 0u64..1 << 50).prop_map(|(r, n)| Message::Resume(Resume {
+        (run, 0u64..1 << 50, any::<bool>()).prop_map(|(r, n, with)| Message::Resume(Resume {
             run_id: r,
-            next_seq: n
+            next_seq: n,
+            stream: with.then(identity),
         })),
         (run, ".{0,30}").prop_map(|(r, reason)| Message::Shutdown(Shutdown { run_id: r, reason })),
         (run, 0u64..1 << 50).prop_map(|(r, total)| Message::End(End { run_id: r, total })),
@@ -136,7 +138,30 @@ fn sample_batch() -> Message {
         tokens: (0..8).collect(),
         lengths: vec![4, 3],
         doc_starts: vec![vec![0, 2], vec![]],
+        stream: Some(identity()),
     })
+}
+
+fn identity() -> StreamIdentity {
+    StreamIdentity {
+        tokenizer: Fingerprint::of_bytes(b"tok"),
+        seq_len: 3,
+        batch_size: 2,
+        seed: 7,
+        shuffle_window: 64,
+        add_bos: false,
+        add_eos: true,
+        bos_token: None,
+        eos_token: Some("</s>".into()),
+        text_field: "text".into(),
+        format: "auto".into(),
+        max_doc_bytes: 1 << 20,
+        corpus: Corpus {
+            shards: 2,
+            bytes: 1234,
+            digest: Fingerprint::of_bytes(b"corpus"),
+        },
+    }
 }
 
 #[test]

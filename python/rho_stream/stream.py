@@ -40,6 +40,8 @@ class Batch:
     tokens: Any
     ref_loss: Any = None
     ref_model: Optional[str] = None
+    # What shapes the stream (docs/PROTOCOL.md, "Stream identity"), when the loader said.
+    stream: Optional[Dict[str, Any]] = None
 
     @property
     def rows(self) -> int:
@@ -120,6 +122,8 @@ class RhoStream:
         self.stats = Stats()
         # The run's reference model, once known (the I/O thread fixes it from the first batch).
         self.reference: Optional[str] = reference
+        # The stream's identity, once known (the first batch, or a cursor's).
+        self.stream: Optional[Dict[str, Any]] = None
         self.total: Optional[int] = None
         # The cursor: the next sequence number the training loop needs.
         self._next_seq = rank
@@ -148,6 +152,8 @@ class RhoStream:
         state = {"run_id": self.run_id, "next_seq": nxt, "rank": self.rank, "world": self.world}
         if self.reference is not None:
             state["reference"] = self.reference
+        if self.stream is not None:
+            state["stream"] = self.stream
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -165,6 +171,8 @@ class RhoStream:
                     "one run trains against one reference"
                 )
             self.reference = saved
+        if state.get("stream") is not None:
+            self.stream = state["stream"]
         self._yielded = None
         self._next_seq = nxt
         if self._thread is not None:
@@ -279,7 +287,7 @@ class RhoStream:
         last_beat = 0.0
         ended = False
         if cursor != self.rank:
-            self._send(loader, control("resume", run_id, key, next_seq=cursor))
+            self._send(loader, self._resume(cursor))
         self._send(loader, self._heartbeat())
         poller = zmq.Poller()
         poller.register(loader, zmq.POLLIN)
@@ -293,6 +301,7 @@ class RhoStream:
             nonlocal requested
             if not self.scored:
                 requested = max(requested - 1, 0)
+            self._check_stream(b)
             if b.seq % self.world != self.rank:
                 self.stats.messages_rejected += 1
                 log.warning("refused batch %d: not a sequence number of rank %d of %d", b.seq, self.rank, self.world)
@@ -323,7 +332,7 @@ class RhoStream:
                     ended = False
                     buffer.clear()
                     requested = 0
-                    self._send(loader, control("resume", run_id, key, next_seq=arg))
+                    self._send(loader, self._resume(arg))
             # Hand over what is next in order.
             while cursor in buffer:
                 self._out.put(buffer.pop(cursor))
@@ -347,7 +356,7 @@ class RhoStream:
                     requested = 0
                     heard = now
                     self.stats.reconnects += 1
-                    self._send(loader, control("resume", run_id, key, next_seq=cursor))
+                    self._send(loader, self._resume(cursor))
             for sock, _ in poller.poll(timeout=20):
                 while True:
                     try:
@@ -405,11 +414,31 @@ class RhoStream:
         elif kind == "heartbeat":
             pass
         elif kind == "shutdown":
-            log.info("the loader asked to stop: %s", m.header.get("reason"))
-            self.total = self.total if self.total is not None else 0
+            # A loader refuses a consumer this way (a cursor of another stream): nothing can go on.
+            raise RuntimeError(f"the loader refused this stream: {m.header.get('reason')}")
         else:
             self.stats.messages_rejected += 1
             log.warning("refused a `%s` message from the loader", kind)
+
+    def _resume(self, cursor: int) -> List[bytes]:
+        """A resume at ``cursor``, naming the stream it belongs to when known."""
+        fields: Dict[str, Any] = {"next_seq": cursor}
+        if self.stream is not None:
+            fields["stream"] = self.stream
+        return control("resume", self.run_id, self.key, **fields)
+
+    def _check_stream(self, b: Batch) -> None:
+        """The first batch fixes the stream's identity; a batch of another stream stops."""
+        if b.stream is None:
+            return
+        if self.stream is None:
+            self.stream = b.stream
+        elif b.stream != self.stream:
+            changed = sorted(k for k in set(self.stream) | set(b.stream) if self.stream.get(k) != b.stream.get(k))
+            raise RuntimeError(
+                f"batch {b.seq} is not of this stream (changed: {', '.join('loader.' + k for k in changed)}); "
+                "resume only on the stream the cursor was trained on"
+            )
 
     def _refusal(self, b: Batch) -> Optional[str]:
         """Why a scored batch is refused, or None; the first one fixes the run's reference."""
@@ -444,4 +473,5 @@ class RhoStream:
             tokens=m.tokens,
             ref_loss=m.ref_loss,
             ref_model=h.get("ref_model"),
+            stream=h.get("stream"),
         )

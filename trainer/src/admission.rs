@@ -5,15 +5,19 @@
 //!   when the config names one, else the checkpoint's on resume, else the first scored batch's;
 //!   a scored batch of another reference is refused;
 //! - **finite reference losses**: a NaN or an infinity at a valid position is refused;
-//! - **the checkpoint's stream**: a resumed run's batches have the tokenizer and `seq_len` its
-//!   checkpoint was trained on; a difference stops the run with the item named.
+//! - **the checkpoint's stream**: a resumed run's batches come from the stream its checkpoint
+//!   was trained on (the stream identity its loader stamps on every batch: tokenizer, the
+//!   loader settings that shape the stream, the corpus); a difference stops the run with every
+//!   changed item named, unless the config accepts that item (`accept_stream_changes`). The
+//!   first batch of a fresh run fixes the stream, and a later batch of another stream (a loader
+//!   restarted with another config) stops the run too.
 //!
 //! A refused batch is not trained on and not acknowledged: its lease hands it out again, to a
 //! selector that scores it with the run's reference.
 
 use std::path::PathBuf;
 
-use rho_protocol::{Fingerprint, ScoredBatch, TokenBatch};
+use rho_protocol::{Difference, Fingerprint, ScoredBatch, StreamIdentity, TokenBatch};
 
 use crate::checkpoint::StreamSeen;
 use crate::{Result, TrainerError};
@@ -28,6 +32,8 @@ pub struct Admission {
     /// The checkpoint's reference, when this run deliberately changes it (logged once the new
     /// one is known).
     changed_from: Option<Fingerprint>,
+    /// Stream items whose change from the checkpoint's is accepted (`accept_stream_changes`).
+    accepted: Vec<String>,
 }
 
 impl Admission {
@@ -72,7 +78,24 @@ impl Admission {
             seen,
             resumed_from: Some(dir),
             changed_from,
+            accepted: Vec::new(),
         })
+    }
+
+    /// Accepts a change of these stream items from the checkpoint's (names of
+    /// [`rho_protocol::STREAM_ITEMS`]; each accepted change is logged).
+    pub fn accepting(mut self, items: &[String]) -> Self {
+        self.accepted = items.to_vec();
+        self
+    }
+
+    /// The stream a resume's cursor belongs to, for the loader to check; none where this run
+    /// accepts changes (it checks them itself) or knows no identity yet.
+    pub fn cursor_stream(&self) -> Option<StreamIdentity> {
+        match self.accepted.is_empty() {
+            true => self.seen.loader.clone(),
+            false => None,
+        }
     }
 
     /// What the stream has been so far (recorded in checkpoints).
@@ -80,32 +103,63 @@ impl Admission {
         &self.seen
     }
 
-    /// Checks a token batch against the stream (tokenizer and `seq_len`); the first batch of a
-    /// fresh run fixes both. A difference from a checkpoint stops the run.
+    /// Checks a token batch against the stream: its stream identity where its loader stamped
+    /// one, else its tokenizer and `seq_len`. The first batch of a fresh run fixes the stream;
+    /// a difference from a checkpoint's stream (not accepted by `accept_stream_changes`), or
+    /// from the stream earlier in this run, stops the run with every changed item named.
     pub fn batch(&mut self, b: &TokenBatch) -> Result<()> {
         let seq_len = b.window.saturating_sub(1);
-        let differs = |item: &str, then: &dyn std::fmt::Display, now: &dyn std::fmt::Display| {
-            let whose = match &self.resumed_from {
-                Some(_) => "in the checkpoint",
-                None => "earlier in this run",
-            };
-            let reason = format!("{item}: {then} {whose}, {now} now (batch {}): this is not the stream {}; resume only on the stream it was trained on, or start a new run", b.seq, if self.resumed_from.is_some() { "the checkpoint was trained on" } else { "the run started" });
-            match &self.resumed_from {
-                Some(dir) => TrainerError::checkpoint(dir, reason),
-                None => TrainerError::Batch { seq: b.seq, reason },
-            }
+        let whose = match &self.resumed_from {
+            Some(_) => "in the checkpoint",
+            None => "earlier in this run",
         };
-        match &self.seen.tokenizer {
-            Some(t) if *t != b.tokenizer => {
-                return Err(differs("loader.tokenizer", t, &b.tokenizer))
+        let mut differences = match (&self.seen.loader, &b.stream) {
+            (Some(then), Some(now)) => then.differences(now),
+            _ => Vec::new(),
+        };
+        if b.stream.is_none() || self.seen.loader.is_none() {
+            // What the batch itself shows, where no identity compares.
+            if let Some(t) = self.seen.tokenizer.as_ref().filter(|t| **t != b.tokenizer) {
+                differences.push(Difference {
+                    item: "loader.tokenizer",
+                    then: t.to_string(),
+                    now: b.tokenizer.to_string(),
+                });
             }
-            Some(_) => {}
-            None => self.seen.tokenizer = Some(b.tokenizer.clone()),
+            if let Some(n) = self.seen.seq_len.filter(|n| *n != seq_len) {
+                differences.push(Difference {
+                    item: "loader.seq_len",
+                    then: n.to_string(),
+                    now: seq_len.to_string(),
+                });
+            }
         }
-        match self.seen.seq_len {
-            Some(n) if n != seq_len => return Err(differs("loader.seq_len", &n, &seq_len)),
-            Some(_) => {}
-            None => self.seen.seq_len = Some(seq_len),
+        let refused: Vec<Difference> = differences
+            .iter()
+            .filter(|d| self.resumed_from.is_none() || !self.accepted.iter().any(|a| a == d.item))
+            .cloned()
+            .collect();
+        if !refused.is_empty() {
+            let what = rho_protocol::describe_differences(&refused, whose, "now");
+            return Err(match &self.resumed_from {
+                Some(dir) => TrainerError::checkpoint(dir, format!("batch {} is not of the stream this checkpoint was trained on: {what}; resume only on that stream, list the items in `accept_stream_changes` to accept these changes, or start a new run", b.seq)),
+                None => TrainerError::Batch {
+                    seq: b.seq,
+                    reason: format!("not of the stream this run started on: {what} (a loader restarted with another config?)"),
+                },
+            });
+        }
+        if !differences.is_empty() {
+            let accepted = rho_protocol::describe_differences(&differences, whose, "now");
+            tracing::warn!(
+                seq = b.seq,
+                "the stream changes on this resume (`accept_stream_changes`): {accepted}"
+            );
+        }
+        self.seen.tokenizer = Some(b.tokenizer.clone());
+        self.seen.seq_len = Some(seq_len);
+        if let Some(now) = &b.stream {
+            self.seen.loader = Some(now.clone());
         }
         Ok(())
     }
@@ -157,6 +211,7 @@ mod tests {
                 tokens: vec![1; 8],
                 lengths: vec![4, 2],
                 doc_starts: vec![vec![0]; 2],
+                stream: None,
             },
             ref_model: Fingerprint::of_bytes(model),
             ref_loss: losses,
@@ -207,6 +262,7 @@ mod tests {
             tokenizer: Some(Fingerprint::of_bytes(b"tok")),
             seq_len: Some(5),
             reference: Some(Fingerprint::of_bytes(b"a")),
+            loader: None,
         };
         let at = || Some((PathBuf::from("ck/step-00000003"), saved.clone()));
         let mut a = Admission::new(None, false, at()).unwrap();
@@ -236,5 +292,77 @@ mod tests {
         let mut a = Admission::new(None, true, at()).unwrap();
         assert_eq!(a.scored(&scored(3, b"c", vec![1.0; 6])).unwrap(), None);
         assert_eq!(a.seen().reference, Some(Fingerprint::of_bytes(b"c")));
+    }
+
+    fn identity(seq_len: u64, shards: u64) -> StreamIdentity {
+        StreamIdentity {
+            tokenizer: Fingerprint::of_bytes(b"tok"),
+            seq_len,
+            batch_size: 2,
+            seed: 0,
+            shuffle_window: 64,
+            add_bos: false,
+            add_eos: true,
+            bos_token: None,
+            eos_token: None,
+            text_field: "text".into(),
+            format: "auto".into(),
+            max_doc_bytes: 1 << 20,
+            corpus: rho_protocol::Corpus {
+                shards,
+                bytes: 10 * shards,
+                digest: Fingerprint::of_bytes(&shards.to_be_bytes()),
+            },
+        }
+    }
+
+    #[test]
+    fn a_resume_on_another_stream_names_every_change_unless_accepted() {
+        let saved = StreamSeen {
+            tokenizer: Some(Fingerprint::of_bytes(b"tok")),
+            seq_len: Some(3),
+            reference: None,
+            loader: Some(identity(3, 2)),
+        };
+        let at = || Some((PathBuf::from("ck"), saved.clone()));
+        let mut batch = scored(3, b"a", vec![1.0; 6]).batch;
+        batch.stream = Some(identity(3, 3));
+        let err = Admission::new(None, false, at())
+            .unwrap()
+            .batch(&batch)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("loader.data.paths: 2 shards of 20 bytes"),
+            "{err}"
+        );
+        assert!(err.contains("3 shards of 30 bytes"), "{err}");
+        let mut a = Admission::new(None, false, at())
+            .unwrap()
+            .accepting(&["loader.data.paths".into()]);
+        assert_eq!(
+            a.cursor_stream(),
+            None,
+            "the trainer checks accepted changes itself"
+        );
+        a.batch(&batch).unwrap();
+        assert_eq!(a.seen().loader, Some(identity(3, 3)));
+        // Accepting one item does not accept another.
+        let mut other = batch.clone();
+        other.stream = Some(identity(3, 4));
+        other.stream.as_mut().unwrap().seed = 9;
+        let mut a = Admission::new(None, false, at())
+            .unwrap()
+            .accepting(&["loader.data.paths".into()]);
+        let err = a.batch(&other).unwrap_err().to_string();
+        assert!(
+            err.contains("loader.seed: 0 in the checkpoint, 9 now"),
+            "{err}"
+        );
+        assert!(!err.contains("loader.data.paths"), "{err}");
+        // Within one run, another stream stops the run whatever is accepted.
+        let mut fresh = Admission::new(None, false, None).unwrap();
+        fresh.batch(&batch).unwrap();
+        assert!(fresh.batch(&other).is_err());
     }
 }

@@ -55,6 +55,9 @@ pub struct StreamSeen {
     /// The reference model of the scored batches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<rho_protocol::Fingerprint>,
+    /// What shaped the stream, as its loader stamped it on the batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loader: Option<rho_protocol::StreamIdentity>,
 }
 
 impl StreamSeen {

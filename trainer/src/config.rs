@@ -125,6 +125,11 @@ pub struct TrainerConfig {
     /// Continue from the newest complete checkpoint in `checkpoint.dir` when there is one.
     #[serde(default)]
     pub resume: bool,
+    /// Stream items whose change from the checkpoint's stream a resume accepts, by their config
+    /// names (`loader.data.paths` for the corpus, `loader.seed`, ...: see docs/CONFIG.md). A
+    /// resume on a stream that differs in any other item is refused with the items named.
+    #[serde(default)]
+    pub accept_stream_changes: Vec<String>,
     /// Held-out evaluation.
     #[serde(default)]
     pub eval: Option<EvalConfig>,
@@ -243,6 +248,19 @@ impl TrainerConfig {
         }
         if let Err(reason) = rho_model::lanes::check(self.lanes, self.device, self.threads) {
             return bad("lanes", reason);
+        }
+        if let Some(item) = self
+            .accept_stream_changes
+            .iter()
+            .find(|i| !rho_protocol::STREAM_ITEMS.contains(&i.as_str()))
+        {
+            return bad(
+                "accept_stream_changes",
+                format!(
+                    "`{item}` is not an item of a stream; the items are {}",
+                    rho_protocol::STREAM_ITEMS.join(", ")
+                ),
+            );
         }
         Ok(())
     }

@@ -45,6 +45,12 @@ pub enum TrainerError {
         /// What is wrong.
         reason: String,
     },
+    /// The loader refused this trainer (a resume on another stream) and told it why.
+    #[error("the loader refused this trainer: {reason}")]
+    LoaderRefused {
+        /// The loader's reason.
+        reason: String,
+    },
     /// The connection to the loader failed.
     #[error("the loader connection")]
     Client(#[from] rho_protocol::client::ClientError),

@@ -151,7 +151,8 @@ impl Trainer {
             config.selection.reference_fingerprint.clone(),
             config.selection.change_reference,
             resumed.map(|dir| (dir, state.stream.clone())),
-        )?;
+        )?
+        .accepting(&config.accept_stream_changes);
         let limits = Limits::with_max_message_bytes(config.max_message_bytes);
         let key = Key::from_config(config.secret_file.as_deref()).map_err(|reason| {
             TrainerError::ConfigField {
@@ -168,7 +169,9 @@ impl Trainer {
         let mut loader =
             Consumer::connect_with(config.loader.as_str(), &config.run_id, limits, key).await?;
         if state.next_seq > 0 {
-            loader.resume(state.next_seq).await?;
+            loader
+                .resume(state.next_seq, admission.cursor_stream())
+                .await?;
         }
         // A resumed run continues its metrics file; a fresh one starts it empty.
         let metrics = match &config.metrics {
@@ -393,6 +396,9 @@ impl Trainer {
             }
             Ok(Message::End(e)) => self.total = Some(e.total),
             Ok(Message::Heartbeat(_)) => {}
+            Ok(Message::Shutdown(s)) if s.run_id == self.run_id => {
+                return Err(TrainerError::LoaderRefused { reason: s.reason });
+            }
             Ok(other) => {
                 self.report.messages_rejected += 1;
                 tracing::warn!("refused a `{}` message from the loader", other.kind());
@@ -427,7 +433,10 @@ impl Trainer {
         self.requested = 0;
         // A restarted loader starts wherever its config says: tell it the cursor.
         let next_seq = self.state.next_seq;
-        let _ = self.loader.resume(next_seq).await;
+        let _ = self
+            .loader
+            .resume(next_seq, self.admission.cursor_stream())
+            .await;
         tracing::info!(
             next_seq,
             "reconnected to the loader and sent it the stream cursor"

@@ -54,6 +54,7 @@ fn batch(seq: u64, rows: usize, window: usize) -> TokenBatch {
         tokens,
         lengths,
         doc_starts: vec![vec![0]; rows],
+        stream: None,
     }
 }
 

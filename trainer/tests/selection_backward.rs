@@ -112,6 +112,7 @@ fn batch(lengths: &[u32]) -> TokenBatch {
         tokens,
         lengths: lengths.to_vec(),
         doc_starts: vec![vec![0]; ROWS],
+        stream: None,
     }
 }
 

@@ -25,6 +25,8 @@ pub struct TokenBatch {
     pub lengths: Vec<u32>,
     /// For each row, the strictly increasing positions at which a document starts.
     pub doc_starts: Vec<Vec<u32>>,
+    /// The identity of the stream the batch belongs to (what shapes it), when its loader said.
+    pub stream: Option<crate::StreamIdentity>,
 }
 
 impl TokenBatch {

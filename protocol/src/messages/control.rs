@@ -52,6 +52,9 @@ pub struct Resume {
     pub run_id: String,
     /// The first batch the consumer has not trained on.
     pub next_seq: u64,
+    /// The stream the cursor belongs to (its checkpoint's); a loader whose own stream differs
+    /// refuses the resume with the items named.
+    pub stream: Option<crate::StreamIdentity>,
 }
 
 /// Stop: the sender is going away, or asks the receiver to.
