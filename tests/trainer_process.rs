@@ -158,6 +158,75 @@ async fn out_of_order_and_duplicate_deliveries() {
     let _ = loader.wait();
 }
 
+/// Rule: reference losses that are not finite are never trained on. A stand-in selector sends
+/// a batch with a NaN reference loss at a valid position: the trainer refuses it and tells the
+/// stand-in to stop, naming the batch and the position; the stand-in goes away, the loader's
+/// lease hands its batches to a real selector, and every batch is trained exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nan_reference_loss_is_refused_and_the_batch_scored_again() {
+    use rho_protocol::client::Consumer;
+    use rho_protocol::{Limits, Message, Role, ScoredBatch};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    setup(root);
+    let mut loader_cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("loader.json")).unwrap()).unwrap();
+    loader_cfg["lease_secs"] = json!(2.0);
+    write(&root.join("loader.json"), &loader_cfg);
+    let loader = spawn(&["loader", "--config", &p(&root.join("loader.json"))]);
+    let loader_ep = wait_file(&root.join("loader.endpoint"));
+    let cfg = json!({
+        "run_id": "tr", "loader": loader_ep, "delivery": "tcp://127.0.0.1:0",
+        "delivery_file": "nan.delivery", "backend": "null", "metrics": "nan.metrics.jsonl",
+    });
+    write(&root.join("nan.json"), &cfg);
+    let trainer = spawn(&["trainer", "--config", &p(&root.join("nan.json"))]);
+    let delivery = wait_file(&root.join("nan.delivery"));
+    let mut up = Consumer::connect(&loader_ep, "tr", Limits::default())
+        .await
+        .unwrap();
+    let mut down = Consumer::connect(&delivery, "tr", Limits::default())
+        .await
+        .unwrap();
+    down.heartbeat(Role::Selector).await.unwrap();
+    up.credit(1).await.unwrap();
+    let batch = loop {
+        if let Message::Batch(b) = up.recv().await.unwrap() {
+            break b;
+        }
+    };
+    let mut ref_loss = vec![1.0; batch.rows * (batch.window - 1)];
+    ref_loss[3] = f32::NAN;
+    let seq = batch.seq;
+    down.send(&Message::Scored(ScoredBatch {
+        batch,
+        ref_model: rho_protocol::Fingerprint::of_bytes(b"r"),
+        ref_loss,
+    }))
+    .await
+    .unwrap();
+    let reason = loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(30), down.recv()).await {
+            Ok(Ok(Message::Shutdown(s))) => break s.reason,
+            Ok(Ok(_)) => continue,
+            other => panic!("no shutdown from the trainer: {other:?}"),
+        }
+    };
+    assert!(reason.contains(&format!("batch {seq}")), "{reason}");
+    assert!(reason.contains("row 0, position 3 is NaN"), "{reason}");
+    drop(up);
+    drop(down);
+    let sel = json!({"run_id": "tr", "loader": loader_ep, "trainer": delivery, "model": "ref", "tokenizer": "tokenizer.json"});
+    write(&root.join("nan-selector.json"), &sel);
+    let selector = spawn(&["selector", "--config", &p(&root.join("nan-selector.json"))]);
+    let report = finish(trainer, "trainer");
+    let steps = report["steps"].as_u64().unwrap();
+    assert_eq!(common::consumed(&report), (0..steps).collect::<Vec<_>>());
+    assert_eq!(report["reference_refused"], 1);
+    finish(loader, "loader");
+    finish(selector, "selector");
+}
+
 /// Processes may start in any order: here the trainer first, then the selector, the loader last.
 #[test]
 fn processes_start_in_reverse_order() {

@@ -4,9 +4,12 @@
 # It needs only a `rho` built with `--features cuda` (scripts/cuda-cargo build --release; strip
 # it to bring it under 35 MB) and the fixtures of model/tests/fixtures, copied beside this
 # script's repository layout: no network, no Rust toolchain. The GPU machine must have the
-# NVIDIA driver (libcuda.so.1) and the CUDA 13 libraries the binary links (libcudart.so.13,
-# libcublas.so.13, libcublasLt.so.13, libcurand.so.10; a directory holding them can be named in
-# LD_LIBRARY_PATH). What is missing is said, and written to the JSON, before anything runs.
+# NVIDIA driver (libcuda.so.1, branch 580 or newer: CUDA 13.0, scripts/cuda-minimum) and the
+# CUDA 13 libraries the binary links (libcudart.so.13, libcublas.so.13, libcublasLt.so.13,
+# libcurand.so.10): from LD_LIBRARY_PATH, the system, or else the nvidia/*/lib directories of the
+# machine's PyTorch environment, which the check finds itself. The driver's CUDA version is
+# compared with the kernels' PTX version first. What is missing is said, and written to the
+# JSON, before anything runs.
 #
 #     bench/gpu/check.sh [--rho PATH] [--out DIR] [--device cuda:0]   # on the GPU machine
 #     bench/gpu/check.sh --device cpu --tiny                          # the same steps on a CPU
@@ -54,12 +57,48 @@ fail() {
 [[ -n "$rho" && -x "$rho" ]] || fail "no rho binary (give --rho PATH or RHO)" "rho"
 [[ -d model/tests/fixtures ]] || fail "no fixtures at model/tests/fixtures" "model/tests/fixtures"
 
-missing=()
-while read -r lib _; do
-    missing+=("$lib")
-done < <(ldd "$rho" 2>/dev/null | grep 'not found')
+# not_found: the shared libraries the binary needs that the loader cannot find.
+not_found() {
+    ldd "$rho" 2>/dev/null | grep 'not found' | awk '{print $1}'
+}
+# Without a CUDA installation, the CUDA libraries of the machine's PyTorch environment (its
+# nvidia/*/lib directories, nvidia/cu13/lib for CUDA 13 wheels) serve the binary.
+if [[ -n "$(not_found)" ]]; then
+    for py in python3 python; do
+        command -v "$py" >/dev/null || continue
+        dirs=$("$py" -c 'import glob, os, nvidia
+print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "*", "lib", "lib*.so*"))})))' 2>/dev/null) || continue
+        if [[ -n "$dirs" ]]; then
+            export LD_LIBRARY_PATH="$dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+            echo "CUDA libraries from $py's nvidia packages: $dirs" >&2
+            break
+        fi
+    done
+fi
+mapfile -t missing < <(not_found)
 if [[ ${#missing[@]} -gt 0 ]]; then
     fail "shared libraries the binary needs are not on this machine" "${missing[@]}"
+fi
+
+# The kernels' PTX against the driver, before anything runs: a driver loads PTX only up to the
+# ISA of its own CUDA version (13.x loads 9.x and older, 12.x up to 8.8; docs/GPU.md).
+kernels_ptx=$(grep -a -oE '^\.version [0-9]+\.[0-9]+' "$rho" | cut -d' ' -f2 | sort -V | tail -n1)
+if [[ $device == cuda* ]]; then
+    driver_cuda=$(nvidia-smi 2>/dev/null | grep -oE 'CUDA Version: [0-9]+\.[0-9]+' | head -n1 | cut -d' ' -f3)
+    driver_version=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1)
+    # The newest PTX ISA a driver of CUDA major.minor loads.
+    case ${driver_cuda:-} in
+        13.*) loads="9.${driver_cuda#13.}" ;;
+        12.6 | 12.7) loads=8.5 ;;
+        12.8) loads=8.7 ;;
+        12.9) loads=8.8 ;;
+        12.*) loads="8.${driver_cuda#12.}" ;;
+        *) loads= ;;
+    esac
+    echo "driver ${driver_version:-unknown} (CUDA ${driver_cuda:-unknown}, loads PTX up to ${loads:-unknown}); kernels: PTX ${kernels_ptx:-none found}" >&2
+    if [[ -n "$loads" && -n "$kernels_ptx" && "$(printf '%s\n%s\n' "$kernels_ptx" "$loads" | sort -V | tail -n1)" != "$loads" ]]; then
+        fail "the kernels are PTX $kernels_ptx, newer than the $loads that this driver (CUDA $driver_cuda) loads: build with scripts/cuda-cargo (CUDA 13.0, docs/GPU.md) or update the driver" "driver for PTX $kernels_ptx"
+    fi
 fi
 
 args=(bench device --device "$device" --out "$out")

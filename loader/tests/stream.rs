@@ -251,3 +251,67 @@ fn a_tokenizer_files_own_padding_and_truncation_change_nothing() {
         );
     }
 }
+
+/// A corpus that yields nothing names its shards and what is wrong with each (a held-out path
+/// that does not exist, an empty file), instead of a bare count.
+#[test]
+fn an_empty_corpus_names_its_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    parquet_corpus(&data, 1, 5);
+    let tk = bpe_tokenizer(&data, &dir.path().join("bpe.json"));
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let missing = dir.path().join("held-out.jsonl");
+    let mut cfg = config(&data, &tk, 16, 2);
+    cfg.data.paths = vec![missing.display().to_string(), empty.display().to_string()];
+    let metrics = std::sync::Arc::new(rho_loader::metrics::Metrics::default());
+    let mut s = rho_loader::Stream::new(&cfg, metrics).unwrap();
+    let err = s.run(0, |_| rho_loader::Flow::Continue).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("{} (does not exist)", missing.display())),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("{} (empty)", empty.display())),
+        "{text}"
+    );
+}
+
+/// Every batch carries the identity of its stream; the identity follows every setting that
+/// shapes the stream, and the corpus's shards, but not the epochs or the rank.
+#[test]
+fn every_batch_carries_its_streams_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    parquet_corpus(&data, 2, 20);
+    let tk = bpe_tokenizer(&data, &dir.path().join("bpe.json"));
+    let cfg = config(&data, &tk, 16, 2);
+    let identity = |cfg: &rho_loader::LoaderConfig| {
+        let (batches, _) = batches(cfg, 0);
+        let first = batches[0].stream.clone().expect("a stream identity");
+        assert!(batches.iter().all(|b| b.stream.as_ref() == Some(&first)));
+        first
+    };
+    let base = identity(&cfg);
+    assert_eq!(
+        (base.seq_len, base.batch_size, base.corpus.shards),
+        (16, 2, 2)
+    );
+    let mut more_epochs = cfg.clone();
+    more_epochs.epochs = std::num::NonZero::new(2).unwrap();
+    assert_eq!(identity(&more_epochs), base);
+    let mut seeded = cfg.clone();
+    seeded.seed = 3;
+    let d = base.differences(&identity(&seeded));
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].item, "loader.seed");
+    // A shard added changes the corpus.
+    parquet_corpus(&dir.path().join("data/more"), 1, 5);
+    let d = base.differences(&identity(&cfg));
+    assert_eq!(
+        d.iter().map(|d| d.item).collect::<Vec<_>>(),
+        ["loader.data.paths"]
+    );
+}

@@ -42,7 +42,10 @@ def test_every_process_writes_scalars_that_tensorboard_reads_back(pipeline):
     path = pipeline.write("tb-run.json", config)
     env = dict(pipeline.env, RUST_LOG="warn")
     run(path, env)
-    # Resumed: six more steps, continuing the same curves.
+    # Resumed up to step 12 (`max_steps` is the global step): six more steps, continuing the
+    # same curves.
+    config["trainer"]["max_steps"] = 12
+    path = pipeline.write("tb-run.json", config)
     run(path, env)
 
     tb = root / "run" / "tensorboard"

@@ -141,12 +141,12 @@ pub struct Selection {
     /// selector logs and stamps on every scored batch). Unset, the run takes the reference of
     /// its first scored batch, or of its checkpoint when it resumes; either way a batch scored
     /// by another reference is refused, never trained on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub reference_fingerprint: Option<rho_protocol::Fingerprint>,
     /// On resume, take `reference_fingerprint` (or the first scored batch's reference) even
     /// where the checkpoint was trained against another one: a deliberate change of reference,
     /// logged. Default false: a checkpoint's reference is the run's.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default)]
     pub change_reference: bool,
 }
 
