@@ -107,39 +107,90 @@ fn causal_lm_trains_from_the_loader_directly() {
     finish(loader, "loader");
 }
 
-/// A stand-in selector delivers scored batches out of order and once twice: the trainer trains
-/// them in sequence order, once each, and counts the duplicate.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn out_of_order_and_duplicate_deliveries() {
+/// Gives the setup's loader a lease of `secs` seconds, so that refused batches go back soon.
+fn short_lease(root: &Path, secs: f64) {
+    let path = root.join("loader.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["lease_secs"] = json!(secs);
+    write(&path, &cfg);
+}
+
+/// A loader, a trainer of config `trainer` (its loader and delivery endpoint filled in) and a
+/// stand-in selector's two connections: `up` to the loader, `down` to the trainer (introduced).
+struct StandIn {
+    loader: std::process::Child,
+    trainer: std::process::Child,
+    loader_ep: String,
+    delivery: String,
+    up: rho_protocol::client::Consumer,
+    down: rho_protocol::client::Consumer,
+}
+
+async fn stand_in(root: &Path, name: &str, mut trainer: Value) -> StandIn {
     use rho_protocol::client::Consumer;
-    use rho_protocol::{Limits, Message, Role, ScoredBatch};
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    setup(root);
-    let mut loader = spawn(&["loader", "--config", &p(&root.join("loader.json"))]);
+    use rho_protocol::{Limits, Role};
+    let loader = spawn(&["loader", "--config", &p(&root.join("loader.json"))]);
     let loader_ep = wait_file(&root.join("loader.endpoint"));
-    let cfg = json!({
-        "run_id": "tr", "loader": loader_ep, "delivery": "tcp://127.0.0.1:0",
-        "delivery_file": "null.delivery", "backend": "null", "max_steps": 3,
-        "credits_per_selector": 8,
-    });
-    write(&root.join("null.json"), &cfg);
-    let trainer = spawn(&["trainer", "--config", &p(&root.join("null.json"))]);
-    let delivery = wait_file(&root.join("null.delivery"));
-    let mut up = Consumer::connect(&loader_ep, "tr", Limits::default())
+    trainer["run_id"] = json!("tr");
+    trainer["loader"] = json!(loader_ep);
+    trainer["delivery"] = json!("tcp://127.0.0.1:0");
+    trainer["delivery_file"] = json!(format!("{name}.delivery"));
+    write(&root.join(format!("{name}.json")), &trainer);
+    let trainer = spawn(&[
+        "trainer",
+        "--config",
+        &p(&root.join(format!("{name}.json"))),
+    ]);
+    let delivery = wait_file(&root.join(format!("{name}.delivery")));
+    let up = Consumer::connect(&loader_ep, "tr", Limits::default())
         .await
         .unwrap();
     let mut down = Consumer::connect(&delivery, "tr", Limits::default())
         .await
         .unwrap();
     down.heartbeat(Role::Selector).await.unwrap();
-    up.credit(3).await.unwrap();
+    StandIn {
+        loader,
+        trainer,
+        loader_ep,
+        delivery,
+        up,
+        down,
+    }
+}
+
+/// The next `n` token batches the loader sends to `up`, after asking for them.
+async fn take_batches(
+    up: &mut rho_protocol::client::Consumer,
+    n: usize,
+) -> Vec<rho_protocol::TokenBatch> {
+    up.credit(n as u32).await.unwrap();
     let mut batches = Vec::new();
-    while batches.len() < 3 {
-        if let Message::Batch(b) = up.recv().await.unwrap() {
+    while batches.len() < n {
+        if let rho_protocol::Message::Batch(b) = up.recv().await.unwrap() {
             batches.push(b);
         }
     }
+    batches
+}
+
+/// A stand-in selector delivers scored batches out of order and once twice: the trainer trains
+/// them in sequence order, once each, and counts the duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_and_duplicate_deliveries() {
+    use rho_protocol::{Message, ScoredBatch};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    setup(root);
+    let trainer = json!({"backend": "null", "max_steps": 3, "credits_per_selector": 8});
+    let StandIn {
+        mut loader,
+        trainer,
+        mut up,
+        mut down,
+        ..
+    } = stand_in(root, "null", trainer).await;
+    let batches = take_batches(&mut up, 3).await;
     let scored = |b: &rho_protocol::TokenBatch| {
         let n = b.rows * (b.window - 1);
         Message::Scored(ScoredBatch {
@@ -164,37 +215,21 @@ async fn out_of_order_and_duplicate_deliveries() {
 /// lease hands its batches to a real selector, and every batch is trained exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nan_reference_loss_is_refused_and_the_batch_scored_again() {
-    use rho_protocol::client::Consumer;
-    use rho_protocol::{Limits, Message, Role, ScoredBatch};
+    use rho_protocol::{Message, ScoredBatch};
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     setup(root);
-    let mut loader_cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("loader.json")).unwrap()).unwrap();
-    loader_cfg["lease_secs"] = json!(2.0);
-    write(&root.join("loader.json"), &loader_cfg);
-    let loader = spawn(&["loader", "--config", &p(&root.join("loader.json"))]);
-    let loader_ep = wait_file(&root.join("loader.endpoint"));
-    let cfg = json!({
-        "run_id": "tr", "loader": loader_ep, "delivery": "tcp://127.0.0.1:0",
-        "delivery_file": "nan.delivery", "backend": "null", "metrics": "nan.metrics.jsonl",
-    });
-    write(&root.join("nan.json"), &cfg);
-    let trainer = spawn(&["trainer", "--config", &p(&root.join("nan.json"))]);
-    let delivery = wait_file(&root.join("nan.delivery"));
-    let mut up = Consumer::connect(&loader_ep, "tr", Limits::default())
-        .await
-        .unwrap();
-    let mut down = Consumer::connect(&delivery, "tr", Limits::default())
-        .await
-        .unwrap();
-    down.heartbeat(Role::Selector).await.unwrap();
-    up.credit(1).await.unwrap();
-    let batch = loop {
-        if let Message::Batch(b) = up.recv().await.unwrap() {
-            break b;
-        }
-    };
+    short_lease(root, 2.0);
+    let trainer = json!({"backend": "null", "metrics": "nan.metrics.jsonl"});
+    let StandIn {
+        loader,
+        trainer,
+        loader_ep,
+        delivery,
+        mut up,
+        mut down,
+    } = stand_in(root, "nan", trainer).await;
+    let batch = take_batches(&mut up, 1).await.remove(0);
     let mut ref_loss = vec![1.0; batch.rows * (batch.window - 1)];
     ref_loss[3] = f32::NAN;
     let seq = batch.seq;
@@ -276,10 +311,7 @@ fn batches_of_another_reference_are_refused_and_scored_again() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     setup(root);
-    let mut loader_cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("loader.json")).unwrap()).unwrap();
-    loader_cfg["lease_secs"] = json!(2.0);
-    write(&root.join("loader.json"), &loader_cfg);
+    short_lease(root, 2.0);
     let loader = spawn(&["loader", "--config", &p(&root.join("loader.json"))]);
     let loader_ep = wait_file(&root.join("loader.endpoint"));
     let trainer = spawn(&[
