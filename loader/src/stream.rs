@@ -556,7 +556,7 @@ impl Batcher {
             tokens,
             lengths,
             doc_starts,
-            stream: Some(self.identity.clone()),
+            stream: Some(Box::new(self.identity.clone())),
         }
     }
 }

@@ -205,7 +205,7 @@ impl Consumer {
         let m = Message::Resume(Resume {
             run_id: self.run_id.clone(),
             next_seq,
-            stream,
+            stream: stream.map(Box::new),
         });
         self.send(&m).await
     }

@@ -96,7 +96,7 @@ struct BatchHeader {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ref_model: Option<Fingerprint>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    stream: Option<StreamIdentity>,
+    stream: Option<Box<StreamIdentity>>,
     lengths: Vec<u32>,
     doc_starts: Vec<Vec<u32>>,
     tensors: Vec<TensorSpec>,
@@ -122,7 +122,7 @@ struct ControlHeader {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     total: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    stream: Option<StreamIdentity>,
+    stream: Option<Box<StreamIdentity>>,
 }
 
 impl ControlHeader {

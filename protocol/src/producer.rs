@@ -47,6 +47,9 @@ pub enum ProducerError {
 }
 
 /// What arrived on a producer's socket.
+// A message's header fields (a few hundred bytes) travel inline: one `Incoming` is made per
+// message received, and boxing it would add an allocation to each for no gain.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Incoming {
     /// A valid message of this run.

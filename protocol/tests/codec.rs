@@ -66,7 +66,7 @@ fn message() -> impl Strategy<Value = Message> {
         (run, 0u64..1 << 50, any::<bool>()).prop_map(|(r, n, with)| Message::Resume(Resume {
             run_id: r,
             next_seq: n,
-            stream: with.then(identity),
+            stream: with.then(|| Box::new(identity())),
         })),
         (run, ".{0,30}").prop_map(|(r, reason)| Message::Shutdown(Shutdown { run_id: r, reason })),
         (run, 0u64..1 << 50).prop_map(|(r, total)| Message::End(End { run_id: r, total })),
@@ -138,7 +138,7 @@ fn sample_batch() -> Message {
         tokens: (0..8).collect(),
         lengths: vec![4, 3],
         doc_starts: vec![vec![0, 2], vec![]],
-        stream: Some(identity()),
+        stream: Some(Box::new(identity())),
     })
 }
 

@@ -159,7 +159,7 @@ impl Admission {
         self.seen.tokenizer = Some(b.tokenizer.clone());
         self.seen.seq_len = Some(seq_len);
         if let Some(now) = &b.stream {
-            self.seen.loader = Some(now.clone());
+            self.seen.loader = Some(now.as_ref().clone());
         }
         Ok(())
     }
@@ -326,7 +326,7 @@ mod tests {
         };
         let at = || Some((PathBuf::from("ck"), saved.clone()));
         let mut batch = scored(3, b"a", vec![1.0; 6]).batch;
-        batch.stream = Some(identity(3, 3));
+        batch.stream = Some(Box::new(identity(3, 3)));
         let err = Admission::new(None, false, at())
             .unwrap()
             .batch(&batch)
@@ -349,7 +349,7 @@ mod tests {
         assert_eq!(a.seen().loader, Some(identity(3, 3)));
         // Accepting one item does not accept another.
         let mut other = batch.clone();
-        other.stream = Some(identity(3, 4));
+        other.stream = Some(Box::new(identity(3, 4)));
         other.stream.as_mut().unwrap().seed = 9;
         let mut a = Admission::new(None, false, at())
             .unwrap()

@@ -26,7 +26,7 @@ pub struct TokenBatch {
     /// For each row, the strictly increasing positions at which a document starts.
     pub doc_starts: Vec<Vec<u32>>,
     /// The identity of the stream the batch belongs to (what shapes it), when its loader said.
-    pub stream: Option<crate::StreamIdentity>,
+    pub stream: Option<Box<crate::StreamIdentity>>,
 }
 
 impl TokenBatch {

@@ -54,7 +54,7 @@ pub struct Resume {
     pub next_seq: u64,
     /// The stream the cursor belongs to (its checkpoint's); a loader whose own stream differs
     /// refuses the resume with the items named.
-    pub stream: Option<crate::StreamIdentity>,
+    pub stream: Option<Box<crate::StreamIdentity>>,
 }
 
 /// Stop: the sender is going away, or asks the receiver to.
