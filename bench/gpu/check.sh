@@ -97,7 +97,7 @@ if [[ $device == cuda* ]]; then
     esac
     echo "driver ${driver_version:-unknown} (CUDA ${driver_cuda:-unknown}, loads PTX up to ${loads:-unknown}); kernels: PTX ${kernels_ptx:-none found}" >&2
     if [[ -n "$loads" && -n "$kernels_ptx" && "$(printf '%s\n%s\n' "$kernels_ptx" "$loads" | sort -V | tail -n1)" != "$loads" ]]; then
-        fail "the kernels are PTX $kernels_ptx, newer than the $loads that this driver (CUDA $driver_cuda) loads: build with scripts/cuda-cargo (CUDA 13.0, docs/GPU.md) or update the driver" "driver for PTX $kernels_ptx"
+        fail "the kernels are PTX $kernels_ptx, newer than the $loads that this driver (CUDA $driver_cuda) loads: update the driver (branch 580 or newer for CUDA 13.0, the build's minimum), or build rho with the CUDA toolkit this driver has (docs/GPU.md)" "driver for PTX $kernels_ptx"
     fi
 fi
 
