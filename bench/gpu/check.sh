@@ -2,7 +2,7 @@
 # The GPU check: what rho does on a GPU machine, as one JSON (device-check.json under --out).
 #
 # It needs only a `rho` built with `--features cuda` (scripts/cuda-cargo build --release; strip
-# it to bring it under 35 MB) and the fixtures of model/tests/fixtures, copied beside this
+# it to bring it to about 36 MB) and the fixtures of model/tests/fixtures, copied beside this
 # script's repository layout: no network, no Rust toolchain. The GPU machine must have the
 # NVIDIA driver (libcuda.so.1, branch 580 or newer: CUDA 13.0, scripts/cuda-minimum) and the
 # CUDA 13 libraries the binary links (libcudart.so.13, libcublas.so.13, libcublasLt.so.13,
