@@ -586,16 +586,7 @@ fn the_starting_model_as_its_own_reference_trains_to_the_end() {
     // At the first step the model is its reference: no token has an excess loss.
     let first = lines[0]["mean_excess"].as_f64().unwrap();
     assert!(first.abs() < 1e-3, "mean excess {first} at the first step");
-    let latest = run.join("checkpoints/latest");
-    let ck = run
-        .join("checkpoints")
-        .join(std::fs::read_to_string(&latest).unwrap().trim());
-    rho_model::checkpoint::load(
-        &ck.join("model"),
-        &candle_core::Device::Cpu,
-        candle_core::DType::F32,
-    )
-    .unwrap();
+    common::assert_model_loads(&run.join("checkpoints").join(latest_checkpoint(&run)));
 }
 
 /// Rule: a checkpoint knows what it was trained on. A run resumed on another stream (the

@@ -54,12 +54,7 @@ fn check_training(report: &Value, root: &Path, dir: &str) {
     // The final checkpoint loads as a HuggingFace directory.
     let ck = Path::new(report["last_checkpoint"].as_str().unwrap());
     assert!(ck.starts_with(root.join(dir)));
-    rho_model::checkpoint::load(
-        &ck.join("model"),
-        &candle_core::Device::Cpu,
-        candle_core::DType::F32,
-    )
-    .unwrap();
+    common::assert_model_loads(ck);
 }
 
 #[test]

@@ -212,6 +212,16 @@ pub fn consumed(report: &Value) -> Vec<u64> {
         .collect()
 }
 
+/// A checkpoint's `model/` directory loads as a HuggingFace model (f32, on the CPU).
+pub fn assert_model_loads(checkpoint: &Path) {
+    rho_model::checkpoint::load(
+        &checkpoint.join("model"),
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", checkpoint.display()));
+}
+
 /// The last line of a JSONL metrics file, parsed; `None` while there is none.
 pub fn last_metrics(path: &Path) -> Option<Value> {
     let text = std::fs::read_to_string(path).ok()?;
