@@ -637,8 +637,8 @@ fn a_resume_on_another_stream_is_refused_with_the_item_named() {
         ),
         (
             Box::new(move |c| c["selector"]["model"] = json!(p(&world().join("init")))),
-            "this run's reference is",
-            "the trainer asked this selector to stop",
+            "was trained against is the reference model",
+            "`trainer.selection.change_reference`",
         ),
     ];
     for (edit, named, also) in &cases {

@@ -285,6 +285,58 @@ fn check_checkpoints(trainer: &TrainerConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The reference the selectors must score with: `trainer.selection.reference_fingerprint`, else,
+/// on a resume that does not change it (`selection.change_reference`), the one the newest
+/// readable checkpoint was trained against. A selector model that is another is refused before
+/// anything starts; the trainer would otherwise refuse every batch it scores, and the selectors
+/// would be restarted until they gave up.
+fn check_reference(
+    selector: Option<&SelectorConfig>,
+    trainer: &TrainerConfig,
+) -> anyhow::Result<()> {
+    let Some(s) = selector else {
+        return Ok(());
+    };
+    let saved = || -> anyhow::Result<Option<(PathBuf, rho_protocol::Fingerprint)>> {
+        let Some(ck) = trainer.checkpoint.as_ref() else {
+            return Ok(None);
+        };
+        if !trainer.resume || trainer.selection.change_reference {
+            return Ok(None);
+        }
+        Ok(rho_trainer::checkpoint::list(&ck.dir)?
+            .into_iter()
+            .find_map(|(_, dir)| {
+                let text = std::fs::read_to_string(dir.join("state.json")).ok()?;
+                let state: rho_trainer::checkpoint::TrainerState =
+                    serde_json::from_str(&text).ok()?;
+                Some((dir, state.stream.reference?))
+            }))
+    };
+    let (want, whose) = match &trainer.selection.reference_fingerprint {
+        Some(f) => (
+            f.clone(),
+            "`trainer.selection.reference_fingerprint`".to_string(),
+        ),
+        None => match saved()? {
+            Some((dir, f)) => (
+                f,
+                format!("the checkpoint {} was trained against", dir.display()),
+            ),
+            None => return Ok(()),
+        },
+    };
+    let now = rho_selector::scorer::model_fingerprint(&s.model)
+        .map_err(|e| anyhow::anyhow!("run config, `selector.model` {}: {e}", s.model.display()))?;
+    if now != want {
+        bail!(
+            "run config, `selector.model`: {} is the reference model {now}, but {whose} is the reference model {want}: one run trains against one reference; use that model, or set `trainer.selection.change_reference` to change it deliberately",
+            s.model.display()
+        );
+    }
+    Ok(())
+}
+
 /// What can be found wrong before any process starts: the checkpoints, the models, the
 /// tokenizers and the window length against each other.
 fn preflight(
@@ -293,6 +345,7 @@ fn preflight(
     trainer: &TrainerConfig,
 ) -> anyhow::Result<()> {
     check_checkpoints(trainer)?;
+    check_reference(selector, trainer)?;
     if loader.scored.is_some() {
         return Ok(());
     }
