@@ -14,7 +14,7 @@ pub const EXIT_STOPPED: i32 = 130;
 
 /// Loads a `tokenizer.json` as every rho process does: its own padding and truncation off.
 pub fn load_tokenizer(path: &std::path::Path) -> anyhow::Result<tokenizers::Tokenizer> {
-    rho_protocol::tokenizer::load(path)
+    rho_common::tokenizer::load(path)
         .map(|t| t.tokenizer)
         .map_err(|e| anyhow::anyhow!("tokenizer {}: {e}", path.display()))
 }

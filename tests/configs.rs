@@ -27,14 +27,14 @@ fn every_config_in_configs_parses() {
             rho_loader::LoaderConfig::parse(&v["loader"].to_string())
                 .and_then(|c| c.validate().map_err(|e| e.to_string()))
                 .unwrap_or_else(|e| panic!("{name}, loader: {e}"));
-            let s: rho_selector::SelectorConfig = rho_protocol::config_file::parse_json(
+            let s: rho_selector::SelectorConfig = rho_common::config_file::parse_json(
                 &with_endpoints("selector", &["loader", "trainer"]),
             )
             .unwrap_or_else(|e| panic!("{name}, selector: {e}"));
             s.validate()
                 .unwrap_or_else(|e| panic!("{name}, selector: {e}"));
             let t: rho_trainer::TrainerConfig =
-                rho_protocol::config_file::parse_json(&with_endpoints("trainer", &["loader"]))
+                rho_common::config_file::parse_json(&with_endpoints("trainer", &["loader"]))
                     .unwrap_or_else(|e| panic!("{name}, trainer: {e}"));
             t.validate()
                 .unwrap_or_else(|e| panic!("{name}, trainer: {e}"));

@@ -190,7 +190,7 @@ impl LoaderConfig {
     /// Reads, parses and validates a config file. Relative paths in it are taken relative to
     /// the file's directory.
     pub fn load(path: &Path) -> Result<Self> {
-        let mut config: LoaderConfig = rho_protocol::config_file::read_json(path)?;
+        let mut config: LoaderConfig = rho_common::config_file::read_json(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         config.validate()?;
@@ -199,15 +199,15 @@ impl LoaderConfig {
 
     /// Parses JSON text; an error names the field at fault (``field `data.paths`: ...``).
     pub fn parse(text: &str) -> std::result::Result<Self, String> {
-        rho_protocol::config_file::parse_json(text)
+        rho_common::config_file::parse_json(text)
     }
 
     /// Makes relative paths relative to `base`.
     pub fn resolve_paths(&mut self, base: &Path) {
         if let Some(p) = &mut self.scored {
-            rho_protocol::config_file::resolve(base, p);
+            rho_common::config_file::resolve(base, p);
         }
-        let fix = |p: &mut PathBuf| rho_protocol::config_file::resolve(base, p);
+        let fix = |p: &mut PathBuf| rho_common::config_file::resolve(base, p);
         fix(&mut self.tokenizer);
         for p in [
             &mut self.endpoint_file,

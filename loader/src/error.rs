@@ -6,7 +6,7 @@ use thiserror::Error;
 pub enum LoaderError {
     /// The config file cannot be read or parsed.
     #[error(transparent)]
-    ConfigFile(#[from] rho_protocol::config_file::ConfigFileError),
+    ConfigFile(#[from] rho_common::config_file::ConfigFileError),
     /// A config field is wrong.
     #[error("invalid config: field `{field}`: {reason}")]
     ConfigField {
@@ -65,7 +65,7 @@ pub enum LoaderError {
     Stream(#[source] Box<LoaderError>),
     /// The scored cache cannot be read.
     #[error(transparent)]
-    Cache(#[from] rho_protocol::cache::CacheError),
+    Cache(#[from] rho_common::cache::CacheError),
     /// Training a tokenizer failed.
     #[error("tokenizer training failed: {0}")]
     Training(String),

@@ -57,8 +57,8 @@ pub async fn run(config: LoaderConfig, shutdown: impl Future<Output = ()>) -> Re
 fn open_cache(
     config: &LoaderConfig,
     dir: &std::path::Path,
-) -> Result<rho_protocol::cache::CacheReader> {
-    let cache = rho_protocol::cache::CacheReader::open(dir)?;
+) -> Result<rho_common::cache::CacheReader> {
+    let cache = rho_common::cache::CacheReader::open(dir)?;
     let h = cache.header();
     let refuse = |field: &'static str, reason: String| LoaderError::ConfigField { field, reason };
     let tokenizer = rho_protocol::Fingerprint::of_file(&config.tokenizer).map_err(|source| {

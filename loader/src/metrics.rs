@@ -1,6 +1,6 @@
 //! The loader's counters, named in one place, and their JSONL and terminal reports.
 
-use rho_protocol::tensorboard::EventWriter;
+use rho_common::tensorboard::EventWriter;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -85,7 +85,7 @@ impl Counts {
 
 /// Writes one JSON line per interval: counters and rates since start.
 pub struct Reporter {
-    file: Option<rho_protocol::jsonl::JsonLines>,
+    file: Option<rho_common::jsonl::JsonLines>,
     events: Option<EventWriter>,
     start: Instant,
     progress: indicatif::ProgressBar,
@@ -111,7 +111,7 @@ impl Reporter {
     /// The error names the metrics file.
     pub fn new(path: Option<&Path>, tensorboard: Option<&Path>) -> Result<Self, String> {
         let file = match path {
-            Some(p) => Some(rho_protocol::jsonl::JsonLines::open(p, false)?),
+            Some(p) => Some(rho_common::jsonl::JsonLines::open(p, false)?),
             None => None,
         };
         let events = match tensorboard {

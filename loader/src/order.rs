@@ -1,10 +1,10 @@
 //! Deterministic order: which shards an epoch reads in which order, and how windows are shuffled.
 //!
-//! Randomness comes from SplitMix64 (`rho_protocol::splitmix`), so that the order of a run can
+//! Randomness comes from SplitMix64 (`rho_common::splitmix`), so that the order of a run can
 //! never change with a dependency's version. Window shuffling permutes fixed blocks of `shuffle_window`
 //! consecutive windows; its whole state is (seed, epoch, block), so resuming needs nothing saved.
 
-pub use rho_protocol::SplitMix64;
+pub use rho_common::SplitMix64;
 
 /// Derives a stream seed from a run seed and labels.
 pub fn mix(parts: &[u64]) -> u64 {

@@ -49,7 +49,7 @@ pub enum Source {
     /// Tokenized and packed from shards.
     Tokens(Box<Stream>),
     /// Scored batches read back from a cache.
-    Cache(rho_protocol::cache::CacheReader),
+    Cache(rho_common::cache::CacheReader),
 }
 
 impl Source {

@@ -59,11 +59,11 @@ impl TextTokenizer {
             path: path.to_path_buf(),
             reason,
         };
-        let rho_protocol::tokenizer::LoadedTokenizer {
+        let rho_common::tokenizer::LoadedTokenizer {
             tokenizer,
             fingerprint,
             ..
-        } = rho_protocol::tokenizer::load(path).map_err(err)?;
+        } = rho_common::tokenizer::load(path).map_err(err)?;
         let resolve =
             |want: Option<Option<&str>>, defaults: &[&str], field: &'static str| match want {
                 None => Ok(None),

@@ -30,7 +30,7 @@ _M64 = (1 << 64) - 1
 
 
 def mix64(z: int) -> int:
-    """SplitMix64's finalizer on a Python int (as ``mix64`` in ``protocol/src/splitmix.rs``)."""
+    """SplitMix64's finalizer on a Python int (as ``mix64`` in ``common/src/splitmix.rs``)."""
     z = (z + 0x9E3779B97F4A7C15) & _M64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64

@@ -93,7 +93,7 @@ fn default_max_message() -> u64 {
 impl SelectorConfig {
     /// Reads and validates a config file; relative paths are relative to its directory.
     pub fn load(path: &Path) -> Result<Self> {
-        let mut config: SelectorConfig = rho_protocol::config_file::read_json(path)?;
+        let mut config: SelectorConfig = rho_common::config_file::read_json(path)?;
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         config.validate()?;
         Ok(config)
@@ -102,7 +102,7 @@ impl SelectorConfig {
     /// Makes relative paths relative to `base`.
     pub fn resolve_paths(&mut self, base: &Path) {
         for p in [&mut self.model, &mut self.tokenizer] {
-            rho_protocol::config_file::resolve(base, p);
+            rho_common::config_file::resolve(base, p);
         }
         for p in [
             &mut self.metrics,
@@ -113,7 +113,7 @@ impl SelectorConfig {
         .into_iter()
         .flatten()
         {
-            rho_protocol::config_file::resolve(base, p);
+            rho_common::config_file::resolve(base, p);
         }
     }
 

@@ -6,7 +6,7 @@ use thiserror::Error;
 pub enum SelectorError {
     /// The config file cannot be read or parsed.
     #[error(transparent)]
-    ConfigFile(#[from] rho_protocol::config_file::ConfigFileError),
+    ConfigFile(#[from] rho_common::config_file::ConfigFileError),
     /// A config field is wrong.
     #[error("invalid config: field `{field}`: {reason}")]
     ConfigField {
@@ -88,7 +88,7 @@ pub enum SelectorError {
     Client(#[from] rho_protocol::client::ClientError),
     /// The scored cache cannot be written.
     #[error("the scored cache")]
-    Cache(#[from] rho_protocol::cache::CacheError),
+    Cache(#[from] rho_common::cache::CacheError),
     /// A blocking task panicked or was cancelled.
     #[error("a blocking task")]
     Task(#[from] tokio::task::JoinError),

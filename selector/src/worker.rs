@@ -13,10 +13,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rho_protocol::cache::{CacheHeader, CacheWriter};
+use rho_common::cache::{CacheHeader, CacheWriter};
+use rho_common::jsonl::JsonLines;
+use rho_common::tensorboard::EventWriter;
 use rho_protocol::client::{ClientError, Consumer};
-use rho_protocol::jsonl::JsonLines;
-use rho_protocol::tensorboard::EventWriter;
 use rho_protocol::{Fingerprint, Key, Limits, Message, Role, ScoredBatch, TokenBatch};
 use tokio::task::{JoinError, JoinSet};
 
@@ -173,7 +173,7 @@ pub fn tokenizer_identity(path: &Path) -> Result<(Fingerprint, usize)> {
         path: path.to_path_buf(),
         reason,
     };
-    let t = rho_protocol::tokenizer::load(path).map_err(err)?;
+    let t = rho_common::tokenizer::load(path).map_err(err)?;
     Ok((t.fingerprint, t.tokenizer.get_vocab_size(true)))
 }
 

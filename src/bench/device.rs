@@ -381,7 +381,7 @@ async fn short_run(out: &Path, device: DeviceSpec, half: DTypeSpec) -> anyhow::R
         .output()
         .await?;
     let seconds = t0.elapsed().as_secs_f64();
-    let steps = rho_protocol::jsonl::read_last::<rho_trainer::StepMetrics>(
+    let steps = rho_common::jsonl::read_last::<rho_trainer::StepMetrics>(
         &run_dir.join("trainer.metrics.jsonl"),
     )
     .map_or(0, |m| m.step);

@@ -142,7 +142,7 @@ fn run_config(a: &PipelineArgs, s: &Setup, v: &Variant) -> Value {
 /// Steady-state tokens/s of a run's trainer, from its per-step metrics.
 fn steady_tokens_per_s(run: &RunOutcome, tokens_per_step: f64) -> anyhow::Result<f64> {
     let path = run.dir.join("trainer.metrics.jsonl");
-    let points: Vec<(f64, f64)> = rho_protocol::jsonl::read_all::<rho_trainer::StepMetrics>(&path)
+    let points: Vec<(f64, f64)> = rho_common::jsonl::read_all::<rho_trainer::StepMetrics>(&path)
         .with_context(|| format!("reading {}", path.display()))?
         .iter()
         .map(|m| (m.step as f64, m.elapsed_s))
@@ -292,7 +292,7 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
     );
     let cached = launch(&dir, "cached", &config).await?;
     let cached_tps = steady_tokens_per_s(&cached, per_step)?;
-    let cache = rho_protocol::cache::CacheReader::open(&cache_dir)?;
+    let cache = rho_common::cache::CacheReader::open(&cache_dir)?;
     let cache_bytes_per_token =
         cache.bytes() as f64 / (cache.len() as f64 * ((a.seq_len + 1) * a.batch_size) as f64);
 

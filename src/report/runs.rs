@@ -31,7 +31,7 @@ pub struct RunData {
 
 /// The parseable lines of a JSON-lines file; none when it is missing.
 fn lines<T: serde::de::DeserializeOwned>(path: &Path) -> Vec<T> {
-    rho_protocol::jsonl::read_all(path).unwrap_or_default()
+    rho_common::jsonl::read_all(path).unwrap_or_default()
 }
 
 /// The trainer's metrics of every attempt, in order (`attempts/N/` first), without the steps a

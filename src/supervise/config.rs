@@ -88,7 +88,7 @@ impl Plan {
         let text =
             std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
         let given = Given::of(&text);
-        let mut rc: RunConfig = rho_protocol::config_file::parse_json(&text)
+        let mut rc: RunConfig = rho_common::config_file::parse_json(&text)
             .map_err(|e| anyhow::anyhow!("invalid run config {}: {e}", file.display()))?;
         let base = match file.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -350,7 +350,7 @@ fn preflight(
         return Ok(());
     }
     let load = |field: &str, path: &Path| {
-        rho_protocol::tokenizer::load(path)
+        rho_common::tokenizer::load(path)
             .map_err(|e| anyhow::anyhow!("run config, `{field}` {}: {e}", path.display()))
     };
     let tok = load("loader.tokenizer", &loader.tokenizer)?;

@@ -63,7 +63,7 @@ pub async fn run(
     // One owner per run directory: held until this process exits, however it exits. The run
     // directory is created by reading the plan; nothing else is written before it is held.
     let plan = Plan::load(file)?;
-    let _owner = rho_protocol::lock::DirLock::acquire(&plan.dir)?;
+    let _owner = rho_common::lock::DirLock::acquire(&plan.dir)?;
     plan.check()?;
     let mut supervisor = Supervisor::start(plan, started).await?;
     let outcome = supervisor.watch_until_end(shutdown).await;
@@ -256,9 +256,9 @@ impl Supervisor {
     fn show_progress(&self) {
         let dir = self.dir();
         let t: Option<StepMetrics> =
-            rho_protocol::jsonl::read_last(&dir.join("trainer.metrics.jsonl"));
+            rho_common::jsonl::read_last(&dir.join("trainer.metrics.jsonl"));
         let l: Option<LoaderMetrics> =
-            rho_protocol::jsonl::read_last(&dir.join("loader.metrics.jsonl"));
+            rho_common::jsonl::read_last(&dir.join("loader.metrics.jsonl"));
         let (t, l) = (t.unwrap_or_default(), l.unwrap_or_default());
         let alive = self
             .procs
@@ -417,9 +417,9 @@ impl Supervisor {
     fn summary(&self, outcome: &anyhow::Result<()>) -> Summary {
         let dir = self.dir();
         let trainer: Option<rho_trainer::Report> =
-            rho_protocol::jsonl::read_last(&dir.join("trainer.report.json"));
+            rho_common::jsonl::read_last(&dir.join("trainer.report.json"));
         let last_step =
-            || rho_protocol::jsonl::read_last::<StepMetrics>(&dir.join("trainer.metrics.jsonl"));
+            || rho_common::jsonl::read_last::<StepMetrics>(&dir.join("trainer.metrics.jsonl"));
         let steps = trainer
             .as_ref()
             .map(|r| r.steps)
@@ -435,7 +435,7 @@ impl Supervisor {
             steps,
             configs: self.procs.iter().map(|p| p.config.clone()).collect(),
             trainer,
-            loader: rho_protocol::jsonl::read_last(&dir.join("loader.metrics.jsonl")),
+            loader: rho_common::jsonl::read_last(&dir.join("loader.metrics.jsonl")),
         }
     }
 
@@ -445,7 +445,7 @@ impl Supervisor {
     fn finish(self, outcome: anyhow::Result<()>) -> anyhow::Result<RunEnd> {
         let summary = self.summary(&outcome);
         let path = self.dir().join("summary.json");
-        let written = rho_protocol::jsonl::write_atomic(
+        let written = rho_common::jsonl::write_atomic(
             &path,
             serde_json::to_string_pretty(&summary)?.as_bytes(),
         );
@@ -542,9 +542,9 @@ async fn wait_for_owner(dir: &Path, limit: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     let mut said = false;
     loop {
-        match rho_protocol::lock::DirLock::acquire(dir) {
+        match rho_common::lock::DirLock::acquire(dir) {
             Ok(_) => return Ok(()),
-            Err(e @ rho_protocol::lock::LockError::Io { .. }) => return Err(e.into()),
+            Err(e @ rho_common::lock::LockError::Io { .. }) => return Err(e.into()),
             Err(e) if Instant::now() > deadline => return Err(e.into()),
             Err(e) => {
                 if !said {

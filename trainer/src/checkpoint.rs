@@ -300,7 +300,7 @@ fn remove(path: &Path) -> Result<()> {
 #[derive(Debug)]
 pub struct Checkpoints {
     dir: PathBuf,
-    _lock: rho_protocol::lock::DirLock,
+    _lock: rho_common::lock::DirLock,
     /// `step-*` directories this process wrote (it may replace those), and the one it resumed
     /// from (saving the same step again changes nothing).
     written: std::collections::HashSet<u64>,
@@ -316,7 +316,7 @@ impl Checkpoints {
         resume: bool,
         overwrite: bool,
     ) -> Result<(Self, Option<(PathBuf, TrainerState)>)> {
-        let lock = rho_protocol::lock::DirLock::acquire(dir)
+        let lock = rho_common::lock::DirLock::acquire(dir)
             .map_err(|e| TrainerError::checkpoint(dir, e))?;
         for path in leftovers(dir) {
             tracing::info!(path = %path.display(), "removing what an interrupted save left");

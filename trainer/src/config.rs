@@ -190,7 +190,7 @@ fn d_max_message() -> u64 {
 impl TrainerConfig {
     /// Reads and validates a config file; relative paths are relative to its directory.
     pub fn load(path: &Path) -> Result<Self> {
-        let mut config: TrainerConfig = rho_protocol::config_file::read_json(path)?;
+        let mut config: TrainerConfig = rho_common::config_file::read_json(path)?;
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         config.validate()?;
         Ok(config)
@@ -198,7 +198,7 @@ impl TrainerConfig {
 
     /// Makes relative paths relative to `base`.
     pub fn resolve_paths(&mut self, base: &Path) {
-        let fix = |p: &mut PathBuf| rho_protocol::config_file::resolve(base, p);
+        let fix = |p: &mut PathBuf| rho_common::config_file::resolve(base, p);
         for p in [
             &mut self.model,
             &mut self.metrics,

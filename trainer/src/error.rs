@@ -8,7 +8,7 @@ use thiserror::Error;
 pub enum TrainerError {
     /// The config file cannot be read or parsed.
     #[error(transparent)]
-    ConfigFile(#[from] rho_protocol::config_file::ConfigFileError),
+    ConfigFile(#[from] rho_common::config_file::ConfigFileError),
     /// A config field is wrong.
     #[error("invalid config: field `{field}`: {reason}")]
     ConfigField {

@@ -88,7 +88,7 @@ mod tests {
         let line = serde_json::to_string(&m).unwrap();
         std::fs::write(&path, format!("{line}\n{}", &line[..line.len() / 2])).unwrap();
         assert_eq!(
-            rho_protocol::jsonl::read_all::<StepMetrics>(&path).unwrap(),
+            rho_common::jsonl::read_all::<StepMetrics>(&path).unwrap(),
             vec![m]
         );
     }

@@ -451,7 +451,7 @@ mod tests {
         // zeros, negative zeros and a wide range of magnitudes; steps with and without clipping.
         let c = OptimizerConfig::default();
         let shapes: [&[usize]; 3] = [&[3, CHUNK + 17], &[2 * CHUNK + 5], &[7]];
-        let mut rng = rho_protocol::splitmix::SplitMix64::new(11);
+        let mut rng = rho_common::splitmix::SplitMix64::new(11);
         let mut uniform = move || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
         let make = |shape: &[usize], f: &mut dyn FnMut() -> f32| {
             let n: usize = shape.iter().product();

@@ -7,11 +7,11 @@ use std::future::Future;
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
+use rho_common::jsonl::JsonLines;
+use rho_common::tensorboard::EventWriter;
 use rho_protocol::client::{ClientError, Consumer};
 use rho_protocol::flow::{Inserted, Reorder};
-use rho_protocol::jsonl::JsonLines;
 use rho_protocol::producer::{Incoming, Peer, Producer, ProducerError};
-use rho_protocol::tensorboard::EventWriter;
 use rho_protocol::{Credit, Heartbeat, Key, Limits, Message, Role, Shutdown, TokenBatch};
 use serde::{Deserialize, Serialize};
 
@@ -600,11 +600,11 @@ async fn bind_delivery(
     .map_err(|e| match e {
         ProducerError::Bind { .. } => TrainerError::ConfigField {
             field: "delivery",
-            reason: rho_protocol::error_chain(&e),
+            reason: rho_common::error_chain(&e),
         },
         ProducerError::EndpointFile { .. } => TrainerError::ConfigField {
             field: "delivery_file",
-            reason: rho_protocol::error_chain(&e),
+            reason: rho_common::error_chain(&e),
         },
         other => other.into(),
     })?;

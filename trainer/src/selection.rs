@@ -18,7 +18,7 @@
 //! - the `random` rule scores position `i` of a step (row-major) with
 //!   [`random_score`]`(random_key(seed, step), i)`: uniform in [0, 1), the same on every backend.
 
-pub use rho_protocol::mix64;
+pub use rho_common::mix64;
 use serde::{Deserialize, Serialize};
 
 /// What ranks the tokens.

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use tokenizers::Tokenizer;
 
-use crate::Fingerprint;
+use rho_protocol::Fingerprint;
 
 /// A tokenizer ready to encode documents, and the fingerprint of its file.
 pub struct LoadedTokenizer {

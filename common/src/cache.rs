@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::{Fingerprint, Limits, Message, ScoredBatch};
+use rho_protocol::{Fingerprint, Limits, Message, ScoredBatch};
 
 const MAGIC: &str = "RHOSC1";
 
@@ -382,7 +382,7 @@ fn split_frames(payload: Bytes) -> Option<Vec<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::TokenBatch;
+    use rho_protocol::TokenBatch;
 
     fn scored(seq: u64) -> ScoredBatch {
         ScoredBatch {
