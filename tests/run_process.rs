@@ -145,6 +145,7 @@ async fn foreign_and_wrongly_signed_messages_are_refused() {
     let credit = Message::Credit(Credit {
         run_id: "faults".into(),
         n: 50,
+        rank: None,
     });
     let batch = TokenBatch {
         run_id: "faults".into(),

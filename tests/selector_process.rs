@@ -119,6 +119,7 @@ fn credit(peer: &Bytes, n: u32) -> ZmqMessage {
         Message::Credit(Credit {
             run_id: "sel".into(),
             n,
+            rank: None,
         })
         .encode(),
     );

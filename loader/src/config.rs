@@ -70,11 +70,13 @@ pub struct LoaderConfig {
     /// Windows shuffled together (a block); 1 keeps corpus order. Default 64.
     #[serde(default = "default_shuffle_window")]
     pub shuffle_window: NonZeroUsize,
-    /// This loader's rank when `world` loaders split one stream (data parallelism): it issues
-    /// the global batches `g` with `g % world == rank`, and every rank issues the same number
-    /// (docs/PROTOCOL.md, "Several ranks"). Default 0.
+    /// The one rank this loader serves when each of `world` ranks has a loader of its own (data
+    /// parallelism): it issues the global batches `g` with `g % world == rank`. Unset (the
+    /// default), the loader serves every rank: it issues the whole stream once and hands batch
+    /// `g` only against credits for rank `g % world` (or for any rank). Either way every rank
+    /// gets the same number of batches (docs/PROTOCOL.md, "Several ranks").
     #[serde(default)]
-    pub rank: u32,
+    pub rank: Option<u32>,
     /// Ranks splitting the stream. Default 1.
     #[serde(default = "one_u32")]
     pub world: NonZeroU32,
@@ -251,16 +253,16 @@ impl LoaderConfig {
                 ),
             ));
         }
-        if self.scored.is_some() && self.world.get() != 1 {
-            return Err(field(
-                "world",
-                "a scored cache is served by one loader (world = 1)",
-            ));
-        }
-        if self.rank >= self.world.get() {
+        if self.scored.is_some() && self.rank.is_some() {
             return Err(field(
                 "rank",
-                format!("{} is not below world = {}", self.rank, self.world),
+                "a scored cache is served to every rank by one loader: leave `rank` unset",
+            ));
+        }
+        if let Some(rank) = self.rank.filter(|&r| r >= self.world.get()) {
+            return Err(field(
+                "rank",
+                format!("{rank} is not below world = {}", self.world),
             ));
         }
         if self.lease_secs.is_nan() || self.lease_secs <= 0.0 {
@@ -276,15 +278,98 @@ impl LoaderConfig {
         Ok(())
     }
 
+    /// Which batches of the global stream this loader issues.
+    pub fn stride(&self) -> RankStride {
+        RankStride {
+            world: u64::from(self.world.get()),
+            rank: self.rank.map(u64::from),
+        }
+    }
+
     /// Tokens per window (T + 1).
     pub fn window(&self) -> usize {
         self.seq_len.get() + 1
     }
 }
 
+/// Where a loader's batches sit in the whole stream: a loader of rank `r` of `world` issues the
+/// sequence numbers `r, r + world, r + 2 world, ...`, which its source counts locally as
+/// `0, 1, 2, ...`; a loader of every rank issues every sequence number, counted as itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankStride {
+    /// Ranks splitting the stream.
+    pub world: u64,
+    /// The rank served; `None`: every rank.
+    pub rank: Option<u64>,
+}
+
+impl RankStride {
+    /// The global sequence number of the loader's `n`-th batch.
+    pub fn seq_of(self, n: u64) -> u64 {
+        match self.rank {
+            Some(r) => n * self.world + r,
+            None => n,
+        }
+    }
+
+    /// The local position of the first of the loader's sequence numbers at or after `seq`.
+    pub fn local_of(self, seq: u64) -> u64 {
+        match self.rank {
+            Some(r) => seq.saturating_sub(r).div_ceil(self.world),
+            None => seq,
+        }
+    }
+
+    /// One past the last sequence number of a loader whose source yielded `total_local`
+    /// batches.
+    pub fn end_seq(self, total_local: u64) -> u64 {
+        match (self.rank, total_local) {
+            (_, 0) => 0,
+            (Some(r), n) => (n - 1) * self.world + r + 1,
+            (None, n) => n,
+        }
+    }
+
+    /// The rank of sequence number `seq`.
+    pub fn rank_of(self, seq: u64) -> u64 {
+        seq % self.world
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranks_map_the_global_stream_to_their_local_positions_and_back() {
+        let s = RankStride {
+            world: 3,
+            rank: Some(1),
+        };
+        // Rank 1 of 3 serves 1, 4, 7, ...
+        assert_eq!(s.local_of(0), 0);
+        assert_eq!(s.local_of(1), 0);
+        assert_eq!(s.local_of(2), 1);
+        assert_eq!(s.local_of(4), 1);
+        assert_eq!(s.local_of(5), 2);
+        assert_eq!(s.seq_of(2), 7);
+        assert_eq!(s.end_seq(0), 0);
+        assert_eq!(s.end_seq(1), 2);
+        assert_eq!(s.end_seq(3), 8);
+        let one = RankStride {
+            world: 1,
+            rank: Some(0),
+        };
+        assert_eq!(one.local_of(7), 7);
+        assert_eq!(one.end_seq(7), 7);
+        // A loader of every rank counts the global stream as it is.
+        let all = RankStride {
+            world: 3,
+            rank: None,
+        };
+        assert_eq!((all.local_of(5), all.seq_of(5), all.end_seq(6)), (5, 5, 6));
+        assert_eq!(all.rank_of(5), 2);
+    }
 
     fn minimal() -> serde_json::Value {
         serde_json::json!({

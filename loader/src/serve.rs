@@ -4,6 +4,11 @@
 //! `max_in_flight` batches are issued and unacknowledged at once; a batch whose delivery fails
 //! (its consumer vanished) is handed to the next consumer that asks. A `resume` message restarts
 //! the stream at the given sequence number.
+//!
+//! A loader of every rank (`rank` unset, `world` > 1) keeps these per rank: batch `g` waits in
+//! rank `g % world`'s queue for a credit for that rank (or for any rank), and each rank has its
+//! own `max_in_flight`, so a rank whose consumers are slow holds back no more than its own
+//! window and its queue (`prefetch` batches) before the stream waits for it.
 
 use bytes::Bytes;
 use std::collections::{HashSet, VecDeque};
@@ -15,7 +20,7 @@ use rho_protocol::flow::{AckOutcome, Credits, Ledger};
 use rho_protocol::producer::{Incoming, Peer, Producer, ProducerError};
 use rho_protocol::{End, Heartbeat, Key, Limits, Message, Resume, Role, Shutdown, StreamIdentity};
 
-use crate::config::LoaderConfig;
+use crate::config::{LoaderConfig, RankStride};
 use crate::metrics::{Counts, Metrics, Reporter};
 use crate::stream::{Flow, Stream};
 use crate::{LoaderError, Result};
@@ -56,6 +61,7 @@ impl Source {
     fn run(
         &mut self,
         start: u64,
+        world: u64,
         emit: &mut dyn FnMut(Message, u64) -> Flow,
     ) -> Result<Option<u64>> {
         match self {
@@ -64,7 +70,17 @@ impl Source {
                 emit(Message::Batch(batch), seq)
             }),
             Source::Cache(cache) => {
-                let total = cache.contiguous();
+                // Every rank gets the same number of batches: the last `contiguous % world`
+                // are not served.
+                let contiguous = cache.contiguous();
+                let total = contiguous / world * world;
+                if total < contiguous {
+                    tracing::info!(
+                        dropped = contiguous - total,
+                        world,
+                        "the cache's last batches do not make a batch for every rank: not served"
+                    );
+                }
                 for seq in start..total {
                     let scored = cache.read(seq)?;
                     if emit(Message::Scored(scored), seq) == Flow::Stop {
@@ -80,6 +96,7 @@ impl Source {
 fn spawn_producer(
     stream: Arc<Mutex<Source>>,
     start: u64,
+    world: u64,
     prefetch: usize,
 ) -> flume::Receiver<Produced> {
     let (tx, rx) = flume::bounded(prefetch);
@@ -87,7 +104,7 @@ fn spawn_producer(
         .name("rho-producer".into())
         .spawn(move || {
             let mut stream = stream.lock().unwrap_or_else(|e| e.into_inner());
-            let result = stream.run(start, &mut |message, seq| {
+            let result = stream.run(start, world, &mut |message, seq| {
                 if tx.send(Produced::Item(seq, Box::new(message))).is_ok() {
                     Flow::Continue
                 } else {
@@ -122,29 +139,6 @@ pub async fn serve(
 /// Whether the loop goes on after an event.
 type Step = std::ops::ControlFlow<()>;
 
-/// Where this rank's batches sit in the whole stream: rank `r` of `world` serves the sequence
-/// numbers `r, r + world, r + 2 world, ...`, which its source counts locally as `0, 1, 2, ...`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct RankStride {
-    world: u64,
-    rank: u64,
-}
-
-impl RankStride {
-    /// The local position of the first of this rank's sequence numbers at or after `seq`.
-    pub(crate) fn local_of(self, seq: u64) -> u64 {
-        seq.saturating_sub(self.rank).div_ceil(self.world)
-    }
-
-    /// One past the last sequence number of a rank whose source yielded `total_local` batches.
-    pub(crate) fn end_seq(self, total_local: u64) -> u64 {
-        match total_local {
-            0 => 0,
-            n => (n - 1) * self.world + self.rank + 1,
-        }
-    }
-}
-
 /// A loader process: its socket, the producer thread feeding it, the consumers' credits and
 /// the ledger of batches in flight. Each event of the loop in [`Loader::run`] is one method.
 pub struct Loader {
@@ -156,12 +150,24 @@ pub struct Loader {
     producer: flume::Receiver<Produced>,
     metrics: Arc<Metrics>,
     reporter: Reporter,
+    /// Credits for batches of any rank.
     credits: Credits<Peer>,
+    /// Credits for one rank's batches, by rank (a loader of every rank only).
+    rank_credits: Vec<Credits<Peer>>,
+    /// Batches made and not yet handed out, by queue (one per rank for a loader of every rank,
+    /// else one).
+    ready: Vec<VecDeque<(u64, Box<Message>)>>,
+    /// Batches issued and unacknowledged, by queue.
+    in_flight: Vec<usize>,
     /// Everyone who spoke to this loader hears the `end` (a trainer that only acknowledges, too).
     peers: HashSet<Peer>,
     ledger: Ledger<Vec<Bytes>, Peer>,
     /// Batches to hand out again (their consumer vanished or their lease expired).
     pending: VecDeque<u64>,
+    /// Where the stream last (re)started, and whether a batch was acknowledged since: the ranks
+    /// of one data-parallel run each send the same resume, and only the first moves the stream.
+    restarted_at: u64,
+    acked_since_restart: bool,
     /// The stream's length, once the source is exhausted.
     total: Option<u64>,
     interrupted: bool,
@@ -205,9 +211,10 @@ impl Loader {
                 field: "metrics",
                 reason,
             })?;
-        let stride = RankStride {
-            world: u64::from(config.world.get()),
-            rank: u64::from(config.rank),
+        let stride = config.stride();
+        let queues = match stride.rank {
+            Some(_) => 1,
+            None => config.world.get() as usize,
         };
         let identity = match &source {
             Source::Tokens(stream) => Some(stream.identity().clone()),
@@ -216,8 +223,8 @@ impl Loader {
         let source = Arc::new(Mutex::new(source));
         let start = stride.local_of(config.start_batch);
         Ok(Loader {
-            producer: spawn_producer(source.clone(), start, config.prefetch.get()),
-            ledger: Ledger::new(config.max_in_flight.get()),
+            producer: spawn_producer(source.clone(), start, stride.world, config.prefetch.get()),
+            ledger: Ledger::new(config.max_in_flight.get() * queues),
             config: config.clone(),
             socket,
             key,
@@ -226,8 +233,16 @@ impl Loader {
             metrics,
             reporter,
             credits: Credits::default(),
+            rank_credits: (0..queues)
+                .filter(|_| queues > 1)
+                .map(|_| Credits::default())
+                .collect(),
+            ready: (0..queues).map(|_| VecDeque::new()).collect(),
+            in_flight: vec![0; queues],
             peers: HashSet::new(),
             pending: VecDeque::new(),
+            restarted_at: config.start_batch,
+            acked_since_restart: false,
             total: None,
             interrupted: false,
             started,
@@ -243,12 +258,13 @@ impl Loader {
         let mut tick = tokio::time::interval(every);
         loop {
             self.redeliver().await;
+            self.dispatch().await;
             Metrics::set(&self.metrics.in_flight, self.ledger.len() as u64);
             if self.config.exit_when_done && self.all_acknowledged().is_some() {
                 self.say_end_to_all().await;
                 break;
             }
-            let want_new = self.credits.any() && self.ledger.has_room() && self.total.is_none();
+            let want_new = self.total.is_none() && self.ready_has_room();
             let flow = tokio::select! {
                 _ = &mut shutdown => self.interrupt(),
                 incoming = self.socket.recv() => self.on_message(incoming).await,
@@ -275,10 +291,51 @@ impl Loader {
         Step::Break(())
     }
 
-    /// The stream's length, once it is exhausted and nothing is in flight or pending.
+    /// The stream's length, once it is exhausted and nothing is in flight, pending or ready.
     fn all_acknowledged(&self) -> Option<u64> {
-        self.total
-            .filter(|_| self.ledger.is_empty() && self.pending.is_empty())
+        self.total.filter(|_| {
+            self.ledger.is_empty()
+                && self.pending.is_empty()
+                && self.ready.iter().all(VecDeque::is_empty)
+        })
+    }
+
+    /// The queue of sequence number `seq`: its rank's for a loader of every rank, else the one.
+    fn queue_of(&self, seq: u64) -> usize {
+        match self.ready.len() {
+            1 => 0,
+            _ => self.stride.rank_of(seq) as usize,
+        }
+    }
+
+    /// A consumer with a credit for queue `q`'s batches (its rank's first, then any rank's).
+    fn take_credit(&mut self, q: usize) -> Option<Peer> {
+        match self.rank_credits.get_mut(q).and_then(Credits::take) {
+            Some(peer) => Some(peer),
+            None => self.credits.take(),
+        }
+    }
+
+    fn has_credit(&self, q: usize) -> bool {
+        self.credits.any() || self.rank_credits.get(q).is_some_and(Credits::any)
+    }
+
+    /// A consumer that vanished: none of its credits stay.
+    fn forget_credits(&mut self, peer: &Peer) {
+        self.credits.forget(peer);
+        for c in &mut self.rank_credits {
+            c.forget(peer);
+        }
+    }
+
+    /// Whether the producer thread's next batch has somewhere to wait: every queue below its
+    /// bound (one batch for a loader of one rank, `prefetch` per rank for a loader of all).
+    fn ready_has_room(&self) -> bool {
+        let bound = match self.ready.len() {
+            1 => 1,
+            _ => self.config.prefetch.get(),
+        };
+        self.ready.iter().all(|q| q.len() < bound)
     }
 
     fn end_frames(&self, total: u64) -> Vec<Bytes> {
@@ -293,6 +350,9 @@ impl Loader {
     async fn say_end_to_all(&mut self) {
         let Some(total) = self.total else { return };
         self.credits.drain();
+        for c in &mut self.rank_credits {
+            c.drain();
+        }
         let frames = self.end_frames(total);
         for peer in &self.peers {
             let _ = self.socket.send_frames(peer, &frames).await;
@@ -300,11 +360,15 @@ impl Loader {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    /// Redeliveries first: they are already in the ledger and need no room.
+    /// Redeliveries first: they are already in the ledger and need no room. A batch whose rank
+    /// has no credit now waits in `pending`, in its place.
     async fn redeliver(&mut self) {
-        while self.credits.any() && !self.pending.is_empty() {
-            let (Some(seq), Some(peer)) = (self.pending.pop_front(), self.credits.take()) else {
-                break;
+        let mut waiting = VecDeque::new();
+        while let Some(seq) = self.pending.pop_front() {
+            let q = self.queue_of(seq);
+            let Some(peer) = self.take_credit(q) else {
+                waiting.push_back(seq);
+                continue;
             };
             let now = Instant::now();
             let Some(frames) = self.ledger.reissue(seq, peer.clone(), now).cloned() else {
@@ -312,10 +376,37 @@ impl Loader {
             };
             Metrics::add(&self.metrics.redeliveries, 1);
             if self.socket.send_frames(&peer, &frames).await.is_err() {
-                self.credits.forget(&peer);
-                self.pending.push_front(seq);
+                self.forget_credits(&peer);
+                waiting.push_back(seq);
             } else {
                 Metrics::add(&self.metrics.batches_sent, 1);
+            }
+        }
+        self.pending = waiting;
+    }
+
+    /// Hands out the batches that are ready, each queue while it has a credit and room.
+    async fn dispatch(&mut self) {
+        for q in 0..self.ready.len() {
+            while !self.ready[q].is_empty()
+                && self.in_flight[q] < self.config.max_in_flight.get()
+                && self.has_credit(q)
+            {
+                let (Some((seq, message)), Some(peer)) =
+                    (self.ready[q].pop_front(), self.take_credit(q))
+                else {
+                    break;
+                };
+                let frames = message.encode_with(self.key.as_ref());
+                let sent = self.socket.send_frames(&peer, &frames).await;
+                self.ledger.issue(seq, frames, peer.clone(), Instant::now());
+                self.in_flight[q] += 1;
+                if sent.is_err() {
+                    self.forget_credits(&peer);
+                    self.pending.push_back(seq);
+                } else {
+                    Metrics::add(&self.metrics.batches_sent, 1);
+                }
             }
         }
     }
@@ -331,7 +422,7 @@ impl Loader {
         };
         self.peers.insert(peer.clone());
         match message {
-            Message::Credit(c) => self.on_credit(peer, c.n).await,
+            Message::Credit(c) => self.on_credit(peer, c.n, c.rank).await,
             Message::Ack(a) => self.on_ack(&a.seqs),
             Message::Heartbeat(_) => {
                 let reply = Message::Heartbeat(Heartbeat {
@@ -357,20 +448,44 @@ impl Loader {
 
     /// `end` only once nothing is in flight: until then a consumer with credit may still be
     /// needed for a redelivery.
-    async fn on_credit(&mut self, peer: Peer, n: u32) {
-        match self.all_acknowledged() {
-            Some(total) => {
-                let frames = self.end_frames(total);
-                let _ = self.socket.send_frames(&peer, &frames).await;
-            }
+    /// A credit for a rank goes to that rank's pool (a loader of every rank); a loader of one
+    /// rank takes credits for its own rank or any, and refuses one for another rank.
+    async fn on_credit(&mut self, peer: Peer, n: u32, rank: Option<u32>) {
+        if let Some(total) = self.all_acknowledged() {
+            let frames = self.end_frames(total);
+            let _ = self.socket.send_frames(&peer, &frames).await;
+            return;
+        }
+        let own = self.stride.rank;
+        match rank.map(u64::from) {
             None => self.credits.grant(peer, n),
+            Some(r) if own == Some(r) || (own.is_none() && self.stride.world == 1 && r == 0) => {
+                self.credits.grant(peer, n)
+            }
+            Some(r) if own.is_none() && r < self.stride.world => {
+                self.rank_credits[r as usize].grant(peer, n)
+            }
+            Some(r) => {
+                let serves = match own {
+                    Some(own) => format!("rank {own}"),
+                    None => format!("ranks 0..{}", self.stride.world),
+                };
+                let why = format!("a credit for rank {r}: this loader serves {serves}");
+                self.socket.refuse(peer, &why);
+                Metrics::set(&self.metrics.messages_rejected, self.socket.refused());
+            }
         }
     }
 
     fn on_ack(&mut self, seqs: &[u64]) {
         for &seq in seqs {
             match self.ledger.ack(seq) {
-                AckOutcome::Done => Metrics::add(&self.metrics.batches_acked, 1),
+                AckOutcome::Done => {
+                    Metrics::add(&self.metrics.batches_acked, 1);
+                    let q = self.queue_of(seq);
+                    self.in_flight[q] = self.in_flight[q].saturating_sub(1);
+                    self.acked_since_restart = true;
+                }
                 AckOutcome::Unknown => Metrics::add(&self.metrics.unknown_acks, 1),
             }
             self.pending.retain(|&s| s != seq);
@@ -402,12 +517,48 @@ impl Loader {
                 return;
             }
         }
-        let local = self.stride.local_of(next_seq);
-        tracing::info!(next_seq, "resuming the stream at the consumer's cursor");
-        self.producer = spawn_producer(self.source.clone(), local, self.config.prefetch.get());
+        // A loader of every rank restarts at the cursor's group of `world` (the ranks of a
+        // data-parallel run step together, so each sends the cursor of the same group); the
+        // same group again, before anything was acknowledged, is another rank of the same
+        // resume: the stream stays, and the rank's batches in flight are handed out again at
+        // once (their holder may be gone).
+        let world = self.stride.world;
+        let cursor = match self.stride.rank {
+            None => next_seq - next_seq % world,
+            Some(_) => next_seq,
+        };
+        if self.stride.rank.is_none()
+            && world > 1
+            && cursor == self.restarted_at
+            && !self.acked_since_restart
+        {
+            let rank = self.stride.rank_of(next_seq);
+            for seq in self.ledger.expired(Instant::now(), Duration::ZERO) {
+                if self.stride.rank_of(seq) == rank && !self.pending.contains(&seq) {
+                    self.pending.push_back(seq);
+                }
+            }
+            tracing::info!(next_seq, rank, "a rank resumed at the stream's cursor");
+            return;
+        }
+        let local = self.stride.local_of(cursor);
+        tracing::info!(
+            next_seq = cursor,
+            "resuming the stream at the consumer's cursor"
+        );
+        self.producer = spawn_producer(
+            self.source.clone(),
+            local,
+            world,
+            self.config.prefetch.get(),
+        );
         self.ledger.forget_below(u64::MAX);
         self.pending.clear();
+        self.ready.iter_mut().for_each(VecDeque::clear);
+        self.in_flight.iter_mut().for_each(|n| *n = 0);
         self.total = None;
+        self.restarted_at = cursor;
+        self.acked_since_restart = false;
     }
 
     /// The next item of the producer thread: a batch for a consumer with credit, the end of
@@ -418,18 +569,8 @@ impl Loader {
     ) -> Result<Step> {
         match item {
             Ok(Produced::Item(seq, message)) => {
-                let Some(peer) = self.credits.take() else {
-                    return Ok(Step::Continue(()));
-                };
-                let frames = message.encode_with(self.key.as_ref());
-                let sent = self.socket.send_frames(&peer, &frames).await;
-                self.ledger.issue(seq, frames, peer.clone(), Instant::now());
-                if sent.is_err() {
-                    self.credits.forget(&peer);
-                    self.pending.push_back(seq);
-                } else {
-                    Metrics::add(&self.metrics.batches_sent, 1);
-                }
+                let q = self.queue_of(seq);
+                self.ready[q].push_back((seq, message));
             }
             Ok(Produced::End { total_local }) => {
                 let total = self.stride.end_seq(total_local);
@@ -457,27 +598,5 @@ impl Loader {
         }
         self.reporter.report(&self.metrics.snapshot());
         Step::Continue(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::RankStride;
-
-    #[test]
-    fn ranks_map_the_global_stream_to_their_local_positions_and_back() {
-        let s = RankStride { world: 3, rank: 1 };
-        // Rank 1 of 3 serves 1, 4, 7, ...
-        assert_eq!(s.local_of(0), 0);
-        assert_eq!(s.local_of(1), 0);
-        assert_eq!(s.local_of(2), 1);
-        assert_eq!(s.local_of(4), 1);
-        assert_eq!(s.local_of(5), 2);
-        assert_eq!(s.end_seq(0), 0);
-        assert_eq!(s.end_seq(1), 2);
-        assert_eq!(s.end_seq(3), 8);
-        let one = RankStride { world: 1, rank: 0 };
-        assert_eq!(one.local_of(7), 7);
-        assert_eq!(one.end_seq(7), 7);
     }
 }

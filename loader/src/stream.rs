@@ -124,18 +124,14 @@ impl Stream {
         &self.shards
     }
 
-    /// The global sequence number of this loader's `n`-th batch (loaders interleave).
+    /// The global sequence number of this loader's `n`-th batch (per-rank loaders interleave).
     pub fn seq_of(&self, n: u64) -> u64 {
-        n * u64::from(self.config.world.get()) + u64::from(self.config.rank)
+        self.config.stride().seq_of(n)
     }
 
     /// This loader's first batch whose sequence number is `>= seq`.
     pub fn local_of(&self, seq: u64) -> u64 {
-        let (w, r) = (
-            u64::from(self.config.world.get()),
-            u64::from(self.config.rank),
-        );
-        seq.saturating_sub(r).div_ceil(w)
+        self.config.stride().local_of(seq)
     }
 
     /// Produces this loader's batches from its `start`-th on, handing each to `emit`. Returns
@@ -146,7 +142,9 @@ impl Stream {
     /// batch: global batch `g` goes to rank `g % world`, with sequence number `g`, and the stream
     /// ends for every rank after `floor(G / world)` batches of its own (`G`: global batches), so
     /// that ranks stepping together under data parallelism all end together. The last
-    /// `G % world` global batches (fewer than `world`) are dropped, and said so in the log.
+    /// `G % world` global batches (fewer than `world`) are dropped, and said so in the log. A
+    /// loader of one rank yields that rank's batches; a loader of every rank (`rank` unset)
+    /// yields them all, in sequence order, each group of `world` once it is complete.
     pub fn run(
         &mut self,
         start: u64,
@@ -155,8 +153,11 @@ impl Stream {
         let b = self.config.batch_size.get() as u64;
         let window = self.config.window();
         let s = self.config.shuffle_window.get() as u64;
-        // The global batch where this rank's `start`-th batch's group of `world` begins.
-        let group_start = start * u64::from(self.config.world.get());
+        // The global batch where the group of `world` holding this loader's `start`-th batch
+        // begins; a loader of every rank skips the group's batches before `start`.
+        let stride = self.config.stride();
+        let first_seq = stride.seq_of(start);
+        let group_start = first_seq - first_seq % stride.world;
         let (mut epoch, mut w0, mut shard_pos, mut token_skip) = if group_start == 0 {
             (0, 0, 0, 0)
         } else {
@@ -166,11 +167,12 @@ impl Stream {
             rows: Vec::with_capacity(self.config.batch_size.get()),
             first_epoch: 0,
             next: group_start,
-            held: None,
+            held: Vec::new(),
             batch_size: self.config.batch_size.get(),
             window,
-            world: u64::from(self.config.world.get()),
-            rank: u64::from(self.config.rank),
+            world: stride.world,
+            rank: stride.rank,
+            first_seq,
             run_id: self.config.run_id.clone(),
             tokenizer: self.tokenizer.fingerprint().clone(),
             identity: self.identity.clone(),
@@ -229,25 +231,25 @@ impl Stream {
             shard_pos = 0;
             token_skip = 0;
         }
-        if let Some(batch) = batcher.finish() {
+        for batch in batcher.finish() {
             Metrics::add(&self.metrics.batches_produced, 1);
             if emit(batch) == Flow::Stop {
                 return Ok(None);
             }
         }
-        let world = u64::from(self.config.world.get());
-        if let Some(dropped) = batcher.held.take() {
+        let world = stride.world;
+        for dropped in std::mem::take(&mut batcher.held) {
             let tokens: u64 = dropped.lengths.iter().map(|&l| u64::from(l)).sum();
             tracing::info!(
                 seq = dropped.seq,
                 tokens,
                 global_batches = batcher.next,
                 world,
-                "dropped this rank's last batch: the stream's last {} batch(es) do not make a batch for every rank, and every rank ends with the same number",
+                "dropped a last batch: the stream's last {} batch(es) do not make a batch for every rank, and every rank ends with the same number",
                 batcher.next % world
             );
         }
-        Ok(Some(batcher.next / world))
+        Ok(Some(stride.local_of(batcher.next / world * world)))
     }
 
     /// Finds where global window `g` starts: (epoch, window in epoch, shard position in the
@@ -467,7 +469,7 @@ impl<F: FnMut(TokenBatch) -> Flow> Assembler<'_, F> {
         let skip = std::mem::take(&mut self.skip);
         for &i in perm.iter().skip(skip) {
             let Some(w) = slots[i].take() else { continue };
-            if let Some(batch) = self.batcher.push(w, self.epoch) {
+            for batch in self.batcher.push(w, self.epoch) {
                 Metrics::add(&self.metrics.batches_produced, 1);
                 if (self.emit)(batch) == Flow::Stop {
                     self.stopped = true;
@@ -478,25 +480,29 @@ impl<F: FnMut(TokenBatch) -> Flow> Assembler<'_, F> {
     }
 }
 
-/// Groups windows into batches: the global stream's batches, of which this rank keeps its own.
+/// Groups windows into batches: the global stream's batches, of which a loader of one rank keeps
+/// its own and a loader of every rank keeps them all.
 struct Batcher {
     rows: Vec<Window>,
     first_epoch: u64,
     /// Global index (and sequence number) of the batch being assembled.
     next: u64,
-    /// This rank's batch of the current group of `world`, until the group is complete.
-    held: Option<TokenBatch>,
+    /// The kept batches of the current group of `world`, until the group is complete.
+    held: Vec<TokenBatch>,
     batch_size: usize,
     window: usize,
     world: u64,
-    rank: u64,
+    /// The rank kept; `None`: every rank.
+    rank: Option<u64>,
+    /// Batches before this one (of the first group, when resuming mid-group) are not kept.
+    first_seq: u64,
     run_id: String,
     tokenizer: Fingerprint,
     identity: StreamIdentity,
 }
 
 impl Batcher {
-    fn push(&mut self, w: Window, epoch: u64) -> Option<TokenBatch> {
+    fn push(&mut self, w: Window, epoch: u64) -> Vec<TokenBatch> {
         if self.rows.is_empty() {
             self.first_epoch = epoch;
         }
@@ -504,33 +510,34 @@ impl Batcher {
         if self.rows.len() == self.batch_size {
             self.complete()
         } else {
-            None
+            Vec::new()
         }
     }
 
-    fn finish(&mut self) -> Option<TokenBatch> {
+    fn finish(&mut self) -> Vec<TokenBatch> {
         if self.rows.is_empty() {
-            None
+            Vec::new()
         } else {
             self.complete()
         }
     }
 
-    /// A global batch is complete: keep it when it is this rank's, and hand out this rank's
-    /// batch once every rank of its group has one.
-    fn complete(&mut self) -> Option<TokenBatch> {
+    /// A global batch is complete: keep it when it is a kept rank's, and hand out the kept
+    /// batches of a group once every rank of the group has one.
+    fn complete(&mut self) -> Vec<TokenBatch> {
         let g = self.next;
-        if g % self.world == self.rank {
+        let kept = self.rank.is_none_or(|r| g % self.world == r) && g >= self.first_seq;
+        if kept {
             let batch = self.take();
-            self.held = Some(batch);
+            self.held.push(batch);
         } else {
             self.rows.clear();
             self.next += 1;
         }
         if g % self.world == self.world - 1 {
-            self.held.take()
+            std::mem::take(&mut self.held)
         } else {
-            None
+            Vec::new()
         }
     }
 

@@ -193,7 +193,7 @@ fn ranks_split_one_stream_batch_by_batch_and_all_end_with_the_same_count() {
         let w = u64::from(world);
         let mut seen = Vec::new();
         for rank in 0..world {
-            cfg.rank = rank;
+            cfg.rank = Some(rank);
             let (bs, _) = batches(&cfg, 0);
             assert_eq!(bs.len() as u64, g / w, "world {world} rank {rank}");
             for (i, b) in bs.iter().enumerate() {
@@ -216,6 +216,31 @@ fn ranks_split_one_stream_batch_by_batch_and_all_end_with_the_same_count() {
         // Together the ranks cover the stream but its last `g % world` batches.
         seen.sort();
         assert_eq!(seen, (0..g / w * w).collect::<Vec<_>>());
+        // One loader of every rank issues exactly those batches, each once, in order: what the
+        // per-rank loaders issue together, tokenizing the corpus once.
+        cfg.rank = None;
+        let (all, _) = batches(&cfg, 0);
+        assert_eq!(all.len() as u64, g / w * w, "world {world}: one loader");
+        for b in &all {
+            assert!(
+                b.tokens == whole[b.seq as usize].tokens,
+                "world {world} seq {}",
+                b.seq
+            );
+        }
+        assert_eq!(
+            all.iter().map(|b| b.seq).collect::<Vec<_>>(),
+            seen,
+            "world {world}"
+        );
+        // It resumes anywhere, inside a group of `world` too.
+        for start in [1, w, w + 1] {
+            let (resumed, _) = batches(&cfg, start);
+            assert!(
+                resumed[..] == all[start as usize..],
+                "world {world}: resume at {start} differs"
+            );
+        }
     }
 }
 

@@ -180,9 +180,15 @@ impl Consumer {
 
     /// Asks for `n` more batches.
     pub async fn credit(&mut self, n: u32) -> Result<(), ClientError> {
+        self.credit_for(n, None).await
+    }
+
+    /// Asks for up to `n` more batches of one data-parallel rank (`None`: of any rank).
+    pub async fn credit_for(&mut self, n: u32, rank: Option<u32>) -> Result<(), ClientError> {
         let m = Message::Credit(Credit {
             run_id: self.run_id.clone(),
             n,
+            rank,
         });
         self.send(&m).await
     }

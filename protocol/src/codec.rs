@@ -123,6 +123,8 @@ struct ControlHeader {
     total: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     stream: Option<Box<StreamIdentity>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rank: Option<u32>,
 }
 
 impl ControlHeader {
@@ -139,6 +141,7 @@ impl ControlHeader {
             reason: None,
             stream: None,
             total: None,
+            rank: None,
         }
     }
 }
@@ -184,6 +187,7 @@ impl Message {
             Message::Credit(m) => {
                 let mut h = ControlHeader::new("credit", &m.run_id);
                 h.n = Some(m.n);
+                h.rank = m.rank;
                 control_frames(&h)
             }
             Message::Ack(m) => {
@@ -339,6 +343,7 @@ fn decode_control(header: &[u8]) -> Result<Message, DecodeError> {
         "credit" => Message::Credit(Credit {
             run_id,
             n: required(h.n, "n")?,
+            rank: h.rank,
         }),
         "ack" => Message::Ack(Ack {
             run_id,

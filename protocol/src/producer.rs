@@ -255,6 +255,7 @@ mod tests {
             &Message::Credit(Credit {
                 run_id: "run".into(),
                 n: 1,
+                rank: None,
             }),
         )
         .await

@@ -55,7 +55,8 @@ fn message() -> impl Strategy<Value = Message> {
                 })
             })
         }),
-        (run, any::<u32>()).prop_map(|(r, n)| Message::Credit(Credit { run_id: r, n })),
+        (run, any::<u32>(), prop::option::of(any::<u32>()))
+            .prop_map(|(r, n, rank)| Message::Credit(Credit { run_id: r, n, rank })),
         (run, prop::collection::vec(0u64..1 << 50, 0..20))
             .prop_map(|(r, seqs)| Message::Ack(Ack { run_id: r, seqs })),
         (run, 0u64..1 << 50).prop_map(|(r, at_ms)| Message::Heartbeat(Heartbeat {
@@ -253,6 +254,7 @@ fn frame_count_is_checked() {
     let mut credit = Message::Credit(Credit {
         run_id: "r".into(),
         n: 1,
+        rank: None,
     })
     .encode();
     credit.push(Bytes::new());

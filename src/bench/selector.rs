@@ -94,6 +94,7 @@ fn credit(peer: &Bytes, run_id: &str, n: u32) -> anyhow::Result<ZmqMessage> {
         Message::Credit(Credit {
             run_id: run_id.into(),
             n,
+            rank: None,
         })
         .encode(),
     );

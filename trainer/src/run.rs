@@ -616,6 +616,7 @@ fn credit(run_id: &str, n: u32) -> Message {
     Message::Credit(Credit {
         run_id: run_id.into(),
         n,
+        rank: None,
     })
 }
 

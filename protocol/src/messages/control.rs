@@ -23,6 +23,9 @@ pub struct Credit {
     pub run_id: String,
     /// How many more.
     pub n: u32,
+    /// Only batches of this data-parallel rank (`seq % world == rank`), from a loader that
+    /// serves every rank; `None`: batches of any rank (docs/PROTOCOL.md, "Several ranks").
+    pub rank: Option<u32>,
 }
 
 /// The trainer has consumed these batches; the loader may forget them.
