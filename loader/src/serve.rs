@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use rho_protocol::flow::{AckOutcome, Credits, Ledger};
 use rho_protocol::producer::{Incoming, Peer, Producer, ProducerError};
-use rho_protocol::{End, Heartbeat, Key, Limits, Message, Resume, Role, Shutdown, StreamIdentity};
+use rho_protocol::{
+    End, Heartbeat, Key, Limits, Message, Rank, Resume, Role, Shutdown, StreamIdentity,
+};
 
 use crate::config::{LoaderConfig, RankStride};
 use crate::metrics::{Counts, Metrics, Reporter};
@@ -446,35 +448,43 @@ impl Loader {
         Step::Continue(())
     }
 
-    /// `end` only once nothing is in flight: until then a consumer with credit may still be
-    /// needed for a redelivery.
-    /// A credit for a rank goes to that rank's pool (a loader of every rank); a loader of one
-    /// rank takes credits for its own rank or any, and refuses one for another rank.
-    async fn on_credit(&mut self, peer: Peer, n: u32, rank: Option<u32>) {
+    /// A credit names the rank it asks for, or none: a loader of one rank (or of a one-rank
+    /// run) takes credits for that rank or unnamed; a loader of every rank of a larger run
+    /// takes only named ones, each into its rank's pool, since a consumer asking for "any
+    /// batch" would mix the ranks. A credit of another rank or another world is refused with
+    /// the reason. Once everything is acknowledged, the answer is `end`.
+    async fn on_credit(&mut self, peer: Peer, n: u32, rank: Option<Rank>) {
         if let Some(total) = self.all_acknowledged() {
             let frames = self.end_frames(total);
             let _ = self.socket.send_frames(&peer, &frames).await;
             return;
         }
-        let own = self.stride.rank;
-        match rank.map(u64::from) {
-            None => self.credits.grant(peer, n),
-            Some(r) if own == Some(r) || (own.is_none() && self.stride.world == 1 && r == 0) => {
-                self.credits.grant(peer, n)
+        let (own, world) = (self.stride.rank, self.stride.world);
+        let serves = match own {
+            Some(own) => format!("rank {own} of {world}"),
+            None => format!("every rank of {world}"),
+        };
+        let why = match rank {
+            None if own.is_some() || world == 1 => return self.credits.grant(peer, n),
+            None => format!("a credit without a rank: this loader serves {serves}; a consumer names the rank it trains (`rank`, `world`)"),
+            Some(r) if u64::from(r.world) != world => {
+                format!("a credit for {r}: this loader serves {serves}")
             }
-            Some(r) if own.is_none() && r < self.stride.world => {
-                self.rank_credits[r as usize].grant(peer, n)
+            Some(r) if world == 1 || own == Some(u64::from(r.rank)) => {
+                return self.credits.grant(peer, n)
             }
-            Some(r) => {
-                let serves = match own {
-                    Some(own) => format!("rank {own}"),
-                    None => format!("ranks 0..{}", self.stride.world),
-                };
-                let why = format!("a credit for rank {r}: this loader serves {serves}");
-                self.socket.refuse(peer, &why);
-                Metrics::set(&self.metrics.messages_rejected, self.socket.refused());
-            }
-        }
+            Some(r) if own.is_none() => return self.rank_credits[r.rank as usize].grant(peer, n),
+            Some(r) => format!("a credit for {r}: this loader serves {serves}"),
+        };
+        // A consumer asking the wrong loader waits for nothing: it is told why, and stops.
+        tracing::error!("{why}");
+        self.socket.refuse(peer.clone(), "a credit of another rank");
+        Metrics::set(&self.metrics.messages_rejected, self.socket.refused());
+        let stop = Message::Shutdown(Shutdown {
+            run_id: self.config.run_id.clone(),
+            reason: why,
+        });
+        let _ = self.socket.send(&peer, &stop).await;
     }
 
     fn on_ack(&mut self, seqs: &[u64]) {

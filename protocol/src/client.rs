@@ -13,7 +13,7 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use zeromq::{DealerSendHalf, DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
-use crate::{Ack, Credit, DecodeError, Heartbeat, Key, Limits, Message, Resume, Role};
+use crate::{Ack, Credit, DecodeError, Heartbeat, Key, Limits, Message, Rank, Resume, Role};
 
 /// Why a connection to a producer failed.
 #[derive(Debug, Error)]
@@ -183,8 +183,9 @@ impl Consumer {
         self.credit_for(n, None).await
     }
 
-    /// Asks for up to `n` more batches of one data-parallel rank (`None`: of any rank).
-    pub async fn credit_for(&mut self, n: u32, rank: Option<u32>) -> Result<(), ClientError> {
+    /// Asks for up to `n` more batches of one data-parallel rank (`None`: any the producer
+    /// serves).
+    pub async fn credit_for(&mut self, n: u32, rank: Option<Rank>) -> Result<(), ClientError> {
         let m = Message::Credit(Credit {
             run_id: self.run_id.clone(),
             n,
@@ -230,10 +231,20 @@ impl Consumer {
     /// connection whose socket has failed yields nothing more: [`Consumer::silent_for`] grows
     /// until the owner reconnects.
     pub async fn recv(&mut self) -> Result<Message, ClientError> {
-        match self.inbox.recv().await {
-            Some(Ok(m)) => Ok(m),
-            Some(Err(e)) => Err(ClientError::Decode(e)),
-            None => std::future::pending().await,
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// [`Consumer::recv`] as a poll, for waiting on several connections at once; a closed
+    /// connection stays pending, as `recv` does.
+    pub fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Message, ClientError>> {
+        use std::task::Poll;
+        match self.inbox.poll_recv(cx) {
+            Poll::Ready(Some(Ok(m))) => Poll::Ready(Ok(m)),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Err(ClientError::Decode(e))),
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
         }
     }
 }

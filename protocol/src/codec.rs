@@ -125,6 +125,8 @@ struct ControlHeader {
     stream: Option<Box<StreamIdentity>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rank: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    world: Option<u32>,
 }
 
 impl ControlHeader {
@@ -142,12 +144,25 @@ impl ControlHeader {
             stream: None,
             total: None,
             rank: None,
+            world: None,
         }
     }
 }
 
 fn required<T>(value: Option<T>, field: &'static str) -> Result<T, DecodeError> {
     value.ok_or_else(|| DecodeError::invalid(field, "missing"))
+}
+
+/// A credit's rank: `rank` and `world` both or neither, the rank below the world.
+fn rank_of(rank: Option<u32>, world: Option<u32>) -> Result<Option<Rank>, DecodeError> {
+    match (rank, world) {
+        (None, None) => Ok(None),
+        (Some(r), Some(w)) => Rank::new(r, w).map(Some).ok_or_else(|| {
+            DecodeError::invalid("rank", format!("rank {r} of {w}: not below the world"))
+        }),
+        (Some(_), None) => Err(DecodeError::invalid("world", "missing beside `rank`")),
+        (None, Some(_)) => Err(DecodeError::invalid("rank", "missing beside `world`")),
+    }
 }
 
 impl Message {
@@ -187,7 +202,8 @@ impl Message {
             Message::Credit(m) => {
                 let mut h = ControlHeader::new("credit", &m.run_id);
                 h.n = Some(m.n);
-                h.rank = m.rank;
+                h.rank = m.rank.map(|r| r.rank);
+                h.world = m.rank.map(|r| r.world);
                 control_frames(&h)
             }
             Message::Ack(m) => {
@@ -343,7 +359,7 @@ fn decode_control(header: &[u8]) -> Result<Message, DecodeError> {
         "credit" => Message::Credit(Credit {
             run_id,
             n: required(h.n, "n")?,
-            rank: h.rank,
+            rank: rank_of(h.rank, h.world)?,
         }),
         "ack" => Message::Ack(Ack {
             run_id,

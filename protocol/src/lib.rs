@@ -34,7 +34,7 @@ pub use error::DecodeError;
 pub use fingerprint::Fingerprint;
 pub use liveness::Liveness;
 pub use messages::{
-    describe_differences, first_non_finite, Ack, Corpus, Credit, Difference, End, Heartbeat,
+    describe_differences, first_non_finite, Ack, Corpus, Credit, Difference, End, Heartbeat, Rank,
     Resume, Role, ScoredBatch, Shutdown, StreamIdentity, TokenBatch, STREAM_ITEMS,
 };
 

@@ -55,8 +55,16 @@ fn message() -> impl Strategy<Value = Message> {
                 })
             })
         }),
-        (run, any::<u32>(), prop::option::of(any::<u32>()))
-            .prop_map(|(r, n, rank)| Message::Credit(Credit { run_id: r, n, rank })),
+        (
+            run,
+            any::<u32>(),
+            prop::option::of((1u32..=u32::MAX).prop_flat_map(|w| (0..w, Just(w))))
+        )
+            .prop_map(|(r, n, rank)| Message::Credit(Credit {
+                run_id: r,
+                n,
+                rank: rank.and_then(|(rank, world)| Rank::new(rank, world)),
+            })),
         (run, prop::collection::vec(0u64..1 << 50, 0..20))
             .prop_map(|(r, seqs)| Message::Ack(Ack { run_id: r, seqs })),
         (run, 0u64..1 << 50).prop_map(|(r, at_ms)| Message::Heartbeat(Heartbeat {
@@ -241,6 +249,45 @@ fn inconsistent_fields_name_the_field() {
             "{err} should mention {needle}"
         );
     }
+}
+
+#[test]
+fn a_credits_rank_names_its_world_and_lies_below_it() {
+    let credit = Message::Credit(Credit {
+        run_id: "r".into(),
+        n: 2,
+        rank: Rank::new(1, 3),
+    });
+    let h = header_of(&credit);
+    assert_eq!(
+        (h["rank"].as_u64(), h["world"].as_u64()),
+        (Some(1), Some(3))
+    );
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let cases: Vec<(Edit, &str)> = vec![
+        (Box::new(|h| h["rank"] = 3.into()), "rank"),
+        (
+            Box::new(|h| {
+                h.as_object_mut().unwrap().remove("world");
+            }),
+            "world",
+        ),
+        (
+            Box::new(|h| {
+                h.as_object_mut().unwrap().remove("rank");
+            }),
+            "rank",
+        ),
+    ];
+    for (edit, needle) in cases {
+        let err = Message::decode(&with_header(&credit, edit), &Limits::default()).unwrap_err();
+        assert!(
+            err.to_string().contains(needle),
+            "{err} should mention {needle}"
+        );
+    }
+    assert!(Rank::new(3, 3).is_none());
+    assert!(Rank::new(1, 3).is_some_and(|r| r.owns(4) && !r.owns(5)));
 }
 
 #[test]

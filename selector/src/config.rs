@@ -23,6 +23,13 @@ pub struct SelectorConfig {
     /// Required, except under `rho run`, which assigns it.
     #[serde(default)]
     pub trainer: Endpoint,
+    /// The delivery endpoints of the trainers of a data-parallel run, rank `r`'s at index `r`,
+    /// in place of `trainer`: this selector scores batches of every rank and delivers batch
+    /// `seq` to rank `seq % len`'s trainer, asking the loader (one that serves every rank) for
+    /// each rank's batches as far as that rank's credits allow. Empty (default): the one
+    /// `trainer`. Under `rho run`, assigned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trainers: Vec<Endpoint>,
     /// The reference model: a HuggingFace checkpoint directory.
     pub model: PathBuf,
     /// The `tokenizer.json` the loader uses; batches tokenized otherwise are refused.
@@ -33,9 +40,9 @@ pub struct SelectorConfig {
     /// `f32` (default), `f16` (CPU or GPU) or `bf16` (GPU).
     #[serde(default)]
     pub dtype: rho_model::DTypeSpec,
-    /// Batches asked of the loader ahead of scoring. Default 2. With more than one lane, each
-    /// extra lane holds one more: at most `prefetch + lanes - 1` batches are here at once
-    /// (queued, being scored, or waiting for the trainer's credit).
+    /// Batches asked of the loader ahead of scoring, per rank. Default 2. With more than one
+    /// lane, each extra lane holds one more: at most `prefetch + lanes - 1` batches of each
+    /// rank are here at once (queued, being scored, or waiting for the trainer's credit).
     #[serde(default = "default_prefetch")]
     pub prefetch: NonZeroU32,
     /// Positions per logits chunk in the loss; default: about 32 MiB of logits.
@@ -117,6 +124,15 @@ impl SelectorConfig {
         }
     }
 
+    /// Where scored batches go: the trainer of each rank, by rank (`trainers`, else the one
+    /// `trainer`).
+    pub fn deliveries(&self) -> Vec<Endpoint> {
+        match self.trainers.is_empty() {
+            true => vec![self.trainer.clone()],
+            false => self.trainers.clone(),
+        }
+    }
+
     /// Checks what serde cannot; the error names the field.
     pub fn validate(&self) -> Result<()> {
         let field = |field, reason: &str| {
@@ -128,11 +144,38 @@ impl SelectorConfig {
         if let Err((field, reason)) = self.liveness.validate() {
             return Err(SelectorError::ConfigField { field, reason });
         }
-        for (name, e) in [("loader", &self.loader), ("trainer", &self.trainer)] {
-            e.check().map_err(|reason| SelectorError::ConfigField {
-                field: name,
-                reason,
-            })?;
+        if !self.trainers.is_empty() && self.trainer.is_assigned() {
+            return field(
+                "trainers",
+                "set `trainer` (one trainer) or `trainers` (one per rank), not both",
+            );
+        }
+        if u32::try_from(self.trainers.len()).is_err() {
+            return field("trainers", "more ranks than a credit can name");
+        }
+        let deliveries = self.deliveries();
+        let name = match self.trainers.is_empty() {
+            true => "trainer",
+            false => "trainers",
+        };
+        let check = |field, e: &Endpoint| -> Result<()> {
+            e.check()
+                .map(|_| ())
+                .map_err(|reason| SelectorError::ConfigField { field, reason })
+        };
+        check("loader", &self.loader)?;
+        for e in &deliveries {
+            check(name, e)?;
+        }
+        for (r, e) in self.trainers.iter().enumerate() {
+            if let Some(other) = self.trainers[..r].iter().position(|o| o == e) {
+                return Err(SelectorError::ConfigField {
+                    field: "trainers",
+                    reason: format!(
+                        "ranks {other} and {r} name the same endpoint {e}: one trainer per rank"
+                    ),
+                });
+            }
         }
         if self.metrics_interval_secs.is_nan() || self.metrics_interval_secs <= 0.0 {
             return field("metrics_interval_secs", "must be positive");

@@ -77,10 +77,19 @@ pub enum SelectorError {
         /// The value.
         value: f32,
     },
-    /// The trainer refused this selector's batches and asked it to stop.
-    #[error("the trainer asked this selector to stop: {reason}")]
+    /// A trainer refused this selector's batches and asked it to stop.
+    #[error("the trainer at {trainer} asked this selector to stop: {reason}")]
     Stopped {
+        /// The trainer's delivery endpoint.
+        trainer: String,
         /// The trainer's reason.
+        reason: String,
+    },
+    /// The loader refused what this selector asked of it (a credit for a rank it does not
+    /// serve) and told it why.
+    #[error("the loader refused this selector: {reason}")]
+    LoaderRefused {
+        /// The loader's reason.
         reason: String,
     },
     /// A connection failed.

@@ -11,11 +11,16 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod config;
+pub mod credits;
 mod error;
+mod ranks;
+pub mod report;
 pub mod scorer;
 pub mod worker;
 
 pub use config::SelectorConfig;
+pub use credits::Credits;
 pub use error::{Result, SelectorError};
+pub use report::{Report, SelectorMetrics};
 pub use scorer::{CandleScorer, Scorer};
-pub use worker::{run, Credits, Report, Selector, SelectorMetrics};
+pub use worker::{run, Selector};

@@ -1,9 +1,9 @@
 //! The selector process: token batches in (by credit, from the loader), scored batches out (by
-//! credit, to the trainer).
+//! credit, to the trainer of each batch's rank).
 //!
-//! Backpressure runs end to end: the selector asks the loader only for as many batches as the
-//! trainer has granted it credits for (and at most `prefetch`), so no process buffers more than
-//! its consumer can take.
+//! Backpressure runs end to end and per rank: the selector asks the loader for a rank's batches
+//! only as far as that rank's trainer has granted it credits (and at most `prefetch` ahead), so
+//! no process buffers more than its consumer can take, and a slow rank holds back only its own.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -18,154 +18,14 @@ use rho_common::jsonl::JsonLines;
 use rho_common::tensorboard::EventWriter;
 use rho_protocol::client::{ClientError, Consumer};
 use rho_protocol::{Fingerprint, Key, Limits, Message, Role, ScoredBatch, TokenBatch};
+
+use crate::ranks::Ranks;
+use crate::report::Report;
 use tokio::task::{JoinError, JoinSet};
 
 use crate::config::SelectorConfig;
 use crate::scorer::{CandleScorer, Scorer};
 use crate::{Result, SelectorError};
-
-/// What a selector did.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct Report {
-    /// Scored batches delivered to the trainer.
-    pub batches: u64,
-    /// Valid target positions scored.
-    pub tokens: u64,
-    /// Seconds from start to stop.
-    pub wall_secs: f64,
-    /// Time spent in the model, summed over the lanes.
-    pub score_secs: f64,
-    /// Batches scored at once (the config's `lanes`, as resolved).
-    #[serde(default)]
-    pub lanes: usize,
-    /// Time batches waited between arrival and scoring, summed.
-    pub queue_wait_secs: f64,
-    /// Time from a batch's arrival to its delivery, summed.
-    pub latency_secs: f64,
-    /// Messages refused (malformed, of another run, unsigned).
-    pub messages_rejected: u64,
-    /// Connections dropped and made again because a peer fell silent.
-    pub reconnects: u64,
-    /// Bytes written to the scored cache (`cache_out`).
-    pub cache_bytes: u64,
-    /// Stopped by a signal or by the trainer before the stream ended.
-    pub interrupted: bool,
-}
-
-/// One line of the selector's metrics file: totals so far, written every
-/// `metrics_interval_secs` and once at the end.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct SelectorMetrics {
-    /// Seconds since the selector started.
-    pub elapsed_s: f64,
-    /// Scored batches delivered.
-    pub batches: u64,
-    /// Valid target positions scored.
-    pub tokens: u64,
-    /// `tokens` over `elapsed_s`.
-    pub tokens_per_s: f64,
-    /// Mean time in the model per batch.
-    pub mean_score_ms: f64,
-    /// Mean time from a batch's arrival to its delivery.
-    pub mean_latency_ms: f64,
-    /// Mean time a batch waited for the model.
-    pub mean_queue_wait_ms: f64,
-    /// Fraction of the lanes' wall time not spent scoring.
-    pub idle_fraction: f64,
-    /// Messages refused so far.
-    pub messages_rejected: u64,
-}
-
-impl Report {
-    fn line(&self, elapsed: f64) -> SelectorMetrics {
-        let n = self.batches.max(1) as f64;
-        SelectorMetrics {
-            elapsed_s: elapsed,
-            batches: self.batches,
-            tokens: self.tokens,
-            tokens_per_s: self.tokens as f64 / elapsed.max(1e-9),
-            mean_score_ms: self.score_secs / n * 1e3,
-            mean_latency_ms: self.latency_secs / n * 1e3,
-            mean_queue_wait_ms: self.queue_wait_secs / n * 1e3,
-            idle_fraction: 1.0 - self.score_secs / (elapsed.max(1e-9) * self.lanes.max(1) as f64),
-            messages_rejected: self.messages_rejected,
-        }
-    }
-}
-
-/// The selector's flow control, end to end: the trainer grants credits for scored batches
-/// (`down`), and the selector asks the loader for no more than those credits cover, and never
-/// more than `prefetch` at a time, counting what it already holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Credits {
-    /// Scored batches the trainer has room for.
-    down: u64,
-    /// Batches asked of the loader and not yet arrived.
-    requested: u64,
-    prefetch: u64,
-}
-
-impl Credits {
-    /// No credits yet; at most `prefetch` batches asked of the loader ahead.
-    pub fn new(prefetch: u32) -> Self {
-        Credits {
-            down: 0,
-            requested: 0,
-            prefetch: u64::from(prefetch),
-        }
-    }
-
-    /// The trainer granted `n` more.
-    pub fn granted(&mut self, n: u32) {
-        self.down += u64::from(n);
-    }
-
-    /// Whether a scored batch may go to the trainer now.
-    pub fn can_deliver(&self) -> bool {
-        self.down > 0
-    }
-
-    /// A scored batch went to the trainer.
-    pub fn delivered(&mut self) {
-        self.down = self.down.saturating_sub(1);
-    }
-
-    /// How many batches to ask the loader for, given `held` batches here (queued, being
-    /// scored, or scored and waiting); counts them as requested.
-    pub fn request(&mut self, held: u64) -> u32 {
-        let held = held + self.requested;
-        let want = self.down.min(self.prefetch);
-        let n = want.saturating_sub(held).min(u64::from(u32::MAX)) as u32;
-        self.requested += u64::from(n);
-        n
-    }
-
-    /// A request could not be sent: it is not outstanding.
-    pub fn unrequest(&mut self, n: u32) {
-        self.requested = self.requested.saturating_sub(u64::from(n));
-    }
-
-    /// A batch arrived from the loader.
-    pub fn arrived(&mut self) {
-        self.requested = self.requested.saturating_sub(1);
-    }
-
-    /// The loader connection was made again: what the old one was asked is gone with it.
-    pub fn loader_lost(&mut self) {
-        self.requested = 0;
-    }
-
-    /// The trainer connection was made again: its credits are gone with it (it grants new
-    /// ones when the selector introduces itself).
-    pub fn trainer_lost(&mut self) {
-        self.down = 0;
-    }
-
-    /// Credits the trainer has granted and the selector not yet used.
-    pub fn down(&self) -> u64 {
-        self.down
-    }
-}
 
 /// The tokenizer's fingerprint and vocabulary size.
 pub fn tokenizer_identity(path: &Path) -> Result<(Fingerprint, usize)> {
@@ -250,8 +110,8 @@ pub struct Selector {
     scorer: Arc<dyn Scorer>,
     tokenizer: Fingerprint,
     loader: Consumer,
-    trainer: Consumer,
-    credits: Credits,
+    /// The trainer of every rank, with its credits and outbox.
+    ranks: Ranks,
     /// Batches received, waiting for the model.
     queue: VecDeque<(TokenBatch, Instant)>,
     /// The thread pool of each lane; none with one lane (the model uses the global pool).
@@ -265,8 +125,6 @@ pub struct Selector {
     /// The start order of the next batch to score, and of the next to deliver.
     next_start: u64,
     next_done: u64,
-    /// Scored batches waiting for a credit from the trainer (or for it to come back).
-    outbox: VecDeque<(Message, Instant)>,
     /// The loader said the stream ended.
     ended: bool,
     cache: Option<CacheWriter>,
@@ -279,7 +137,7 @@ pub struct Selector {
 }
 
 impl Selector {
-    /// Connects to the trainer (introducing itself) and to the loader, and opens the metrics
+    /// Connects to the trainers (introducing itself) and to the loader, and opens the metrics
     /// file and the scored cache when configured.
     pub async fn start(
         config: SelectorConfig,
@@ -296,12 +154,11 @@ impl Selector {
                 reason,
             }
         })?;
-        let (run_id, trainer_at) = (&config.run_id, &config.trainer);
-        let mut trainer =
-            Consumer::connect_with(trainer_at.as_str(), run_id, limits, key.clone()).await?;
-        let _ = trainer.heartbeat(Role::Selector).await;
+        let held = config.prefetch.get().saturating_add(lanes as u32 - 1);
+        let run_id = &config.run_id;
+        let ranks = Ranks::connect(&config.deliveries(), run_id, limits, key.clone(), held).await?;
         let loader = Consumer::connect_with(config.loader.as_str(), run_id, limits, key).await?;
-        tracing::info!(loader = %config.loader, trainer = %config.trainer, "selector connected");
+        tracing::info!(loader = %config.loader, ranks = ranks.world(), trainer = %config.deliveries()[0], "selector connected");
         let metrics =
             match &config.metrics {
                 Some(p) => Some(JsonLines::open(p, false).map_err(|reason| {
@@ -322,14 +179,13 @@ impl Selector {
             })?),
             None => None,
         };
-        let held = config.prefetch.get().saturating_add(lanes as u32 - 1);
+        let world = ranks.world();
         Ok(Selector {
-            credits: Credits::new(held),
             config,
             scorer,
             tokenizer,
             loader,
-            trainer,
+            ranks,
             queue: VecDeque::new(),
             free: (0..lanes).rev().collect(),
             pools,
@@ -337,7 +193,6 @@ impl Selector {
             finished: BTreeMap::new(),
             next_start: 0,
             next_done: 0,
-            outbox: VecDeque::new(),
             ended: false,
             cache,
             metrics,
@@ -345,6 +200,7 @@ impl Selector {
             progress: indicatif::ProgressBar::new_spinner(),
             report: Report {
                 lanes,
+                batches_per_rank: vec![0; world],
                 ..Report::default()
             },
             started,
@@ -367,7 +223,7 @@ impl Selector {
             let flow = tokio::select! {
                 _ = &mut shutdown => self.interrupted(),
                 m = self.loader.recv() => self.on_loader(m)?,
-                m = self.trainer.recv() => self.on_trainer(m)?,
+                (r, m) = self.ranks.recv() => self.on_trainer(r, m)?,
                 done = scored(&mut self.scoring) => self.on_scored(done)?,
                 _ = beat.tick() => self.on_heartbeat(&mut shutdown).await?,
                 _ = tick.tick() => self.on_metrics_tick(),
@@ -389,31 +245,39 @@ impl Selector {
         Flow::Break(())
     }
 
-    /// Sends scored batches to the trainer while it has granted credits.
+    /// Sends scored batches to each rank's trainer while it has granted credits.
     async fn deliver(&mut self) {
-        while self.credits.can_deliver() {
-            let Some((scored, arrived)) = self.outbox.pop_front() else {
-                break;
-            };
-            if self.trainer.send(&scored).await.is_err() {
-                // The trainer is gone; the batch waits for the reconnection.
-                self.outbox.push_front((scored, arrived));
-                break;
+        for (r, d) in self.ranks.iter_mut().enumerate() {
+            while d.credits.can_deliver() {
+                let Some((scored, arrived)) = d.outbox.pop_front() else {
+                    break;
+                };
+                if d.consumer.send(&scored).await.is_err() {
+                    // The trainer is gone; the batch waits for the reconnection.
+                    d.outbox.push_front((scored, arrived));
+                    break;
+                }
+                d.credits.delivered();
+                d.held = d.held.saturating_sub(1);
+                self.report.batches += 1;
+                self.report.batches_per_rank[r] += 1;
+                self.report.latency_secs += arrived.elapsed().as_secs_f64();
             }
-            self.credits.delivered();
-            self.report.batches += 1;
-            self.report.latency_secs += arrived.elapsed().as_secs_f64();
         }
     }
 
+    /// Asks the loader for each rank's batches, as far as that rank's credits allow.
     async fn request_from_loader(&mut self) {
         if self.ended {
             return;
         }
-        let held = self.queue.len() + self.scoring.len() + self.finished.len() + self.outbox.len();
-        let n = self.credits.request(held as u64);
-        if n > 0 && self.loader.credit(n).await.is_err() {
-            self.credits.unrequest(n);
+        for r in 0..self.ranks.world() {
+            let rank = self.ranks.credit_rank(r);
+            let d = self.ranks.get_mut(r);
+            let n = d.credits.request(d.held);
+            if n > 0 && self.loader.credit_for(n, rank).await.is_err() {
+                self.ranks.get_mut(r).credits.unrequest(n);
+            }
         }
     }
 
@@ -430,7 +294,7 @@ impl Selector {
             && self.queue.is_empty()
             && self.scoring.is_empty()
             && self.finished.is_empty()
-            && self.outbox.is_empty();
+            && self.ranks.outboxes_empty();
         Ok(if done {
             Flow::Break(())
         } else {
@@ -478,22 +342,38 @@ impl Selector {
     fn on_loader(&mut self, m: std::result::Result<Message, ClientError>) -> Result<Flow> {
         match m {
             Ok(Message::Batch(b)) if b.run_id == self.config.run_id => {
-                self.credits.arrived();
+                let d = self.ranks.get_mut(self.ranks.rank_of(b.seq));
+                d.credits.arrived();
+                d.held += 1;
                 self.queue.push_back((b, Instant::now()));
             }
             Ok(Message::End(_)) => self.ended = true,
+            Ok(Message::Shutdown(s)) if s.run_id == self.config.run_id => {
+                return Err(SelectorError::LoaderRefused { reason: s.reason });
+            }
             Ok(Message::Heartbeat(_)) => {}
             other => self.refuse("loader", other)?,
         }
         Ok(Flow::Continue(()))
     }
 
-    fn on_trainer(&mut self, m: std::result::Result<Message, ClientError>) -> Result<Flow> {
+    /// A message from rank `r`'s trainer.
+    fn on_trainer(
+        &mut self,
+        r: usize,
+        m: std::result::Result<Message, ClientError>,
+    ) -> Result<Flow> {
         match m {
-            Ok(Message::Credit(c)) if c.run_id == self.config.run_id => self.credits.granted(c.n),
+            Ok(Message::Credit(c)) if c.run_id == self.config.run_id => {
+                self.ranks.get_mut(r).credits.granted(c.n)
+            }
             Ok(Message::Shutdown(s)) if s.run_id == self.config.run_id => {
                 // Its batches in flight go back to the loader's leases.
-                return Err(SelectorError::Stopped { reason: s.reason });
+                let endpoint = self.ranks.get_mut(r).endpoint.to_string();
+                return Err(SelectorError::Stopped {
+                    trainer: endpoint,
+                    reason: s.reason,
+                });
             }
             Ok(Message::Heartbeat(_)) => {}
             other => self.refuse("trainer", other)?,
@@ -559,7 +439,11 @@ impl Selector {
             tokio::task::block_in_place(|| w.append(&scored))?;
             self.report.cache_bytes = w.bytes;
         }
-        self.outbox.push_back((scored, done.arrived));
+        let r = self.ranks.rank_of(seq);
+        self.ranks
+            .get_mut(r)
+            .outbox
+            .push_back((scored, done.arrived));
         Ok(())
     }
 
@@ -567,24 +451,32 @@ impl Selector {
     /// `shutdown` came while reconnecting.
     async fn on_heartbeat<F: Future + Unpin>(&mut self, shutdown: &mut F) -> Result<Flow> {
         let _ = self.loader.heartbeat(Role::Selector).await;
-        let _ = self.trainer.heartbeat(Role::Selector).await;
+        for d in self.ranks.iter_mut() {
+            let _ = d.consumer.heartbeat(Role::Selector).await;
+        }
         let timeout = self.config.liveness.timeout();
         if !self.ended && self.loader.silent_for() > timeout {
             if !self.loader.reconnect_or(&mut *shutdown).await? {
                 return Ok(self.interrupted());
             }
             self.report.reconnects += 1;
-            self.credits.loader_lost();
+            for d in self.ranks.iter_mut() {
+                d.credits.loader_lost();
+            }
             tracing::info!("reconnected to the loader");
         }
-        if self.trainer.silent_for() > timeout {
-            if !self.trainer.reconnect_or(shutdown).await? {
-                return Ok(self.interrupted());
+        for d in self.ranks.iter_mut() {
+            if d.consumer.silent_for() <= timeout {
+                continue;
+            }
+            if !d.consumer.reconnect_or(&mut *shutdown).await? {
+                self.report.interrupted = true;
+                return Ok(Flow::Break(()));
             }
             self.report.reconnects += 1;
-            self.credits.trainer_lost();
-            let _ = self.trainer.heartbeat(Role::Selector).await;
-            tracing::info!("reconnected to the trainer");
+            d.credits.trainer_lost();
+            let _ = d.consumer.heartbeat(Role::Selector).await;
+            tracing::info!(trainer = %d.endpoint, "reconnected to the trainer");
         }
         Ok(Flow::Continue(()))
     }
@@ -611,7 +503,7 @@ impl Selector {
             self.report.batches,
             line.tokens_per_s,
             self.queue.len(),
-            self.credits.down()
+            self.ranks.credits_down()
         ));
         self.progress.tick();
         Flow::Continue(())
@@ -666,54 +558,4 @@ fn open_cache(
     let w = CacheWriter::create(dir, header)?;
     tracing::info!(file = %w.path().display(), "writing scored batches to the cache");
     Ok(Some(w))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_loader_is_asked_for_no_more_than_the_trainer_granted() {
-        let mut c = Credits::new(4);
-        assert_eq!(c.request(0), 0, "nothing granted, nothing asked");
-        c.granted(2);
-        assert_eq!(c.request(0), 2);
-        assert_eq!(c.request(0), 0, "already asked");
-        c.arrived();
-        assert_eq!(c.request(1), 0, "the arrived batch is held here");
-    }
-
-    #[test]
-    fn prefetch_caps_what_is_asked_and_held() {
-        let mut c = Credits::new(3);
-        c.granted(10);
-        assert_eq!(c.request(1), 2);
-        for _ in 0..2 {
-            c.arrived();
-        }
-        // Three held, none delivered: nothing more.
-        assert_eq!(c.request(3), 0);
-        c.delivered();
-        assert_eq!(c.request(2), 1);
-        assert_eq!(c.down(), 9);
-    }
-
-    #[test]
-    fn a_lost_connection_forgets_its_credits() {
-        let mut c = Credits::new(8);
-        c.granted(5);
-        assert_eq!(c.request(0), 5);
-        c.loader_lost();
-        assert_eq!(c.request(0), 5, "asked again of the new connection");
-        c.trainer_lost();
-        assert!(!c.can_deliver());
-        assert_eq!(c.request(0), 0);
-        let n = {
-            c.granted(2);
-            c.request(0)
-        };
-        assert_eq!(n, 0, "five still outstanding cover the two");
-        c.unrequest(5);
-        assert_eq!(c.request(0), 2);
-    }
 }

@@ -23,9 +23,37 @@ pub struct Credit {
     pub run_id: String,
     /// How many more.
     pub n: u32,
-    /// Only batches of this data-parallel rank (`seq % world == rank`), from a loader that
-    /// serves every rank; `None`: batches of any rank (docs/PROTOCOL.md, "Several ranks").
-    pub rank: Option<u32>,
+    /// Only batches of this data-parallel rank (`seq % world == rank`); `None`: any batch of
+    /// what the loader serves (docs/PROTOCOL.md, "Several ranks").
+    pub rank: Option<Rank>,
+}
+
+/// One data-parallel rank of a run of `world` ranks: it trains the batches whose sequence
+/// number is `rank` modulo `world`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Rank {
+    /// This rank, below `world`.
+    pub rank: u32,
+    /// How many ranks the run has.
+    pub world: u32,
+}
+
+impl Rank {
+    /// Rank `rank` of `world`; `None` unless `rank < world`.
+    pub fn new(rank: u32, world: u32) -> Option<Rank> {
+        (rank < world).then_some(Rank { rank, world })
+    }
+
+    /// Whether batch `seq` is this rank's.
+    pub fn owns(self, seq: u64) -> bool {
+        seq % u64::from(self.world) == u64::from(self.rank)
+    }
+}
+
+impl std::fmt::Display for Rank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rank {} of {}", self.rank, self.world)
+    }
 }
 
 /// The trainer has consumed these batches; the loader may forget them.

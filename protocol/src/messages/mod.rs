@@ -6,6 +6,6 @@ mod scored;
 mod stream;
 
 pub use batch::TokenBatch;
-pub use control::{Ack, Credit, End, Heartbeat, Resume, Role, Shutdown};
+pub use control::{Ack, Credit, End, Heartbeat, Rank, Resume, Role, Shutdown};
 pub use scored::{first_non_finite, ScoredBatch};
 pub use stream::{describe_differences, Corpus, Difference, StreamIdentity, STREAM_ITEMS};
