@@ -438,3 +438,116 @@ async fn lanes_deliver_in_order_with_the_same_bits() {
     assert_eq!(r["lanes"], 2);
     assert_eq!(r["batches"].as_u64(), Some(total));
 }
+
+/// One loader of every rank (`world` 2, `rank` unset) and two selectors that each serve both
+/// ranks: rank `r`'s trainer receives exactly the batches `seq % 2 == r`, each once, both ranks
+/// the same number; a rank that grants nothing for a while holds back no more than its own
+/// window, the other rank goes on receiving meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selectors_serve_every_rank_of_one_loader() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    setup(root);
+    let cfg = json!({
+        "run_id": "sel", "data": {"paths": ["data"]}, "tokenizer": "tokenizer.json",
+        "seq_len": 48, "batch_size": 3, "endpoint": "tcp://127.0.0.1:0",
+        "endpoint_file": "loader.endpoint", "max_in_flight": 4, "world": 2,
+    });
+    std::fs::write(root.join("loader.json"), cfg.to_string()).unwrap();
+    let loader = Command::new(RHO)
+        .args(["loader", "--config", p(&root.join("loader.json"))])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let file = root.join("loader.endpoint");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !file.exists() {
+        assert!(Instant::now() < deadline, "loader never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let loader_ep = std::fs::read_to_string(file).unwrap();
+    let mut ranks = [
+        TestTrainer::new(&loader_ep).await,
+        TestTrainer::new(&loader_ep).await,
+    ];
+    let trainers: Vec<String> = ranks.iter().map(|t| t.endpoint.clone()).collect();
+    let mut selectors = Vec::new();
+    for name in ["a", "b"] {
+        let cfg = json!({
+            "run_id": "sel", "loader": loader_ep, "trainers": trainers,
+            "model": p(&root.join("ref")), "tokenizer": p(&root.join("tokenizer.json")),
+            "prefetch": 2, "lanes": 1,
+        });
+        let path = root.join(format!("{name}.json"));
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        selectors.push(start_selector(&path));
+    }
+    let mut seen: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
+    let mut known: [Vec<Bytes>; 2] = [Vec::new(), Vec::new()];
+    // Rank 1 grants nothing until rank 0 has received 4 batches; then each selector gets 2.
+    let mut rank1_before = None;
+    loop {
+        let [t0, t1] = &mut ranks;
+        let (r, m) = tokio::select! {
+            m = t0.router.recv() => (0, m.unwrap()),
+            m = t1.router.recv() => (1, m.unwrap()),
+            _ = tokio::time::sleep(Duration::from_secs(8)) => break,
+        };
+        let mut frames = m.into_vec();
+        let peer = frames.remove(0);
+        assert!(
+            Instant::now() < ranks[r].deadline,
+            "the selectors took too long"
+        );
+        match Message::decode(&frames, &Limits::default()).unwrap() {
+            Message::Heartbeat(_) if !known[r].contains(&peer) => {
+                known[r].push(peer.clone());
+                if r == 0 || rank1_before.is_some() {
+                    ranks[r].router.send(credit(&peer, 2)).await.unwrap();
+                }
+            }
+            Message::Heartbeat(_) => {}
+            Message::Scored(s) => {
+                let seq = s.batch.seq;
+                assert_eq!(seq % 2, r as u64, "batch {seq} went to rank {r}");
+                assert!(!seen[r].contains(&seq), "batch {seq} delivered twice");
+                seen[r].push(seq);
+                ranks[r].done(&peer, seq).await;
+            }
+            other => panic!("unexpected {}", other.kind()),
+        }
+        if rank1_before.is_none() && seen[0].len() >= 4 {
+            rank1_before = Some(seen[1].len());
+            for peer in &known[1] {
+                ranks[1].router.send(credit(peer, 2)).await.unwrap();
+            }
+        }
+    }
+    assert_eq!(
+        rank1_before,
+        Some(0),
+        "rank 0 went on while rank 1 held back"
+    );
+    let total = loader_total(loader);
+    assert_eq!(total % 2, 0, "every rank gets the same number of batches");
+    for (r, got) in seen.iter_mut().enumerate() {
+        got.sort();
+        let want: Vec<u64> = (0..total).filter(|s| s % 2 == r as u64).collect();
+        assert_eq!(*got, want, "rank {r}");
+    }
+    let mut per_rank = [0u64; 2];
+    for s in selectors {
+        let out = s.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for (i, n) in r["batches_per_rank"].as_array().unwrap().iter().enumerate() {
+            per_rank[i] += n.as_u64().unwrap();
+        }
+    }
+    assert_eq!(per_rank, [total / 2, total / 2]);
+}
