@@ -11,7 +11,9 @@ training loop computes.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -78,9 +80,12 @@ class RhoStream:
     batches come from there when ``scored`` is false). ``delivery``: the endpoint to bind for
     selectors (port 0 picks one; see :attr:`delivery_endpoint`). ``secret`` / ``secret_file``:
     the run's shared secret (default: ``RHO_SECRET``, else unsigned). ``rank`` / ``world``:
-    consume the sequence numbers ``rank, rank + world, ...`` of a loader sharded the same way
-    (data parallelism: one pipeline per rank). ``as_torch``: yield torch tensors
-    (``pin_memory`` for faster host-to-device copies). ``reference``: the reference model's
+    consume the sequence numbers ``rank, rank + world, ...`` (data parallelism), from a loader
+    of that rank or one loader of every rank (whose credits then name the rank). ``as_torch``: yield torch tensors
+    (``pin_memory`` for faster host-to-device copies). ``metrics``: append a JSON line of this
+    rank's progress there (``elapsed_s``, ``rank``, ``batches``, ``seq``,
+    ``data_wait_fraction``) at most once a second and at :meth:`close`.
+    ``reference``: the reference model's
     fingerprint the scores must come from (``sha256:...``); unset, the first scored batch's
     (or the one in a cursor given to :meth:`load_state_dict`). A scored batch of another
     reference, or with a reference loss that is not finite at a valid position, is never
@@ -108,6 +113,7 @@ class RhoStream:
         pin_memory: bool = False,
         limits: Optional[Limits] = None,
         reference: Optional[str] = None,
+        metrics: Optional[str] = None,
     ):
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"rank {rank} / world {world}: need 0 <= rank < world")
@@ -143,6 +149,48 @@ class RhoStream:
             self.delivery_endpoint = self._delivery.getsockopt_string(zmq.LAST_ENDPOINT)
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
+        # Progress lines (``metrics``): one a second at most, and one at the end.
+        self._metrics = open(metrics, "a") if metrics else None
+        self._started = time.monotonic()
+        self._waited = 0.0
+        self._last_line = 0.0
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "RhoStream":
+        """The stream of this process's rank, as ``rho run`` describes it in the environment
+        (docs/SCALING.md, "Environment"): ``RHO_LOADER``, ``RHO_RUN_ID``, ``RHO_SCORED`` (``1``
+        or ``0``), ``RHO_DELIVERY`` (the endpoint to bind for selectors), ``RHO_DELIVERY_FILE``
+        (where to write the bound one), ``RHO_SECRET_FILE``, and torchrun's ``RANK`` and
+        ``WORLD_SIZE``. ``{rank}`` in an endpoint or file name is replaced by the rank; keyword
+        arguments override what the environment says."""
+        env = os.environ
+        rank, world = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+
+        def need(name: str) -> str:
+            value = env.get(name)
+            if not value:
+                raise ValueError(f"{name} is not set: run this under `rho run`, or pass the setting")
+            return value.format(rank=rank)
+
+        args: Dict[str, Any] = dict(rank=rank, world=world, scored=env.get("RHO_SCORED", "1") != "0")
+        if env.get("RHO_DELIVERY"):
+            args["delivery"] = env["RHO_DELIVERY"].format(rank=rank)
+        if env.get("RHO_SECRET_FILE"):
+            args["secret_file"] = env["RHO_SECRET_FILE"]
+        if env.get("RHO_METRICS"):
+            args["metrics"] = env["RHO_METRICS"].format(rank=rank)
+        args.update(overrides)
+        loader = args.pop("loader", None) or need("RHO_LOADER")
+        run_id = args.pop("run_id", None) or need("RHO_RUN_ID")
+        stream = cls(loader, run_id, **args)
+        file = env.get("RHO_DELIVERY_FILE")
+        if stream.delivery_endpoint and file:
+            # Written whole, then renamed: a reader never sees half an endpoint.
+            path = file.format(rank=rank)
+            with open(path + ".tmp", "w") as f:
+                f.write(stream.delivery_endpoint)
+            os.replace(path + ".tmp", path)
+        return stream
 
     # The cursor, for checkpoints.
 
@@ -203,6 +251,7 @@ class RhoStream:
             self._commands.put(("ack", self._yielded))
             self._next_seq = self._yielded + self.world
             self._yielded = None
+        waiting = time.monotonic()
         while True:
             if self.total is not None and self._next_seq >= self.total:
                 raise StopIteration
@@ -218,7 +267,27 @@ class RhoStream:
                 continue  # left over from before a resume
             self._yielded = item.seq
             self.stats.batches += 1
+            now = time.monotonic()
+            self._waited += now - waiting
+            if now - self._last_line >= 1.0:
+                self._write_line(now)
             return self._convert(item)
+
+    def _write_line(self, now: float) -> None:
+        """One progress line, whole (a line that cannot be written is skipped)."""
+        if self._metrics is None:
+            return
+        self._last_line = now
+        elapsed = max(now - self._started, 1e-9)
+        line = {
+            "elapsed_s": round(elapsed, 3), "rank": self.rank, "batches": self.stats.batches,
+            "seq": self._yielded, "data_wait_fraction": round(self._waited / elapsed, 4),
+        }
+        try:
+            self._metrics.write(json.dumps(line) + "\n")
+            self._metrics.flush()
+        except OSError as e:
+            log.warning("cannot write a progress line: %s", e)
 
     def _convert(self, b: Batch) -> Batch:
         if not self.as_torch:
@@ -238,6 +307,10 @@ class RhoStream:
         """Acknowledges the last batch, stops the I/O thread and closes the sockets."""
         if self._yielded is not None:
             self._commands.put(("ack", self._yielded))
+        if self._metrics is not None:
+            self._write_line(time.monotonic())
+            self._metrics.close()
+            self._metrics = None
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -341,7 +414,7 @@ class RhoStream:
             if not self.scored and self.total is None:
                 want = self.prefetch - (requested + held())
                 if want > 0:
-                    self._send(loader, control("credit", run_id, key, n=want))
+                    self._send(loader, control("credit", run_id, key, n=want, **self._rank_fields()))
                     requested += want
             # Liveness.
             if now - last_beat >= self.heartbeat_secs:
@@ -419,6 +492,10 @@ class RhoStream:
         else:
             self.stats.messages_rejected += 1
             log.warning("refused a `%s` message from the loader", kind)
+
+    def _rank_fields(self) -> Dict[str, int]:
+        """What a credit names of this rank: nothing in a one-rank run."""
+        return {"rank": self.rank, "world": self.world} if self.world > 1 else {}
 
     def _resume(self, cursor: int) -> List[bytes]:
         """A resume at ``cursor``, naming the stream it belongs to when known."""

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import RUN_ID, SECRET, rho
+from conftest import RUN_ID, SECRET, rho, rho_bin, wait_until
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -61,3 +61,90 @@ def test_two_ranks_on_unbalanced_shards_end_together_under_torchrun(pipeline):
     for r, got in enumerate(ranks):
         assert got["seqs"] == [n * 2 + r for n in range(g // 2)]
         assert got["total"] == (g // 2 - 1) * 2 + r + 1
+
+
+def torchrun_or_skip() -> str:
+    pytest.importorskip("torch")
+    beside = Path(sys.executable).parent / "torchrun"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("torchrun")
+    if found is None:
+        pytest.skip("torchrun is not installed")
+    return found
+
+
+def per_rank_stream(pipeline, rank: int, world: int, loader: dict):
+    """What a loader of one rank issues, (seq, digest of the tokens) of every batch, and the
+    documents it tokenized."""
+    import hashlib
+
+    import numpy as np
+
+    from rho_stream import RhoStream
+
+    endpoint = pipeline.loader(f"alone-{rank}-of-{world}", rank=rank, world=world, **loader)
+    process = pipeline.procs[-1]
+    with RhoStream(endpoint, RUN_ID, scored=False, rank=rank, world=world, secret=SECRET.encode()) as s:
+        batches = [(b.seq, hashlib.sha256(np.asarray(b.tokens).astype(np.int64).tobytes()).hexdigest()) for b in s]
+    report, _ = process.communicate(timeout=60)
+    return batches, json.loads(report)["counts"]["docs"]
+
+
+@pytest.mark.parametrize("selectors", [1, 3])
+def test_rho_run_serves_two_torchrun_ranks_from_one_loader(pipeline, selectors):
+    """`rho run` with a trainer command (torchrun, 2 ranks): one loader tokenizes the corpus
+    once and serves both ranks, the selectors score for both; each rank trains exactly the
+    batches a loader of its own rank would issue, scored, and both end with the same count. With
+    three selectors, one is killed mid-run (and restarted): nothing is lost or trained twice."""
+    torchrun = torchrun_or_skip()
+    root = pipeline.root
+    vocab = len(json.loads((root / "tokenizer.json").read_text())["model"]["vocab"])
+    loader = {"seq_len": 32, "batch_size": 4, "shuffle_window": 4}
+    alone = [per_rank_stream(pipeline, r, 2, loader) for r in range(2)]
+    expected, docs = [a[0] for a in alone], alone[0][1]
+    assert len(expected[0]) == len(expected[1]) > 4
+    out = root / "out"
+    out.mkdir()
+    run = {
+        "run_dir": "run",
+        "selectors": selectors,
+        "loader": {"run_id": RUN_ID, "data": {"paths": [str(root / "data")]},
+                   "tokenizer": str(root / "tokenizer.json"), "max_in_flight": 8, **loader},
+        "selector": {"model": str(root / "ref"), "tokenizer": str(root / "tokenizer.json"),
+                     "liveness": {"heartbeat_secs": 0.2, "peer_timeout_secs": 2.0}},
+        "trainer_command": {
+            "command": [torchrun, "--standalone", "--nproc-per-node", "2",
+                        str(Path(__file__).with_name("run_worker.py")), str(out), str(vocab)],
+            "ranks": 2,
+            "env": {"OMP_NUM_THREADS": "1"},
+        },
+    }
+    config = pipeline.write("run.json", run)
+    env = dict(pipeline.env, RUST_LOG="info")
+    env.pop("RHO_SECRET")
+    p = subprocess.Popen([rho_bin(), "run", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
+    pipeline.procs.append(p)
+    if selectors == 3:
+        progress = root / "run" / "rank-0.metrics.jsonl"
+
+        def batches() -> int:
+            lines = progress.read_text().split("\n")[:-1] if progress.exists() else []
+            return json.loads(lines[-1])["batches"] if lines else 0
+
+        wait_until(lambda: batches() >= 3, timeout=120, what="rank 0's third batch")
+        os.kill(int((root / "run" / "selector-1.pid").read_text()), 9)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-4000:]
+    summary = json.loads((root / "run" / "summary.json").read_text())
+    ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
+    for r, got in enumerate(ranks):
+        assert list(zip(got["seqs"], got["digests"])) == expected[r], f"rank {r}"
+        assert got["scored"] == len(got["seqs"]), f"rank {r}: every batch scored"
+    assert summary["steps"] == len(expected[0])
+    assert [x["batches"] for x in summary["ranks"]] == [len(expected[0])] * 2
+    # One loader read each document once for both ranks, as a loader of one rank reads them all.
+    assert summary["loader"]["docs"] == docs, (summary["loader"]["docs"], docs)
+    if selectors == 3:
+        assert summary["selector_restarts"] >= 1

@@ -123,22 +123,56 @@ impl Proc {
         let name = role.name();
         let path = dir.join(format!("{name}.json"));
         write(&path, serde_json::to_string_pretty(config)?)?;
+        let mut command = Command::new(exe);
+        command.args([role.command(), "--config"]).arg(&path);
+        // Errors are reported with their causes; a backtrace would bury them in the log.
+        command.env("RUST_LIB_BACKTRACE", "0");
+        Proc::spawn(command, dir, role, path, "report.json")
+    }
+
+    /// Starts a command of the user's (a trainer such as torchrun) as `role`, in `cwd`, with
+    /// `env` added: stdout to `<name>.out`, stderr copied to `<name>.log`, its pid to
+    /// `<name>.pid`; `config` names the file that describes it.
+    pub fn start_command(
+        argv: &[String],
+        cwd: &Path,
+        env: &[(String, String)],
+        dir: &Path,
+        role: Role,
+        config: PathBuf,
+    ) -> anyhow::Result<Proc> {
+        let Some((program, args)) = argv.split_first() else {
+            anyhow::bail!("{}: an empty command", role.name());
+        };
+        let mut command = Command::new(program);
+        command.args(args).current_dir(cwd);
+        command.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        Proc::spawn(command, dir, role, config, "out")
+            .with_context(|| format!("the trainer command `{}`", argv.join(" ")))
+    }
+
+    /// Starts `command` as `role`: stdout to `<name>.<stdout>`, stderr copied to `<name>.log`
+    /// (its tail kept for errors), its pid to `<name>.pid`; it dies with the supervisor.
+    fn spawn(
+        mut command: Command,
+        dir: &Path,
+        role: Role,
+        config: PathBuf,
+        stdout: &str,
+    ) -> anyhow::Result<Proc> {
+        let name = role.name();
         let log_path = dir.join(format!("{name}.log"));
         let log = std::fs::File::create(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
-        let report_path = dir.join(format!("{name}.report.json"));
-        let report = std::fs::File::create(&report_path)
-            .with_context(|| format!("creating {}", report_path.display()))?;
+        let out_path = dir.join(format!("{name}.{stdout}"));
+        let out = std::fs::File::create(&out_path)
+            .with_context(|| format!("creating {}", out_path.display()))?;
         let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
-        let mut child = Command::new(exe)
-            .args([role.command(), "--config"])
-            .arg(&path)
+        let mut child = command
             .env("RUST_LOG", rust_log)
             .env(SUPERVISOR_PID_VAR, std::process::id().to_string())
-            // Errors are reported with their causes; a backtrace would bury them in the log.
-            .env("RUST_LIB_BACKTRACE", "0")
             .stdin(std::process::Stdio::null())
-            .stdout(report)
+            .stdout(out)
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -154,7 +188,7 @@ impl Proc {
             role,
             child,
             tail,
-            config: path,
+            config,
             log: log_path,
             started: Instant::now(),
             quick_failures: 0,

@@ -1,6 +1,8 @@
 //! The run config of `rho run`: the three process configs and how the supervisor treats them,
 //! resolved, completed with the run directory's defaults, and checked before anything starts.
 
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -40,7 +42,33 @@ pub struct RunConfig {
     pub loader: LoaderConfig,
     #[serde(default)]
     pub selector: Option<SelectorConfig>,
-    pub trainer: TrainerConfig,
+    /// The candle trainer (`rho trainer`, one rank); or, in its place, `trainer_command`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainer: Option<TrainerConfig>,
+    /// A trainer of any kind started once as a command, which runs every rank of a
+    /// data-parallel run itself (`torchrun --nproc-per-node 2 train.py ...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainer_command: Option<TrainerCommand>,
+}
+
+/// A trainer that is not `rho trainer`: one command, started once, that runs every rank of a
+/// data-parallel run (torchrun, `mpirun`, or one process). Each rank finds its stream through
+/// the environment `rho run` sets (docs/SCALING.md, "Environment"; `RhoStream.from_env()`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerCommand {
+    /// The program and its arguments, run in the run config's directory.
+    pub command: Vec<String>,
+    /// The data-parallel ranks the command starts (torchrun's `--nproc-per-node` times its
+    /// nodes); the loader serves them all, rank `r` the batches `seq % ranks == r`.
+    pub ranks: NonZeroU32,
+    /// Whether the ranks train on scored batches (selectors run and deliver to each rank) or
+    /// on the loader's token batches. Default true.
+    #[serde(default = "yes")]
+    pub scored: bool,
+    /// More environment variables for the command.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
 }
 
 fn yes() -> bool {
@@ -77,8 +105,16 @@ pub struct Plan {
     pub settings: RunConfig,
     /// The run directory, created and absolute.
     pub dir: PathBuf,
+    /// The run config's directory (relative paths, and a trainer command's working directory).
+    pub base: PathBuf,
     /// The selectors' config (`None` when the score rule needs none).
     pub selector: Option<SelectorConfig>,
+}
+
+/// Who trains: the candle trainer, or a command running every rank.
+pub enum Trainer<'a> {
+    Candle(&'a TrainerConfig),
+    Command(&'a TrainerCommand),
 }
 
 impl Plan {
@@ -102,12 +138,18 @@ impl Plan {
             .canonicalize()
             .with_context(|| format!("resolving {}", dir.display()))?;
         complete_loader(&mut rc.loader, &base, &dir, given.loader_endpoint);
-        complete_trainer(&mut rc.trainer, &base, &dir, given.trainer_delivery);
+        match (&mut rc.trainer, &rc.trainer_command) {
+            (Some(t), None) => complete_trainer(t, &base, &dir, given.trainer_delivery),
+            (None, Some(c)) => serve_every_rank(&mut rc.loader, c)?,
+            (Some(_), Some(_)) => bail!("run config: `trainer` and `trainer_command` both given: one trainer per run, the candle trainer or a command"),
+            (None, None) => bail!("run config: no trainer: give a `trainer` section (the candle trainer) or a `trainer_command` (such as torchrun)"),
+        }
         let selector = selector_of(&rc, &base)?;
         Ok(Plan {
             text,
             settings: rc,
             dir,
+            base,
             selector,
         })
     }
@@ -120,21 +162,46 @@ impl Plan {
         }
         // The endpoints the supervisor assigns are not known yet: each section is checked with
         // a stand-in for them.
-        let mut trainer = rc.trainer.clone();
-        assign_later(&mut trainer.loader);
         rc.loader
             .validate()
             .context("run config, section `loader`")?;
-        trainer
-            .validate()
-            .context("run config, section `trainer`")?;
+        if let Trainer::Candle(t) = self.trainer() {
+            let mut trainer = t.clone();
+            assign_later(&mut trainer.loader);
+            trainer
+                .validate()
+                .context("run config, section `trainer`")?;
+        }
+        if let Some(c) = &rc.trainer_command {
+            if c.command.is_empty() {
+                bail!("run config, `trainer_command.command`: empty; name the program and its arguments, such as [\"torchrun\", \"--nproc-per-node\", \"2\", \"train.py\"]");
+            }
+        }
         if let Some(s) = &self.selector {
             let mut s = s.clone();
             assign_later(&mut s.loader);
             assign_later(&mut s.trainer);
             s.validate().context("run config, section `selector`")?;
         }
-        preflight(&rc.loader, self.selector.as_ref(), &rc.trainer)
+        preflight(&rc.loader, self.selector.as_ref(), self.trainer())
+    }
+
+    /// Who trains.
+    pub fn trainer(&self) -> Trainer<'_> {
+        match (&self.settings.trainer, &self.settings.trainer_command) {
+            (Some(t), _) => Trainer::Candle(t),
+            (None, Some(c)) => Trainer::Command(c),
+            // `Plan::load` refuses a config with neither.
+            (None, None) => unreachable!("a plan has a trainer"),
+        }
+    }
+
+    /// The data-parallel ranks: the command's, or the candle trainer's one.
+    pub fn ranks(&self) -> u32 {
+        match self.trainer() {
+            Trainer::Candle(_) => 1,
+            Trainer::Command(c) => c.ranks.get(),
+        }
     }
 
     /// How many selectors run (0 when the score rule needs none).
@@ -191,6 +258,23 @@ fn complete_loader(loader: &mut LoaderConfig, base: &Path, dir: &Path, endpoint_
         .get_or_insert_with(|| dir.join("loader-state"));
 }
 
+/// The loader of a run whose command runs `ranks` ranks serves them all: `world` is the ranks
+/// (a `world` written otherwise is refused, as is a `rank`: one loader serves every rank).
+fn serve_every_rank(loader: &mut LoaderConfig, command: &TrainerCommand) -> anyhow::Result<()> {
+    let ranks = command.ranks.get();
+    if let Some(r) = loader.rank {
+        bail!("run config, `loader.rank`: {r}, but one loader serves every rank of the run's {ranks}: leave `rank` out");
+    }
+    if loader.world.get() != 1 && loader.world.get() != ranks {
+        bail!(
+            "run config, `loader.world`: {}, but `trainer_command.ranks` is {ranks}: leave `world` out (the ranks set it)",
+            loader.world
+        );
+    }
+    loader.world = command.ranks;
+    Ok(())
+}
+
 /// The trainer's paths resolved, and its delivery file, metrics and checkpoints in the run
 /// directory.
 fn complete_trainer(trainer: &mut TrainerConfig, base: &Path, dir: &Path, delivery_given: bool) {
@@ -216,14 +300,21 @@ fn complete_trainer(trainer: &mut TrainerConfig, base: &Path, dir: &Path, delive
 
 /// The selectors' config, when the trainer's score rule needs them.
 fn selector_of(rc: &RunConfig, base: &Path) -> anyhow::Result<Option<SelectorConfig>> {
-    if !rc.trainer.uses_selectors() {
+    let needs = match (&rc.trainer, &rc.trainer_command) {
+        (Some(t), _) => t
+            .uses_selectors()
+            .then(|| format!("the trainer's score rule ({:?})", t.selection.score)),
+        (None, Some(c)) => c.scored.then(|| "`trainer_command.scored`".to_string()),
+        (None, None) => None,
+    };
+    let Some(needs) = needs else {
         return Ok(None);
-    }
+    };
     if rc.selector_count() == 0 {
-        bail!("run config, `selectors`: 0, but the trainer's score rule ({:?}) needs reference losses from at least one selector; or serve a scored cache and set `trainer.source` to \"loader\"", rc.trainer.selection.score);
+        bail!("run config, `selectors`: 0, but {needs} needs reference losses from at least one selector; or serve a scored cache and set `trainer.source` to \"loader\"");
     }
     let Some(mut s) = rc.selector.clone() else {
-        bail!("run config: the trainer's score rule needs selectors, but there is no `selector` section");
+        bail!("run config: {needs} needs selectors, but there is no `selector` section");
     };
     if let Some(n) = rc.selectors {
         let devices = rc.selector_devices.len();
@@ -342,10 +433,12 @@ fn check_reference(
 fn preflight(
     loader: &LoaderConfig,
     selector: Option<&SelectorConfig>,
-    trainer: &TrainerConfig,
+    trainer: Trainer<'_>,
 ) -> anyhow::Result<()> {
-    check_checkpoints(trainer)?;
-    check_reference(selector, trainer)?;
+    if let Trainer::Candle(trainer) = trainer {
+        check_checkpoints(trainer)?;
+        check_reference(selector, trainer)?;
+    }
     if loader.scored.is_some() {
         return Ok(());
     }
@@ -374,6 +467,9 @@ fn preflight(
             .on(s.device)
             .map_err(|e| anyhow::anyhow!("run config, `selector.dtype`: {e}"))?;
     }
+    let Trainer::Candle(trainer) = trainer else {
+        return Ok(());
+    };
     if let (rho_trainer::config::BackendChoice::Candle, Some(m)) = (trainer.backend, &trainer.model)
     {
         check_model(

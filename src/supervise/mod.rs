@@ -27,7 +27,7 @@ use rho_selector::SelectorConfig;
 use rho_trainer::StepMetrics;
 
 use child::{write, Proc, Role};
-use config::Plan;
+use config::{Plan, Trainer};
 pub use summary::Summary;
 
 pub use launch::{launch, RunOutcome};
@@ -121,11 +121,15 @@ impl Supervisor {
             plan,
         };
         let loader_at = s.start_loader().await?;
-        s.start_trainer(&loader_at, &secret).await?;
+        match s.plan.trainer() {
+            Trainer::Candle(_) => s.start_trainer(&loader_at, &secret).await?,
+            Trainer::Command(_) => s.start_command(&loader_at, &secret)?,
+        }
         s.start_selectors(&loader_at, &secret).await?;
         say(&format!(
-            "rho run `{}`: loader on {loader_at}, {} selector(s), run directory {}",
+            "rho run `{}`: loader on {loader_at}, {} rank(s), {} selector(s), run directory {}",
             s.run_id,
+            s.plan.ranks(),
             s.plan.selectors(),
             dir.display()
         ));
@@ -153,7 +157,9 @@ impl Supervisor {
 
     /// Starts the trainer, once a trainer of an earlier attempt has let go of the checkpoints.
     async fn start_trainer(&mut self, loader_at: &str, secret: &Path) -> anyhow::Result<()> {
-        let trainer = &mut self.plan.settings.trainer;
+        let Some(trainer) = self.plan.settings.trainer.as_mut() else {
+            return Ok(());
+        };
         trainer.run_id = self.run_id.clone();
         trainer.loader = endpoint(loader_at)?;
         trainer
@@ -166,7 +172,9 @@ impl Supervisor {
             wait_for_owner(&ck.dir, Duration::from_secs(120)).await?;
         }
         let _ = std::fs::remove_file(self.plan.dir.join("trainer.delivery"));
-        let trainer = &self.plan.settings.trainer;
+        let Some(trainer) = &self.plan.settings.trainer else {
+            return Ok(());
+        };
         self.procs.push(Proc::start(
             &self.exe,
             &self.plan.dir,
@@ -176,12 +184,70 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Starts the selectors, once the trainer's delivery endpoint is known.
+    /// Starts the trainer command once, in the run config's directory, with each rank's
+    /// stream described in the environment (docs/SCALING.md, "Environment").
+    fn start_command(&mut self, loader_at: &str, secret: &Path) -> anyhow::Result<()> {
+        let Trainer::Command(c) = self.plan.trainer() else {
+            return Ok(());
+        };
+        let dir = self.dir();
+        for r in 0..c.ranks.get() {
+            let _ = std::fs::remove_file(dir.join(format!("rank-{r}.delivery")));
+        }
+        let file = |name: &str| dir.join(name).display().to_string();
+        let mut env = vec![
+            ("RHO_LOADER".to_string(), loader_at.to_string()),
+            ("RHO_RUN_ID".into(), self.run_id.clone()),
+            ("RHO_RUN_DIR".into(), dir.display().to_string()),
+            ("RHO_RANKS".into(), c.ranks.to_string()),
+            ("RHO_SCORED".into(), if c.scored { "1" } else { "0" }.into()),
+            ("RHO_DELIVERY".into(), "tcp://127.0.0.1:0".into()),
+            ("RHO_DELIVERY_FILE".into(), file("rank-{rank}.delivery")),
+            ("RHO_METRICS".into(), file("rank-{rank}.metrics.jsonl")),
+            ("RHO_SECRET_FILE".into(), secret.display().to_string()),
+        ];
+        env.extend(c.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let described = dir.join("trainer.json");
+        write(&described, serde_json::to_string_pretty(c)?)?;
+        let proc = Proc::start_command(
+            &c.command,
+            &self.plan.base,
+            &env,
+            dir,
+            Role::Trainer,
+            described,
+        )?;
+        self.procs.push(proc);
+        Ok(())
+    }
+
+    /// The delivery endpoint of every rank, by rank, once each has published it: the candle
+    /// trainer's, or each rank's of a trainer command.
+    async fn deliveries(&mut self) -> anyhow::Result<Vec<rho_protocol::Endpoint>> {
+        let files: Vec<PathBuf> = match self.plan.trainer() {
+            Trainer::Candle(_) => vec![self.dir().join("trainer.delivery")],
+            Trainer::Command(c) => (0..c.ranks.get())
+                .map(|r| self.dir().join(format!("rank-{r}.delivery")))
+                .collect(),
+        };
+        let mut out = Vec::with_capacity(files.len());
+        for f in files {
+            out.push(endpoint(&self.wait_file(&f).await?)?);
+        }
+        Ok(out)
+    }
+
+    /// Starts the selectors, once every rank's delivery endpoint is known.
     async fn start_selectors(&mut self, loader_at: &str, secret: &Path) -> anyhow::Result<()> {
         let Some(mut s) = self.plan.selector.clone() else {
             return Ok(());
         };
-        s.trainer = endpoint(&self.wait_file(&self.dir().join("trainer.delivery")).await?)?;
+        let mut deliveries = self.deliveries().await?;
+        if deliveries.len() == 1 {
+            s.trainer = deliveries.remove(0);
+        } else {
+            s.trainers = deliveries;
+        }
         s.run_id = self.run_id.clone();
         s.loader = endpoint(loader_at)?;
         s.secret_file.get_or_insert_with(|| secret.to_path_buf());
@@ -253,8 +319,26 @@ impl Supervisor {
         }
     }
 
+    /// Each rank's last progress line, by rank (a trainer command's; none for the candle
+    /// trainer).
+    fn rank_progress(&self) -> Vec<Option<summary::RankProgress>> {
+        let Trainer::Command(c) = self.plan.trainer() else {
+            return Vec::new();
+        };
+        (0..c.ranks.get())
+            .map(|r| {
+                let file = self.dir().join(format!("rank-{r}.metrics.jsonl"));
+                rho_common::jsonl::read_last(&file)
+            })
+            .collect()
+    }
+
     fn show_progress(&self) {
         let dir = self.dir();
+        let ranks = self.rank_progress();
+        if !ranks.is_empty() {
+            return self.show_rank_progress(&ranks);
+        }
         let t: Option<StepMetrics> =
             rho_common::jsonl::read_last(&dir.join("trainer.metrics.jsonl"));
         let l: Option<LoaderMetrics> =
@@ -268,6 +352,27 @@ impl Supervisor {
         self.progress.set_message(format!(
             "run {}: step {} | {:.0} tok/s | selectors alive {alive} (restarts {}) | in flight {} | redeliveries {} | waiting for data {:.0}%",
             self.run_id, t.step, t.tokens_per_s, self.restarts, l.counts.in_flight, l.counts.redeliveries, t.data_wait_fraction * 100.0
+        ));
+        self.progress.tick();
+    }
+
+    /// The progress line of a trainer command's ranks: each rank's batches.
+    fn show_rank_progress(&self, ranks: &[Option<summary::RankProgress>]) {
+        let l: Option<LoaderMetrics> =
+            rho_common::jsonl::read_last(&self.dir().join("loader.metrics.jsonl"));
+        let l = l.unwrap_or_default();
+        let batches: Vec<String> = ranks
+            .iter()
+            .map(|r| r.as_ref().map_or("-".into(), |r| r.batches.to_string()))
+            .collect();
+        let wait = ranks
+            .iter()
+            .flatten()
+            .map(|r| r.data_wait_fraction)
+            .fold(0f64, f64::max);
+        self.progress.set_message(format!(
+            "run {}: batches by rank {} | selectors restarts {} | in flight {} | redeliveries {} | waiting for data up to {:.0}%",
+            self.run_id, batches.join("/"), self.restarts, l.counts.in_flight, l.counts.redeliveries, wait * 100.0
         ));
         self.progress.tick();
     }
@@ -387,10 +492,13 @@ impl Supervisor {
             ));
         }
         let mut outcome = outcome;
+        // How a command of the user's answers SIGTERM (torchrun forwards it to the ranks) is its
+        // own: only the candle trainer's exit status on a stop is judged.
+        let judged = matches!(self.plan.trainer(), Trainer::Candle(_));
         for p in self.procs.iter_mut().filter(|p| p.role == Role::Trainer) {
             p.terminate();
             let status = tokio::time::timeout(Duration::from_secs(120), p.child.wait()).await;
-            if let (Ok(Ok(status)), true) = (status, outcome.is_ok()) {
+            if let (Ok(Ok(status)), true) = (status, outcome.is_ok() && judged) {
                 let stopped =
                     status.success() || status.code() == Some(crate::runtime::EXIT_STOPPED);
                 if !stopped && status.code().is_some() {
@@ -420,10 +528,17 @@ impl Supervisor {
             rho_common::jsonl::read_last(&dir.join("trainer.report.json"));
         let last_step =
             || rho_common::jsonl::read_last::<StepMetrics>(&dir.join("trainer.metrics.jsonl"));
+        let ranks = self.rank_progress();
+        // A data-parallel step takes one batch on every rank: the ranks' smallest count.
+        let rank_steps = || {
+            let counts = ranks.iter().map(|r| r.as_ref().map_or(0, |r| r.batches));
+            (!ranks.is_empty()).then(|| counts.min().unwrap_or(0))
+        };
         let steps = trainer
             .as_ref()
             .map(|r| r.steps)
             .or_else(|| last_step().map(|l| l.step))
+            .or_else(rank_steps)
             .unwrap_or(0);
         Summary {
             run_id: self.run_id.clone(),
@@ -436,6 +551,7 @@ impl Supervisor {
             configs: self.procs.iter().map(|p| p.config.clone()).collect(),
             trainer,
             loader: rho_common::jsonl::read_last(&dir.join("loader.metrics.jsonl")),
+            ranks,
         }
     }
 
@@ -608,6 +724,7 @@ mod tests {
                 ..Default::default()
             }),
             loader: Some(LoaderMetrics::default()),
+            ranks: vec![Some(summary::RankProgress::default()), None],
         };
         let back: Summary = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back.trainer.unwrap().steps, 7);

@@ -1,0 +1,54 @@
+"""One rank of a data-parallel training loop started by `rho run` through its `trainer_command`
+(torchrun, gloo, CPU): the stream comes from the environment `rho run` sets
+(``RhoStream.from_env``). A tiny model under DistributedDataParallel takes one all-reduce per
+step, so a rank with fewer batches than another would leave it waiting forever.
+
+Arguments: the output directory (each rank writes rank-N.json: its sequence numbers and a digest
+of each batch's tokens) and the vocabulary size."""
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rho_stream import RhoStream  # noqa: E402
+
+
+def digest(tokens) -> str:
+    return hashlib.sha256(tokens.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+def main() -> None:
+    out, vocab = Path(sys.argv[1]), int(sys.argv[2])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    assert int(os.environ["RHO_RANKS"]) == dist.get_world_size()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(vocab, 16), torch.nn.Linear(16, vocab))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seqs, digests, scored = [], [], 0
+    with RhoStream.from_env(as_torch=True) as stream:
+        for batch in stream:
+            tokens = batch.tokens.long()
+            logits = ddp(tokens[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()  # the all-reduce: every rank must take this step
+            opt.step()
+            seqs.append(batch.seq)
+            digests.append(digest(batch.tokens))
+            scored += batch.ref_loss is not None
+    result = {"seqs": seqs, "digests": digests, "scored": scored, "stats": vars(stream.stats)}
+    (out / f"rank-{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
