@@ -33,11 +33,23 @@ fn every_config_in_configs_parses() {
             .unwrap_or_else(|e| panic!("{name}, selector: {e}"));
             s.validate()
                 .unwrap_or_else(|e| panic!("{name}, selector: {e}"));
-            let t: rho_trainer::TrainerConfig =
-                rho_common::config_file::parse_json(&with_endpoints("trainer", &["loader"]))
+            // The candle trainer, or a command that runs the ranks itself.
+            if let Some(c) = v.get("trainer_command") {
+                assert!(v.get("trainer").is_none(), "{name}: two trainers");
+                let command = c["command"].as_array().map_or(0, Vec::len);
+                assert!(command > 0, "{name}: `trainer_command.command` is empty");
+                assert!(c["ranks"].as_u64().unwrap_or(0) >= 1, "{name}: `ranks`");
+                assert!(
+                    v["loader"].get("rank").is_none(),
+                    "{name}: one loader of every rank"
+                );
+            } else {
+                let t: rho_trainer::TrainerConfig =
+                    rho_common::config_file::parse_json(&with_endpoints("trainer", &["loader"]))
+                        .unwrap_or_else(|e| panic!("{name}, trainer: {e}"));
+                t.validate()
                     .unwrap_or_else(|e| panic!("{name}, trainer: {e}"));
-            t.validate()
-                .unwrap_or_else(|e| panic!("{name}, trainer: {e}"));
+            }
         } else if name.starts_with("trainer") {
             rho_trainer::TrainerConfig::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
         } else if name.starts_with("selector") {

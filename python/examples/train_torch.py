@@ -8,9 +8,15 @@ this loop only trains. One process:
         --model path/to/hf-checkpoint --delivery tcp://127.0.0.1:5556 --out ckpt/
     rho selector --config selector.json        # trainer: tcp://127.0.0.1:5556
 
-Data parallel with torchrun: one pipeline per rank, each loader configured with `rank` and
-`world` so that the ranks receive disjoint batches (rank r gets sequence numbers r, r + world,
-...); `{rank}` in an endpoint is replaced by the process's rank:
+Data parallel with torchrun under `rho run` (docs/SCALING.md): one loader and one pool of
+selectors serve every rank; the run config's `trainer_command` starts this script once through
+torchrun, and each rank finds its stream in the environment (`--loader` and `--run-id` left out):
+
+    "trainer_command": {"command": ["torchrun", "--nproc-per-node", "2",
+        "python/examples/train_torch.py", "--model", "...", "--out", "..."], "ranks": 2}
+
+By hand, with one pipeline per rank (each loader configured with `rank` and `world`, rank r gets
+sequence numbers r, r + world, ...); `{rank}` in an endpoint is replaced by the process's rank:
 
     torchrun --nproc-per-node 2 python/examples/train_torch.py \\
         --loader 'tcp://127.0.0.1:555{rank}' --delivery 'tcp://127.0.0.1:556{rank}' ...
@@ -36,10 +42,10 @@ from rho_stream import RhoStream, random_key, slm_loss  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--loader", required=True, help="loader endpoint ({rank} is replaced)")
+    ap.add_argument("--loader", help="loader endpoint ({rank} is replaced); default: from the environment rho run sets")
     ap.add_argument("--delivery", default="tcp://127.0.0.1:0", help="endpoint for the selectors ({rank} is replaced)")
     ap.add_argument("--delivery-file", help="write the bound delivery endpoint here ({rank} is replaced)")
-    ap.add_argument("--run-id", required=True)
+    ap.add_argument("--run-id", help="the run id; default: from the environment rho run sets")
     ap.add_argument("--model", required=True, help="HuggingFace checkpoint directory")
     ap.add_argument("--secret-file", help="the run's secret (default: RHO_SECRET, else unsigned)")
     ap.add_argument("--score", choices=["excess", "reference", "current", "random", "none"], default="excess")
@@ -64,17 +70,24 @@ def main() -> None:
 
     model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
-    stream = RhoStream(
-        args.loader.format(rank=rank),
-        args.run_id,
-        scored=args.score in ("excess", "reference"),
-        delivery=args.delivery.format(rank=rank),
-        secret_file=args.secret_file,
-        rank=rank,
-        world=world,
-        as_torch=True,
-        pin_memory=device.type == "cuda",
-    )
+    scored = args.score in ("excess", "reference")
+    if args.loader is None:
+        # Under `rho run`: endpoints, run id, secret and progress file from the environment.
+        stream = RhoStream.from_env(scored=scored, as_torch=True, pin_memory=device.type == "cuda")
+    else:
+        if args.run_id is None:
+            ap.error("--run-id is needed with --loader")
+        stream = RhoStream(
+            args.loader.format(rank=rank),
+            args.run_id,
+            scored=scored,
+            delivery=args.delivery.format(rank=rank),
+            secret_file=args.secret_file,
+            rank=rank,
+            world=world,
+            as_torch=True,
+            pin_memory=device.type == "cuda",
+        )
     if stream.delivery_endpoint:
         print(f"rank {rank}: selectors deliver to {stream.delivery_endpoint}", flush=True)
         if args.delivery_file:
