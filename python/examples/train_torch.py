@@ -51,7 +51,12 @@ def main() -> None:
     ap.add_argument("--score", choices=["excess", "reference", "current", "random", "none"], default="excess")
     ap.add_argument("--selection-seed", type=int, default=0, help="seed of the `random` score rule")
     ap.add_argument("--ratio", type=float, default=0.6)
-    ap.add_argument("--scope", choices=["batch", "sequence"], default="batch")
+    ap.add_argument(
+        "--scope",
+        choices=["batch", "sequence", "global"],
+        default="batch",
+        help="select over each rank's batch, each sequence, or (global) the union of every rank's batch of a step",
+    )
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: at the end of the stream)")
     ap.add_argument("--out", required=True, help="checkpoint directory")

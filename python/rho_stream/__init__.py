@@ -7,7 +7,7 @@ Selective Language Modeling loss with exactly the selection of rho's Rust traine
 """
 
 from .protocol import Key, Limits, Message, ProtocolError, decode, encode
-from .selection import keep_count, random_key, select_mask, select_mask_torch, slm_loss
+from .selection import global_select_mask_torch, keep_count, random_key, select_mask, select_mask_torch, slm_loss
 from .stream import Batch, RhoStream, Stats
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "Stats",
     "decode",
     "encode",
+    "global_select_mask_torch",
     "keep_count",
     "random_key",
     "select_mask",

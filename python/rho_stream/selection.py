@@ -8,7 +8,9 @@ Conventions (shared with ``trainer/src/selection.rs``, checked on ``tests/vector
   ``random_score(key, i)``, ``key = random_key(seed, step)`` (a control that keeps as many tokens
   without choosing them);
 - from ``n`` valid positions (of the whole batch, or of each sequence) the ``floor(ratio * n +
-  0.5)`` highest scores are kept;
+  0.5)`` highest scores are kept; the ``global`` scope of a data-parallel step selects over the
+  union of every rank's batch, concatenated in rank order, exactly as one process would over the
+  concatenated batch (``torch.distributed``, one all-gather of the scores per step);
 - equal scores are broken by position (earlier first, row-major); NaN ranks below every number;
 - invalid positions (padding) are never kept and never counted.
 """
@@ -19,6 +21,8 @@ import numpy as np
 
 RULES = ("excess", "reference", "current", "random", "none")
 SCOPES = ("batch", "sequence")
+# ``global``: over the union of the ranks' batches of a step (torch only, under torch.distributed).
+TORCH_SCOPES = SCOPES + ("global",)
 
 
 def keep_count(ratio: float, n: int) -> int:
@@ -53,11 +57,11 @@ def random_scores(key: int, n: int) -> np.ndarray:
     return ((z >> np.uint64(40)).astype(np.float64) / float(1 << 24)).astype(np.float32)
 
 
-def _check(rule: str, scope: str) -> None:
+def _check(rule: str, scope: str, scopes=SCOPES) -> None:
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if scope not in scopes:
+        raise ValueError(f"scope must be one of {scopes}, got {scope!r}")
 
 
 def _score(rule: str, current, reference, key: int = 0):
@@ -111,10 +115,13 @@ def select_mask(
 def select_mask_torch(
     current, reference, valid, ratio: float, scope: str = "batch", rule: str = "excess", key: int = 0
 ):
-    """The same selection on torch tensors, on their device (no gradient flows through it)."""
+    """The same selection on torch tensors, on their device (no gradient flows through it).
+    ``scope="global"`` selects over every rank's batch of the step (:func:`global_select_mask_torch`)."""
     import torch
 
-    _check(rule, scope)
+    _check(rule, scope, TORCH_SCOPES)
+    if scope == "global":
+        return global_select_mask_torch(current, reference, valid, ratio, rule, key)
     with torch.no_grad():
         current = current.float()
         reference = reference.float()
@@ -144,6 +151,47 @@ def select_mask_torch(
         return mask
 
 
+def _gather_rows(x, rows, group):
+    """Every rank's ``x`` (``[rows_r, T]``), concatenated in rank order: padded to the most rows
+    for the all-gather, the padding dropped after."""
+    import torch
+    import torch.distributed as dist
+
+    most = max(rows)
+    padded = torch.zeros((most,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in rows]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, rows)])
+
+
+def global_select_mask_torch(current, reference, valid, ratio: float, rule: str = "excess", key: int = 0, group=None):
+    """The selection over the union of every rank's batch of a step: this rank's part of the mask
+    that :func:`select_mask_torch` gives, at the ``batch`` scope, on the batches of ranks ``0, 1,
+    ...`` concatenated row-wise (so ties break by rank, then by row-major position, and the
+    ``random`` rule numbers positions over the concatenation). Every rank of ``group`` (default:
+    the whole world) calls it at the same step; the ranks' batches may have different row counts
+    but the same window. One all-gather of the row counts and three of ``[rows, T]`` tensors."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("the global scope selects across ranks: initialize torch.distributed first")
+    with torch.no_grad():
+        current, reference, valid = current.float(), reference.float(), valid.bool()
+        if current.dim() == 1:
+            current, reference, valid = current[None], reference[None], valid[None]
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        mine = torch.tensor([current.shape[0]], dtype=torch.int64, device=current.device)
+        counts = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(counts, mine, group=group)
+        rows = [int(c.item()) for c in counts]
+        union = [_gather_rows(x, rows, group) for x in (current, reference, valid.to(torch.uint8))]
+        mask = select_mask_torch(union[0], union[1], union[2].bool(), ratio, "batch", rule, key)
+        start = sum(rows[:rank])
+        return mask[start : start + rows[rank]].contiguous()
+
+
 def slm_loss(
     logits,
     labels,
@@ -162,6 +210,13 @@ def slm_loss(
     ``[B, T]`` bool (default: every position); ``key``: the ``random`` rule's
     ``random_key(seed, step)``. Returns the mean cross-entropy over the kept
     positions (0 when none is kept), and the mask with ``return_mask``.
+
+    ``scope="global"`` (under ``torch.distributed``, every rank at the same step) keeps the top
+    ``ratio`` of the union of the ranks' valid positions, and returns ``world * sum(kept ce) /
+    kept over every rank``: DistributedDataParallel averages the ranks' gradients, so the step
+    is the gradient of the mean loss over every kept position of the step, as one process
+    training on the concatenated batch would take; the mean of the ranks' returned values is
+    that loss.
     """
     import torch
     import torch.nn.functional as F
@@ -172,5 +227,12 @@ def slm_loss(
         valid = torch.ones((b, t), dtype=torch.bool, device=logits.device)
     mask = select_mask_torch(ce.detach(), ref_loss.to(ce.device), valid.to(ce.device), ratio, scope, rule, key)
     kept = mask.sum()
-    loss = (ce * mask).sum() / kept.clamp(min=1.0)
+    if scope == "global":
+        import torch.distributed as dist
+
+        total = kept.detach().clone()
+        dist.all_reduce(total)
+        loss = (ce * mask).sum() * dist.get_world_size() / total.clamp(min=1.0)
+    else:
+        loss = (ce * mask).sum() / kept.clamp(min=1.0)
     return (loss, mask) if return_mask else loss

@@ -90,3 +90,28 @@ def test_slm_loss_is_the_mean_over_kept_positions():
     # Positions left out get no gradient.
     grads = logits.grad.abs().sum(-1)
     assert torch.all((grads > 0) == (mask > 0))
+
+
+def test_global_scope_equals_one_process_over_the_concatenated_batch(tmp_path):
+    """Two ranks under torchrun (gloo): ``scope="global"`` gives each rank its part of the mask
+    one process computes over the ranks' batches concatenated, with ties, uneven row counts and
+    the ``random`` rule; the ranks' mean loss and gradients are that process's."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("torch")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        found = shutil.which("torchrun")
+        if found is None:
+            pytest.skip("torchrun is not installed")
+        torchrun = Path(found)
+    worker = Path(__file__).with_name("global_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", RHO_GLOBAL_OUT=str(tmp_path))
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(worker)],
+                         capture_output=True, text=True, timeout=180, env=env, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank-0.ok", "rank-1.ok"]
