@@ -28,7 +28,7 @@ pub struct SelectorConfig {
     /// `seq` to rank `seq % len`'s trainer, asking the loader (one that serves every rank) for
     /// each rank's batches as far as that rank's credits allow. Empty (default): the one
     /// `trainer`. Under `rho run`, assigned.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub trainers: Vec<Endpoint>,
     /// The reference model: a HuggingFace checkpoint directory.
     pub model: PathBuf,

@@ -78,7 +78,7 @@ pub enum SelectorError {
         value: f32,
     },
     /// A trainer refused this selector's batches and asked it to stop.
-    #[error("the trainer at {trainer} asked this selector to stop: {reason}")]
+    #[error("the trainer asked this selector to stop ({trainer}): {reason}")]
     Stopped {
         /// The trainer's delivery endpoint.
         trainer: String,

@@ -63,10 +63,14 @@ pub enum BenchCommand {
     /// End-to-end loader throughput (read + tokenize + pack + encode + send, consumed over
     /// loopback) against raw `tokenizers` encoding of the same text.
     Loader(loader::LoaderArgs),
+    /// One loader of every rank and selectors with a null model routing to W null ranks:
+    /// batches/s delivered, against the need of a number of trainer GPUs.
+    Fanout(fanout::FanoutArgs),
 }
 
 mod corpus;
 mod device;
+mod fanout;
 mod loader;
 mod pipeline;
 mod selector;
@@ -76,6 +80,7 @@ mod trainer;
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Pipeline(args) => pipeline::run(args).await,
+        BenchCommand::Fanout(args) => fanout::run(args).await,
         BenchCommand::Trainer {
             out,
             preset,

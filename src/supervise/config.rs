@@ -489,10 +489,12 @@ mod tests {
 
     #[test]
     fn every_run_config_field_is_in_the_config_reference() {
+        // Both trainers, so that both fields are written (a run config takes one of them).
         let rc: RunConfig = serde_json::from_value(serde_json::json!({
             "run_dir": "r",
             "loader": {"tokenizer": "t.json", "data": {"paths": ["x"]}, "seq_len": 8, "batch_size": 1},
             "trainer": {},
+            "trainer_command": {"command": ["torchrun"], "ranks": 2},
         }))
         .unwrap();
         let doc =
@@ -520,6 +522,40 @@ mod tests {
                 "docs/CONFIG.md, Run: no field `{l}`"
             );
         }
+    }
+
+    #[test]
+    fn a_trainer_command_gets_one_loader_of_every_rank() {
+        let command: TrainerCommand = serde_json::from_value(serde_json::json!({
+            "command": ["torchrun", "--nproc-per-node", "3", "train.py"], "ranks": 3,
+        }))
+        .unwrap();
+        assert!(command.scored, "scored by default");
+        let loader = |extra: serde_json::Value| -> LoaderConfig {
+            let mut v = serde_json::json!({
+                "tokenizer": "t.json", "data": {"paths": ["x"]}, "seq_len": 8, "batch_size": 1,
+            });
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            serde_json::from_value(v).unwrap()
+        };
+        let mut l = loader(serde_json::json!({}));
+        serve_every_rank(&mut l, &command).unwrap();
+        assert_eq!((l.world.get(), l.rank), (3, None));
+        let mut l = loader(serde_json::json!({"world": 3}));
+        serve_every_rank(&mut l, &command).unwrap();
+        let err = serve_every_rank(
+            &mut loader(serde_json::json!({"rank": 1, "world": 3})),
+            &command,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("loader.rank"), "{err}");
+        let err = serve_every_rank(&mut loader(serde_json::json!({"world": 2})), &command)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("loader.world") && err.contains('3'), "{err}");
     }
 
     #[test]
