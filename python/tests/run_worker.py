@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +42,8 @@ def main() -> None:
             opt.zero_grad()
             loss.backward()  # the all-reduce: every rank must take this step
             opt.step()
+            # A training step that takes time (the test kills a selector mid-run).
+            time.sleep(float(os.environ.get("STEP_SECS", "0")))
             seqs.append(batch.seq)
             digests.append(digest(batch.tokens))
             scored += batch.ref_loss is not None

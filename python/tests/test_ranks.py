@@ -110,14 +110,14 @@ def test_rho_run_serves_two_torchrun_ranks_from_one_loader(pipeline, selectors):
         "run_dir": "run",
         "selectors": selectors,
         "loader": {"run_id": RUN_ID, "data": {"paths": [str(root / "data")]},
-                   "tokenizer": str(root / "tokenizer.json"), "max_in_flight": 8, **loader},
+                   "tokenizer": str(root / "tokenizer.json"), "max_in_flight": 8, "lease_secs": 3, **loader},
         "selector": {"model": str(root / "ref"), "tokenizer": str(root / "tokenizer.json"),
                      "liveness": {"heartbeat_secs": 0.2, "peer_timeout_secs": 2.0}},
         "trainer_command": {
             "command": [torchrun, "--standalone", "--nproc-per-node", "2",
                         str(Path(__file__).with_name("run_worker.py")), str(out), str(vocab)],
             "ranks": 2,
-            "env": {"OMP_NUM_THREADS": "1"},
+            "env": {"OMP_NUM_THREADS": "1", "STEP_SECS": "0.05" if selectors == 3 else "0"},
         },
     }
     config = pipeline.write("run.json", run)
