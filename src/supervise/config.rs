@@ -139,7 +139,10 @@ impl Plan {
             .with_context(|| format!("resolving {}", dir.display()))?;
         complete_loader(&mut rc.loader, &base, &dir, given.loader_endpoint);
         match (&mut rc.trainer, &rc.trainer_command) {
-            (Some(t), None) => complete_trainer(t, &base, &dir, given.trainer_delivery),
+            (Some(t), None) => {
+                one_rank_loader(&rc.loader)?;
+                complete_trainer(t, &base, &dir, given.trainer_delivery)
+            }
             (None, Some(c)) => serve_every_rank(&mut rc.loader, c)?,
             (Some(_), Some(_)) => bail!("run config: `trainer` and `trainer_command` both given: one trainer per run, the candle trainer or a command"),
             (None, None) => bail!("run config: no trainer: give a `trainer` section (the candle trainer) or a `trainer_command` (such as torchrun)"),
@@ -256,6 +259,20 @@ fn complete_loader(loader: &mut LoaderConfig, base: &Path, dir: &Path, endpoint_
     loader
         .state_dir
         .get_or_insert_with(|| dir.join("loader-state"));
+}
+
+/// The candle trainer trains one rank: its loader serves that rank (a `rank` of a `world`, one
+/// pipeline per rank) or a run of one rank, never every rank of several (their batches would be
+/// refused to its credits, which name no rank).
+fn one_rank_loader(loader: &LoaderConfig) -> anyhow::Result<()> {
+    if loader.rank.is_none() && loader.world.get() > 1 {
+        bail!(
+            "run config, `loader.world`: {} with `loader.rank` unset is a loader of every rank, but the `trainer` section is one rank: give a `trainer_command` that runs the {} ranks (such as torchrun), or set `loader.rank` for a pipeline of one rank",
+            loader.world,
+            loader.world
+        );
+    }
+    Ok(())
 }
 
 /// The loader of a run whose command runs `ranks` ranks serves them all: `world` is the ranks
@@ -556,6 +573,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("loader.world") && err.contains('3'), "{err}");
+        // The candle trainer is one rank.
+        assert!(one_rank_loader(&loader(serde_json::json!({"world": 2}))).is_err());
+        one_rank_loader(&loader(serde_json::json!({"world": 2, "rank": 1}))).unwrap();
+        one_rank_loader(&loader(serde_json::json!({}))).unwrap();
     }
 
     #[test]
