@@ -324,3 +324,59 @@ fn a_bad_config_names_the_field_and_file() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("`rank`"));
 }
+
+/// Rule: a selector silent for `selector_timeout_secs` loses what it holds at once: a hung
+/// selector (connected, saying nothing more) that took two batches, and another consumer gets
+/// those two within seconds, long before their leases (300 s) run out; a consumer that never
+/// said it is a selector keeps its batches until the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_selectors_batches_go_to_the_others_before_their_leases() {
+    let run = setup();
+    let cfg = write_config(&run.root, "s", json!({"selector_timeout_secs": 1.0}));
+    let (mut child, endpoint) = start(&run.root, "s", &cfg);
+    let beat = |role: &str| json!({"rho": 1, "kind": "heartbeat", "run_id": "it", "role": role, "at_ms": 1});
+    let mut hung = Client::connect(&endpoint).await;
+    hung.send(beat("selector")).await;
+    hung.send(credit(2)).await;
+    let mut taken = Vec::new();
+    while taken.len() < 2 {
+        let (h, f) = hung.recv(Duration::from_secs(10)).await.unwrap();
+        if h["kind"] == "batch" {
+            taken.push(check_batch(&h, &f).0);
+        }
+    }
+    // A trainer-like consumer that takes one batch and then falls silent too: not a selector.
+    let mut quiet = Client::connect(&endpoint).await;
+    quiet.send(beat("trainer")).await;
+    quiet.send(credit(1)).await;
+    let (h, f) = loop {
+        let (h, f) = quiet.recv(Duration::from_secs(10)).await.unwrap();
+        if h["kind"] == "batch" {
+            break (h, f);
+        }
+    };
+    let kept = check_batch(&h, &f).0;
+    // The hung selector says nothing more; another consumer asks for work.
+    let started = std::time::Instant::now();
+    let mut other = Client::connect(&endpoint).await;
+    other.send(credit(8)).await;
+    let mut got = Vec::new();
+    while let Some((h, f)) = other.recv(Duration::from_secs(6)).await {
+        if h["kind"] == "batch" {
+            got.push(check_batch(&h, &f).0);
+        }
+    }
+    for seq in &taken {
+        assert!(
+            got.contains(seq),
+            "batch {seq} of the silent selector: {got:?}"
+        );
+    }
+    assert!(
+        !got.contains(&kept),
+        "the trainer's batch {kept} was handed out again before its lease"
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -96,6 +96,11 @@ pub struct LoaderConfig {
     /// (its consumer presumed dead). Must exceed the pipeline's latency. Default 300.
     #[serde(default = "default_lease")]
     pub lease_secs: f64,
+    /// Seconds without a message from a selector (which heartbeats every second, scoring or
+    /// not) after which the batches it holds are handed out again at once, without waiting for
+    /// their leases: a dead selector holds back no rank for long. Default 10.
+    #[serde(default = "default_selector_timeout")]
+    pub selector_timeout_secs: f64,
     /// Batches prepared ahead of requests. Default 8.
     #[serde(default = "default_prefetch")]
     pub prefetch: NonZeroUsize,
@@ -167,6 +172,9 @@ fn default_in_flight() -> NonZeroUsize {
 }
 fn default_lease() -> f64 {
     300.0
+}
+fn default_selector_timeout() -> f64 {
+    10.0
 }
 fn default_prefetch() -> NonZeroUsize {
     nz(8)
@@ -267,6 +275,9 @@ impl LoaderConfig {
         }
         if self.lease_secs.is_nan() || self.lease_secs <= 0.0 {
             return Err(field("lease_secs", "must be positive"));
+        }
+        if self.selector_timeout_secs.is_nan() || self.selector_timeout_secs <= 0.0 {
+            return Err(field("selector_timeout_secs", "must be positive"));
         }
         if self.max_doc_bytes < 1024 {
             return Err(field("max_doc_bytes", "must be at least 1024"));

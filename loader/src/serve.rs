@@ -11,7 +11,7 @@
 //! window and its queue (`prefetch` batches) before the stream waits for it.
 
 use bytes::Bytes;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -163,6 +163,8 @@ pub struct Loader {
     in_flight: Vec<usize>,
     /// Everyone who spoke to this loader hears the `end` (a trainer that only acknowledges, too).
     peers: HashSet<Peer>,
+    /// The selectors (peers that said so in a heartbeat), with when each was last heard.
+    selectors: HashMap<Peer, Instant>,
     ledger: Ledger<Vec<Bytes>, Peer>,
     /// Batches to hand out again (their consumer vanished or their lease expired).
     pending: VecDeque<u64>,
@@ -242,6 +244,7 @@ impl Loader {
             ready: (0..queues).map(|_| VecDeque::new()).collect(),
             in_flight: vec![0; queues],
             peers: HashSet::new(),
+            selectors: HashMap::new(),
             pending: VecDeque::new(),
             restarted_at: config.start_batch,
             acked_since_restart: false,
@@ -423,10 +426,16 @@ impl Loader {
             return Step::Continue(());
         };
         self.peers.insert(peer.clone());
+        if let Some(heard) = self.selectors.get_mut(&peer) {
+            *heard = Instant::now();
+        }
         match message {
             Message::Credit(c) => self.on_credit(peer, c.n, c.rank).await,
             Message::Ack(a) => self.on_ack(&a.seqs),
-            Message::Heartbeat(_) => {
+            Message::Heartbeat(h) => {
+                if h.role == Role::Selector {
+                    self.selectors.insert(peer.clone(), Instant::now());
+                }
                 let reply = Message::Heartbeat(Heartbeat {
                     run_id: self.config.run_id.clone(),
                     role: Role::Loader,
@@ -598,6 +607,39 @@ impl Loader {
     }
 
     /// Leases: a batch out for too long goes to the next consumer that asks. And a metrics line.
+    /// A selector silent for `selector_timeout_secs` is presumed dead: the batches it holds are
+    /// handed out again now rather than when their leases run out (a late delivery of one is a
+    /// duplicate the trainer drops), and so is any handed to it while it stays silent. Its
+    /// credits stay: a send to a peer that is gone fails and forgets them, a hung one uses them
+    /// up, and one that was only slow keeps being served.
+    fn requeue_silent_selectors(&mut self) {
+        let timeout = Duration::from_secs_f64(self.config.selector_timeout_secs);
+        let now = Instant::now();
+        let silent: Vec<Peer> = self
+            .selectors
+            .iter()
+            .filter(|(_, heard)| now.saturating_duration_since(**heard) > timeout)
+            .map(|(peer, _)| peer.clone())
+            .collect();
+        for peer in silent {
+            let held: Vec<u64> = self
+                .ledger
+                .held_by(&peer)
+                .into_iter()
+                .filter(|s| !self.pending.contains(s))
+                .collect();
+            if !held.is_empty() {
+                tracing::warn!(
+                    batches = held.len(),
+                    first = held[0],
+                    "a selector fell silent for {:.0} s; its batches are handed out again",
+                    timeout.as_secs_f64()
+                );
+            }
+            self.pending.extend(held);
+        }
+    }
+
     fn on_tick(&mut self) -> Step {
         let lease = Duration::from_secs_f64(self.config.lease_secs);
         for seq in self.ledger.expired(Instant::now(), lease) {
@@ -606,6 +648,7 @@ impl Loader {
                 self.pending.push_back(seq);
             }
         }
+        self.requeue_silent_selectors();
         self.reporter.report(&self.metrics.snapshot());
         Step::Continue(())
     }

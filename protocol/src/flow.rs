@@ -169,6 +169,18 @@ impl<T, P: Clone> Ledger<T, P> {
             .collect()
     }
 
+    /// Sequence numbers last issued to `holder`, oldest first.
+    pub fn held_by(&self, holder: &P) -> Vec<u64>
+    where
+        P: PartialEq,
+    {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.holder == *holder)
+            .map(|(&s, _)| s)
+            .collect()
+    }
+
     /// Drops every entry below `seq` (the consumer resumed past them).
     pub fn forget_below(&mut self, seq: u64) {
         self.entries = self.entries.split_off(&seq);
@@ -269,6 +281,21 @@ impl<T> Reorder<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ledger_knows_what_each_holder_holds() {
+        let now = Instant::now();
+        let mut l: Ledger<(), &str> = Ledger::new(8);
+        l.issue(3, (), "a", now);
+        l.issue(1, (), "b", now);
+        l.issue(2, (), "a", now);
+        assert_eq!(l.held_by(&"a"), vec![2, 3]);
+        l.reissue(3, "b", now);
+        assert_eq!((l.held_by(&"a"), l.held_by(&"b")), (vec![2], vec![1, 3]));
+        l.ack(1);
+        assert_eq!(l.held_by(&"b"), vec![3]);
+        assert!(l.held_by(&"c").is_empty());
+    }
 
     #[test]
     fn reorder_hands_out_in_order_once_each() {

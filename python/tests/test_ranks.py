@@ -96,7 +96,9 @@ def test_rho_run_serves_two_torchrun_ranks_from_one_loader(pipeline, selectors):
     """`rho run` with a trainer command (torchrun, 2 ranks): one loader tokenizes the corpus
     once and serves both ranks, the selectors score for both; each rank trains exactly the
     batches a loader of its own rank would issue, scored, and both end with the same count. With
-    three selectors, one is killed mid-run (and restarted): nothing is lost or trained twice."""
+    three selectors, one is killed mid-run: the loader hands its batches to the others once it has
+    been silent for `selector_timeout_secs` (the leases are the default 300 s, past the test's
+    time limit), and nothing is lost or trained twice."""
     torchrun = torchrun_or_skip()
     root = pipeline.root
     vocab = len(json.loads((root / "tokenizer.json").read_text())["model"]["vocab"])
@@ -110,7 +112,8 @@ def test_rho_run_serves_two_torchrun_ranks_from_one_loader(pipeline, selectors):
         "run_dir": "run",
         "selectors": selectors,
         "loader": {"run_id": RUN_ID, "data": {"paths": [str(root / "data")]},
-                   "tokenizer": str(root / "tokenizer.json"), "max_in_flight": 8, "lease_secs": 3, **loader},
+                   "tokenizer": str(root / "tokenizer.json"), "max_in_flight": 8, "selector_timeout_secs": 2,
+                   **loader},
         "selector": {"model": str(root / "ref"), "tokenizer": str(root / "tokenizer.json"),
                      "liveness": {"heartbeat_secs": 0.2, "peer_timeout_secs": 2.0}},
         "trainer_command": {
@@ -136,7 +139,7 @@ def test_rho_run_serves_two_torchrun_ranks_from_one_loader(pipeline, selectors):
         wait_until(lambda: batches() >= 2, timeout=120, what="rank 0's second batch")
         os.kill(int((root / "run" / "selector-1.pid").read_text()), 9)
         killed_at = batches()
-    stdout, stderr = p.communicate(timeout=300)
+    stdout, stderr = p.communicate(timeout=150)
     assert p.returncode == 0, stderr[-4000:]
     summary = json.loads((root / "run" / "summary.json").read_text())
     ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
