@@ -106,6 +106,35 @@ fn training_from_the_cache_equals_training_live() {
         "training from the cache ended with other weights"
     );
 
+    // The same cache served to two ranks by one loader (`world` 2, `rank` unset): each rank
+    // gets exactly its batches of the stream trained above, the two the same number.
+    let (ep, two_cfg) = loader_config(root);
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&two_cfg).unwrap()).unwrap();
+    cfg["world"] = json!(2);
+    write(&two_cfg, &cfg);
+    let loader = serve_cache(root, &two_cfg);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let ranks: Vec<Vec<u64>> = runtime.block_on(async {
+        let tasks: Vec<_> = (0..2u32)
+            .map(|r| tokio::spawn(drain_rank(ep.clone(), r, 2)))
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    let served = finish(loader, "loader serving the cache to two ranks");
+    let total = served["total"].as_u64().unwrap();
+    assert!(
+        total >= 2 && total % 2 == 0,
+        "{total} batches for two ranks"
+    );
+    for (r, got) in ranks.iter().enumerate() {
+        let want: Vec<u64> = (0..total).filter(|s| s % 2 == r as u64).collect();
+        assert_eq!(got, &want, "rank {r} of the cache");
+    }
+
     // Another tokenizer: refused, both fingerprints named.
     let (_, other_cfg) = loader_config(root);
     let mut cfg: Value =
@@ -155,4 +184,32 @@ fn training_from_the_cache_equals_training_live() {
         !out.status.success() && err.contains(part.file_name().unwrap().to_str().unwrap()),
         "{err}"
     );
+}
+
+/// Drains rank `rank` of `world` from a loader of every rank: its sequence numbers, in order.
+async fn drain_rank(endpoint: String, rank: u32, world: u32) -> Vec<u64> {
+    use rho_protocol::client::Consumer;
+    use rho_protocol::{Limits, Message, Rank};
+    let mut c = Consumer::connect(&endpoint, "tr", Limits::default())
+        .await
+        .unwrap();
+    c.credit_for(4, Rank::new(rank, world)).await.unwrap();
+    let mut seqs = Vec::new();
+    loop {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(60), c.recv())
+            .await
+            .expect("the cache's stream stalled")
+            .unwrap();
+        match m {
+            Message::Scored(s) => {
+                assert_eq!(s.batch.seq % u64::from(world), u64::from(rank));
+                seqs.push(s.batch.seq);
+                c.ack(vec![s.batch.seq]).await.unwrap();
+                c.credit_for(1, Rank::new(rank, world)).await.unwrap();
+            }
+            Message::End(_) => return seqs,
+            Message::Heartbeat(_) => {}
+            other => panic!("rank {rank}: unexpected `{}`", other.kind()),
+        }
+    }
 }
