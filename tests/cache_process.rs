@@ -127,7 +127,7 @@ fn training_from_the_cache_equals_training_live() {
     let served = finish(loader, "loader serving the cache to two ranks");
     let total = served["total"].as_u64().unwrap();
     assert!(
-        total >= 2 && total % 2 == 0,
+        total >= 2 && total.is_multiple_of(2),
         "{total} batches for two ranks"
     );
     for (r, got) in ranks.iter().enumerate() {
