@@ -53,12 +53,16 @@ fn setup(root: &Path) {
     ]);
 }
 
-fn start_loader(root: &Path) -> (Child, String) {
-    let cfg = json!({
+/// A `rho loader` on the corpus, with `extra` fields over the defaults of these tests.
+fn start_loader(root: &Path, extra: serde_json::Value) -> (Child, String) {
+    let mut cfg = json!({
         "run_id": "sel", "data": {"paths": ["data"]}, "tokenizer": "tokenizer.json",
         "seq_len": 48, "batch_size": 3, "endpoint": "tcp://127.0.0.1:0",
         "endpoint_file": "loader.endpoint", "max_in_flight": 6,
     });
+    for (k, v) in extra.as_object().expect("an object") {
+        cfg[k] = v.clone();
+    }
     std::fs::write(root.join("loader.json"), cfg.to_string()).unwrap();
     let child = Command::new(RHO)
         .args(["loader", "--config", p(&root.join("loader.json"))])
@@ -177,7 +181,7 @@ async fn two_selectors_score_every_batch_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     setup(root);
-    let (loader, loader_ep) = start_loader(root);
+    let (loader, loader_ep) = start_loader(root, json!({}));
     let mut trainer = TestTrainer::new(&loader_ep).await;
     let trainer_ep = trainer.endpoint.clone();
     let model_dir = root.join("ref");
@@ -339,7 +343,7 @@ async fn mismatched_vocabulary_and_tokenizer_are_refused_by_name() {
         "--out",
         p(&root.join("other.json")),
     ]);
-    let (mut loader, loader_ep) = start_loader(root);
+    let (mut loader, loader_ep) = start_loader(root, json!({}));
     let mut router = RouterSocket::new();
     let trainer_ep = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
     let cfg = selector_config(
@@ -373,7 +377,7 @@ async fn lanes_deliver_in_order_with_the_same_bits() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     setup(root);
-    let (loader, loader_ep) = start_loader(root);
+    let (loader, loader_ep) = start_loader(root, json!({}));
     let mut trainer = TestTrainer::new(&loader_ep).await;
     let model_dir = root.join("ref");
     let cfg = json!({
@@ -448,25 +452,7 @@ async fn selectors_serve_every_rank_of_one_loader() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     setup(root);
-    let cfg = json!({
-        "run_id": "sel", "data": {"paths": ["data"]}, "tokenizer": "tokenizer.json",
-        "seq_len": 48, "batch_size": 3, "endpoint": "tcp://127.0.0.1:0",
-        "endpoint_file": "loader.endpoint", "max_in_flight": 4, "world": 2,
-    });
-    std::fs::write(root.join("loader.json"), cfg.to_string()).unwrap();
-    let loader = Command::new(RHO)
-        .args(["loader", "--config", p(&root.join("loader.json"))])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let file = root.join("loader.endpoint");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !file.exists() {
-        assert!(Instant::now() < deadline, "loader never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let loader_ep = std::fs::read_to_string(file).unwrap();
+    let (loader, loader_ep) = start_loader(root, json!({"max_in_flight": 4, "world": 2}));
     let mut ranks = [
         TestTrainer::new(&loader_ep).await,
         TestTrainer::new(&loader_ep).await,

@@ -73,7 +73,7 @@ pub struct LoaderConfig {
     /// The one rank this loader serves when each of `world` ranks has a loader of its own (data
     /// parallelism): it issues the global batches `g` with `g % world == rank`. Unset (the
     /// default), the loader serves every rank: it issues the whole stream once and hands batch
-    /// `g` only against credits for rank `g % world` (or for any rank). Either way every rank
+    /// `g` only against credits for rank `g % world`. Either way every rank
     /// gets the same number of batches (docs/PROTOCOL.md, "Several ranks").
     #[serde(default)]
     pub rank: Option<u32>,

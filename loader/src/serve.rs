@@ -6,7 +6,7 @@
 //! the stream at the given sequence number.
 //!
 //! A loader of every rank (`rank` unset, `world` > 1) keeps these per rank: batch `g` waits in
-//! rank `g % world`'s queue for a credit for that rank (or for any rank), and each rank has its
+//! rank `g % world`'s queue for a credit for that rank, and each rank has its
 //! own `max_in_flight`, so a rank whose consumers are slow holds back no more than its own
 //! window and its queue (`prefetch` batches) before the stream waits for it.
 
@@ -152,10 +152,8 @@ pub struct Loader {
     producer: flume::Receiver<Produced>,
     metrics: Arc<Metrics>,
     reporter: Reporter,
-    /// Credits for batches of any rank.
-    credits: Credits<Peer>,
-    /// Credits for one rank's batches, by rank (a loader of every rank only).
-    rank_credits: Vec<Credits<Peer>>,
+    /// Credits, by queue: one pool per rank for a loader of every rank, else the one.
+    credits: Vec<Credits<Peer>>,
     /// Batches made and not yet handed out, by queue (one per rank for a loader of every rank,
     /// else one).
     ready: Vec<VecDeque<(u64, Box<Message>)>>,
@@ -236,11 +234,7 @@ impl Loader {
             source,
             metrics,
             reporter,
-            credits: Credits::default(),
-            rank_credits: (0..queues)
-                .filter(|_| queues > 1)
-                .map(|_| Credits::default())
-                .collect(),
+            credits: (0..queues).map(|_| Credits::default()).collect(),
             ready: (0..queues).map(|_| VecDeque::new()).collect(),
             in_flight: vec![0; queues],
             peers: HashSet::new(),
@@ -313,22 +307,18 @@ impl Loader {
         }
     }
 
-    /// A consumer with a credit for queue `q`'s batches (its rank's first, then any rank's).
+    /// A consumer with a credit for queue `q`'s batches.
     fn take_credit(&mut self, q: usize) -> Option<Peer> {
-        match self.rank_credits.get_mut(q).and_then(Credits::take) {
-            Some(peer) => Some(peer),
-            None => self.credits.take(),
-        }
+        self.credits[q].take()
     }
 
     fn has_credit(&self, q: usize) -> bool {
-        self.credits.any() || self.rank_credits.get(q).is_some_and(Credits::any)
+        self.credits[q].any()
     }
 
     /// A consumer that vanished: none of its credits stay.
     fn forget_credits(&mut self, peer: &Peer) {
-        self.credits.forget(peer);
-        for c in &mut self.rank_credits {
+        for c in &mut self.credits {
             c.forget(peer);
         }
     }
@@ -354,8 +344,7 @@ impl Loader {
     /// Tells every peer the stream ended, then gives the sends a moment to flush.
     async fn say_end_to_all(&mut self) {
         let Some(total) = self.total else { return };
-        self.credits.drain();
-        for c in &mut self.rank_credits {
+        for c in &mut self.credits {
             c.drain();
         }
         let frames = self.end_frames(total);
@@ -474,15 +463,15 @@ impl Loader {
             None => format!("every rank of {world}"),
         };
         let why = match rank {
-            None if own.is_some() || world == 1 => return self.credits.grant(peer, n),
+            None if own.is_some() || world == 1 => return self.credits[0].grant(peer, n),
             None => format!("a credit without a rank: this loader serves {serves}; a consumer names the rank it trains (`rank`, `world`)"),
             Some(r) if u64::from(r.world) != world => {
                 format!("a credit for {r}: this loader serves {serves}")
             }
             Some(r) if world == 1 || own == Some(u64::from(r.rank)) => {
-                return self.credits.grant(peer, n)
+                return self.credits[0].grant(peer, n)
             }
-            Some(r) if own.is_none() => return self.rank_credits[r.rank as usize].grant(peer, n),
+            Some(r) if own.is_none() => return self.credits[r.rank as usize].grant(peer, n),
             Some(r) => format!("a credit for {r}: this loader serves {serves}"),
         };
         // A consumer asking the wrong loader waits for nothing: it is told why, and stops.
@@ -552,7 +541,7 @@ impl Loader {
             && !self.acked_since_restart
         {
             let rank = self.stride.rank_of(next_seq);
-            for seq in self.ledger.expired(Instant::now(), Duration::ZERO) {
+            for seq in self.ledger.seqs() {
                 if self.stride.rank_of(seq) == rank && !self.pending.contains(&seq) {
                     self.pending.push_back(seq);
                 }
@@ -606,7 +595,6 @@ impl Loader {
         Ok(Step::Continue(()))
     }
 
-    /// Leases: a batch out for too long goes to the next consumer that asks. And a metrics line.
     /// A selector silent for `selector_timeout_secs` is presumed dead: the batches it holds are
     /// handed out again now rather than when their leases run out (a late delivery of one is a
     /// duplicate the trainer drops), and so is any handed to it while it stays silent. Its
@@ -640,6 +628,8 @@ impl Loader {
         }
     }
 
+    /// Leases: a batch out for too long goes to the next consumer that asks; silent selectors'
+    /// batches likewise. And a metrics line.
     fn on_tick(&mut self) -> Step {
         let lease = Duration::from_secs_f64(self.config.lease_secs);
         for seq in self.ledger.expired(Instant::now(), lease) {

@@ -169,6 +169,11 @@ impl<T, P: Clone> Ledger<T, P> {
             .collect()
     }
 
+    /// Every sequence number in flight, oldest first.
+    pub fn seqs(&self) -> Vec<u64> {
+        self.entries.keys().copied().collect()
+    }
+
     /// Sequence numbers last issued to `holder`, oldest first.
     pub fn held_by(&self, holder: &P) -> Vec<u64>
     where
@@ -290,6 +295,7 @@ mod tests {
         l.issue(1, (), "b", now);
         l.issue(2, (), "a", now);
         assert_eq!(l.held_by(&"a"), vec![2, 3]);
+        assert_eq!(l.seqs(), vec![1, 2, 3]);
         l.reissue(3, "b", now);
         assert_eq!((l.held_by(&"a"), l.held_by(&"b")), (vec![2], vec![1, 3]));
         l.ack(1);

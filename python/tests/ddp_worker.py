@@ -10,10 +10,11 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny_ddp import TinyDdp  # noqa: E402
+
 from rho_stream import RhoStream  # noqa: E402
 
 
@@ -21,21 +22,12 @@ def main() -> None:
     endpoints, run_id, out = Path(sys.argv[1]).read_text().split(), sys.argv[2], Path(sys.argv[3])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo")
-    torch.manual_seed(0)
-    vocab = int(sys.argv[4])
-    model = torch.nn.Sequential(torch.nn.Embedding(vocab, 16), torch.nn.Linear(16, vocab))
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model = TinyDdp(int(sys.argv[4]))
     seqs = []
     with RhoStream(endpoints[rank], run_id, scored=False, rank=rank, world=world,
                    secret=os.environ["RHO_SECRET"].encode(), as_torch=True) as stream:
         for batch in stream:
-            tokens = batch.tokens.long()
-            logits = ddp(tokens[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1))
-            opt.zero_grad()
-            loss.backward()  # the all-reduce: every rank must take this step
-            opt.step()
+            model.step(batch.tokens)
             seqs.append(batch.seq)
         total = stream.total
     (out / f"rank-{rank}.json").write_text(json.dumps({"steps": len(seqs), "seqs": seqs, "total": total}))

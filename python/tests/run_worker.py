@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny_ddp import TinyDdp  # noqa: E402
+
 from rho_stream import RhoStream  # noqa: E402
 
 
@@ -29,19 +31,11 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     assert int(os.environ["RHO_RANKS"]) == dist.get_world_size()
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Embedding(vocab, 16), torch.nn.Linear(16, vocab))
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model = TinyDdp(vocab)
     seqs, digests, scored = [], [], 0
     with RhoStream.from_env(as_torch=True) as stream:
         for batch in stream:
-            tokens = batch.tokens.long()
-            logits = ddp(tokens[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1))
-            opt.zero_grad()
-            loss.backward()  # the all-reduce: every rank must take this step
-            opt.step()
+            model.step(batch.tokens)
             # A training step that takes time (the test kills a selector mid-run).
             time.sleep(float(os.environ.get("STEP_SECS", "0")))
             seqs.append(batch.seq)

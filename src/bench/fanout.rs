@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -119,7 +119,6 @@ async fn once(
     ranks: usize,
 ) -> anyhow::Result<(u64, f64)> {
     let endpoint_file = out.join(format!("loader-{ranks}.endpoint"));
-    let _ = std::fs::remove_file(&endpoint_file);
     let loader: rho_loader::LoaderConfig = serde_json::from_value(serde_json::json!({
         "run_id": "fanout",
         "data": {"paths": [data]},
@@ -137,19 +136,7 @@ async fn once(
     let fingerprint = rho_common::tokenizer::load(tokenizer)
         .map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer.display()))?
         .fingerprint;
-    let loader_task = tokio::spawn(rho_loader::run(loader, std::future::pending()));
-    let loader_at = loop {
-        if let Ok(s) = std::fs::read_to_string(&endpoint_file) {
-            break s;
-        }
-        if loader_task.is_finished() {
-            bail!(
-                "the loader stopped before listening: {:?}",
-                loader_task.await
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let (loader_task, loader_at) = super::loader::start_in_process(loader).await?;
     let started = Instant::now();
     let tally = Arc::new(Tally::default());
     let mut trainers = Vec::new();

@@ -129,6 +129,30 @@ pub async fn run(args: LoaderArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A loader running in this process.
+pub(super) type InProcess = tokio::task::JoinHandle<rho_loader::Result<rho_loader::Report>>;
+
+/// Starts a loader in this process (its config names an `endpoint_file`, removed first) and
+/// waits until it listens; its task and the endpoint it bound.
+pub(super) async fn start_in_process(
+    config: rho_loader::LoaderConfig,
+) -> anyhow::Result<(InProcess, String)> {
+    let Some(file) = config.endpoint_file.clone() else {
+        bail!("an in-process loader needs an `endpoint_file` to say where it listens");
+    };
+    let _ = std::fs::remove_file(&file);
+    let loader = tokio::spawn(rho_loader::run(config, std::future::pending()));
+    loop {
+        if let Ok(s) = std::fs::read_to_string(&file) {
+            return Ok((loader, s));
+        }
+        if loader.is_finished() {
+            bail!("the loader stopped before listening: {:?}", loader.await);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Runs an in-process loader with `threads` tokenizer threads and consumes its whole stream over
 /// loopback; returns (seconds from start to end of stream, real tokens received).
 async fn loader_once(
@@ -140,7 +164,6 @@ async fn loader_once(
     batch_size: usize,
 ) -> anyhow::Result<(f64, u64)> {
     let endpoint_file = out.join(format!("endpoint-{threads}"));
-    let _ = std::fs::remove_file(&endpoint_file);
     let config: rho_loader::LoaderConfig = serde_json::from_value(serde_json::json!({
         "run_id": "bench",
         "data": {"paths": [input]},
@@ -153,16 +176,7 @@ async fn loader_once(
         "metrics_interval_secs": 5.0,
     }))?;
     let started = Instant::now();
-    let loader = tokio::spawn(rho_loader::run(config, std::future::pending()));
-    let endpoint = loop {
-        if let Ok(s) = std::fs::read_to_string(&endpoint_file) {
-            break s;
-        }
-        if loader.is_finished() {
-            bail!("the loader stopped before listening: {:?}", loader.await);
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let (loader, endpoint) = start_in_process(config).await?;
     let mut consumer = Consumer::connect(&endpoint, "bench", Limits::default())
         .await
         .context("connecting")?;

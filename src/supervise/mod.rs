@@ -140,6 +140,12 @@ impl Supervisor {
         &self.plan.dir
     }
 
+    /// Rank `rank`'s file `rank-<rank>.<what>` in the run directory (`{rank}` in the
+    /// environment of a trainer command, which each rank fills in).
+    fn rank_file(&self, rank: impl std::fmt::Display, what: &str) -> PathBuf {
+        self.dir().join(format!("rank-{rank}.{what}"))
+    }
+
     /// Starts the loader; its bound endpoint.
     async fn start_loader(&mut self) -> anyhow::Result<String> {
         let file = self.dir().join("loader.endpoint");
@@ -192,9 +198,9 @@ impl Supervisor {
         };
         let dir = self.dir();
         for r in 0..c.ranks.get() {
-            let _ = std::fs::remove_file(dir.join(format!("rank-{r}.delivery")));
+            let _ = std::fs::remove_file(self.rank_file(r, "delivery"));
         }
-        let file = |name: &str| dir.join(name).display().to_string();
+        let file = |what: &str| self.rank_file("{rank}", what).display().to_string();
         let mut env = vec![
             ("RHO_LOADER".to_string(), loader_at.to_string()),
             ("RHO_RUN_ID".into(), self.run_id.clone()),
@@ -202,8 +208,8 @@ impl Supervisor {
             ("RHO_RANKS".into(), c.ranks.to_string()),
             ("RHO_SCORED".into(), if c.scored { "1" } else { "0" }.into()),
             ("RHO_DELIVERY".into(), "tcp://127.0.0.1:0".into()),
-            ("RHO_DELIVERY_FILE".into(), file("rank-{rank}.delivery")),
-            ("RHO_METRICS".into(), file("rank-{rank}.metrics.jsonl")),
+            ("RHO_DELIVERY_FILE".into(), file("delivery")),
+            ("RHO_METRICS".into(), file("metrics.jsonl")),
             ("RHO_SECRET_FILE".into(), secret.display().to_string()),
         ];
         env.extend(c.env.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -227,7 +233,7 @@ impl Supervisor {
         let files: Vec<PathBuf> = match self.plan.trainer() {
             Trainer::Candle(_) => vec![self.dir().join("trainer.delivery")],
             Trainer::Command(c) => (0..c.ranks.get())
-                .map(|r| self.dir().join(format!("rank-{r}.delivery")))
+                .map(|r| self.rank_file(r, "delivery"))
                 .collect(),
         };
         let mut out = Vec::with_capacity(files.len());
@@ -326,10 +332,7 @@ impl Supervisor {
             return Vec::new();
         };
         (0..c.ranks.get())
-            .map(|r| {
-                let file = self.dir().join(format!("rank-{r}.metrics.jsonl"));
-                rho_common::jsonl::read_last(&file)
-            })
+            .map(|r| rho_common::jsonl::read_last(&self.rank_file(r, "metrics.jsonl")))
             .collect()
     }
 

@@ -30,7 +30,7 @@ pub struct Credit {
 
 /// One data-parallel rank of a run of `world` ranks: it trains the batches whose sequence
 /// number is `rank` modulo `world`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Rank {
     /// This rank, below `world`.
     pub rank: u32,
@@ -42,11 +42,6 @@ impl Rank {
     /// Rank `rank` of `world`; `None` unless `rank < world`.
     pub fn new(rank: u32, world: u32) -> Option<Rank> {
         (rank < world).then_some(Rank { rank, world })
-    }
-
-    /// Whether batch `seq` is this rank's.
-    pub fn owns(self, seq: u64) -> bool {
-        seq % u64::from(self.world) == u64::from(self.rank)
     }
 }
 
