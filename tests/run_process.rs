@@ -158,6 +158,7 @@ async fn foreign_and_wrongly_signed_messages_are_refused() {
         lengths: vec![3],
         doc_starts: vec![vec![0]],
         stream: None,
+        rank: None,
     };
     let scored = Message::Scored(ScoredBatch {
         batch,

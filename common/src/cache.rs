@@ -397,6 +397,7 @@ mod tests {
                 lengths: vec![3, 2],
                 doc_starts: vec![vec![0], vec![]],
                 stream: None,
+                rank: None,
             },
             ref_model: Fingerprint::of_bytes(b"ref"),
             ref_loss: (0..4).map(|i| i as f32 + seq as f32).collect(),

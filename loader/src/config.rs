@@ -294,6 +294,7 @@ impl LoaderConfig {
         RankStride {
             world: u64::from(self.world.get()),
             rank: self.rank.map(u64::from),
+            origin: 0,
         }
     }
 
@@ -303,22 +304,27 @@ impl LoaderConfig {
     }
 }
 
-/// Where a loader's batches sit in the whole stream: a loader of rank `r` of `world` issues the
-/// sequence numbers `r, r + world, r + 2 world, ...`, which its source counts locally as
-/// `0, 1, 2, ...`; a loader of every rank issues every sequence number, counted as itself.
+/// Where a loader's batches sit in the whole stream. From the `origin` on (0 for a fresh
+/// stream; a resume that names its rank moves it to its global cursor), the stream is split
+/// among `world` ranks in groups of `world` consecutive batches: batch `g >= origin` is rank
+/// `(g - origin) % world`'s. A loader of rank `r` issues the sequence numbers
+/// `origin + r, origin + r + world, ...`, which its source counts locally as `0, 1, 2, ...`;
+/// a loader of every rank issues every sequence number, counted as itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RankStride {
     /// Ranks splitting the stream.
     pub world: u64,
     /// The rank served; `None`: every rank.
     pub rank: Option<u64>,
+    /// The global batch where the split begins (rank 0's first batch).
+    pub origin: u64,
 }
 
 impl RankStride {
     /// The global sequence number of the loader's `n`-th batch.
     pub fn seq_of(self, n: u64) -> u64 {
         match self.rank {
-            Some(r) => n * self.world + r,
+            Some(r) => self.origin + n * self.world + r,
             None => n,
         }
     }
@@ -326,7 +332,7 @@ impl RankStride {
     /// The local position of the first of the loader's sequence numbers at or after `seq`.
     pub fn local_of(self, seq: u64) -> u64 {
         match self.rank {
-            Some(r) => seq.saturating_sub(r).div_ceil(self.world),
+            Some(r) => seq.saturating_sub(self.origin + r).div_ceil(self.world),
             None => seq,
         }
     }
@@ -335,15 +341,31 @@ impl RankStride {
     /// batches.
     pub fn end_seq(self, total_local: u64) -> u64 {
         match (self.rank, total_local) {
-            (_, 0) => 0,
-            (Some(r), n) => (n - 1) * self.world + r + 1,
+            (Some(_), 0) => self.origin,
+            (Some(r), n) => self.origin + (n - 1) * self.world + r + 1,
             (None, n) => n,
         }
     }
 
     /// The rank of sequence number `seq`.
     pub fn rank_of(self, seq: u64) -> u64 {
-        seq % self.world
+        (seq % self.world + self.world - self.origin % self.world) % self.world
+    }
+
+    /// The first batch of the group of `world` that holds `seq`.
+    pub fn group_start(self, seq: u64) -> u64 {
+        seq - self.rank_of(seq).min(seq)
+    }
+
+    /// The same split restarted at `origin`.
+    pub fn with_origin(self, origin: u64) -> RankStride {
+        RankStride { origin, ..self }
+    }
+
+    /// The rank of `seq` as a batch names it: none in a stream of one rank.
+    pub fn rank_tag(self, seq: u64) -> Option<rho_protocol::Rank> {
+        let world = u32::try_from(self.world).ok().filter(|&w| w > 1)?;
+        rho_protocol::Rank::new(self.rank_of(seq) as u32, world)
     }
 }
 
@@ -356,6 +378,7 @@ mod tests {
         let s = RankStride {
             world: 3,
             rank: Some(1),
+            origin: 0,
         };
         // Rank 1 of 3 serves 1, 4, 7, ...
         assert_eq!(s.local_of(0), 0);
@@ -370,6 +393,7 @@ mod tests {
         let one = RankStride {
             world: 1,
             rank: Some(0),
+            origin: 0,
         };
         assert_eq!(one.local_of(7), 7);
         assert_eq!(one.end_seq(7), 7);
@@ -377,9 +401,42 @@ mod tests {
         let all = RankStride {
             world: 3,
             rank: None,
+            origin: 0,
         };
         assert_eq!((all.local_of(5), all.seq_of(5), all.end_seq(6)), (5, 5, 6));
         assert_eq!(all.rank_of(5), 2);
+        assert_eq!((all.group_start(5), all.group_start(6)), (3, 6));
+        assert_eq!(all.rank_tag(5), rho_protocol::Rank::new(2, 3));
+        assert_eq!(one.rank_tag(5), None);
+    }
+
+    #[test]
+    fn a_split_restarted_at_an_origin_counts_its_groups_from_there() {
+        // Two ranks stopped at global cursor 10 resume as three: 10, 11, 12 are ranks 0, 1, 2.
+        let all = RankStride {
+            world: 3,
+            rank: None,
+            origin: 10,
+        };
+        assert_eq!(
+            (10..16).map(|g| all.rank_of(g)).collect::<Vec<_>>(),
+            [0, 1, 2, 0, 1, 2]
+        );
+        assert_eq!((all.group_start(11), all.group_start(13)), (10, 13));
+        // Below the origin the groups keep its alignment.
+        assert_eq!((all.rank_of(9), all.group_start(8)), (2, 7));
+        let r1 = all.with_origin(10);
+        let r1 = RankStride {
+            rank: Some(1),
+            ..r1
+        };
+        // Rank 1 of 3 from 10 serves 11, 14, 17, ...
+        assert_eq!((r1.seq_of(0), r1.seq_of(2)), (11, 17));
+        assert_eq!(
+            (r1.local_of(10), r1.local_of(11), r1.local_of(12)),
+            (0, 0, 1)
+        );
+        assert_eq!((r1.end_seq(0), r1.end_seq(2)), (10, 15));
     }
 
     fn minimal() -> serde_json::Value {

@@ -21,7 +21,7 @@ mod stream;
 mod tokenize;
 pub mod train;
 
-pub use config::{DataConfig, FormatChoice, LoaderConfig};
+pub use config::{DataConfig, FormatChoice, LoaderConfig, RankStride};
 pub use error::{LoaderError, Result};
 pub use serve::{serve, Loader, Report, Source};
 pub use stream::{Flow, Stream};

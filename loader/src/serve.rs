@@ -60,31 +60,34 @@ pub enum Source {
 }
 
 impl Source {
+    /// Issues the stream split among the ranks as `stride` says, from the source's `start`-th
+    /// batch on (see [`Stream::run_split`]).
     fn run(
         &mut self,
+        stride: RankStride,
         start: u64,
-        world: u64,
         emit: &mut dyn FnMut(Message, u64) -> Flow,
     ) -> Result<Option<u64>> {
         match self {
-            Source::Tokens(stream) => stream.run(start, |batch| {
+            Source::Tokens(stream) => stream.run_split(stride, start, |batch| {
                 let seq = batch.seq;
                 emit(Message::Batch(batch), seq)
             }),
             Source::Cache(cache) => {
-                // Every rank gets the same number of batches: the last `contiguous % world`
-                // are not served.
+                // Every rank gets the same number of batches: of the batches from the origin
+                // on, the last `(contiguous - origin) % world` are not served.
                 let contiguous = cache.contiguous();
-                let total = contiguous / world * world;
+                let total = stride.group_start(contiguous.max(stride.origin));
                 if total < contiguous {
                     tracing::info!(
                         dropped = contiguous - total,
-                        world,
+                        world = stride.world,
                         "the cache's last batches do not make a batch for every rank: not served"
                     );
                 }
-                for seq in start..total {
-                    let scored = cache.read(seq)?;
+                for seq in start.max(stride.origin)..total {
+                    let mut scored = cache.read(seq)?;
+                    scored.batch.rank = stride.rank_tag(seq);
                     if emit(Message::Scored(scored), seq) == Flow::Stop {
                         return Ok(None);
                     }
@@ -97,8 +100,8 @@ impl Source {
 
 fn spawn_producer(
     stream: Arc<Mutex<Source>>,
+    stride: RankStride,
     start: u64,
-    world: u64,
     prefetch: usize,
 ) -> flume::Receiver<Produced> {
     let (tx, rx) = flume::bounded(prefetch);
@@ -106,7 +109,7 @@ fn spawn_producer(
         .name("rho-producer".into())
         .spawn(move || {
             let mut stream = stream.lock().unwrap_or_else(|e| e.into_inner());
-            let result = stream.run(start, world, &mut |message, seq| {
+            let result = stream.run(stride, start, &mut |message, seq| {
                 if tx.send(Produced::Item(seq, Box::new(message))).is_ok() {
                     Flow::Continue
                 } else {
@@ -225,7 +228,7 @@ impl Loader {
         let source = Arc::new(Mutex::new(source));
         let start = stride.local_of(config.start_batch);
         Ok(Loader {
-            producer: spawn_producer(source.clone(), start, stride.world, config.prefetch.get()),
+            producer: spawn_producer(source.clone(), stride, start, config.prefetch.get()),
             ledger: Ledger::new(config.max_in_flight.get() * queues),
             config: config.clone(),
             socket,
@@ -475,12 +478,19 @@ impl Loader {
             Some(r) => format!("a credit for {r}: this loader serves {serves}"),
         };
         // A consumer asking the wrong loader waits for nothing: it is told why, and stops.
-        tracing::error!("{why}");
-        self.socket.refuse(peer.clone(), "a credit of another rank");
+        self.stop_consumer(peer, "a credit of another rank", why)
+            .await;
+    }
+
+    /// Refuses a consumer's message (`what`, counted) and tells the consumer to stop, with
+    /// the reason.
+    async fn stop_consumer(&mut self, peer: Peer, what: &str, reason: String) {
+        tracing::error!("{reason}");
+        self.socket.refuse(peer.clone(), what);
         Metrics::set(&self.metrics.messages_rejected, self.socket.refused());
         let stop = Message::Shutdown(Shutdown {
             run_id: self.config.run_id.clone(),
-            reason: why,
+            reason,
         });
         let _ = self.socket.send(&peer, &stop).await;
     }
@@ -500,64 +510,54 @@ impl Loader {
         }
     }
 
-    /// Restarts the stream at a consumer's cursor: what was in flight is forgotten.
     /// A consumer's cursor: the stream restarts there, unless the cursor names a stream that
-    /// is not this loader's (then the consumer is told why, with every differing item, and
-    /// nothing moves).
+    /// is not this loader's, or a rank or world it does not serve (then the consumer is told
+    /// why and nothing moves). What was in flight is forgotten.
     async fn on_resume(&mut self, peer: Peer, r: Resume) {
-        let next_seq = r.next_seq;
-        if let (Some(theirs), Some(mine)) = (&r.stream, &self.identity) {
-            let differences = theirs.differences(mine);
-            if !differences.is_empty() {
-                let reason = format!(
-                    "cannot resume at batch {next_seq}: the cursor belongs to another stream ({}); resume only on the stream it was trained on, accept the change where the consumer allows it (a trainer's `accept_stream_changes`), or start a new run",
-                    rho_protocol::describe_differences(&differences, "in the cursor's stream", "in this loader's")
-                );
-                tracing::error!("{reason}");
-                self.socket
-                    .refuse(peer.clone(), "a resume of another stream");
-                Metrics::set(&self.metrics.messages_rejected, self.socket.refused());
-                let stop = Message::Shutdown(Shutdown {
-                    run_id: self.config.run_id.clone(),
-                    reason,
-                });
-                let _ = self.socket.send(&peer, &stop).await;
-                return;
-            }
-        }
-        // A loader of every rank restarts at the cursor's group of `world` (the ranks of a
-        // data-parallel run step together, so each sends the cursor of the same group); the
-        // same group again, before anything was acknowledged, is another rank of the same
-        // resume: the stream stays, and the rank's batches in flight are handed out again at
-        // once (their holder may be gone).
-        let world = self.stride.world;
-        let cursor = match self.stride.rank {
-            None => next_seq - next_seq % world,
-            Some(_) => next_seq,
+        let checked = match self.other_stream(&r) {
+            Some(why) => Err((why, "a resume of another stream")),
+            None => self
+                .resumed_split(&r)
+                .map_err(|why| (why, "a resume of another rank")),
         };
-        if self.stride.rank.is_none()
-            && world > 1
-            && cursor == self.restarted_at
+        let (stride, start) = match checked {
+            Ok(split) => split,
+            Err((reason, what)) => return self.stop_consumer(peer, what, reason).await,
+        };
+        // The ranks of a data-parallel run step together, so each resumes at the same group
+        // (the same origin): the same group again, before anything was acknowledged, is
+        // another rank of the same resume. The stream stays, and the rank's batches in flight
+        // are handed out again at once (their holder may be gone).
+        if stride.rank.is_none()
+            && stride.world > 1
+            && stride == self.stride
+            && start == self.restarted_at
             && !self.acked_since_restart
         {
-            let rank = self.stride.rank_of(next_seq);
+            let rank = stride.rank_of(r.next_seq);
             for seq in self.ledger.seqs() {
-                if self.stride.rank_of(seq) == rank && !self.pending.contains(&seq) {
+                if stride.rank_of(seq) == rank && !self.pending.contains(&seq) {
                     self.pending.push_back(seq);
                 }
             }
-            tracing::info!(next_seq, rank, "a rank resumed at the stream's cursor");
+            tracing::info!(
+                next_seq = r.next_seq,
+                rank,
+                "a rank resumed at the stream's cursor"
+            );
             return;
         }
-        let local = self.stride.local_of(cursor);
         tracing::info!(
-            next_seq = cursor,
+            next_seq = stride.seq_of(start),
+            origin = stride.origin,
+            world = stride.world,
             "resuming the stream at the consumer's cursor"
         );
+        self.stride = stride;
         self.producer = spawn_producer(
             self.source.clone(),
-            local,
-            world,
+            stride,
+            start,
             self.config.prefetch.get(),
         );
         self.ledger.forget_below(u64::MAX);
@@ -565,8 +565,57 @@ impl Loader {
         self.ready.iter_mut().for_each(VecDeque::clear);
         self.in_flight.iter_mut().for_each(|n| *n = 0);
         self.total = None;
-        self.restarted_at = cursor;
+        self.restarted_at = start;
         self.acked_since_restart = false;
+    }
+
+    /// Why a resume's cursor is not of this loader's stream, with every differing item.
+    fn other_stream(&self, r: &Resume) -> Option<String> {
+        let (theirs, mine) = (r.stream.as_ref()?, self.identity.as_ref()?);
+        let differences = theirs.differences(mine);
+        (!differences.is_empty()).then(|| {
+            format!(
+                "cannot resume at batch {}: the cursor belongs to another stream ({}); resume only on the stream it was trained on, accept the change where the consumer allows it (a trainer's `accept_stream_changes`), or start a new run",
+                r.next_seq,
+                rho_protocol::describe_differences(&differences, "in the cursor's stream", "in this loader's")
+            )
+        })
+    }
+
+    /// The split a resume restarts, and where the source starts in it. A resume naming its
+    /// rank restarts the split at its global cursor, `next_seq - rank` (which is how a run
+    /// resumes on another number of ranks); one without keeps the split's alignment: a loader
+    /// of every rank restarts at the start of the cursor's group, a loader of one rank at its
+    /// first batch at or after the cursor. A rank or world this loader does not serve is refused
+    /// with the reason.
+    fn resumed_split(&self, r: &Resume) -> std::result::Result<(RankStride, u64), String> {
+        let (stride, next_seq) = (self.stride, r.next_seq);
+        let Some(rank) = r.rank else {
+            return Ok(match stride.rank {
+                Some(_) => (stride, stride.local_of(next_seq)),
+                None => (stride, stride.group_start(next_seq)),
+            });
+        };
+        let serves = match stride.rank {
+            Some(own) => format!("rank {own} of {}", stride.world),
+            None => format!("every rank of {}", stride.world),
+        };
+        if u64::from(rank.world) != stride.world {
+            return Err(format!(
+                "a resume of {rank}: this loader serves {serves}; a run resumed on {} ranks needs a loader of that `world` (`rho run` sets it from the ranks)",
+                rank.world
+            ));
+        }
+        if stride.rank.is_some_and(|own| own != u64::from(rank.rank)) {
+            return Err(format!("a resume of {rank}: this loader serves {serves}"));
+        }
+        let Some(origin) = next_seq.checked_sub(u64::from(rank.rank)) else {
+            return Err(format!(
+                "a resume of {rank} at batch {next_seq}: a rank's cursor is at least its rank (the global cursor plus the rank)"
+            ));
+        };
+        let split = stride.with_origin(origin);
+        Ok((split, split.local_of(origin)))
     }
 
     /// The next item of the producer thread: a batch for a consumer with credit, the end of

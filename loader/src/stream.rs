@@ -13,7 +13,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use rho_protocol::{Corpus, Fingerprint, StreamIdentity, TokenBatch};
 
-use crate::config::LoaderConfig;
+use crate::config::{LoaderConfig, RankStride};
 use crate::index::ShardIndex;
 use crate::metrics::Metrics;
 use crate::order::{block_order, shard_order};
@@ -145,8 +145,19 @@ impl Stream {
     /// `G % world` global batches (fewer than `world`) are dropped, and said so in the log. A
     /// loader of one rank yields that rank's batches; a loader of every rank (`rank` unset)
     /// yields them all, in sequence order, each group of `world` once it is complete.
-    pub fn run(
+    pub fn run(&mut self, start: u64, emit: impl FnMut(TokenBatch) -> Flow) -> Result<Option<u64>> {
+        self.run_split(self.config.stride(), start, emit)
+    }
+
+    /// [`Stream::run`] with the split among the ranks restarted at `stride.origin`: batch
+    /// `g >= origin` goes to rank `(g - origin) % world`, and of the batches from the origin on
+    /// the last `(G - origin) % world` are dropped. This is what a loader resumed on another
+    /// number of ranks issues, and what a fresh loader of that many ranks would issue from the
+    /// origin on. `start` counts this loader's batches from the origin (a loader of every rank
+    /// counts global sequence numbers; it starts at the origin at the earliest).
+    pub fn run_split(
         &mut self,
+        stride: RankStride,
         start: u64,
         mut emit: impl FnMut(TokenBatch) -> Flow,
     ) -> Result<Option<u64>> {
@@ -155,13 +166,12 @@ impl Stream {
         let s = self.config.shuffle_window.get() as u64;
         // The global batch where the group of `world` holding this loader's `start`-th batch
         // begins; a loader of every rank skips the group's batches before `start`.
-        let stride = self.config.stride();
-        let first_seq = stride.seq_of(start);
-        let group_start = first_seq - first_seq % stride.world;
+        let first_seq = stride.seq_of(start).max(stride.origin);
+        let group_start = stride.group_start(first_seq);
         let (mut epoch, mut w0, mut shard_pos, mut token_skip) = if group_start == 0 {
             (0, 0, 0, 0)
         } else {
-            self.locate(start, group_start * b)?
+            self.locate(first_seq, group_start * b)?
         };
         let mut batcher = Batcher {
             rows: Vec::with_capacity(self.config.batch_size.get()),
@@ -170,14 +180,13 @@ impl Stream {
             held: Vec::new(),
             batch_size: self.config.batch_size.get(),
             window,
-            world: stride.world,
-            rank: stride.rank,
+            stride,
             first_seq,
             run_id: self.config.run_id.clone(),
             tokenizer: self.tokenizer.fingerprint().clone(),
             identity: self.identity.clone(),
         };
-        let mut produced_any = start > 0;
+        let mut produced_any = group_start > 0;
         while epoch < u64::from(self.config.epochs.get()) {
             let order = shard_order(self.shards.len(), self.config.seed, epoch);
             let first_block = w0 / s;
@@ -237,7 +246,7 @@ impl Stream {
                 return Ok(None);
             }
         }
-        let world = stride.world;
+        let (world, end) = (stride.world, stride.group_start(batcher.next));
         for dropped in std::mem::take(&mut batcher.held) {
             let tokens: u64 = dropped.lengths.iter().map(|&l| u64::from(l)).sum();
             tracing::info!(
@@ -246,15 +255,15 @@ impl Stream {
                 global_batches = batcher.next,
                 world,
                 "dropped a last batch: the stream's last {} batch(es) do not make a batch for every rank, and every rank ends with the same number",
-                batcher.next % world
+                batcher.next - end
             );
         }
-        Ok(Some(stride.local_of(batcher.next / world * world)))
+        Ok(Some(stride.local_of(end)))
     }
 
     /// Finds where global window `g` starts: (epoch, window in epoch, shard position in the
     /// epoch's order, tokens to skip in that shard to reach the start of `g`'s block).
-    fn locate(&mut self, start: u64, mut g: u64) -> Result<(u64, u64, usize, u64)> {
+    fn locate(&mut self, first_seq: u64, mut g: u64) -> Result<(u64, u64, usize, u64)> {
         let window = self.config.window() as u64;
         let s = self.config.shuffle_window.get() as u64;
         let mut total_windows = 0u64;
@@ -277,7 +286,7 @@ impl Stream {
             g -= per_epoch;
         }
         Err(LoaderError::SeekPastEnd {
-            seq: self.seq_of(start),
+            seq: first_seq,
             total: total_windows.div_ceil(self.config.batch_size.get() as u64),
         })
     }
@@ -491,9 +500,8 @@ struct Batcher {
     held: Vec<TokenBatch>,
     batch_size: usize,
     window: usize,
-    world: u64,
-    /// The rank kept; `None`: every rank.
-    rank: Option<u64>,
+    /// The ranks' split: which batches are kept, and the rank each is tagged with.
+    stride: RankStride,
     /// Batches before this one (of the first group, when resuming mid-group) are not kept.
     first_seq: u64,
     run_id: String,
@@ -526,7 +534,8 @@ impl Batcher {
     /// batches of a group once every rank of the group has one.
     fn complete(&mut self) -> Vec<TokenBatch> {
         let g = self.next;
-        let kept = self.rank.is_none_or(|r| g % self.world == r) && g >= self.first_seq;
+        let rank = self.stride.rank_of(g);
+        let kept = self.stride.rank.is_none_or(|r| rank == r) && g >= self.first_seq;
         if kept {
             let batch = self.take();
             self.held.push(batch);
@@ -534,7 +543,7 @@ impl Batcher {
             self.rows.clear();
             self.next += 1;
         }
-        if g % self.world == self.world - 1 {
+        if rank == self.stride.world - 1 {
             std::mem::take(&mut self.held)
         } else {
             Vec::new()
@@ -564,6 +573,7 @@ impl Batcher {
             lengths,
             doc_starts,
             stream: Some(Box::new(self.identity.clone())),
+            rank: self.stride.rank_tag(seq),
         }
     }
 }

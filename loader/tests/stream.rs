@@ -244,6 +244,87 @@ fn ranks_split_one_stream_batch_by_batch_and_all_end_with_the_same_count() {
     }
 }
 
+/// Every batch `stream` issues from `start` on, split as `stride` says.
+fn split(
+    cfg: &rho_loader::LoaderConfig,
+    stride: rho_loader::RankStride,
+    start: u64,
+) -> Vec<TokenBatch> {
+    let metrics = std::sync::Arc::new(rho_loader::metrics::Metrics::default());
+    let mut stream = rho_loader::Stream::new(cfg, metrics).unwrap();
+    let mut out = Vec::new();
+    stream
+        .run_split(stride, start, |b| {
+            out.push(b);
+            rho_loader::Flow::Continue
+        })
+        .unwrap();
+    out
+}
+
+#[test]
+fn a_run_stopped_on_two_ranks_resumes_on_one_or_three_with_every_batch_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    parquet_corpus(&data, 3, 15);
+    let tok = bpe_tokenizer(&data, &dir.path().join("bpe.json"));
+    let cfg = config(&data, &tok, 15, 2);
+    let (whole, _) = batches(&cfg, 0);
+    let g = whole.len() as u64;
+    assert!(g >= 12, "{g} batches");
+    // Two ranks trained 3 steps each: global batches 0..6, the global cursor 6.
+    let cursor = 6;
+    for world in [1u64, 2, 3, 4] {
+        let every = rho_loader::RankStride {
+            world,
+            rank: None,
+            origin: cursor,
+        };
+        let after = split(&cfg, every, cursor);
+        // From the cursor on, batch `g` is rank `(g - cursor) % world`'s, each rank gets
+        // `floor((G - cursor) / world)`, and the batches are the single stream's.
+        let n = (g - cursor) / world;
+        assert_eq!(after.len() as u64, n * world, "world {world}");
+        for (i, b) in after.iter().enumerate() {
+            let seq = cursor + i as u64;
+            assert_eq!(b.seq, seq);
+            assert!(
+                b.tokens == whole[seq as usize].tokens,
+                "world {world} seq {seq}"
+            );
+            let tag = (world > 1)
+                .then(|| rho_protocol::Rank::new((i as u64 % world) as u32, world as u32).unwrap());
+            assert_eq!(b.rank, tag, "world {world} seq {seq}");
+        }
+        // Before the cursor (trained on two ranks) and after it: every global batch once, but
+        // the last `(G - cursor) % world`.
+        let mut trained: Vec<u64> = (0..cursor).chain(after.iter().map(|b| b.seq)).collect();
+        trained.dedup();
+        assert_eq!(trained, (0..cursor + n * world).collect::<Vec<_>>());
+        // A loader of one rank issues exactly that rank's share, and resumes inside it.
+        for rank in 0..world {
+            let one = rho_loader::RankStride {
+                rank: Some(rank),
+                ..every
+            };
+            let mine = split(&cfg, one, 0);
+            let expected: Vec<&TokenBatch> = after
+                .iter()
+                .filter(|b| (b.seq - cursor) % world == rank)
+                .collect();
+            assert_eq!(mine.len(), expected.len(), "world {world} rank {rank}");
+            assert!(
+                mine.iter().zip(&expected).all(|(a, b)| a == *b),
+                "world {world} rank {rank}"
+            );
+            assert!(
+                split(&cfg, one, 1)[..] == mine[1..],
+                "world {world} rank {rank}: resume"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_tokenizer_files_own_padding_and_truncation_change_nothing() {
     let dir = tempfile::tempdir().unwrap();

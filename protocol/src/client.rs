@@ -203,16 +203,19 @@ impl Consumer {
         self.send(&m).await
     }
 
-    /// Asks the producer to continue the stream at `next_seq`.
+    /// Asks the producer to continue the stream at `next_seq` (for `rank`, in a run of
+    /// several ranks: see [`Resume::rank`]).
     pub async fn resume(
         &mut self,
         next_seq: u64,
         stream: Option<crate::StreamIdentity>,
+        rank: Option<crate::Rank>,
     ) -> Result<(), ClientError> {
         let m = Message::Resume(Resume {
             run_id: self.run_id.clone(),
             next_seq,
             stream: stream.map(Box::new),
+            rank,
         });
         self.send(&m).await
     }

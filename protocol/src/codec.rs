@@ -97,6 +97,10 @@ struct BatchHeader {
     ref_model: Option<Fingerprint>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     stream: Option<Box<StreamIdentity>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rank: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    world: Option<u32>,
     lengths: Vec<u32>,
     doc_starts: Vec<Vec<u32>>,
     tensors: Vec<TensorSpec>,
@@ -153,7 +157,8 @@ fn required<T>(value: Option<T>, field: &'static str) -> Result<T, DecodeError> 
     value.ok_or_else(|| DecodeError::invalid(field, "missing"))
 }
 
-/// A credit's rank: `rank` and `world` both or neither, the rank below the world.
+/// A message's rank (a credit's, a resume's, a batch's): `rank` and `world` both or neither,
+/// the rank below the world.
 fn rank_of(rank: Option<u32>, world: Option<u32>) -> Result<Option<Rank>, DecodeError> {
     match (rank, world) {
         (None, None) => Ok(None),
@@ -221,6 +226,8 @@ impl Message {
                 let mut h = ControlHeader::new("resume", &m.run_id);
                 h.next_seq = Some(m.next_seq);
                 h.stream = m.stream.clone();
+                h.rank = m.rank.map(|r| r.rank);
+                h.world = m.rank.map(|r| r.world);
                 control_frames(&h)
             }
             Message::Shutdown(m) => {
@@ -374,6 +381,7 @@ fn decode_control(header: &[u8]) -> Result<Message, DecodeError> {
             run_id,
             next_seq: required(h.next_seq, "next_seq")?,
             stream: h.stream,
+            rank: rank_of(h.rank, h.world)?,
         }),
         "shutdown" => Message::Shutdown(Shutdown {
             run_id,
@@ -409,6 +417,8 @@ fn encode_batch(b: &TokenBatch, scored: Option<(&Fingerprint, &Vec<f32>)>) -> Ve
         tokenizer: b.tokenizer.clone(),
         ref_model: scored.map(|(f, _)| f.clone()),
         stream: b.stream.clone(),
+        rank: b.rank.map(|r| r.rank),
+        world: b.rank.map(|r| r.world),
         lengths: b.lengths.clone(),
         doc_starts: b.doc_starts.clone(),
         tensors,
@@ -473,8 +483,62 @@ fn truncate(s: &str) -> String {
 }
 
 fn decode_batch(header: &[u8], data: &[Bytes], scored: bool) -> Result<Message, DecodeError> {
-    let kind = if scored { "scored" } else { "batch" };
     let h: BatchHeader = serde_json::from_slice(header).map_err(json_error)?;
+    let (rows, window) = batch_shape(&h, data, scored)?;
+    check_rows(&h, window)?;
+    let rank = rank_of(h.rank, h.world)?;
+    let tokens: Vec<u32> = data[0]
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let batch = TokenBatch {
+        run_id: h.run_id,
+        seq: h.seq,
+        epoch: h.epoch,
+        rows: rows as usize,
+        window: window as usize,
+        tokenizer: h.tokenizer,
+        tokens,
+        lengths: h.lengths,
+        doc_starts: h.doc_starts,
+        stream: h.stream,
+        rank,
+    };
+    if !scored {
+        if h.ref_model.is_some() {
+            return Err(DecodeError::invalid(
+                "ref_model",
+                "only a `scored` message carries a reference model",
+            ));
+        }
+        return Ok(Message::Batch(batch));
+    }
+    let ref_model = h
+        .ref_model
+        .ok_or_else(|| DecodeError::invalid("ref_model", "missing"))?;
+    let loss_bytes = rows * (window - 1) * 4;
+    if data[1].len() as u64 != loss_bytes {
+        return Err(DecodeError::FrameSize {
+            frame: "ref_loss",
+            expected: loss_bytes,
+            got: data[1].len() as u64,
+        });
+    }
+    let ref_loss = data[1]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok(Message::Scored(ScoredBatch {
+        batch,
+        ref_model,
+        ref_loss,
+    }))
+}
+
+/// A batch's rows and window, from its header's tensors, checked against the frames that
+/// arrived (so that no claim in the header can make the receiver allocate more than arrived).
+fn batch_shape(h: &BatchHeader, data: &[Bytes], scored: bool) -> Result<(u64, u64), DecodeError> {
+    let kind = if scored { "scored" } else { "batch" };
     let rows = h.lengths.len() as u64;
     if rows == 0 {
         return Err(DecodeError::invalid(
@@ -514,8 +578,6 @@ fn decode_batch(header: &[u8], data: &[Bytes], scored: bool) -> Result<Message, 
             got: data.len() + 1,
         });
     }
-    // Sizes are checked against the frames actually received, so no claim in the header can
-    // make us allocate more than arrived.
     let token_bytes = rows
         .checked_mul(window)
         .and_then(|n| n.checked_mul(4))
@@ -527,7 +589,13 @@ fn decode_batch(header: &[u8], data: &[Bytes], scored: bool) -> Result<Message, 
             got: data[0].len() as u64,
         });
     }
-    if h.doc_starts.len() as u64 != rows {
+    Ok((rows, window))
+}
+
+/// Every row's length within the window and its document starts strictly increasing inside it.
+fn check_rows(h: &BatchHeader, window: u64) -> Result<(), DecodeError> {
+    let rows = h.lengths.len();
+    if h.doc_starts.len() != rows {
         return Err(DecodeError::invalid(
             "doc_starts",
             format!("{} rows, expected {rows}", h.doc_starts.len()),
@@ -553,49 +621,5 @@ fn decode_batch(header: &[u8], data: &[Bytes], scored: bool) -> Result<Message, 
             ));
         }
     }
-    let tokens: Vec<u32> = data[0]
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    let batch = TokenBatch {
-        run_id: h.run_id,
-        seq: h.seq,
-        epoch: h.epoch,
-        rows: rows as usize,
-        window: window as usize,
-        tokenizer: h.tokenizer,
-        tokens,
-        lengths: h.lengths,
-        doc_starts: h.doc_starts,
-        stream: h.stream,
-    };
-    if !scored {
-        if h.ref_model.is_some() {
-            return Err(DecodeError::invalid(
-                "ref_model",
-                "only a `scored` message carries a reference model",
-            ));
-        }
-        return Ok(Message::Batch(batch));
-    }
-    let ref_model = h
-        .ref_model
-        .ok_or_else(|| DecodeError::invalid("ref_model", "missing"))?;
-    let loss_bytes = rows * (window - 1) * 4;
-    if data[1].len() as u64 != loss_bytes {
-        return Err(DecodeError::FrameSize {
-            frame: "ref_loss",
-            expected: loss_bytes,
-            got: data[1].len() as u64,
-        });
-    }
-    let ref_loss = data[1]
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    Ok(Message::Scored(ScoredBatch {
-        batch,
-        ref_model,
-        ref_loss,
-    }))
+    Ok(())
 }

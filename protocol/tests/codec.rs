@@ -8,6 +8,12 @@ fn fp() -> impl Strategy<Value = Fingerprint> {
     "[0-9a-f]{64}".prop_map(|h| Fingerprint(format!("sha256:{h}")))
 }
 
+/// A rank of some world, or none.
+fn rank() -> impl Strategy<Value = Option<Rank>> {
+    prop::option::of((1u32..=u32::MAX).prop_flat_map(|w| (0..w, Just(w))))
+        .prop_map(|r| r.and_then(|(rank, world)| Rank::new(rank, world)))
+}
+
 fn token_batch() -> impl Strategy<Value = TokenBatch> {
     (
         1usize..5,
@@ -16,8 +22,9 @@ fn token_batch() -> impl Strategy<Value = TokenBatch> {
         0u64..10,
         "[a-z0-9-]{0,12}",
         fp(),
+        rank(),
     )
-        .prop_flat_map(|(rows, window, seq, epoch, run_id, tokenizer)| {
+        .prop_flat_map(|(rows, window, seq, epoch, run_id, tokenizer, rank)| {
             (
                 prop::collection::vec(any::<u32>(), rows * window),
                 prop::collection::vec(0..=window as u32, rows),
@@ -37,6 +44,7 @@ fn token_batch() -> impl Strategy<Value = TokenBatch> {
                         .map(|s| s.into_iter().collect())
                         .collect(),
                     stream: None,
+                    rank,
                 })
         })
 }
@@ -55,16 +63,11 @@ fn message() -> impl Strategy<Value = Message> {
                 })
             })
         }),
-        (
-            run,
-            any::<u32>(),
-            prop::option::of((1u32..=u32::MAX).prop_flat_map(|w| (0..w, Just(w))))
-        )
-            .prop_map(|(r, n, rank)| Message::Credit(Credit {
-                run_id: r,
-                n,
-                rank: rank.and_then(|(rank, world)| Rank::new(rank, world)),
-            })),
+        (run, any::<u32>(), rank()).prop_map(|(r, n, rank)| Message::Credit(Credit {
+            run_id: r,
+            n,
+            rank,
+        })),
         (run, prop::collection::vec(0u64..1 << 50, 0..20))
             .prop_map(|(r, seqs)| Message::Ack(Ack { run_id: r, seqs })),
         (run, 0u64..1 << 50).prop_map(|(r, at_ms)| Message::Heartbeat(Heartbeat {
@@ -72,11 +75,14 @@ fn message() -> impl Strategy<Value = Message> {
             role: Role::Selector,
             at_ms
         })),
-        (run, 0u64..1 << 50, any::<bool>()).prop_map(|(r, n, with)| Message::Resume(Resume {
-            run_id: r,
-            next_seq: n,
-            stream: with.then(|| Box::new(identity())),
-        })),
+        (run, 0u64..1 << 50, any::<bool>(), rank()).prop_map(|(r, n, with, rank)| {
+            Message::Resume(Resume {
+                run_id: r,
+                next_seq: n,
+                stream: with.then(|| Box::new(identity())),
+                rank,
+            })
+        }),
         (run, ".{0,30}").prop_map(|(r, reason)| Message::Shutdown(Shutdown { run_id: r, reason })),
         (run, 0u64..1 << 50).prop_map(|(r, total)| Message::End(End { run_id: r, total })),
     ]
@@ -148,6 +154,7 @@ fn sample_batch() -> Message {
         lengths: vec![4, 3],
         doc_starts: vec![vec![0, 2], vec![]],
         stream: Some(Box::new(identity())),
+        rank: None,
     })
 }
 
@@ -252,17 +259,39 @@ fn inconsistent_fields_name_the_field() {
 }
 
 #[test]
-fn a_credits_rank_names_its_world_and_lies_below_it() {
+fn a_rank_names_its_world_and_lies_below_it() {
     let credit = Message::Credit(Credit {
         run_id: "r".into(),
         n: 2,
         rank: Rank::new(1, 3),
     });
-    let h = header_of(&credit);
-    assert_eq!(
-        (h["rank"].as_u64(), h["world"].as_u64()),
-        (Some(1), Some(3))
-    );
+    let resume = Message::Resume(Resume {
+        run_id: "r".into(),
+        next_seq: 7,
+        stream: None,
+        rank: Rank::new(1, 3),
+    });
+    let mut batch = sample_batch();
+    if let Message::Batch(b) = &mut batch {
+        b.rank = Rank::new(1, 3);
+    }
+    for message in [credit, resume, batch] {
+        let h = header_of(&message);
+        assert_eq!(
+            (h["rank"].as_u64(), h["world"].as_u64()),
+            (Some(1), Some(3)),
+            "{}",
+            message.kind()
+        );
+        refuses_a_bad_rank(&message);
+    }
+    assert!(Rank::new(3, 3).is_none());
+    assert_eq!(Rank::new(1, 3), Some(Rank { rank: 1, world: 3 }));
+}
+
+/// A rank at or past its world, or a rank without its world or the other way round, is refused
+/// with the field named.
+fn refuses_a_bad_rank(message: &Message) {
     type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
     let cases: Vec<(Edit, &str)> = vec![
         (Box::new(|h| h["rank"] = 3.into()), "rank"),
@@ -280,14 +309,13 @@ fn a_credits_rank_names_its_world_and_lies_below_it() {
         ),
     ];
     for (edit, needle) in cases {
-        let err = Message::decode(&with_header(&credit, edit), &Limits::default()).unwrap_err();
+        let err = Message::decode(&with_header(message, edit), &Limits::default()).unwrap_err();
         assert!(
             err.to_string().contains(needle),
-            "{err} should mention {needle}"
+            "{}: {err} should mention {needle}",
+            message.kind()
         );
     }
-    assert!(Rank::new(3, 3).is_none());
-    assert_eq!(Rank::new(1, 3), Some(Rank { rank: 1, world: 3 }));
 }
 
 #[test]

@@ -21,8 +21,11 @@ sequence numbers r, r + world, ...); `{rank}` in an endpoint is replaced by the 
     torchrun --nproc-per-node 2 python/examples/train_torch.py \\
         --loader 'tcp://127.0.0.1:555{rank}' --delivery 'tcp://127.0.0.1:556{rank}' ...
 
-A checkpoint holds the model, the optimizer, the step and the stream cursor of every rank;
-`--resume` continues from it, and the loaders are moved to the saved cursors.
+A checkpoint (`state.pt`, written by rank 0: under DDP every rank holds the same model and
+optimizer state) holds the model, the optimizer, the step and rank 0's stream cursor. `--resume`
+continues from it on any number of ranks: every rank loads it, and the stream continues at the
+global cursor, split among the ranks there are now (docs/SCALING.md, "Resuming on another
+number of ranks").
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     step = 0
-    ckpt = out / f"state-rank{rank}.pt"
+    ckpt = out / "state.pt"
     if args.resume and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
@@ -112,10 +115,15 @@ def main() -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     def save() -> None:
-        state = {"model": model.state_dict(), "optim": opt.state_dict(), "stream": stream.state_dict(), "step": step}
-        torch.save(state, ckpt)
+        # The ranks are at the same step; rank 0's state is every rank's, its cursor names the
+        # global cursor. Written whole, then renamed.
         if rank == 0:
+            state = {"model": model.state_dict(), "optim": opt.state_dict(), "stream": stream.state_dict(), "step": step}
+            torch.save(state, out / "state.pt.tmp")
+            os.replace(out / "state.pt.tmp", ckpt)
             model.save_pretrained(out / "model")
+        if world > 1:
+            dist.barrier()
 
     started = time.time()
     for batch in stream:

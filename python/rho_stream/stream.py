@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import zmq
@@ -44,6 +44,8 @@ class Batch:
     ref_model: Optional[str] = None
     # What shapes the stream (docs/PROTOCOL.md, "Stream identity"), when the loader said.
     stream: Optional[Dict[str, Any]] = None
+    # The (rank, world) its loader issued it for, in a run of several ranks; None otherwise.
+    rank: Optional[Tuple[int, int]] = None
 
     @property
     def rows(self) -> int:
@@ -205,12 +207,25 @@ class RhoStream:
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Continue the stream at a saved cursor (before iterating, or at any time)."""
+        """Continue the stream at a saved cursor (before iterating, or at any time).
+
+        The cursor may be any rank's of any number of ranks: the ranks of a data-parallel run
+        step together, so a cursor ``next_seq`` of rank ``r`` names the global cursor
+        ``next_seq - r`` (every batch before it was trained), and this rank continues at the
+        global cursor plus its own rank. So every rank of a run resumed on another number of
+        ranks loads the same checkpoint (rank 0's, as DDP writes it), and the loader splits the
+        stream from the global cursor on among the new ranks."""
         if state.get("run_id") != self.run_id:
             raise ValueError(f"the cursor belongs to run {state.get('run_id')!r}, not {self.run_id!r}")
-        nxt = int(state["next_seq"])
-        if nxt % self.world != self.rank:
-            raise ValueError(f"cursor {nxt} is not a sequence number of rank {self.rank} of {self.world}")
+        saved_rank, saved_world = int(state.get("rank", 0)), int(state.get("world", 1))
+        if not 0 <= saved_rank < saved_world or int(state["next_seq"]) < saved_rank:
+            raise ValueError(f"cursor {state['next_seq']} is not one of rank {saved_rank} of {saved_world}")
+        nxt = int(state["next_seq"]) - saved_rank + self.rank
+        if saved_world != self.world:
+            log.info(
+                "resuming a cursor of %d rank(s) on %d: global cursor %d, rank %d continues at %d",
+                saved_world, self.world, nxt - self.rank, self.rank, nxt,
+            )
         saved = state.get("reference")
         if saved is not None:
             if self.reference is not None and self.reference != saved:
@@ -375,9 +390,9 @@ class RhoStream:
             if not self.scored:
                 requested = max(requested - 1, 0)
             self._check_stream(b)
-            if b.seq % self.world != self.rank:
+            if not self._is_mine(b, cursor):
                 self.stats.messages_rejected += 1
-                log.warning("refused batch %d: not a sequence number of rank %d of %d", b.seq, self.rank, self.world)
+                log.warning("refused batch %d: not a batch of rank %d of %d", b.seq, self.rank, self.world)
             elif b.seq < cursor or b.seq in buffer:
                 self.stats.duplicates += 1
             else:
@@ -493,13 +508,20 @@ class RhoStream:
             self.stats.messages_rejected += 1
             log.warning("refused a `%s` message from the loader", kind)
 
+    def _is_mine(self, b: Batch, cursor: int) -> bool:
+        """A batch of this rank: tagged with it by the loader, and on this rank's sequence
+        numbers (the cursor's, every ``world``-th)."""
+        if b.rank is not None and b.rank != (self.rank, self.world) and self.world > 1:
+            return False
+        return (b.seq - cursor) % self.world == 0
+
     def _rank_fields(self) -> Dict[str, int]:
         """What a credit names of this rank: nothing in a one-rank run."""
         return {"rank": self.rank, "world": self.world} if self.world > 1 else {}
 
     def _resume(self, cursor: int) -> List[bytes]:
         """A resume at ``cursor``, naming the stream it belongs to when known."""
-        fields: Dict[str, Any] = {"next_seq": cursor}
+        fields: Dict[str, Any] = {"next_seq": cursor, **self._rank_fields()}
         if self.stream is not None:
             fields["stream"] = self.stream
         return control("resume", self.run_id, self.key, **fields)
@@ -551,4 +573,5 @@ class RhoStream:
             ref_loss=m.ref_loss,
             ref_model=h.get("ref_model"),
             stream=h.get("stream"),
+            rank=(int(h["rank"]), int(h["world"])) if "rank" in h and "world" in h else None,
         )

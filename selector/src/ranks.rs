@@ -1,14 +1,14 @@
 //! The trainers a selector delivers to: one per data-parallel rank (docs/PROTOCOL.md, "Several
 //! ranks"), each with its own connection, credits and outbox, so that a slow rank holds back
-//! only its own batches. Batch `seq` belongs to rank `seq % world`; with one trainer, every
-//! batch is its.
+//! only its own batches. A batch belongs to the rank its loader tagged it with (or, from a
+//! loader that does not tag, rank `seq % world`); with one trainer, every batch is its.
 
 use std::collections::VecDeque;
 use std::task::Poll;
 use std::time::Instant;
 
 use rho_protocol::client::{ClientError, Consumer};
-use rho_protocol::{Endpoint, Key, Limits, Message, Rank, Role};
+use rho_protocol::{Endpoint, Key, Limits, Message, Rank, Role, TokenBatch};
 
 use crate::credits::Credits;
 use crate::Result;
@@ -60,9 +60,15 @@ impl Ranks {
         self.links.len()
     }
 
-    /// The rank batch `seq` belongs to.
-    pub fn rank_of(&self, seq: u64) -> usize {
-        (seq % self.links.len().max(1) as u64) as usize
+    /// The rank a batch belongs to: the one its loader tagged it with, which must be of this
+    /// selector's world (`None` otherwise: the batch is not for these trainers).
+    pub fn rank_of(&self, batch: &TokenBatch) -> Option<usize> {
+        let world = self.links.len();
+        match batch.rank {
+            _ if world <= 1 => Some(0),
+            Some(r) => (r.world as usize == world).then_some(r.rank as usize),
+            None => Some((batch.seq % world as u64) as usize),
+        }
     }
 
     /// What a credit asked of the loader for rank `r` names: the rank and the world, or nothing

@@ -342,7 +342,18 @@ impl Selector {
     fn on_loader(&mut self, m: std::result::Result<Message, ClientError>) -> Result<Flow> {
         match m {
             Ok(Message::Batch(b)) if b.run_id == self.config.run_id => {
-                let d = self.ranks.get_mut(self.ranks.rank_of(b.seq));
+                let Some(r) = self.ranks.rank_of(&b) else {
+                    let (seq, rank, world) = (b.seq, b.rank, self.ranks.world());
+                    self.report.messages_rejected += 1;
+                    tracing::warn!(
+                        seq,
+                        ?rank,
+                        world,
+                        "refused a batch for a rank this selector does not serve"
+                    );
+                    return Ok(Flow::Continue(()));
+                };
+                let d = self.ranks.get_mut(r);
                 d.credits.arrived();
                 d.held += 1;
                 self.queue.push_back((b, Instant::now()));
@@ -414,6 +425,8 @@ impl Selector {
     /// A scored batch, in its turn: into the cache (when configured) and the outbox.
     fn deliverable(&mut self, done: Scored) -> Result<()> {
         let seq = done.batch.seq;
+        // Checked on arrival (`on_loader`).
+        let r = self.ranks.rank_of(&done.batch).unwrap_or(0);
         let ref_loss = done
             .result
             .map_err(|source| SelectorError::Scoring { seq, source })?;
@@ -439,7 +452,6 @@ impl Selector {
             tokio::task::block_in_place(|| w.append(&scored))?;
             self.report.cache_bytes = w.bytes;
         }
-        let r = self.ranks.rank_of(seq);
         self.ranks
             .get_mut(r)
             .outbox

@@ -145,6 +145,7 @@ pub(super) fn step_input(rows: usize, seq_len: usize, vocab: usize, seq: u64) ->
             lengths: vec![window as u32; rows],
             doc_starts: vec![vec![0]; rows],
             stream: None,
+            rank: None,
         },
         ref_loss: Some((0..n).map(|i| ((i * 37) % 97) as f32 / 10.0).collect()),
     }

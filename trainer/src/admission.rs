@@ -221,6 +221,7 @@ mod tests {
                 lengths: vec![4, 2],
                 doc_starts: vec![vec![0]; 2],
                 stream: None,
+                rank: None,
             },
             ref_model: Fingerprint::of_bytes(model),
             ref_loss: losses,

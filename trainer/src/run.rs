@@ -170,7 +170,7 @@ impl Trainer {
             Consumer::connect_with(config.loader.as_str(), &config.run_id, limits, key).await?;
         if state.next_seq > 0 {
             loader
-                .resume(state.next_seq, admission.cursor_stream())
+                .resume(state.next_seq, admission.cursor_stream(), None)
                 .await?;
         }
         // A resumed run continues its metrics file; a fresh one starts it empty.
@@ -435,7 +435,7 @@ impl Trainer {
         let next_seq = self.state.next_seq;
         let _ = self
             .loader
-            .resume(next_seq, self.admission.cursor_stream())
+            .resume(next_seq, self.admission.cursor_stream(), None)
             .await;
         tracing::info!(
             next_seq,

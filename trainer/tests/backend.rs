@@ -55,6 +55,7 @@ fn batch(seq: u64, rows: usize, window: usize) -> TokenBatch {
         lengths,
         doc_starts: vec![vec![0]; rows],
         stream: None,
+        rank: None,
     }
 }
 

@@ -113,6 +113,7 @@ fn batch(lengths: &[u32]) -> TokenBatch {
         lengths: lengths.to_vec(),
         doc_starts: vec![vec![0]; ROWS],
         stream: None,
+        rank: None,
     }
 }
 

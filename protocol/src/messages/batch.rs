@@ -27,6 +27,9 @@ pub struct TokenBatch {
     pub doc_starts: Vec<Vec<u32>>,
     /// The identity of the stream the batch belongs to (what shapes it), when its loader said.
     pub stream: Option<Box<crate::StreamIdentity>>,
+    /// The data-parallel rank this batch is for, when its loader splits the stream among
+    /// several (docs/PROTOCOL.md, "Several ranks"); `None`: a stream of one rank.
+    pub rank: Option<crate::Rank>,
 }
 
 impl TokenBatch {

@@ -23,8 +23,8 @@ pub struct Credit {
     pub run_id: String,
     /// How many more.
     pub n: u32,
-    /// Only batches of this data-parallel rank (`seq % world == rank`); `None`: any batch of
-    /// what the loader serves (docs/PROTOCOL.md, "Several ranks").
+    /// Only batches of this data-parallel rank; `None`: any batch of what the loader serves
+    /// (docs/PROTOCOL.md, "Several ranks").
     pub rank: Option<Rank>,
 }
 
@@ -81,6 +81,10 @@ pub struct Resume {
     /// The stream the cursor belongs to (its checkpoint's); a loader whose own stream differs
     /// refuses the resume with the items named.
     pub stream: Option<Box<crate::StreamIdentity>>,
+    /// The data-parallel rank resuming, when the run has several: the stream's split among
+    /// the ranks then restarts at `next_seq - rank` (the global cursor), which is how a run
+    /// resumes on another number of ranks (docs/PROTOCOL.md, "Several ranks").
+    pub rank: Option<Rank>,
 }
 
 /// Stop: the sender is going away, or asks the receiver to.
