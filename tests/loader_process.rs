@@ -149,6 +149,23 @@ fn check_batch(h: &Value, frames: &[Bytes]) -> (u64, Vec<u32>) {
 
 /// Drains the whole stream with credits and acks; returns batches by sequence number.
 async fn drain(client: &mut Client, credits: u32) -> (Vec<(u64, Vec<u32>)>, u64) {
+    drain_rank(client, credits, None).await
+}
+
+/// [`drain`] as rank `rank` of `world` (credits name it; every batch must be tagged with it).
+async fn drain_rank(
+    client: &mut Client,
+    credits: u32,
+    rank: Option<(u32, u32)>,
+) -> (Vec<(u64, Vec<u32>)>, u64) {
+    let credit = |n: u32| {
+        let mut c = credit(n);
+        if let Some((r, w)) = rank {
+            c["rank"] = r.into();
+            c["world"] = w.into();
+        }
+        c
+    };
     client.send(credit(credits)).await;
     let mut got = Vec::new();
     loop {
@@ -159,6 +176,9 @@ async fn drain(client: &mut Client, credits: u32) -> (Vec<(u64, Vec<u32>)>, u64)
         match h["kind"].as_str().unwrap() {
             "batch" => {
                 let (seq, ids) = check_batch(&h, &frames);
+                let tag = (h["rank"].as_u64(), h["world"].as_u64());
+                let want = rank.map(|(r, w)| (u64::from(r), u64::from(w)));
+                assert_eq!(tag, want.unzip(), "batch {seq}: its rank");
                 client.send(ack(&[seq])).await;
                 client.send(credit(1)).await;
                 got.push((seq, ids));
@@ -297,6 +317,71 @@ async fn resume_by_flag_and_by_message_gives_the_same_batches() {
         resumed[..] == full[7..],
         "resume message at 7 differs from the full run"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_naming_its_rank_splits_the_stream_from_its_global_cursor() {
+    // Two ranks trained the global batches 0..4; three ranks resume at the global cursor 4,
+    // each with its own cursor `4 + rank`: rank r gets 4 + r, 7 + r, ..., each rank the same
+    // count, and the batches are the single stream's.
+    let run = setup();
+    let cfg = write_config(&run.root, "whole", json!({}));
+    let (child, endpoint) = start(&run.root, "whole", &cfg);
+    let (full, total) = drain(&mut Client::connect(&endpoint).await, 3).await;
+    report(child);
+    let (cursor, world) = (4u64, 3u32);
+    let n = (total - cursor) / u64::from(world);
+    assert!(n >= 2, "{total} batches");
+    let cfg = write_config(&run.root, "three", json!({"world": world}));
+    let (child, endpoint) = start(&run.root, "three", &cfg);
+    let mut ranks = Vec::new();
+    for r in 0..world {
+        let endpoint = endpoint.clone();
+        ranks.push(tokio::spawn(async move {
+            let mut c = Client::connect(&endpoint).await;
+            let next_seq = cursor + u64::from(r);
+            c.send(json!({"rho": 1, "kind": "resume", "run_id": "it", "next_seq": next_seq, "rank": r, "world": world}))
+                .await;
+            drain_rank(&mut c, 2, Some((r, world))).await
+        }));
+    }
+    for (r, task) in ranks.into_iter().enumerate() {
+        let (got, end) = task.await.unwrap();
+        assert_eq!(end, cursor + n * u64::from(world), "rank {r}: the end");
+        let seqs: Vec<u64> = got.iter().map(|b| b.0).collect();
+        let want: Vec<u64> = (0..n)
+            .map(|k| cursor + r as u64 + k * u64::from(world))
+            .collect();
+        assert_eq!(seqs, want, "rank {r}");
+        for (seq, ids) in &got {
+            assert!(*ids == full[*seq as usize].1, "rank {r}: batch {seq}");
+        }
+    }
+    report(child);
+
+    // A resume of another world, or a cursor below its rank, is refused with the reason.
+    let cfg = write_config(&run.root, "refuse", json!({"world": world}));
+    let (mut child, endpoint) = start(&run.root, "refuse", &cfg);
+    for (resume, needle) in [
+        (json!({"next_seq": 5, "rank": 1, "world": 2}), "world"),
+        (
+            json!({"next_seq": 1, "rank": 2, "world": 3}),
+            "at least its rank",
+        ),
+    ] {
+        let mut c = Client::connect(&endpoint).await;
+        let mut m = json!({"rho": 1, "kind": "resume", "run_id": "it"});
+        for (k, v) in resume.as_object().unwrap() {
+            m[k] = v.clone();
+        }
+        c.send(m).await;
+        let (h, _) = c.recv(Duration::from_secs(10)).await.expect("an answer");
+        assert_eq!(h["kind"], "shutdown");
+        let reason = h["reason"].as_str().unwrap();
+        assert!(reason.contains(needle), "{reason} should say {needle}");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[test]

@@ -71,9 +71,10 @@ pub struct LoaderConfig {
     #[serde(default = "default_shuffle_window")]
     pub shuffle_window: NonZeroUsize,
     /// The one rank this loader serves when each of `world` ranks has a loader of its own (data
-    /// parallelism): it issues the global batches `g` with `g % world == rank`. Unset (the
-    /// default), the loader serves every rank: it issues the whole stream once and hands batch
-    /// `g` only against credits for rank `g % world`. Either way every rank
+    /// parallelism): it issues the global batches `g` with `g % world == rank` (counted from
+    /// the origin of a resume that names its rank: [`RankStride`]). Unset (the default), the
+    /// loader serves every rank: it issues the whole stream once and hands each batch only
+    /// against credits for its rank. Either way every rank
     /// gets the same number of batches (docs/PROTOCOL.md, "Several ranks").
     #[serde(default)]
     pub rank: Option<u32>,

@@ -3,10 +3,11 @@
 //! A batch goes to a consumer only against a credit that consumer sent; at most
 //! `max_in_flight` batches are issued and unacknowledged at once; a batch whose delivery fails
 //! (its consumer vanished) is handed to the next consumer that asks. A `resume` message restarts
-//! the stream at the given sequence number.
+//! the stream at the given sequence number (and, naming its rank, the ranks' split at its global
+//! cursor: [`crate::RankStride`]).
 //!
-//! A loader of every rank (`rank` unset, `world` > 1) keeps these per rank: batch `g` waits in
-//! rank `g % world`'s queue for a credit for that rank, and each rank has its
+//! A loader of every rank (`rank` unset, `world` > 1) keeps these per rank: a batch waits in
+//! its rank's queue for a credit for that rank, and each rank has its
 //! own `max_in_flight`, so a rank whose consumers are slow holds back no more than its own
 //! window and its queue (`prefetch` batches) before the stream waits for it.
 

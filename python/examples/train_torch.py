@@ -118,7 +118,8 @@ def main() -> None:
         # The ranks are at the same step; rank 0's state is every rank's, its cursor names the
         # global cursor. Written whole, then renamed.
         if rank == 0:
-            state = {"model": model.state_dict(), "optim": opt.state_dict(), "stream": stream.state_dict(), "step": step}
+            state = {"model": model.state_dict(), "optim": opt.state_dict(), "step": step}
+            state["stream"] = stream.state_dict()
             torch.save(state, out / "state.pt.tmp")
             os.replace(out / "state.pt.tmp", ckpt)
             model.save_pretrained(out / "model")

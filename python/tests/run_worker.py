@@ -4,7 +4,10 @@
 step, so a rank with fewer batches than another would leave it waiting forever.
 
 Arguments: the output directory (each rank writes rank-N.json: its sequence numbers and a digest
-of each batch's tokens) and the vocabulary size."""
+of each batch's tokens) and the vocabulary size. With STOP_AFTER, every rank stops after that many
+steps and rank 0 writes its stream cursor to state.json (as a DDP checkpoint holds rank 0's
+state); with RESUME, every rank continues from the cursor in that file, whatever the number of
+ranks that wrote it."""
 
 import hashlib
 import json
@@ -33,7 +36,10 @@ def main() -> None:
     assert int(os.environ["RHO_RANKS"]) == dist.get_world_size()
     model = TinyDdp(vocab)
     seqs, digests, scored = [], [], 0
+    stop_after = int(os.environ.get("STOP_AFTER", "0"))
     with RhoStream.from_env(as_torch=True) as stream:
+        if os.environ.get("RESUME"):
+            stream.load_state_dict(json.loads(Path(os.environ["RESUME"]).read_text()))
         for batch in stream:
             model.step(batch.tokens)
             # A training step that takes time (the test kills a selector mid-run).
@@ -41,6 +47,10 @@ def main() -> None:
             seqs.append(batch.seq)
             digests.append(digest(batch.tokens))
             scored += batch.ref_loss is not None
+            if len(seqs) == stop_after:
+                if rank == 0:
+                    (out / "state.json").write_text(json.dumps(stream.state_dict()))
+                break
     result = {"seqs": seqs, "digests": digests, "scored": scored, "stats": vars(stream.stats)}
     (out / f"rank-{rank}.json").write_text(json.dumps(result))
     dist.barrier()

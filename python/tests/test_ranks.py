@@ -74,21 +74,66 @@ def torchrun_or_skip() -> str:
     return found
 
 
-def per_rank_stream(pipeline, rank: int, world: int, loader: dict):
+def per_rank_stream(pipeline, rank: int, world: int, loader: dict, state=None):
     """What a loader of one rank issues, (seq, digest of the tokens) of every batch, and the
-    documents it tokenized."""
+    documents it tokenized; from the cursor in ``state`` when given (a fresh loader moved there
+    by the consumer's resume)."""
     import hashlib
 
     import numpy as np
 
     from rho_stream import RhoStream
 
-    endpoint = pipeline.loader(f"alone-{rank}-of-{world}", rank=rank, world=world, **loader)
+    endpoint = pipeline.loader(f"alone-{rank}-of-{world}-{len(pipeline.procs)}", rank=rank, world=world, **loader)
     process = pipeline.procs[-1]
     with RhoStream(endpoint, RUN_ID, scored=False, rank=rank, world=world, secret=SECRET.encode()) as s:
+        if state is not None:
+            s.load_state_dict(state)
         batches = [(b.seq, hashlib.sha256(np.asarray(b.tokens).astype(np.int64).tobytes()).hexdigest()) for b in s]
     report, _ = process.communicate(timeout=60)
     return batches, json.loads(report)["counts"]["docs"]
+
+
+LOADER = {"seq_len": 32, "batch_size": 4, "shuffle_window": 4}
+
+
+def rho_run(pipeline, name: str, ranks: int, selectors: int, env: dict, on_start=None):
+    """`rho run` with a trainer command of ``ranks`` torchrun ranks (python/tests/run_worker.py)
+    and ``selectors`` selectors, to its end; returns the summary, each rank's result, and the
+    output directory. ``on_start`` is called with the run directory while the run goes on."""
+    torchrun = torchrun_or_skip()
+    root = pipeline.root
+    vocab = len(json.loads((root / "tokenizer.json").read_text())["model"]["vocab"])
+    out = root / f"{name}-out"
+    out.mkdir()
+    run = {
+        "run_dir": f"{name}-run",
+        "selectors": selectors,
+        "loader": {"run_id": RUN_ID, "data": {"paths": [str(root / "data")]},
+                   "tokenizer": str(root / "tokenizer.json"), "max_in_flight": 8, "selector_timeout_secs": 2,
+                   **LOADER},
+        "selector": {"model": str(root / "ref"), "tokenizer": str(root / "tokenizer.json"),
+                     "liveness": {"heartbeat_secs": 0.2, "peer_timeout_secs": 2.0}},
+        "trainer_command": {
+            "command": [torchrun, "--standalone", "--nproc-per-node", str(ranks),
+                        str(Path(__file__).with_name("run_worker.py")), str(out), str(vocab)],
+            "ranks": ranks,
+            "env": {"OMP_NUM_THREADS": "1", **env},
+        },
+    }
+    config = pipeline.write(f"{name}.json", run)
+    env = dict(pipeline.env, RUST_LOG="info")
+    env.pop("RHO_SECRET")
+    p = subprocess.Popen([rho_bin(), "run", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
+    pipeline.procs.append(p)
+    if on_start is not None:
+        on_start(root / f"{name}-run")
+    stdout, stderr = p.communicate(timeout=150)
+    assert p.returncode == 0, stderr[-4000:]
+    summary = json.loads((root / f"{name}-run" / "summary.json").read_text())
+    results = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(ranks)]
+    return summary, results, out
 
 
 @pytest.mark.parametrize("selectors", [1, 3])
@@ -99,50 +144,27 @@ def test_rho_run_serves_two_torchrun_ranks_from_one_loader(pipeline, selectors):
     three selectors, one is killed mid-run: the loader hands its batches to the others once it has
     been silent for `selector_timeout_secs` (the leases are the default 300 s, past the test's
     time limit), and nothing is lost or trained twice."""
-    torchrun = torchrun_or_skip()
-    root = pipeline.root
-    vocab = len(json.loads((root / "tokenizer.json").read_text())["model"]["vocab"])
-    loader = {"seq_len": 32, "batch_size": 4, "shuffle_window": 4}
-    alone = [per_rank_stream(pipeline, r, 2, loader) for r in range(2)]
+    torchrun_or_skip()
+    alone = [per_rank_stream(pipeline, r, 2, LOADER) for r in range(2)]
     expected, docs = [a[0] for a in alone], alone[0][1]
     assert len(expected[0]) == len(expected[1]) > 4
-    out = root / "out"
-    out.mkdir()
-    run = {
-        "run_dir": "run",
-        "selectors": selectors,
-        "loader": {"run_id": RUN_ID, "data": {"paths": [str(root / "data")]},
-                   "tokenizer": str(root / "tokenizer.json"), "max_in_flight": 8, "selector_timeout_secs": 2,
-                   **loader},
-        "selector": {"model": str(root / "ref"), "tokenizer": str(root / "tokenizer.json"),
-                     "liveness": {"heartbeat_secs": 0.2, "peer_timeout_secs": 2.0}},
-        "trainer_command": {
-            "command": [torchrun, "--standalone", "--nproc-per-node", "2",
-                        str(Path(__file__).with_name("run_worker.py")), str(out), str(vocab)],
-            "ranks": 2,
-            "env": {"OMP_NUM_THREADS": "1", "STEP_SECS": "0.05" if selectors == 3 else "0"},
-        },
-    }
-    config = pipeline.write("run.json", run)
-    env = dict(pipeline.env, RUST_LOG="info")
-    env.pop("RHO_SECRET")
-    p = subprocess.Popen([rho_bin(), "run", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=env)
-    pipeline.procs.append(p)
-    if selectors == 3:
-        progress = root / "run" / "rank-0.metrics.jsonl"
+    killed = []
+
+    def kill_a_selector(run_dir: Path) -> None:
+        progress = run_dir / "rank-0.metrics.jsonl"
 
         def batches() -> int:
             lines = progress.read_text().split("\n")[:-1] if progress.exists() else []
             return json.loads(lines[-1])["batches"] if lines else 0
 
         wait_until(lambda: batches() >= 2, timeout=120, what="rank 0's second batch")
-        os.kill(int((root / "run" / "selector-1.pid").read_text()), 9)
-        killed_at = batches()
-    stdout, stderr = p.communicate(timeout=150)
-    assert p.returncode == 0, stderr[-4000:]
-    summary = json.loads((root / "run" / "summary.json").read_text())
-    ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
+        os.kill(int((run_dir / "selector-1.pid").read_text()), 9)
+        killed.append(batches())
+
+    summary, ranks, _ = rho_run(
+        pipeline, "run", 2, selectors, {"STEP_SECS": "0.05" if selectors == 3 else "0"},
+        on_start=kill_a_selector if selectors == 3 else None,
+    )
     for r, got in enumerate(ranks):
         assert list(zip(got["seqs"], got["digests"])) == expected[r], f"rank {r}"
         assert got["scored"] == len(got["seqs"]), f"rank {r}: every batch scored"
@@ -151,4 +173,34 @@ def test_rho_run_serves_two_torchrun_ranks_from_one_loader(pipeline, selectors):
     # One loader read each document once for both ranks, as a loader of one rank reads them all.
     assert summary["loader"]["docs"] == docs, (summary["loader"]["docs"], docs)
     if selectors == 3:
-        assert killed_at < len(expected[0]), "the selector was killed before the stream ended"
+        assert killed[0] < len(expected[0]), "the selector was killed before the stream ended"
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_a_run_stopped_on_two_ranks_resumes_on_another_number(pipeline, world):
+    """Two torchrun ranks stop after 5 steps (rank 0's cursor saved, as a DDP checkpoint holds
+    it); `rho run` resumes on ``world`` ranks from that cursor, 10, which is not a multiple of 3
+    (rank 0 of three starts at 10, not at 9 or 12). Together the two runs train every
+    global batch exactly once (but the last ``(G - cursor) % world``, which make no batch for
+    every rank), the ranks of the second run end with the same count, and each trains what a fresh
+    loader of its rank of ``world`` issues from the cursor."""
+    torchrun_or_skip()
+    whole, _ = per_rank_stream(pipeline, 0, 1, LOADER)
+    steps = 5
+    _, first, out = rho_run(pipeline, "two", 2, 1, {"STOP_AFTER": str(steps)})
+    assert [len(r["seqs"]) for r in first] == [steps, steps]
+    state = json.loads((out / "state.json").read_text())
+    cursor = state["next_seq"] - state["rank"]
+    assert cursor == 2 * steps
+    _, second, _ = rho_run(pipeline, "resumed", world, 1, {"RESUME": str(out / "state.json")})
+    n = (len(whole) - cursor) // world
+    assert n > 1, f"{len(whole)} batches leave {n} per rank after the cursor"
+    trained = sorted(s for r in first + second for s in r["seqs"])
+    assert trained == list(range(cursor + n * world)), "every global batch exactly once"
+    for r, got in enumerate(second):
+        fresh, _ = per_rank_stream(pipeline, r, world, LOADER, state=state)
+        assert len(fresh) == n, f"rank {r}"
+        assert list(zip(got["seqs"], got["digests"])) == fresh, f"rank {r}"
+        # The batches are the single stream's.
+        assert fresh == [whole[s] for s, _ in fresh]
+        assert got["scored"] == n
