@@ -244,22 +244,13 @@ fn ranks_split_one_stream_batch_by_batch_and_all_end_with_the_same_count() {
     }
 }
 
-/// Every batch `stream` issues from `start` on, split as `stride` says.
+/// Every batch the stream of `cfg` issues from `start` on, split as `stride` says.
 fn split(
     cfg: &rho_loader::LoaderConfig,
     stride: rho_loader::RankStride,
     start: u64,
 ) -> Vec<TokenBatch> {
-    let metrics = std::sync::Arc::new(rho_loader::metrics::Metrics::default());
-    let mut stream = rho_loader::Stream::new(cfg, metrics).unwrap();
-    let mut out = Vec::new();
-    stream
-        .run_split(stride, start, |b| {
-            out.push(b);
-            rho_loader::Flow::Continue
-        })
-        .unwrap();
-    out
+    split_batches_limit(cfg, stride, start, usize::MAX).0
 }
 
 #[test]

@@ -127,11 +127,22 @@ pub fn batches_limit(
     start: u64,
     limit: usize,
 ) -> (Vec<TokenBatch>, rho_loader::metrics::Counts) {
+    split_batches_limit(config, config.stride(), start, limit)
+}
+
+/// Every batch the stream of `config` issues from `start` on (at most `limit`), split among the
+/// ranks as `stride` says.
+pub fn split_batches_limit(
+    config: &LoaderConfig,
+    stride: rho_loader::RankStride,
+    start: u64,
+    limit: usize,
+) -> (Vec<TokenBatch>, rho_loader::metrics::Counts) {
     let metrics = Arc::new(Metrics::default());
     let mut stream = Stream::new(config, metrics.clone()).unwrap();
     let mut out = Vec::new();
     stream
-        .run(start, |b| {
+        .run_split(stride, start, |b| {
             out.push(b);
             if out.len() >= limit {
                 Flow::Stop
