@@ -213,3 +213,38 @@ async fn drain_rank(endpoint: String, rank: u32, world: u32) -> Vec<u64> {
         }
     }
 }
+
+/// `rho bench fanout` fails when a batch reaches a rank it does not belong to, or when the ranks
+/// do not receive exactly the loader's stream: through the selectors to three ranks, and from the
+/// scored cache it writes to one and three ranks, every row is measured.
+#[test]
+fn the_fanout_benchmark_delivers_the_stream_to_its_ranks_live_and_from_a_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = p(&dir.path().join("fanout"));
+    for extra in [&["--ranks", "3"][..], &["--ranks", "1,3", "--cache"][..]] {
+        let mut args = vec!["bench", "fanout", "--out", &out, "--epochs", "1"];
+        args.extend(["--seq-len", "128", "--batch-size", "2"]);
+        args.extend(extra);
+        let run = std::process::Command::new(common::RHO)
+            .args(&args)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&run.stdout);
+        assert!(
+            run.status.success(),
+            "{args:?}: {said}{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let rows: Vec<&str> = said
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| ranks"))
+            .collect();
+        assert_eq!(rows.len(), extra[1].split(',').count(), "{said}");
+        let source = if extra.len() == 3 {
+            "| none (cache) |"
+        } else {
+            "| 2 |"
+        };
+        assert!(rows.iter().all(|r| r.contains(source)), "{said}");
+    }
+}

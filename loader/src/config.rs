@@ -197,7 +197,63 @@ fn field(field: &'static str, reason: impl Into<String>) -> LoaderError {
     }
 }
 
+impl DataConfig {
+    /// These paths, with the default text field and format.
+    pub fn new(paths: Vec<String>) -> Self {
+        DataConfig {
+            paths,
+            text_field: default_text_field(),
+            format: FormatChoice::default(),
+        }
+    }
+}
+
 impl LoaderConfig {
+    /// A config of `seq_len` x `batch_size` batches of these shards, every other field at its
+    /// default (what a config file naming only these four fields means); set fields on it for
+    /// more.
+    pub fn new(
+        data: DataConfig,
+        tokenizer: PathBuf,
+        seq_len: NonZeroUsize,
+        batch_size: NonZeroUsize,
+    ) -> Self {
+        LoaderConfig {
+            run_id: default_run_id(),
+            data,
+            tokenizer,
+            add_bos: false,
+            add_eos: yes(),
+            bos_token: None,
+            eos_token: None,
+            seq_len,
+            batch_size,
+            seed: 0,
+            epochs: one_u32(),
+            shuffle_window: default_shuffle_window(),
+            rank: None,
+            world: one_u32(),
+            threads: 0,
+            endpoint: default_endpoint(),
+            endpoint_file: None,
+            max_in_flight: default_in_flight(),
+            lease_secs: default_lease(),
+            selector_timeout_secs: default_selector_timeout(),
+            prefetch: default_prefetch(),
+            max_doc_bytes: default_max_doc_bytes(),
+            state_dir: None,
+            metrics: None,
+            tensorboard: None,
+            metrics_interval_secs: default_interval(),
+            start_batch: 0,
+            secret_file: None,
+            max_message_bytes: default_max_message(),
+            exit_when_done: yes(),
+            scored: None,
+            scored_ref_model: None,
+        }
+    }
+
     /// Reads, parses and validates a config file. Relative paths in it are taken relative to
     /// the file's directory.
     pub fn load(path: &Path) -> Result<Self> {
@@ -373,6 +429,25 @@ impl RankStride {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_config_is_what_a_file_naming_only_its_fields_means() {
+        let made = LoaderConfig::new(
+            DataConfig::new(vec!["shards/".into()]),
+            "tokenizer.json".into(),
+            nz(512),
+            nz(4),
+        );
+        let read = LoaderConfig::parse(
+            r#"{"data": {"paths": ["shards/"]}, "tokenizer": "tokenizer.json",
+                "seq_len": 512, "batch_size": 4}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::to_value(&made).unwrap(),
+            serde_json::to_value(&read).unwrap()
+        );
+    }
 
     #[test]
     fn ranks_map_the_global_stream_to_their_local_positions_and_back() {

@@ -98,6 +98,33 @@ fn default_max_message() -> u64 {
 }
 
 impl SelectorConfig {
+    /// A selector scoring with `model` batches tokenized by `tokenizer`, every other field at its
+    /// default (what a config file naming only these two fields means; `loader` and `trainer`
+    /// then unassigned, as `rho run` leaves them); set fields on it for more.
+    pub fn new(model: PathBuf, tokenizer: PathBuf) -> Self {
+        SelectorConfig {
+            run_id: default_run_id(),
+            loader: Endpoint::default(),
+            trainer: Endpoint::default(),
+            trainers: Vec::new(),
+            model,
+            tokenizer,
+            device: rho_model::DeviceSpec::default(),
+            dtype: rho_model::DTypeSpec::default(),
+            prefetch: default_prefetch(),
+            loss_chunk: None,
+            metrics: None,
+            tensorboard: None,
+            metrics_interval_secs: default_interval(),
+            secret_file: None,
+            threads: None,
+            lanes: None,
+            liveness: rho_protocol::Liveness::default(),
+            cache_out: None,
+            max_message_bytes: default_max_message(),
+        }
+    }
+
     /// Reads and validates a config file; relative paths are relative to its directory.
     pub fn load(path: &Path) -> Result<Self> {
         let mut config: SelectorConfig = rho_common::config_file::read_json(path)?;
@@ -192,6 +219,17 @@ impl SelectorConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_config_is_what_a_file_naming_only_its_fields_means() {
+        let made = SelectorConfig::new("ref".into(), "tokenizer.json".into());
+        let read: SelectorConfig =
+            serde_json::from_str(r#"{"model": "ref", "tokenizer": "tokenizer.json"}"#).unwrap();
+        assert_eq!(
+            serde_json::to_value(&made).unwrap(),
+            serde_json::to_value(&read).unwrap()
+        );
+    }
 
     fn config(extra: serde_json::Value) -> SelectorConfig {
         let mut v = serde_json::json!({

@@ -1,5 +1,6 @@
 //! `rho bench loader`: documents and tokens per second of the loader, per thread count.
 
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -7,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use rho_loader::sources::{self, Event};
 use rho_protocol::client::Consumer;
-use rho_protocol::{Limits, Message};
+use rho_protocol::{Endpoint, Limits, Message};
 
 use crate::synth::{self as corpus, SynthArgs};
 
@@ -164,17 +165,18 @@ async fn loader_once(
     batch_size: usize,
 ) -> anyhow::Result<(f64, u64)> {
     let endpoint_file = out.join(format!("endpoint-{threads}"));
-    let config: rho_loader::LoaderConfig = serde_json::from_value(serde_json::json!({
-        "run_id": "bench",
-        "data": {"paths": [input]},
-        "tokenizer": tokenizer,
-        "seq_len": seq_len,
-        "batch_size": batch_size,
-        "threads": threads,
-        "endpoint": "tcp://127.0.0.1:0",
-        "endpoint_file": endpoint_file,
-        "metrics_interval_secs": 5.0,
-    }))?;
+    let nonzero = |n: usize, what| NonZeroUsize::new(n).with_context(|| format!("{what} is 0"));
+    let mut config = rho_loader::LoaderConfig::new(
+        rho_loader::DataConfig::new(vec![input.to_owned()]),
+        tokenizer.to_path_buf(),
+        nonzero(seq_len, "--seq-len")?,
+        nonzero(batch_size, "--batch-size")?,
+    );
+    config.run_id = "bench".into();
+    config.threads = threads;
+    config.endpoint = Endpoint::new("tcp://127.0.0.1:0").map_err(|e| anyhow::anyhow!("{e}"))?;
+    config.endpoint_file = Some(endpoint_file);
+    config.metrics_interval_secs = 5.0;
     let started = Instant::now();
     let (loader, endpoint) = start_in_process(config).await?;
     let mut consumer = Consumer::connect(&endpoint, "bench", Limits::default())

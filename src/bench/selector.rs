@@ -1,5 +1,6 @@
 //! `rho bench selector`: what the protocol and transport cost a selector.
 
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -8,7 +9,7 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
 use rho_protocol::client::Consumer;
-use rho_protocol::{Credit, Limits, Message};
+use rho_protocol::{Credit, Endpoint, Limits, Message};
 use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::commands::model as model_cmd;
@@ -113,12 +114,19 @@ async fn pipeline(
     let run_id = "bench-selector";
     let endpoint_file = out.join("loader.endpoint");
     let _ = std::fs::remove_file(&endpoint_file);
-    let loader_cfg = serde_json::json!({
-        "run_id": run_id, "data": {"paths": [out.join("data")]}, "tokenizer": tokenizer,
-        "seq_len": seq_len, "batch_size": batch_size, "threads": 1,
-        "endpoint": "tcp://127.0.0.1:0", "endpoint_file": endpoint_file, "exit_when_done": false,
-    });
-    std::fs::write(out.join("loader.json"), loader_cfg.to_string())?;
+    let nonzero = |n: usize, what| NonZeroUsize::new(n).with_context(|| format!("{what} is 0"));
+    let mut loader_cfg = rho_loader::LoaderConfig::new(
+        rho_loader::DataConfig::new(vec![out.join("data").to_string_lossy().into_owned()]),
+        tokenizer.to_path_buf(),
+        nonzero(seq_len, "--seq-len")?,
+        nonzero(batch_size, "--batch-size")?,
+    );
+    loader_cfg.run_id = run_id.into();
+    loader_cfg.threads = 1;
+    loader_cfg.endpoint = endpoint("tcp://127.0.0.1:0")?;
+    loader_cfg.endpoint_file = Some(endpoint_file.clone());
+    loader_cfg.exit_when_done = false;
+    std::fs::write(out.join("loader.json"), serde_json::to_string(&loader_cfg)?)?;
     let exe = std::env::current_exe()?;
     let mut loader = tokio::process::Command::new(&exe)
         .args(["loader", "--config"])
@@ -137,11 +145,16 @@ async fn pipeline(
     let loader_ep = std::fs::read_to_string(&endpoint_file)?;
     let mut router = RouterSocket::new();
     let trainer_ep = router.bind("tcp://127.0.0.1:0").await?.to_string();
-    let selector_cfg = serde_json::json!({
-        "run_id": run_id, "loader": loader_ep, "trainer": trainer_ep, "model": model,
-        "tokenizer": tokenizer, "prefetch": 2, "lanes": lanes,
-    });
-    std::fs::write(out.join("selector.json"), selector_cfg.to_string())?;
+    let mut selector_cfg =
+        rho_selector::SelectorConfig::new(model.to_path_buf(), tokenizer.to_path_buf());
+    selector_cfg.run_id = run_id.into();
+    selector_cfg.loader = endpoint(&loader_ep)?;
+    selector_cfg.trainer = endpoint(&trainer_ep)?;
+    selector_cfg.lanes = lanes;
+    std::fs::write(
+        out.join("selector.json"),
+        serde_json::to_string(&selector_cfg)?,
+    )?;
     let mut selector = tokio::process::Command::new(&exe)
         .args(["selector", "--config"])
         .arg(out.join("selector.json"))
@@ -178,4 +191,9 @@ async fn pipeline(
     let _ = selector.kill().await;
     let _ = loader.kill().await;
     Ok(tokens / secs.max(1e-9))
+}
+
+/// An endpoint address, or the reason it is not one.
+fn endpoint(at: &str) -> anyhow::Result<Endpoint> {
+    Endpoint::new(at).map_err(|e| anyhow::anyhow!("{at}: {e}"))
 }
