@@ -240,12 +240,23 @@ impl Stream {
             shard_pos = 0;
             token_skip = 0;
         }
+        Ok(self.end_split(batcher, &mut emit))
+    }
+
+    /// The end of the stream: the batches still held, then the last group's batches that do not
+    /// make one for every rank dropped (logged); the local batch count (`None`: `emit` stopped).
+    fn end_split(
+        &self,
+        mut batcher: Batcher,
+        emit: &mut impl FnMut(TokenBatch) -> Flow,
+    ) -> Option<u64> {
         for batch in batcher.finish() {
             Metrics::add(&self.metrics.batches_produced, 1);
             if emit(batch) == Flow::Stop {
-                return Ok(None);
+                return None;
             }
         }
+        let stride = batcher.stride;
         let (world, end) = (stride.world, stride.group_start(batcher.next));
         for dropped in std::mem::take(&mut batcher.held) {
             let tokens: u64 = dropped.lengths.iter().map(|&l| u64::from(l)).sum();
@@ -258,7 +269,7 @@ impl Stream {
                 batcher.next - end
             );
         }
-        Ok(Some(stride.local_of(end)))
+        Some(stride.local_of(end))
     }
 
     /// Finds where global window `g` starts: (epoch, window in epoch, shard position in the

@@ -11,6 +11,7 @@
 //!
 //! Throughputs are steady-state: the first fifth of the steps is left out.
 
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -21,7 +22,10 @@ use serde_json::{json, Value};
 
 use crate::commands::model as model_cmd;
 use crate::supervise::{launch, RunOutcome};
+use rho_loader::LoaderConfig;
+use rho_protocol::Endpoint;
 use rho_selector::scorer::{CandleScorer, Scorer};
+use rho_selector::SelectorConfig;
 use rho_trainer::optim::OptimizerConfig;
 use rho_trainer::{Backend, CandleBackend, RatioSchedule, Scope, ScoreRule, Selection, StepInput};
 
@@ -108,24 +112,38 @@ impl Default for Variant<'_> {
     }
 }
 
+/// The benchmark's loader: its corpus in batches of `--batch-size` x `--seq-len`, one
+/// tokenizer thread.
+fn loader_config(a: &PipelineArgs, s: &Setup) -> anyhow::Result<LoaderConfig> {
+    let nonzero = |n: usize, what| NonZeroUsize::new(n).with_context(|| format!("{what} is 0"));
+    let mut loader = LoaderConfig::new(
+        rho_loader::DataConfig::new(vec![s.data.to_string_lossy().into_owned()]),
+        s.tokenizer.clone(),
+        nonzero(a.seq_len, "--seq-len")?,
+        nonzero(a.batch_size, "--batch-size")?,
+    );
+    loader.run_id = "bench-pipeline".into();
+    loader.threads = 1;
+    Ok(loader)
+}
+
 /// A run config: the loader, and the trainer and selectors on one thread each.
-fn run_config(a: &PipelineArgs, s: &Setup, v: &Variant) -> Value {
+fn run_config(a: &PipelineArgs, s: &Setup, v: &Variant) -> anyhow::Result<Value> {
     let selector = v.reference.map(|r| {
-        json!({"model": r, "tokenizer": s.tokenizer, "threads": 1, "prefetch": 2, "cache_out": v.cache_out})
+        let mut selector = SelectorConfig::new(r.to_path_buf(), s.tokenizer.clone());
+        selector.threads = Some(1);
+        selector.cache_out = v.cache_out.map(Path::to_path_buf);
+        selector
     });
-    json!({
+    let mut loader = loader_config(a, s)?;
+    loader.epochs = NonZeroU32::new(100).context("epochs")?;
+    loader.scored = v.scored.map(Path::to_path_buf);
+    // Unassigned: `rho run` binds it on a free loopback port.
+    loader.endpoint = Endpoint::default();
+    Ok(json!({
         "run_dir": ".",
         "selectors": v.selectors,
-        "loader": {
-            "run_id": "bench-pipeline",
-            "data": {"paths": [s.data]},
-            "tokenizer": s.tokenizer,
-            "seq_len": a.seq_len,
-            "batch_size": a.batch_size,
-            "epochs": 100,
-            "threads": 1,
-            "scored": v.scored,
-        },
+        "loader": loader,
         "selector": selector,
         "trainer": {
             "backend": v.backend,
@@ -136,7 +154,7 @@ fn run_config(a: &PipelineArgs, s: &Setup, v: &Variant) -> Value {
             "threads": 1,
             "source": if v.scored.is_some() { "loader" } else { "auto" },
         },
-    })
+    }))
 }
 
 /// Steady-state tokens/s of a run's trainer, from its per-step metrics.
@@ -161,14 +179,7 @@ fn fresh(dir: PathBuf) -> anyhow::Result<PathBuf> {
 
 /// Reference forward then training step, one after the other, in this process.
 fn sequential(a: &PipelineArgs, s: &Setup, selection: &Selection) -> anyhow::Result<f64> {
-    let loader = rho_loader::LoaderConfig::parse(
-        &json!({
-            "run_id": "bench-pipeline", "data": {"paths": [s.data]}, "tokenizer": s.tokenizer,
-            "seq_len": a.seq_len, "batch_size": a.batch_size, "threads": 1,
-        })
-        .to_string(),
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let loader = loader_config(a, s)?;
     let metrics = std::sync::Arc::new(rho_loader::metrics::Metrics::default());
     let mut stream = rho_loader::Stream::new(&loader, metrics)?;
     let mut batches = Vec::new();
@@ -237,80 +248,73 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
         ..Selection::default()
     };
     let slm_json = serde_json::to_value(&slm)?;
+    let runs = Runs {
+        a: &a,
+        s: &s,
+        out: &out,
+    };
 
-    eprintln!("[1/7] plain causal LM, trainer on one core");
-    let dir = fresh(out.join("causal"))?;
-    let causal = launch(
-        &dir,
-        "causal",
-        &run_config(
-            &a,
-            &s,
-            &Variant {
+    let causal = runs
+        .launch(
+            1,
+            "plain causal LM, trainer on one core",
+            "causal",
+            Variant {
                 steps: a.steps,
                 ..Default::default()
             },
-        ),
-    )
-    .await?;
-    let causal_tps = steady_tokens_per_s(&causal, per_step)?;
-
-    eprintln!("[2/7] pipelined SLM, selector and trainer on one core each");
-    let dir = fresh(out.join("pipelined"))?;
+        )
+        .await?;
     let cache_dir = fresh(out.join("cache"))?;
-    let config = run_config(
-        &a,
-        &s,
-        &Variant {
-            selection: &slm_json,
-            reference: Some(&s.reference),
-            selectors: 1,
-            steps: a.steps,
-            cache_out: Some(&cache_dir),
-            ..Default::default()
-        },
-    );
-    let pipelined = launch(&dir, "pipelined", &config).await?;
-    let pipelined_tps = steady_tokens_per_s(&pipelined, per_step)?;
-
+    let pipelined = runs
+        .launch(
+            2,
+            "pipelined SLM, selector and trainer on one core each",
+            "pipelined",
+            Variant {
+                selection: &slm_json,
+                reference: Some(&s.reference),
+                selectors: 1,
+                steps: a.steps,
+                cache_out: Some(&cache_dir),
+                ..Default::default()
+            },
+        )
+        .await?;
     eprintln!(
         "[3/7] sequential SLM, reference forward and training step in one process on one core"
     );
-    let sequential_tps = sequential(&a, &s, &slm)?;
-
-    eprintln!("[4/7] SLM from the scored cache the pipelined run wrote, no selector");
-    let dir = fresh(out.join("cached"))?;
-    let config = run_config(
-        &a,
-        &s,
-        &Variant {
-            selection: &slm_json,
-            steps: a.steps,
-            scored: Some(&cache_dir),
-            ..Default::default()
-        },
-    );
-    let cached = launch(&dir, "cached", &config).await?;
-    let cached_tps = steady_tokens_per_s(&cached, per_step)?;
+    let sequential = sequential(&a, &s, &slm)?;
+    let what = "SLM from the scored cache the pipelined run wrote, no selector";
+    let cached = runs
+        .launch(
+            4,
+            what,
+            "cached",
+            Variant {
+                selection: &slm_json,
+                steps: a.steps,
+                scored: Some(&cache_dir),
+                ..Default::default()
+            },
+        )
+        .await?;
     let cache = rho_common::cache::CacheReader::open(&cache_dir)?;
     let cache_bytes_per_token =
         cache.bytes() as f64 / (cache.len() as f64 * ((a.seq_len + 1) * a.batch_size) as f64);
 
     let mut scaling = Vec::new();
     for (i, n) in [1usize, 2].into_iter().enumerate() {
-        eprintln!(
-            "[{}/7] {n} selector(s) with the `{}` reference, null-backend trainer",
-            5 + i,
+        let what = format!(
+            "{n} selector(s) with the `{}` reference, null-backend trainer",
             a.scaling_preset
         );
-        let dir = fresh(out.join(format!("scaling-{n}")))?;
-        let run = launch(
-            &dir,
-            &format!("scaling-{n}"),
-            &run_config(
-                &a,
-                &s,
-                &Variant {
+        let run = runs
+            .launch(
+                5 + i,
+                &what,
+                &format!("scaling-{n}"),
+                Variant {
                     selection: &slm_json,
                     backend: "null",
                     reference: Some(&s.scaling_reference),
@@ -318,82 +322,132 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
                     steps: a.scaling_batches,
                     ..Default::default()
                 },
-            ),
-        )
-        .await?;
+            )
+            .await?;
         scaling.push(steady_tokens_per_s(&run, per_step)?);
     }
 
-    eprintln!(
-        "[7/7] a long pipelined SLM run ({} steps), memory sampled",
+    let what = format!(
+        "a long pipelined SLM run ({} steps), memory sampled",
         a.long_steps
     );
-    let dir = fresh(out.join("long"))?;
-    let long = launch(
-        &dir,
-        "long",
-        &run_config(
-            &a,
-            &s,
-            &Variant {
+    let long = runs
+        .launch(
+            7,
+            &what,
+            "long",
+            Variant {
                 selection: &slm_json,
                 reference: Some(&s.reference),
                 selectors: 1,
                 steps: a.long_steps,
                 ..Default::default()
             },
-        ),
-    )
-    .await?;
+        )
+        .await?;
 
-    println!(
-        "model `{}` trained, reference `{}`; batches of {} x {} tokens; one thread per process",
-        a.preset, a.preset, a.batch_size, a.seq_len
-    );
-    println!("| mode | tokens/s | vs plain causal LM |\n|---|---|---|");
-    for (mode, tps) in [
-        ("plain causal LM (trainer alone)", causal_tps),
-        ("pipelined SLM (selector + trainer)", pipelined_tps),
-        ("sequential SLM (one process)", sequential_tps),
-        ("SLM from the scored cache (no selector)", cached_tps),
-    ] {
-        println!("| {mode} | {tps:.0} | {:.3}x |", tps / causal_tps);
-    }
-    println!(
-        "\nscored cache: {:.2} bytes per token (tokens and reference losses)",
-        cache_bytes_per_token
-    );
-    println!(
-        "\nselector scaling, `{}` reference, null-backend trainer:\n| selectors | tokens/s | vs 1 |\n|---|---|---|",
-        a.scaling_preset
-    );
-    for (n, tps) in scaling.iter().enumerate() {
-        println!("| {} | {tps:.0} | {:.2}x |", n + 1, tps / scaling[0]);
-    }
-    println!(
-        "\nresident memory (MiB) of a {}-step pipelined SLM run:\n| process | at 25% | at 50% | at the end | peak |\n|---|---|---|---|---|",
-        a.long_steps
-    );
-    for (process, m) in memory_table(&long) {
-        println!(
-            "| {process} | {:.1} | {:.1} | {:.1} | {:.1} |",
-            m[0], m[1], m[2], m[3]
-        );
-    }
-    let report = json!({
-        "causal_tokens_per_s": causal_tps,
-        "pipelined_slm_tokens_per_s": pipelined_tps,
-        "sequential_slm_tokens_per_s": sequential_tps,
-        "pipelined_over_causal": pipelined_tps / causal_tps,
-        "sequential_over_causal": sequential_tps / causal_tps,
-        "cached_slm_tokens_per_s": cached_tps,
-        "cache_bytes_per_token": cache_bytes_per_token,
-        "scaling_tokens_per_s": scaling,
-        "memory_mib": memory_table(&long).into_iter().map(|(p, m)| (p, json!(m))).collect::<serde_json::Map<_, _>>(),
-    });
+    let results = Results {
+        causal: steady_tokens_per_s(&causal, per_step)?,
+        pipelined: steady_tokens_per_s(&pipelined, per_step)?,
+        sequential,
+        cached: steady_tokens_per_s(&cached, per_step)?,
+        cache_bytes_per_token,
+        scaling,
+        memory: memory_table(&long),
+    };
+    results.print(&a);
     std::fs::write(
         out.join("report.json"),
-        serde_json::to_string_pretty(&report)?,
+        serde_json::to_string_pretty(&results.json())?,
     )?;
     Ok(())
+}
+
+/// What the benchmark's runs share.
+struct Runs<'a> {
+    a: &'a PipelineArgs,
+    s: &'a Setup,
+    out: &'a Path,
+}
+
+impl Runs<'_> {
+    /// Stage `n` of the seven: a fresh run directory `name` and the run of `variant` in it.
+    async fn launch(
+        &self,
+        n: usize,
+        what: &str,
+        name: &str,
+        variant: Variant<'_>,
+    ) -> anyhow::Result<RunOutcome> {
+        eprintln!("[{n}/7] {what}");
+        let dir = fresh(self.out.join(name))?;
+        launch(&dir, name, &run_config(self.a, self.s, &variant)?).await
+    }
+}
+
+/// What the benchmark measured: tokens/s of each mode, the cache's size, the selectors'
+/// scaling and the long run's memory.
+struct Results {
+    causal: f64,
+    pipelined: f64,
+    sequential: f64,
+    cached: f64,
+    cache_bytes_per_token: f64,
+    scaling: Vec<f64>,
+    memory: Vec<(String, [f64; 4])>,
+}
+
+impl Results {
+    /// The tables, on stdout.
+    fn print(&self, a: &PipelineArgs) {
+        println!(
+            "model `{}` trained, reference `{}`; batches of {} x {} tokens; one thread per process",
+            a.preset, a.preset, a.batch_size, a.seq_len
+        );
+        println!("| mode | tokens/s | vs plain causal LM |\n|---|---|---|");
+        for (mode, tps) in [
+            ("plain causal LM (trainer alone)", self.causal),
+            ("pipelined SLM (selector + trainer)", self.pipelined),
+            ("sequential SLM (one process)", self.sequential),
+            ("SLM from the scored cache (no selector)", self.cached),
+        ] {
+            println!("| {mode} | {tps:.0} | {:.3}x |", tps / self.causal);
+        }
+        println!(
+            "\nscored cache: {:.2} bytes per token (tokens and reference losses)",
+            self.cache_bytes_per_token
+        );
+        println!(
+            "\nselector scaling, `{}` reference, null-backend trainer:\n| selectors | tokens/s | vs 1 |\n|---|---|---|",
+            a.scaling_preset
+        );
+        for (n, tps) in self.scaling.iter().enumerate() {
+            println!("| {} | {tps:.0} | {:.2}x |", n + 1, tps / self.scaling[0]);
+        }
+        println!(
+            "\nresident memory (MiB) of a {}-step pipelined SLM run:\n| process | at 25% | at 50% | at the end | peak |\n|---|---|---|---|---|",
+            a.long_steps
+        );
+        for (process, m) in &self.memory {
+            println!(
+                "| {process} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                m[0], m[1], m[2], m[3]
+            );
+        }
+    }
+
+    /// `report.json`.
+    fn json(&self) -> Value {
+        json!({
+            "causal_tokens_per_s": self.causal,
+            "pipelined_slm_tokens_per_s": self.pipelined,
+            "sequential_slm_tokens_per_s": self.sequential,
+            "pipelined_over_causal": self.pipelined / self.causal,
+            "sequential_over_causal": self.sequential / self.causal,
+            "cached_slm_tokens_per_s": self.cached,
+            "cache_bytes_per_token": self.cache_bytes_per_token,
+            "scaling_tokens_per_s": self.scaling,
+            "memory_mib": self.memory.iter().map(|(p, m)| (p.clone(), json!(m))).collect::<serde_json::Map<_, _>>(),
+        })
+    }
 }

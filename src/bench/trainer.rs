@@ -84,30 +84,7 @@ pub fn run(
     }
     let n = (4 * steps) as f64;
     let tokens = (batch_size * seq_len) as f64;
-    // Selection alone, on the same number of positions.
-    let current: Vec<f32> = (0..batch_size * seq_len)
-        .map(|i| ((i * 13) % 101) as f32 / 7.0)
-        .collect();
-    let reference: Vec<f32> = (0..batch_size * seq_len)
-        .map(|i| ((i * 37) % 97) as f32 / 10.0)
-        .collect();
-    let valid = vec![true; current.len()];
-    let t0 = Instant::now();
-    for _ in 0..100 {
-        std::hint::black_box(rho_trainer::selection::select(
-            ScoreRule::Excess,
-            Scope::Batch,
-            0.6,
-            &rho_trainer::selection::Losses {
-                rows: batch_size,
-                len: seq_len,
-                current: &current,
-                reference: Some(&reference),
-                valid: &valid,
-            },
-        ));
-    }
-    let select_ms = t0.elapsed().as_secs_f64() / 100.0 * 1e3;
+    let select_ms = selection_ms(batch_size, seq_len);
     println!("| mode | seconds/step | tokens/s | vs causal |");
     println!("|---|---|---|---|");
     println!(
@@ -123,6 +100,34 @@ pub fn run(
     );
     println!("selection alone (score, sort, mask of {} positions): {select_ms:.3} ms = {:.2}% of an SLM step", batch_size * seq_len, select_ms / 1e3 / (t_slm / n) * 100.0);
     Ok(())
+}
+
+/// Milliseconds of the selection alone (score, sort, mask) of SLM's top 60% by excess loss over
+/// `rows x seq_len` positions of made-up losses, the mean of 100.
+fn selection_ms(rows: usize, seq_len: usize) -> f64 {
+    let current: Vec<f32> = (0..rows * seq_len)
+        .map(|i| ((i * 13) % 101) as f32 / 7.0)
+        .collect();
+    let reference: Vec<f32> = (0..rows * seq_len)
+        .map(|i| ((i * 37) % 97) as f32 / 10.0)
+        .collect();
+    let valid = vec![true; current.len()];
+    let t0 = Instant::now();
+    for _ in 0..100 {
+        std::hint::black_box(rho_trainer::selection::select(
+            ScoreRule::Excess,
+            Scope::Batch,
+            0.6,
+            &rho_trainer::selection::Losses {
+                rows,
+                len: seq_len,
+                current: &current,
+                reference: Some(&reference),
+                valid: &valid,
+            },
+        ));
+    }
+    t0.elapsed().as_secs_f64() / 100.0 * 1e3
 }
 
 /// A training step's input of `rows x seq_len` tokens (a fixed pattern that varies with `seq`)

@@ -124,48 +124,7 @@ pub fn score(args: ScoreArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| args.model.join("tokenizer.json"));
     let load_tokenizer = || crate::runtime::load_tokenizer(&tokenizer_path);
-    let special = !args.no_special_tokens;
-    let mut tokenizer = None;
-    let rows: Vec<Vec<u32>> = if let Some(text) = &args.text {
-        let tk = tokenizer.insert(load_tokenizer()?);
-        vec![tk
-            .encode(text.as_str(), special)
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .get_ids()
-            .to_vec()]
-    } else if let Some(input) = &args.input {
-        let tk = tokenizer.insert(load_tokenizer()?);
-        let data = rho_loader::DataConfig {
-            paths: vec![input.clone()],
-            text_field: "text".into(),
-            format: rho_loader::FormatChoice::Auto,
-        };
-        let mut rows = Vec::new();
-        for shard in rho_loader::sources::discover(&data)? {
-            for event in rho_loader::sources::open(&shard, "text") {
-                if let rho_loader::sources::Event::Doc { text, .. } = event {
-                    rows.push(
-                        tk.encode(text.as_str(), special)
-                            .map_err(|e| anyhow::anyhow!("{e}"))?
-                            .get_ids()
-                            .to_vec(),
-                    );
-                }
-            }
-        }
-        rows
-    } else if let Some(path) = &args.ids {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        serde_json::from_str(&text).with_context(|| {
-            format!(
-                "{}: expected a JSON array of rows of token ids",
-                path.display()
-            )
-        })?
-    } else {
-        bail!("give one of --text, --input or --ids");
-    };
+    let (rows, tokenizer) = score_rows(&args, &load_tokenizer)?;
     let max = model.config().max_position_embeddings;
     let mut all = Vec::new();
     for (i, row) in rows.iter().enumerate() {
@@ -192,14 +151,68 @@ pub fn score(args: ScoreArgs) -> anyhow::Result<()> {
         Some(t) => Some(t),
         None => load_tokenizer().ok(),
     };
+    // A reader that stops early (`| head`) is not an error.
+    let out = loss_table(&rows, &all, tk.as_ref());
+    match std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// The token rows `rho score` scores: `--text` or every document of `--input` tokenized (by
+/// the tokenizer `load` loads, returned with them), or `--ids` as written.
+fn score_rows(
+    args: &ScoreArgs,
+    load: &dyn Fn() -> anyhow::Result<tokenizers::Tokenizer>,
+) -> anyhow::Result<(Vec<Vec<u32>>, Option<tokenizers::Tokenizer>)> {
+    let special = !args.no_special_tokens;
+    let encode = |tk: &tokenizers::Tokenizer, text: &str| -> anyhow::Result<Vec<u32>> {
+        Ok(tk
+            .encode(text, special)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .get_ids()
+            .to_vec())
+    };
+    if let Some(text) = &args.text {
+        let tk = load()?;
+        Ok((vec![encode(&tk, text)?], Some(tk)))
+    } else if let Some(input) = &args.input {
+        let tk = load()?;
+        let data = rho_loader::DataConfig::new(vec![input.clone()]);
+        let mut rows = Vec::new();
+        for shard in rho_loader::sources::discover(&data)? {
+            for event in rho_loader::sources::open(&shard, "text") {
+                if let rho_loader::sources::Event::Doc { text, .. } = event {
+                    rows.push(encode(&tk, &text)?);
+                }
+            }
+        }
+        Ok((rows, Some(tk)))
+    } else if let Some(path) = &args.ids {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let rows = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{}: expected a JSON array of rows of token ids",
+                path.display()
+            )
+        })?;
+        Ok((rows, None))
+    } else {
+        bail!("give one of --text, --input or --ids");
+    }
+}
+
+/// Each row's tokens with the loss of predicting each (`-` for the first), under a line with
+/// the row's mean.
+fn loss_table(rows: &[Vec<u32>], all: &[Vec<f32>], tk: Option<&tokenizers::Tokenizer>) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    for (i, (row, losses)) in rows.iter().zip(&all).enumerate() {
+    for (i, (row, losses)) in rows.iter().zip(all).enumerate() {
         let mean = losses.iter().sum::<f32>() / losses.len().max(1) as f32;
         let _ = writeln!(out, "# row {i}: {} tokens, mean loss {mean:.4}", row.len());
         for (t, id) in row.iter().enumerate() {
             let token = tk
-                .as_ref()
                 .and_then(|k| k.id_to_token(*id))
                 .unwrap_or_else(|| id.to_string());
             match t.checked_sub(1).and_then(|p| losses.get(p)) {
@@ -212,9 +225,5 @@ pub fn score(args: ScoreArgs) -> anyhow::Result<()> {
             }
         }
     }
-    // A reader that stops early (`| head`) is not an error.
-    match std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
-        _ => Ok(()),
-    }
+    out
 }

@@ -14,6 +14,7 @@
 //!    PNG), a page of sample documents colored by what SLM selects, and how much of what each
 //!    rule selects is noise.
 
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -26,11 +27,15 @@ pub mod report;
 use crate::commands::model as model_cmd;
 use crate::supervise::RunOutcome;
 use crate::synth::{self as corpus, SynthArgs};
+use rho_loader::LoaderConfig;
+use rho_protocol::Endpoint;
+use rho_selector::SelectorConfig;
 use rho_trainer::ScoreRule;
 
 pub use plan::DemoArgs;
 use plan::Plan;
 
+/// Runs the demo: corpora, tokenizer, models, the pipelines of every run, the report.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let plan = Plan::new(&args);
@@ -43,8 +48,66 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let stages = if plan.ablations { 10 } else { 7 };
     let stage = |n: usize, what: &str| eprintln!("[{n}/{stages}] {what}");
 
-    // 1. Corpora.
-    let data = corpus::data_dir(&out);
+    let synth = write_corpora(&args, &plan, &out, &stage)?;
+    let train_paths = match &args.data {
+        Some(d) => vec![absolute(d)?],
+        None => vec![synth[1].out.to_string_lossy().into_owned()],
+    };
+    let curated = synth[0].out.to_string_lossy().into_owned();
+    let (tokenizer, vocab) = train_tokenizer(&plan, &out, &train_paths, &curated, &stage)?;
+    let (reference_init, target_init) = init_models(&args, &plan, &out, vocab, &stage)?;
+    let heldout_loader = out.join("heldout-loader.json");
+    write_heldout_loader(&plan, &synth[2].out, &tokenizer, &heldout_loader)?;
+    let pipes = Pipelines {
+        out: &out,
+        plan: &plan,
+        seed: args.seed,
+        tokenizer: &tokenizer,
+        heldout_loader: &heldout_loader,
+    };
+    let starts = Starts {
+        curated: &curated,
+        train: &train_paths,
+        reference: &reference_init,
+        target: &target_init,
+    };
+    let trained = train_every_model(&pipes, &starts, &stage).await?;
+
+    stage(stages, "writing the report");
+    let sample_docs = if args.data.is_none() {
+        Some(corpus::shard_docs(&synth[1], 0))
+    } else {
+        None
+    };
+    let inputs = report::Inputs {
+        out: &out,
+        plan: &plan,
+        seed: args.seed,
+        tokenizer: &tokenizer,
+        reference_model: &trained.reference_model,
+        slm_model: &final_model(&trained.slm)?,
+        runs: [&trained.reference, &trained.causal, &trained.slm],
+        ablations: trained.ablations.iter().map(|(r, o)| (*r, o)).collect(),
+        sample_docs: sample_docs.as_deref(),
+        started,
+    };
+    let report = report::write(&inputs)?;
+    println!("{}", report::summary_text(&report, &out));
+    Ok(())
+}
+
+/// Prints the progress line of stage `n` of the demo.
+type Stage<'a> = &'a dyn Fn(usize, &str);
+
+/// Stage 1: the three corpora (curated clean, noisy training, held-out clean) from disjoint
+/// seeds, in that order.
+fn write_corpora(
+    args: &DemoArgs,
+    plan: &Plan,
+    out: &Path,
+    stage: Stage,
+) -> anyhow::Result<Vec<SynthArgs>> {
+    let data = corpus::data_dir(out);
     let sets = [
         ("curated", plan.curated_docs, 0.0, plan.easy, 1u64),
         ("train", plan.train_docs, plan.noise, plan.easy, 2),
@@ -75,12 +138,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         corpus::write_corpus(&a)?;
         synth.push(a);
     }
-    let train_paths = match &args.data {
-        Some(d) => vec![absolute(d)?],
-        None => vec![synth[1].out.to_string_lossy().into_owned()],
-    };
+    Ok(synth)
+}
 
-    // 2. Tokenizer.
+/// Stage 2: a byte-level BPE tokenizer trained on the training and curated corpora; (its file,
+/// its vocabulary size).
+fn train_tokenizer(
+    plan: &Plan,
+    out: &Path,
+    train_paths: &[String],
+    curated: &str,
+    stage: Stage,
+) -> anyhow::Result<(PathBuf, usize)> {
     let tokenizer = out.join("tokenizer.json");
     stage(
         2,
@@ -90,48 +159,87 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             tokenizer.display()
         ),
     );
-    let mut tok_paths = train_paths.clone();
-    tok_paths.push(synth[0].out.to_string_lossy().into_owned());
+    let mut paths = train_paths.to_vec();
+    paths.push(curated.to_owned());
     let trained = rho_loader::train::train_bpe(
-        &rho_loader::DataConfig {
-            paths: tok_paths,
-            text_field: "text".into(),
-            format: rho_loader::FormatChoice::Auto,
-        },
+        &rho_loader::DataConfig::new(paths),
         plan.vocab,
         Some(20_000),
         &tokenizer,
     )?;
+    Ok((tokenizer, trained.vocab_size))
+}
 
-    // 3. Initial weights: one for the reference, one shared by both target models.
+/// Stage 3: initial weights, one for the reference and one shared by every target model;
+/// (reference, target) checkpoint directories.
+fn init_models(
+    args: &DemoArgs,
+    plan: &Plan,
+    out: &Path,
+    vocab: usize,
+    stage: Stage,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
     stage(
         3,
-        &format!(
-            "initializing `{}` models (vocabulary {})",
-            plan.preset, trained.vocab_size
-        ),
+        &format!("initializing `{}` models (vocabulary {vocab})", plan.preset),
     );
     let models = out.join("models");
-    let config = model_cmd::preset_config(plan.preset, trained.vocab_size, plan.seq_len + 1)?;
+    let config = model_cmd::preset_config(plan.preset, vocab, plan.seq_len + 1)?;
     let reference_init = models.join("reference-init");
     let target_init = models.join("target-init");
     model_cmd::init_checkpoint(&reference_init, &config, args.seed.wrapping_add(101))?;
     model_cmd::init_checkpoint(&target_init, &config, args.seed.wrapping_add(202))?;
+    Ok((reference_init, target_init))
+}
 
-    let heldout_loader = out.join("heldout-loader.json");
-    std::fs::write(
-        &heldout_loader,
-        serde_json::to_string_pretty(&json!({
-            "run_id": "demo-heldout",
-            "data": {"paths": [synth[2].out]},
-            "tokenizer": tokenizer,
-            "seq_len": plan.seq_len,
-            "batch_size": plan.batch,
-            "shuffle_window": 1,
-        }))?,
+/// The loader config of the held-out set every run evaluates on, in its unshuffled order.
+fn write_heldout_loader(
+    plan: &Plan,
+    heldout: &Path,
+    tokenizer: &Path,
+    file: &Path,
+) -> anyhow::Result<()> {
+    let mut config = loader_config(
+        plan,
+        vec![heldout.to_string_lossy().into_owned()],
+        tokenizer,
     )?;
+    config.run_id = "demo-heldout".into();
+    config.shuffle_window = NonZeroUsize::MIN;
+    std::fs::write(file, serde_json::to_string_pretty(&config)?)
+        .with_context(|| format!("writing {}", file.display()))
+}
 
-    // 4. The reference model: plain causal LM on the curated set.
+/// Where the demo's models start and what they train on.
+struct Starts<'a> {
+    /// The curated set the reference trains on.
+    curated: &'a str,
+    /// The noisy corpus every target model trains on.
+    train: &'a [String],
+    /// The reference's initial checkpoint.
+    reference: &'a Path,
+    /// The initial checkpoint every target model starts from.
+    target: &'a Path,
+}
+
+/// What the demo's runs trained.
+struct Trained {
+    reference: RunOutcome,
+    reference_model: PathBuf,
+    causal: RunOutcome,
+    slm: RunOutcome,
+    /// The ablations' runs by score rule (none without `--ablations`).
+    ablations: Vec<(ScoreRule, RunOutcome)>,
+}
+
+/// Stages 4 to 9: the reference (causal LM on the curated set), then from one start, on one
+/// stream, with one budget: the causal-LM baseline, SLM, and the ablations when asked for.
+async fn train_every_model(
+    pipes: &Pipelines<'_>,
+    starts: &Starts<'_>,
+    stage: Stage<'_>,
+) -> anyhow::Result<Trained> {
+    let plan = pipes.plan;
     stage(
         4,
         &format!(
@@ -139,54 +247,35 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             plan.reference_steps
         ),
     );
-    let pipes = Pipelines {
-        out: &out,
-        plan: &plan,
-        seed: args.seed,
-        tokenizer: &tokenizer,
-        heldout_loader: &heldout_loader,
-    };
-    let curated = [synth[0].out.to_string_lossy().into_owned()];
+    let curated = [starts.curated.to_owned()];
+    let (steps, train, target) = (plan.steps, starts.train, starts.target);
     let reference = pipes
         .run(
             "reference",
             &curated,
-            &reference_init,
+            starts.reference,
             plan.reference_steps,
             Rule::None,
         )
         .await?;
     let reference_model = final_model(&reference)?;
-
-    // 5. and 6. The two target models, same start, same stream, same budget.
     stage(
         5,
-        &format!(
-            "training the causal-LM baseline: {} steps on the noisy corpus (`rho run`)",
-            plan.steps
-        ),
+        &format!("training the causal-LM baseline: {steps} steps on the noisy corpus (`rho run`)"),
     );
     let causal = pipes
-        .run("causal", &train_paths, &target_init, plan.steps, Rule::None)
+        .run("causal", train, target, steps, Rule::None)
         .await?;
     stage(
         6,
         &format!(
-            "training with SLM (k = {}): {} steps on the same stream, scored by a selector process (`rho run`)",
-            plan.ratio, plan.steps
+            "training with SLM (k = {}): {steps} steps on the same stream, scored by a selector process (`rho run`)",
+            plan.ratio
         ),
     );
     let slm = pipes
-        .run(
-            "slm",
-            &train_paths,
-            &target_init,
-            plan.steps,
-            Rule::Excess(&reference_model),
-        )
+        .run("slm", train, target, steps, Rule::Excess(&reference_model))
         .await?;
-
-    // 7. to 9. The ablations: the other score rules, same start, stream, budget and k.
     let mut ablations = Vec::new();
     if plan.ablations {
         let rules = [
@@ -205,45 +294,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             stage(
                 7 + i,
                 &format!(
-                    "ablation `{name}` (k = {}): {} steps {what} (`rho run`)",
-                    plan.ratio, plan.steps
+                    "ablation `{name}` (k = {}): {steps} steps {what} (`rho run`)",
+                    plan.ratio
                 ),
             );
             let run = pipes
-                .run(
-                    &format!("ablation-{name}"),
-                    &train_paths,
-                    &target_init,
-                    plan.steps,
-                    rule,
-                )
+                .run(&format!("ablation-{name}"), train, target, steps, rule)
                 .await?;
             ablations.push((rule.score(), run));
         }
     }
-
-    // The report.
-    stage(stages, "writing the report");
-    let sample_docs = if args.data.is_none() {
-        Some(corpus::shard_docs(&synth[1], 0))
-    } else {
-        None
-    };
-    let inputs = report::Inputs {
-        out: &out,
-        plan: &plan,
-        seed: args.seed,
-        tokenizer: &tokenizer,
-        reference_model: &reference_model,
-        slm_model: &final_model(&slm)?,
-        runs: [&reference, &causal, &slm],
-        ablations: ablations.iter().map(|(r, o)| (*r, o)).collect(),
-        sample_docs: sample_docs.as_deref(),
-        started,
-    };
-    let report = report::write(&inputs)?;
-    println!("{}", report::summary_text(&report, &out));
-    Ok(())
+    Ok(Trained {
+        reference,
+        reference_model,
+        causal,
+        slm,
+        ablations,
+    })
 }
 
 fn absolute(path: &str) -> anyhow::Result<String> {
@@ -346,27 +413,22 @@ impl Pipelines<'_> {
         // is fixed and the lanes do not change any bit, so the numbers are the same on any
         // machine.
         let selector = reference.map(|r| {
-            json!({
-                "model": r,
-                "tokenizer": tokenizer,
-                "threads": (cores / 2).max(1),
-            })
+            let mut selector = SelectorConfig::new(r.to_path_buf(), tokenizer.to_path_buf());
+            selector.threads = Some((cores / 2).max(1));
+            selector
         });
+        let mut loader = loader_config(plan, data.to_vec(), tokenizer)?;
+        loader.run_id = format!("demo-{name}-{seed}");
+        loader.seed = seed;
+        loader.epochs = NonZeroU32::new(1000).context("epochs")?;
+        loader.threads = 1;
+        // Unassigned: `rho run` binds it on a free loopback port.
+        loader.endpoint = Endpoint::default();
         let config = json!({
             "run_dir": ".",
             "selector": selector,
             "selectors": 1,
-            "loader": {
-                "run_id": format!("demo-{name}-{seed}"),
-                "data": {"paths": data},
-                "tokenizer": tokenizer,
-                "seq_len": plan.seq_len,
-                "batch_size": plan.batch,
-                "seed": seed,
-                "epochs": 1000,
-                "shuffle_window": 64,
-                "threads": 1,
-            },
+            "loader": loader,
             "trainer": {
                 "model": init,
                 "selection": selection,
@@ -386,4 +448,20 @@ impl Pipelines<'_> {
         });
         crate::supervise::launch(&dir, name, &config).await
     }
+}
+
+/// A loader of the plan's batches of these shards, tokenized by `tokenizer`, every other field
+/// at its default.
+fn loader_config(
+    plan: &Plan,
+    paths: Vec<String>,
+    tokenizer: &Path,
+) -> anyhow::Result<LoaderConfig> {
+    let nonzero = |n: usize, what| NonZeroUsize::new(n).with_context(|| format!("{what} is 0"));
+    Ok(LoaderConfig::new(
+        rho_loader::DataConfig::new(paths),
+        tokenizer.to_path_buf(),
+        nonzero(plan.seq_len, "the sequence length")?,
+        nonzero(plan.batch, "the batch size")?,
+    ))
 }

@@ -16,6 +16,7 @@ use anyhow::Context;
 use clap::Args;
 
 use chart::{Chart, Series};
+use rho_trainer::StepMetrics;
 use runs::RunData;
 use selection::escape;
 
@@ -104,30 +105,29 @@ fn rows(runs: &[RunData]) -> Vec<Row> {
 
 /// The charts of the report: `(file stem, chart)`.
 fn charts(runs: &[RunData]) -> Vec<(&'static str, Chart<'static>)> {
-    let per_run = |value: &dyn Fn(&RunData) -> Vec<(f64, f64)>| -> Vec<Series> {
-        runs.iter()
-            .map(|r| Series {
-                label: r.name.clone(),
-                points: value(r),
-            })
-            .filter(|s| !s.points.is_empty())
-            .collect()
+    let per_run = |value: &dyn Fn(&RunData) -> Vec<(f64, f64)>| per_run(runs, value);
+    let by_step = |title, y_label, zoom, value: &dyn Fn(&StepMetrics) -> f64| Chart {
+        title,
+        x_label: "step",
+        y_label,
+        x_scale: 1.0,
+        zoom,
+        series: per_run(&|r| r.per_step(value)),
     };
-    let mut throughput = per_run(&|r| {
-        let steps = r.steps.iter();
-        steps.map(|s| (s.elapsed_s, s.tokens_per_s)).collect()
+    let over_time = |title, x_label, y_label, series| Chart {
+        title,
+        x_label,
+        y_label,
+        x_scale: 1.0,
+        zoom: false,
+        series,
+    };
+    let loader = per_run(&|r| {
+        r.loader
+            .iter()
+            .map(|l| (l.elapsed_s, l.tokens_per_s))
+            .collect()
     });
-    for r in runs {
-        for (process, lines) in &r.selectors {
-            throughput.push(Series {
-                label: format!("{} {process} (mean since start)", r.name),
-                points: lines
-                    .iter()
-                    .map(|l| (l.elapsed_s, l.tokens_per_s))
-                    .collect(),
-            });
-        }
-    }
     vec![
         (
             "eval_loss",
@@ -142,76 +142,90 @@ fn charts(runs: &[RunData]) -> Vec<(&'static str, Chart<'static>)> {
         ),
         (
             "train_loss",
-            Chart {
-                title: "Training loss on every token",
-                x_label: "step",
-                y_label: "loss (nats per token)",
-                x_scale: 1.0,
-                zoom: true,
-                series: per_run(&|r| r.per_step(|s| f64::from(s.stats.loss_all))),
-            },
+            by_step(
+                "Training loss on every token",
+                "loss (nats per token)",
+                true,
+                &|s| f64::from(s.stats.loss_all),
+            ),
         ),
         (
             "throughput",
-            Chart {
-                title: "Throughput: trainer steps and selectors",
-                x_label: "seconds since the process started",
-                y_label: "tokens per second",
-                x_scale: 1.0,
-                zoom: false,
-                series: throughput,
-            },
+            over_time(
+                "Throughput: trainer steps and selectors",
+                "seconds since the process started",
+                "tokens per second",
+                throughput_series(runs),
+            ),
         ),
         (
             "loader_throughput",
-            Chart {
-                title: "Loader: tokens tokenized (it works ahead of its consumers)",
-                x_label: "seconds since the loader started",
-                y_label: "tokens/s (mean since start)",
-                x_scale: 1.0,
-                zoom: false,
-                series: per_run(&|r| {
-                    r.loader
-                        .iter()
-                        .map(|l| (l.elapsed_s, l.tokens_per_s))
-                        .collect()
-                }),
-            },
+            over_time(
+                "Loader: tokens tokenized (it works ahead of its consumers)",
+                "seconds since the loader started",
+                "tokens/s (mean since start)",
+                loader,
+            ),
         ),
         (
             "data_wait",
-            Chart {
-                title: "Trainer time waiting for data",
-                x_label: "step",
-                y_label: "share of wall time",
-                x_scale: 1.0,
-                zoom: false,
-                series: per_run(&|r| r.per_step(|s| s.data_wait_fraction)),
-            },
+            by_step(
+                "Trainer time waiting for data",
+                "share of wall time",
+                false,
+                &|s| s.data_wait_fraction,
+            ),
         ),
         (
             "selected_fraction",
-            Chart {
-                title: "Tokens trained on",
-                x_label: "step",
-                y_label: "selected / valid tokens",
-                x_scale: 1.0,
-                zoom: false,
-                series: per_run(&|r| r.per_step(|s| f64::from(s.stats.selected_fraction))),
-            },
+            by_step(
+                "Tokens trained on",
+                "selected / valid tokens",
+                false,
+                &|s| f64::from(s.stats.selected_fraction),
+            ),
         ),
         (
             "mean_excess",
-            Chart {
-                title: "Mean excess loss (current - reference)",
-                x_label: "step",
-                y_label: "nats per token",
-                x_scale: 1.0,
-                zoom: false,
-                series: per_run(&|r| r.per_step(|s| f64::from(s.stats.mean_excess))),
-            },
+            by_step(
+                "Mean excess loss (current - reference)",
+                "nats per token",
+                false,
+                &|s| f64::from(s.stats.mean_excess),
+            ),
         ),
     ]
+}
+
+/// One series per run of `value`, runs with no points left out.
+fn per_run(runs: &[RunData], value: &dyn Fn(&RunData) -> Vec<(f64, f64)>) -> Vec<Series> {
+    runs.iter()
+        .map(|r| Series {
+            label: r.name.clone(),
+            points: value(r),
+        })
+        .filter(|s| !s.points.is_empty())
+        .collect()
+}
+
+/// Each run's trainer tokens/s by step time, then each of its selectors' mean since start.
+fn throughput_series(runs: &[RunData]) -> Vec<Series> {
+    let mut throughput = per_run(runs, &|r| {
+        let steps = r.steps.iter();
+        steps.map(|s| (s.elapsed_s, s.tokens_per_s)).collect()
+    });
+    for r in runs {
+        for (process, lines) in &r.selectors {
+            throughput.push(Series {
+                label: format!("{} {process} (mean since start)", r.name),
+                points: lines
+                    .iter()
+                    .map(|l| (l.elapsed_s, l.tokens_per_s))
+                    .collect(),
+            });
+        }
+    }
+    throughput
 }
 
 fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {

@@ -216,7 +216,8 @@ impl Plan {
     }
 }
 
-/// Which endpoints the run config names itself (the others get a free loopback port).
+/// Which endpoints the run config names itself (the others get a free loopback port; an empty
+/// endpoint, as a typed config with an unassigned endpoint writes it, names none).
 struct Given {
     loader_endpoint: bool,
     trainer_delivery: bool,
@@ -225,7 +226,10 @@ struct Given {
 impl Given {
     fn of(text: &str) -> Given {
         let v: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
-        let has = |section: &str, key: &str| v.get(section).and_then(|s| s.get(key)).is_some();
+        let has = |section: &str, key: &str| {
+            let named = v.get(section).and_then(|s| s.get(key));
+            named.is_some_and(|e| e.as_str() != Some(""))
+        };
         Given {
             loader_endpoint: has("loader", "endpoint"),
             trainer_delivery: has("trainer", "delivery"),
@@ -583,6 +587,8 @@ mod tests {
     fn endpoints_the_file_names_are_kept_and_the_others_assigned() {
         let g = Given::of(r#"{"loader": {"endpoint": "tcp://127.0.0.1:7000"}, "trainer": {}}"#);
         assert!(g.loader_endpoint && !g.trainer_delivery);
+        let g = Given::of(r#"{"loader": {"endpoint": ""}, "trainer": {"delivery": ""}}"#);
+        assert!(!g.loader_endpoint && !g.trainer_delivery);
         let mut e = Endpoint::default();
         assign_later(&mut e);
         assert_eq!(e.as_str(), ANY_LOOPBACK_PORT);

@@ -400,22 +400,7 @@ pub fn write(inp: &Inputs) -> anyhow::Result<Report> {
     let slm_final = final_of(&s).context("the SLM run has no evaluation")?;
     let budget = plan.tokens_per_run() as f64;
     let reach = tokens_to_reach(&s, causal_final);
-    Chart {
-        title: "Held-out loss of the clean target distribution",
-        x_label: "training tokens read (millions)",
-        y_label: "loss (nats per token)",
-        x_scale: 1e6,
-        zoom: true,
-        series: targets
-            .iter()
-            .zip(&curves)
-            .map(|((rule, _), points)| Series {
-                label: rule_label(*rule, plan.ratio),
-                points: points.clone(),
-            })
-            .collect(),
-    }
-    .write(inp.out, "loss")?;
+    loss_chart(inp, &targets, &curves)?;
     let (selection, html) = match inp.sample_docs {
         Some(docs) => {
             let (a, h) = selection_analysis(inp, docs)?;
@@ -426,85 +411,15 @@ pub fn write(inp: &Inputs) -> anyhow::Result<Report> {
     if let Some(h) = &html {
         std::fs::write(inp.out.join("selection.html"), h)?;
     }
-    let points = |c: &[(f64, f64)]| -> Vec<EvalAt> {
-        c.iter()
-            .map(|&(tokens, loss)| EvalAt { tokens, loss })
-            .collect()
-    };
-
-    // Compute: 6N per token of every batch trained, 2N_ref per token scored.
-    let n = matmul_parameters(inp.slm_model)? as f64;
-    let n_ref = matmul_parameters(inp.reference_model)? as f64;
-    let reference_training_flops =
-        6.0 * n_ref * (plan.reference_steps * (plan.batch * plan.seq_len) as u64) as f64;
-    let flops_of = |rule: ScoreRule| {
-        6.0 * n * budget
-            + if rule.needs_reference() {
-                2.0 * n_ref * budget
-            } else {
-                0.0
-            }
-    };
-    let causal_flops = flops_of(ScoreRule::None);
+    let flops = Flops::of(inp)?;
     let rules: Vec<RuleRun> = targets
         .iter()
         .zip(&curves)
-        .map(|((rule, run), curve)| {
-            let final_loss = final_of(curve).unwrap_or(f64::NAN);
-            let reach = tokens_to_reach(curve, causal_final);
-            let flops = flops_of(*rule);
-            let to_final = reach.map(|r| flops * r.1 / budget);
-            let extra = if rule.needs_reference() {
-                reference_training_flops
-            } else {
-                0.0
-            };
-            RuleRun {
-                rule: *rule,
-                run: run.name.clone(),
-                final_eval_loss: final_loss,
-                minus_causal: final_loss - causal_final,
-                tokens_to_causal_final_fraction: reach.map(|r| r.0 / budget),
-                tokens_to_causal_final_fraction_interpolated: reach.map(|r| r.1 / budget),
-                noise_share_kept: selection.as_ref().map(|sel| match rule {
-                    ScoreRule::None => sel.noise_share_of_corpus,
-                    r => sel
-                        .noise_share_selected
-                        .get(r.name())
-                        .copied()
-                        .unwrap_or(f64::NAN),
-                }),
-                flops,
-                flops_to_causal_final: to_final,
-                compute_to_causal_final_ratio: to_final.map(|f| f / causal_flops),
-                compute_to_causal_final_ratio_with_reference_training: to_final
-                    .map(|f| (f + extra) / causal_flops),
-                pipeline_wall_seconds: run.summary.wall_seconds,
-            }
+        .map(|(&(rule, run), curve)| {
+            flops.rule_run(rule, run, curve, causal_final, selection.as_ref())
         })
         .collect();
-    let slm_row = &rules[1];
-    // Every position of a demo batch is valid: each step keeps round(k x positions).
-    let kept_tokens = (plan.steps
-        * rho_trainer::selection::keep_count(plan.ratio, plan.batch * plan.seq_len) as u64)
-        as f64;
-    let compute = Compute {
-        target_parameters: n as usize,
-        reference_parameters: n_ref as usize,
-        reference_training_flops,
-        causal_flops,
-        slm_flops: slm_row.flops,
-        slm_selected_token_flops: 6.0 * n * kept_tokens,
-        slm_to_causal_final_ratio: slm_row.compute_to_causal_final_ratio,
-        slm_to_causal_final_ratio_with_reference_training: slm_row
-            .compute_to_causal_final_ratio_with_reference_training,
-        reference_wall_seconds: reference.summary.wall_seconds,
-    };
-    let ablation_map = |f: &dyn Fn(usize) -> Throughput| {
-        (2..targets.len())
-            .map(|i| (targets[i].0.name().to_string(), f(i)))
-            .collect()
-    };
+    let compute = flops.compute(&rules[1], reference);
     let report = Report {
         seed: inp.seed,
         causal_final_eval_loss: causal_final,
@@ -523,11 +438,9 @@ pub fn write(inp: &Inputs) -> anyhow::Result<Report> {
         ratio: plan.ratio,
         wall_seconds: inp.started.elapsed().as_secs_f64(),
         evals: Evals {
-            causal: points(&c),
-            slm: points(&s),
-            ablations: (2..targets.len())
-                .map(|i| (targets[i].0.name().to_string(), points(&curves[i])))
-                .collect(),
+            causal: eval_points(&c),
+            slm: eval_points(&s),
+            ablations: by_ablation(&targets, |i| eval_points(&curves[i])),
         },
         rules,
         compute,
@@ -536,15 +449,13 @@ pub fn write(inp: &Inputs) -> anyhow::Result<Report> {
             reference: throughput(reference, plan),
             causal: throughput(causal, plan),
             slm: throughput(slm, plan),
-            ablations: ablation_map(&|i| throughput(targets[i].1, plan)),
+            ablations: by_ablation(&targets, |i| throughput(targets[i].1, plan)),
         },
         runs: ByRun {
             reference: reference.dir.clone(),
             causal: causal.dir.clone(),
             slm: slm.dir.clone(),
-            ablations: (2..targets.len())
-                .map(|i| (targets[i].0.name().to_string(), targets[i].1.dir.clone()))
-                .collect(),
+            ablations: by_ablation(&targets, |i| targets[i].1.dir.clone()),
         },
     };
     std::fs::write(
@@ -553,6 +464,154 @@ pub fn write(inp: &Inputs) -> anyhow::Result<Report> {
     )?;
     std::fs::write(inp.out.join("report.md"), markdown(&report))?;
     Ok(report)
+}
+
+/// The held-out loss of every target run against the tokens it read (`loss.svg`, `loss.png`).
+fn loss_chart(
+    inp: &Inputs,
+    targets: &[(ScoreRule, &RunOutcome)],
+    curves: &[Vec<(f64, f64)>],
+) -> anyhow::Result<()> {
+    Chart {
+        title: "Held-out loss of the clean target distribution",
+        x_label: "training tokens read (millions)",
+        y_label: "loss (nats per token)",
+        x_scale: 1e6,
+        zoom: true,
+        series: targets
+            .iter()
+            .zip(curves)
+            .map(|((rule, _), points)| Series {
+                label: rule_label(*rule, inp.plan.ratio),
+                points: points.clone(),
+            })
+            .collect(),
+    }
+    .write(inp.out, "loss")?;
+    Ok(())
+}
+
+/// `f(i)` of each ablation `i` of the target runs (causal LM and SLM come first), by its rule's
+/// name.
+fn by_ablation<T>(
+    targets: &[(ScoreRule, &RunOutcome)],
+    f: impl Fn(usize) -> T,
+) -> std::collections::BTreeMap<String, T> {
+    (2..targets.len())
+        .map(|i| (targets[i].0.name().to_string(), f(i)))
+        .collect()
+}
+
+/// A curve's points as the report writes them.
+fn eval_points(c: &[(f64, f64)]) -> Vec<EvalAt> {
+    c.iter()
+        .map(|&(tokens, loss)| EvalAt { tokens, loss })
+        .collect()
+}
+
+/// The compute model of the report: 6N per token of every batch trained, 2N_ref per token
+/// scored.
+struct Flops<'a> {
+    plan: &'a Plan,
+    /// The target's matmul parameters.
+    n: f64,
+    /// The reference's matmul parameters.
+    n_ref: f64,
+    /// What training the reference cost.
+    reference_training: f64,
+    /// Tokens read by every target run.
+    budget: f64,
+}
+
+impl<'a> Flops<'a> {
+    fn of(inp: &Inputs<'a>) -> anyhow::Result<Self> {
+        let plan = inp.plan;
+        let n_ref = matmul_parameters(inp.reference_model)? as f64;
+        Ok(Flops {
+            plan,
+            n: matmul_parameters(inp.slm_model)? as f64,
+            n_ref,
+            reference_training: 6.0
+                * n_ref
+                * (plan.reference_steps * (plan.batch * plan.seq_len) as u64) as f64,
+            budget: plan.tokens_per_run() as f64,
+        })
+    }
+
+    /// A target run's training, and its scoring when the rule needs the reference.
+    fn of_rule(&self, rule: ScoreRule) -> f64 {
+        6.0 * self.n * self.budget
+            + if rule.needs_reference() {
+                2.0 * self.n_ref * self.budget
+            } else {
+                0.0
+            }
+    }
+
+    /// The row of one target run: its final loss and what it took to reach the causal
+    /// baseline's.
+    fn rule_run(
+        &self,
+        rule: ScoreRule,
+        run: &RunOutcome,
+        curve: &[(f64, f64)],
+        causal_final: f64,
+        selection: Option<&Selection>,
+    ) -> RuleRun {
+        let (budget, causal_flops) = (self.budget, self.of_rule(ScoreRule::None));
+        let final_loss = curve.last().map_or(f64::NAN, |p| p.1);
+        let reach = tokens_to_reach(curve, causal_final);
+        let flops = self.of_rule(rule);
+        let to_final = reach.map(|r| flops * r.1 / budget);
+        let extra = if rule.needs_reference() {
+            self.reference_training
+        } else {
+            0.0
+        };
+        RuleRun {
+            rule,
+            run: run.name.clone(),
+            final_eval_loss: final_loss,
+            minus_causal: final_loss - causal_final,
+            tokens_to_causal_final_fraction: reach.map(|r| r.0 / budget),
+            tokens_to_causal_final_fraction_interpolated: reach.map(|r| r.1 / budget),
+            noise_share_kept: selection.map(|sel| match rule {
+                ScoreRule::None => sel.noise_share_of_corpus,
+                r => sel
+                    .noise_share_selected
+                    .get(r.name())
+                    .copied()
+                    .unwrap_or(f64::NAN),
+            }),
+            flops,
+            flops_to_causal_final: to_final,
+            compute_to_causal_final_ratio: to_final.map(|f| f / causal_flops),
+            compute_to_causal_final_ratio_with_reference_training: to_final
+                .map(|f| (f + extra) / causal_flops),
+            pipeline_wall_seconds: run.summary.wall_seconds,
+        }
+    }
+
+    /// The compute section, from SLM's row and the reference's run.
+    fn compute(&self, slm_row: &RuleRun, reference: &RunOutcome) -> Compute {
+        let plan = self.plan;
+        // Every position of a demo batch is valid: each step keeps round(k x positions).
+        let kept_tokens = (plan.steps
+            * rho_trainer::selection::keep_count(plan.ratio, plan.batch * plan.seq_len) as u64)
+            as f64;
+        Compute {
+            target_parameters: self.n as usize,
+            reference_parameters: self.n_ref as usize,
+            reference_training_flops: self.reference_training,
+            causal_flops: self.of_rule(ScoreRule::None),
+            slm_flops: slm_row.flops,
+            slm_selected_token_flops: 6.0 * self.n * kept_tokens,
+            slm_to_causal_final_ratio: slm_row.compute_to_causal_final_ratio,
+            slm_to_causal_final_ratio_with_reference_training: slm_row
+                .compute_to_causal_final_ratio_with_reference_training,
+            reference_wall_seconds: reference.summary.wall_seconds,
+        }
+    }
 }
 
 fn pct(v: Option<f64>) -> String {
