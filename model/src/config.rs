@@ -1,5 +1,5 @@
 //! Model configuration in two steps, as candle does: [`HfConfig`] mirrors a HuggingFace
-//! `config.json` (Llama / TinyLlama, Mistral, Qwen2), and [`HfConfig::into_config`] checks it and
+//! `config.json` (Llama / TinyLlama, Mistral, Qwen2, Qwen3), and [`HfConfig::into_config`] checks it and
 //! turns it into the [`Config`] the model runs on.
 
 use serde::Deserialize;
@@ -10,7 +10,7 @@ use crate::ModelError;
 /// checkpoints carry many that do not change the forward pass.
 #[derive(Debug, Clone, Deserialize)]
 pub struct HfConfig {
-    /// `llama`, `mistral` or `qwen2` (default `llama`).
+    /// `llama`, `mistral`, `qwen2` or `qwen3` (default `llama`).
     #[serde(default)]
     pub model_type: Option<String>,
     /// Vocabulary size.
@@ -47,7 +47,7 @@ pub struct HfConfig {
     /// The LM head is the embedding.
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    /// Biases on q, k, v and o (Llama); Qwen2 has q, k, v biases whatever this says.
+    /// Biases on q, k, v and o (Llama, Qwen3); Qwen2 has q, k, v biases whatever this says.
     #[serde(default)]
     pub attention_bias: Option<bool>,
     /// Biases on the MLP projections.
@@ -56,13 +56,13 @@ pub struct HfConfig {
     /// The activation; only `silu` is supported.
     #[serde(default)]
     pub hidden_act: Option<String>,
-    /// Sliding-window width (Mistral, Qwen2).
+    /// Sliding-window width (Mistral, Qwen2, Qwen3).
     #[serde(default)]
     pub sliding_window: Option<usize>,
-    /// Whether Qwen2 uses its sliding window.
+    /// Whether Qwen2 or Qwen3 uses its sliding window.
     #[serde(default)]
     pub use_sliding_window: Option<bool>,
-    /// Qwen2: layers from this one on use the sliding window.
+    /// Qwen2, Qwen3: layers from this one on use the sliding window.
     #[serde(default)]
     pub max_window_layers: Option<usize>,
     /// Per layer: `full_attention` or `sliding_attention`.
@@ -92,6 +92,9 @@ pub enum Family {
     Mistral,
     /// Qwen2.
     Qwen2,
+    /// Qwen3: Qwen2's layout without q/k/v biases, with an RMSNorm over each head of the
+    /// queries and keys before RoPE.
+    Qwen3,
 }
 
 /// How rotary frequencies are adjusted for long contexts.
@@ -154,6 +157,9 @@ pub struct Config {
     pub mlp_bias: bool,
     /// Per layer: `Some(w)` when the layer attends only to the last `w` positions.
     pub sliding_window: Vec<Option<usize>>,
+    /// An RMSNorm (weights of `head_dim`) over each head of the queries and of the keys, after
+    /// their projections and before RoPE (Qwen3's `q_norm`, `k_norm`).
+    pub qk_norm: bool,
 }
 
 impl Config {
@@ -191,10 +197,11 @@ impl HfConfig {
             Some("llama") | None => Family::Llama,
             Some("mistral") => Family::Mistral,
             Some("qwen2") => Family::Qwen2,
+            Some("qwen3") => Family::Qwen3,
             Some(other) => {
                 return Err(bad(
                     "model_type",
-                    format!("`{other}` is not supported (llama, mistral, qwen2)"),
+                    format!("`{other}` is not supported (llama, mistral, qwen2, qwen3)"),
                 ))
             }
         };
@@ -256,6 +263,7 @@ impl HfConfig {
             o_bias: self.attention_bias.unwrap_or(false) && family != Family::Qwen2,
             mlp_bias: self.mlp_bias,
             sliding_window,
+            qk_norm: family == Family::Qwen3,
         })
     }
 
@@ -267,7 +275,7 @@ impl HfConfig {
         }
         match family {
             Family::Mistral => Some(window),
-            Family::Qwen2 => (self.use_sliding_window == Some(true)
+            Family::Qwen2 | Family::Qwen3 => (self.use_sliding_window == Some(true)
                 && layer >= self.max_window_layers.unwrap_or(0))
             .then_some(window),
             Family::Llama => None,
@@ -346,12 +354,20 @@ mod tests {
         .into_config()
         .unwrap();
         assert_eq!(q.sliding_window, vec![None; 3]);
-        assert!(q.qkv_bias && !q.o_bias);
+        assert!(q.qkv_bias && !q.o_bias && !q.qk_norm);
+        let q3 = HfConfig::from_json(&base(
+            r#","model_type":"qwen3","sliding_window":4,"use_sliding_window":true,"max_window_layers":1"#,
+        ))
+        .unwrap()
+        .into_config()
+        .unwrap();
+        assert_eq!(q3.sliding_window, vec![None, Some(4), Some(4)]);
+        assert!(!q3.qkv_bias && !q3.o_bias && q3.qk_norm);
         let bad = HfConfig::from_json(&base(r#","model_type":"gpt2""#))
             .unwrap()
             .into_config()
             .unwrap_err();
-        assert!(bad.to_string().contains("model_type"));
+        assert!(bad.to_string().contains("model_type") && bad.to_string().contains("qwen3"));
         let bad = HfConfig::from_json(&base(r#","rope_scaling":{"rope_type":"yarn","factor":2}"#))
             .unwrap()
             .into_config()

@@ -47,6 +47,10 @@ pub fn random_weights(
                 out.insert(format!("{p}.{name}.bias"), zeros(rows)?);
             }
         }
+        if config.qk_norm {
+            out.insert(format!("{p}.self_attn.q_norm.weight"), ones(hd)?);
+            out.insert(format!("{p}.self_attn.k_norm.weight"), ones(hd)?);
+        }
         out.insert(format!("{p}.input_layernorm.weight"), ones(h)?);
         out.insert(format!("{p}.post_attention_layernorm.weight"), ones(h)?);
     }

@@ -1,5 +1,6 @@
 //! The decoder: embeddings, `num_layers` pre-norm blocks (grouped-query attention with RoPE,
-//! optional sliding window and q/k/v biases; SwiGLU MLP), a final RMSNorm and the LM head.
+//! optional sliding window, q/k/v biases and per-head q/k RMSNorm; SwiGLU MLP), a final RMSNorm
+//! and the LM head.
 //!
 //! One set of weights serves two forward modes ([`ForwardMode`]): the fused mode uses candle's
 //! fused kernels (`rms_norm`, `softmax_last_dim`, `rope`), which have no backward pass; the
@@ -50,6 +51,9 @@ pub struct Attention {
     k: Linear,
     v: Linear,
     o: Linear,
+    /// Per-head RMSNorm weights `[head_dim]` of the queries and the keys (Qwen3), applied
+    /// before RoPE.
+    qk_norm: Option<(Tensor, Tensor)>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -162,6 +166,13 @@ impl DecoderLm {
                     k: proj("self_attn.k_proj", nkv * hd, h, qkv_bias)?,
                     v: proj("self_attn.v_proj", nkv * hd, h, qkv_bias)?,
                     o: proj("self_attn.o_proj", h, nh * hd, config.o_bias)?,
+                    qk_norm: match config.qk_norm {
+                        true => Some((
+                            w.get(&format!("{p}.self_attn.q_norm.weight"), &[hd])?,
+                            w.get(&format!("{p}.self_attn.k_norm.weight"), &[hd])?,
+                        )),
+                        false => None,
+                    },
                     num_heads: nh,
                     num_kv_heads: nkv,
                     head_dim: hd,
@@ -301,6 +312,13 @@ impl Attention {
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let scale = 1.0 / (hd as f64).sqrt();
         let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        let (q, k) = match &self.qk_norm {
+            Some((q_norm, k_norm)) => (
+                head_norm(&q, q_norm, hd, pass)?,
+                head_norm(&k, k_norm, hd, pass)?,
+            ),
+            None => (q, k),
+        };
         let (q, k, v) = match &pass.tables {
             // One pass per projection: split into heads, rotate, and scale q (cheaper than
             // scaling the `T x T` scores).
@@ -389,6 +407,13 @@ impl Attention {
         };
         Ok(probs.to_dtype(dtype)?)
     }
+}
+
+/// RMSNorm over each head of a projection `[B*T, n*hd]`, with weights `[hd]`; same shape out.
+fn head_norm(y: &Tensor, weight: &Tensor, hd: usize, pass: &Pass) -> candle_core::Result<Tensor> {
+    let (rows, width) = y.dims2()?;
+    let heads = y.reshape((rows * (width / hd), hd))?;
+    rms_norm(&heads, weight, pass.eps, pass.mode)?.reshape((rows, width))
 }
 
 fn repeat_kv(x: Tensor, groups: usize) -> candle_core::Result<Tensor> {

@@ -1,8 +1,9 @@
 //! Per-token losses against HuggingFace `transformers` (PyTorch, f32, eager attention) on the
 //! committed fixtures: Llama (the shared tiny-llama checkpoint), Mistral with a sliding window
-//! shorter than the sequence, and Qwen2 with q/k/v biases and tied embeddings
-//! and a Llama with Llama 3 RoPE scaling and tied embeddings (`fixtures/make_fixtures.py` made
-//! the last three).
+//! shorter than the sequence, Qwen2 with q/k/v biases and tied embeddings, a Llama with Llama 3
+//! RoPE scaling and tied embeddings, and Qwen3 with its per-head q/k norms, tied embeddings and
+//! a head width other than `hidden_size / num_attention_heads` (`fixtures/make_fixtures.py`
+//! made the last four).
 
 use std::path::{Path as FsPath, PathBuf};
 
@@ -81,6 +82,11 @@ fn tiny_mistral_sliding_window_matches_transformers() {
 #[test]
 fn tiny_qwen2_matches_transformers() {
     check("tiny-qwen2");
+}
+
+#[test]
+fn tiny_qwen3_matches_transformers() {
+    check("tiny-qwen3");
 }
 
 #[test]
@@ -259,6 +265,7 @@ fn half_precision_matches_transformers_f16() {
         "tiny-mistral",
         "tiny-qwen2",
         "tiny-llama3-rope",
+        "tiny-qwen3",
     ] {
         check_half(name);
     }

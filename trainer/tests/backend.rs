@@ -18,6 +18,14 @@ fn tiny_config(tie: bool) -> serde_json::Value {
     })
 }
 
+/// A tiny Qwen3: per-head q/k norms, a head width other than hidden / heads, tied embeddings.
+fn tiny_qwen3() -> serde_json::Value {
+    let mut c = tiny_config(true);
+    c["model_type"] = "qwen3".into();
+    c["head_dim"] = 12.into();
+    c
+}
+
 /// Random weights, scaled up so that gradients are large enough for f32 finite differences.
 fn weights(config: &serde_json::Value, scale: f64) -> HashMap<String, Tensor> {
     let c = HfConfig::from_json(&config.to_string())
@@ -77,8 +85,7 @@ fn flat(t: &Tensor) -> Vec<f32> {
 
 #[test]
 fn gradients_agree_with_finite_differences() {
-    for tie in [false, true] {
-        let cfg = tiny_config(tie);
+    for cfg in [tiny_config(false), tiny_config(true), tiny_qwen3()] {
         let backend = CandleBackend::new(
             cfg.clone(),
             weights(&cfg, 25.0),
@@ -129,7 +136,12 @@ fn gradients_agree_with_finite_differences() {
 
 #[test]
 fn every_parameter_receives_a_gradient_and_moves() {
-    let cfg = tiny_config(false);
+    for cfg in [tiny_config(false), tiny_qwen3()] {
+        every_parameter_of(cfg);
+    }
+}
+
+fn every_parameter_of(cfg: serde_json::Value) {
     let mut backend = CandleBackend::new(
         cfg.clone(),
         weights(&cfg, 1.0),
