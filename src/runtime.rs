@@ -1,6 +1,7 @@
 //! What every `rho` process shares at run time: logging, the allocator's settings, CPU threads,
 //! stopping on signals (or when the supervisor is gone), reports on stdout, the exit status of
-//! a stopped process, and loading a tokenizer.
+//! a stopped process, loading a tokenizer, and the typed configs the demo and the benchmarks
+//! build.
 
 use anyhow::Context;
 
@@ -17,6 +18,28 @@ pub fn load_tokenizer(path: &std::path::Path) -> anyhow::Result<tokenizers::Toke
     rho_common::tokenizer::load(path)
         .map(|t| t.tokenizer)
         .map_err(|e| anyhow::anyhow!("tokenizer {}: {e}", path.display()))
+}
+
+/// A loader of `seq_len` x `batch_size` batches of these shards, tokenized by `tokenizer`, every
+/// other field at its default; an error names the size that is 0.
+pub fn loader_config(
+    paths: Vec<String>,
+    tokenizer: &std::path::Path,
+    seq_len: usize,
+    batch_size: usize,
+) -> anyhow::Result<rho_loader::LoaderConfig> {
+    let nonzero = |n, what| std::num::NonZeroUsize::new(n).with_context(|| format!("{what} is 0"));
+    Ok(rho_loader::LoaderConfig::new(
+        rho_loader::DataConfig::new(paths),
+        tokenizer.to_path_buf(),
+        nonzero(seq_len, "the sequence length")?,
+        nonzero(batch_size, "the batch size")?,
+    ))
+}
+
+/// An endpoint from its text, or the reason it is not one, naming it.
+pub fn endpoint(at: &str) -> anyhow::Result<rho_protocol::Endpoint> {
+    rho_protocol::Endpoint::new(at).map_err(|e| anyhow::anyhow!("endpoint `{at}`: {e}"))
 }
 
 /// Resolves on Ctrl-C, SIGTERM or SIGHUP (a closed terminal), or when the supervisor that

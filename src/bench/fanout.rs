@@ -17,7 +17,7 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::Args;
 use rho_protocol::client::Consumer;
-use rho_protocol::{Credit, Endpoint, Fingerprint, Limits, Message, Rank, TokenBatch};
+use rho_protocol::{Credit, Fingerprint, Limits, Message, Rank, TokenBatch};
 use rho_selector::Scorer;
 use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
@@ -163,20 +163,18 @@ fn loader_config(
     corpus: &Corpus,
     ranks: usize,
 ) -> anyhow::Result<rho_loader::LoaderConfig> {
-    let nonzero = |n: usize, what| NonZeroUsize::new(n).with_context(|| format!("{what} is 0"));
-    let data = rho_loader::DataConfig::new(vec![corpus.data.to_string_lossy().into_owned()]);
-    let mut loader = rho_loader::LoaderConfig::new(
-        data,
-        corpus.tokenizer.clone(),
-        nonzero(args.seq_len, "--seq-len")?,
-        nonzero(args.batch_size, "--batch-size")?,
-    );
+    let mut loader = crate::runtime::loader_config(
+        vec![corpus.data.to_string_lossy().into_owned()],
+        &corpus.tokenizer,
+        args.seq_len,
+        args.batch_size,
+    )?;
     loader.run_id = RUN_ID.into();
     loader.epochs = NonZeroU32::new(args.epochs).context("--epochs is 0")?;
     loader.world = NonZeroU32::new(u32::try_from(ranks)?).context("a rank count is 0")?;
     loader.threads = args.threads;
     loader.max_in_flight = NonZeroUsize::MIN.saturating_add(3);
-    loader.endpoint = Endpoint::new("tcp://127.0.0.1:0").map_err(|e| anyhow::anyhow!("{e}"))?;
+    loader.endpoint = crate::runtime::endpoint("tcp://127.0.0.1:0")?;
     loader.endpoint_file = Some(corpus.out.join(format!("loader-{ranks}.endpoint")));
     loader.metrics_interval_secs = 60.0;
     Ok(loader)
@@ -200,7 +198,7 @@ async fn through_selectors(
     for r in 0..ranks {
         let mut router = RouterSocket::new();
         let at = router.bind("tcp://127.0.0.1:0").await?.to_string();
-        trainers.push(Endpoint::new(&at).map_err(|e| anyhow::anyhow!("{at}: {e}"))?);
+        trainers.push(crate::runtime::endpoint(&at)?);
         let acker = Consumer::connect(&loader_at, RUN_ID, Limits::default()).await?;
         rank_tasks.push(tokio::spawn(null_rank(
             router,
@@ -216,7 +214,7 @@ async fn through_selectors(
         let model = args.model.clone().unwrap_or_else(|| "null".into());
         let mut config = rho_selector::SelectorConfig::new(model, corpus.tokenizer.clone());
         config.run_id = RUN_ID.into();
-        config.loader = Endpoint::new(&loader_at).map_err(|e| anyhow::anyhow!("{e}"))?;
+        config.loader = crate::runtime::endpoint(&loader_at)?;
         config.lanes = Some(NonZeroUsize::MIN);
         config.metrics_interval_secs = 60.0;
         config.cache_out = cache_out.map(|d| d.to_path_buf());

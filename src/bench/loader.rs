@@ -1,6 +1,5 @@
 //! `rho bench loader`: documents and tokens per second of the loader, per thread count.
 
-use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -8,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use rho_loader::sources::{self, Event};
 use rho_protocol::client::Consumer;
-use rho_protocol::{Endpoint, Limits, Message};
+use rho_protocol::{Limits, Message};
 
 use crate::synth::{self as corpus, SynthArgs};
 
@@ -165,16 +164,11 @@ async fn loader_once(
     batch_size: usize,
 ) -> anyhow::Result<(f64, u64)> {
     let endpoint_file = out.join(format!("endpoint-{threads}"));
-    let nonzero = |n: usize, what| NonZeroUsize::new(n).with_context(|| format!("{what} is 0"));
-    let mut config = rho_loader::LoaderConfig::new(
-        rho_loader::DataConfig::new(vec![input.to_owned()]),
-        tokenizer.to_path_buf(),
-        nonzero(seq_len, "--seq-len")?,
-        nonzero(batch_size, "--batch-size")?,
-    );
+    let mut config =
+        crate::runtime::loader_config(vec![input.to_owned()], tokenizer, seq_len, batch_size)?;
     config.run_id = "bench".into();
     config.threads = threads;
-    config.endpoint = Endpoint::new("tcp://127.0.0.1:0").map_err(|e| anyhow::anyhow!("{e}"))?;
+    config.endpoint = crate::runtime::endpoint("tcp://127.0.0.1:0")?;
     config.endpoint_file = Some(endpoint_file);
     config.metrics_interval_secs = 5.0;
     let started = Instant::now();

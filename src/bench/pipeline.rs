@@ -11,7 +11,7 @@
 //!
 //! Throughputs are steady-state: the first fifth of the steps is left out.
 
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -115,13 +115,12 @@ impl Default for Variant<'_> {
 /// The benchmark's loader: its corpus in batches of `--batch-size` x `--seq-len`, one
 /// tokenizer thread.
 fn loader_config(a: &PipelineArgs, s: &Setup) -> anyhow::Result<LoaderConfig> {
-    let nonzero = |n: usize, what| NonZeroUsize::new(n).with_context(|| format!("{what} is 0"));
-    let mut loader = LoaderConfig::new(
-        rho_loader::DataConfig::new(vec![s.data.to_string_lossy().into_owned()]),
-        s.tokenizer.clone(),
-        nonzero(a.seq_len, "--seq-len")?,
-        nonzero(a.batch_size, "--batch-size")?,
-    );
+    let mut loader = crate::runtime::loader_config(
+        vec![s.data.to_string_lossy().into_owned()],
+        &s.tokenizer,
+        a.seq_len,
+        a.batch_size,
+    )?;
     loader.run_id = "bench-pipeline".into();
     loader.threads = 1;
     Ok(loader)

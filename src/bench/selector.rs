@@ -1,6 +1,5 @@
 //! `rho bench selector`: what the protocol and transport cost a selector.
 
-use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -9,7 +8,7 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
 use rho_protocol::client::Consumer;
-use rho_protocol::{Credit, Endpoint, Limits, Message};
+use rho_protocol::{Credit, Limits, Message};
 use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::commands::model as model_cmd;
@@ -114,16 +113,15 @@ async fn pipeline(
     let run_id = "bench-selector";
     let endpoint_file = out.join("loader.endpoint");
     let _ = std::fs::remove_file(&endpoint_file);
-    let nonzero = |n: usize, what| NonZeroUsize::new(n).with_context(|| format!("{what} is 0"));
-    let mut loader_cfg = rho_loader::LoaderConfig::new(
-        rho_loader::DataConfig::new(vec![out.join("data").to_string_lossy().into_owned()]),
-        tokenizer.to_path_buf(),
-        nonzero(seq_len, "--seq-len")?,
-        nonzero(batch_size, "--batch-size")?,
-    );
+    let mut loader_cfg = crate::runtime::loader_config(
+        vec![out.join("data").to_string_lossy().into_owned()],
+        tokenizer,
+        seq_len,
+        batch_size,
+    )?;
     loader_cfg.run_id = run_id.into();
     loader_cfg.threads = 1;
-    loader_cfg.endpoint = endpoint("tcp://127.0.0.1:0")?;
+    loader_cfg.endpoint = crate::runtime::endpoint("tcp://127.0.0.1:0")?;
     loader_cfg.endpoint_file = Some(endpoint_file.clone());
     loader_cfg.exit_when_done = false;
     std::fs::write(out.join("loader.json"), serde_json::to_string(&loader_cfg)?)?;
@@ -148,8 +146,8 @@ async fn pipeline(
     let mut selector_cfg =
         rho_selector::SelectorConfig::new(model.to_path_buf(), tokenizer.to_path_buf());
     selector_cfg.run_id = run_id.into();
-    selector_cfg.loader = endpoint(&loader_ep)?;
-    selector_cfg.trainer = endpoint(&trainer_ep)?;
+    selector_cfg.loader = crate::runtime::endpoint(&loader_ep)?;
+    selector_cfg.trainer = crate::runtime::endpoint(&trainer_ep)?;
     selector_cfg.lanes = lanes;
     std::fs::write(
         out.join("selector.json"),
@@ -191,9 +189,4 @@ async fn pipeline(
     let _ = selector.kill().await;
     let _ = loader.kill().await;
     Ok(tokens / secs.max(1e-9))
-}
-
-/// An endpoint address, or the reason it is not one.
-fn endpoint(at: &str) -> anyhow::Result<Endpoint> {
-    Endpoint::new(at).map_err(|e| anyhow::anyhow!("{at}: {e}"))
 }

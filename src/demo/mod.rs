@@ -27,7 +27,6 @@ pub mod report;
 use crate::commands::model as model_cmd;
 use crate::supervise::RunOutcome;
 use crate::synth::{self as corpus, SynthArgs};
-use rho_loader::LoaderConfig;
 use rho_protocol::Endpoint;
 use rho_selector::SelectorConfig;
 use rho_trainer::ScoreRule;
@@ -199,11 +198,8 @@ fn write_heldout_loader(
     tokenizer: &Path,
     file: &Path,
 ) -> anyhow::Result<()> {
-    let mut config = loader_config(
-        plan,
-        vec![heldout.to_string_lossy().into_owned()],
-        tokenizer,
-    )?;
+    let heldout = vec![heldout.to_string_lossy().into_owned()];
+    let mut config = crate::runtime::loader_config(heldout, tokenizer, plan.seq_len, plan.batch)?;
     config.run_id = "demo-heldout".into();
     config.shuffle_window = NonZeroUsize::MIN;
     std::fs::write(file, serde_json::to_string_pretty(&config)?)
@@ -417,7 +413,8 @@ impl Pipelines<'_> {
             selector.threads = Some((cores / 2).max(1));
             selector
         });
-        let mut loader = loader_config(plan, data.to_vec(), tokenizer)?;
+        let mut loader =
+            crate::runtime::loader_config(data.to_vec(), tokenizer, plan.seq_len, plan.batch)?;
         loader.run_id = format!("demo-{name}-{seed}");
         loader.seed = seed;
         loader.epochs = NonZeroU32::new(1000).context("epochs")?;
@@ -448,20 +445,4 @@ impl Pipelines<'_> {
         });
         crate::supervise::launch(&dir, name, &config).await
     }
-}
-
-/// A loader of the plan's batches of these shards, tokenized by `tokenizer`, every other field
-/// at its default.
-fn loader_config(
-    plan: &Plan,
-    paths: Vec<String>,
-    tokenizer: &Path,
-) -> anyhow::Result<LoaderConfig> {
-    let nonzero = |n: usize, what| NonZeroUsize::new(n).with_context(|| format!("{what} is 0"));
-    Ok(LoaderConfig::new(
-        rho_loader::DataConfig::new(paths),
-        tokenizer.to_path_buf(),
-        nonzero(plan.seq_len, "the sequence length")?,
-        nonzero(plan.batch, "the batch size")?,
-    ))
 }
