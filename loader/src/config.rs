@@ -87,9 +87,15 @@ pub struct LoaderConfig {
     /// ZeroMQ endpoint the loader binds (ROUTER). Default `tcp://127.0.0.1:5555`; port 0 picks one.
     #[serde(default = "default_endpoint")]
     pub endpoint: Endpoint,
-    /// Write the bound endpoint to this file once listening (useful with port 0).
+    /// Write the endpoint other processes connect to in this file once listening: the bound
+    /// one, its host replaced by `advertise` (useful with port 0, and across hosts).
     #[serde(default)]
     pub endpoint_file: Option<PathBuf>,
+    /// The host (name or address) other hosts reach this loader at, written in `endpoint_file`
+    /// in place of the bound host. Default: the bound host, or for a wildcard `0.0.0.0` the
+    /// host's own name (`RHO_ADVERTISE`, Slurm's node name, the host name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
     /// Batches issued and not yet acknowledged, at most. Default 16.
     #[serde(default = "default_in_flight")]
     pub max_in_flight: NonZeroUsize,
@@ -236,6 +242,7 @@ impl LoaderConfig {
             threads: 0,
             endpoint: default_endpoint(),
             endpoint_file: None,
+            advertise: None,
             max_in_flight: default_in_flight(),
             lease_secs: default_lease(),
             selector_timeout_secs: default_selector_timeout(),

@@ -201,6 +201,7 @@ impl Loader {
         })?;
         let socket = Producer::bind(
             config.endpoint.as_str(),
+            config.advertise.as_deref(),
             config.endpoint_file.as_deref(),
             &config.run_id,
             limits,
@@ -209,6 +210,10 @@ impl Loader {
         .await
         .map_err(|e| match e {
             ProducerError::EndpointFile { path, source } => LoaderError::Io { path, source },
+            ProducerError::Unsigned { reason, .. } => LoaderError::ConfigField {
+                field: "endpoint",
+                reason,
+            },
             other => other.into(),
         })?;
         tracing::info!(endpoint = %socket.endpoint(), "loader listening");

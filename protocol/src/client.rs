@@ -27,6 +27,15 @@ pub enum ClientError {
         /// The cause.
         source: zeromq::ZmqError,
     },
+    /// The endpoint is beyond this host and the connection has no secret
+    /// ([`crate::Endpoint::check_secret`]).
+    #[error("cannot connect to {endpoint} unsigned: {reason}")]
+    Unsigned {
+        /// The endpoint.
+        endpoint: String,
+        /// Why (names the fix).
+        reason: String,
+    },
     /// A message could not be sent.
     #[error("sending a message")]
     Send(#[from] zeromq::ZmqError),
@@ -47,6 +56,58 @@ pub fn addressed(peer: &Bytes, frames: &[Bytes]) -> ZmqMessage {
     ZmqMessage::try_from(all).unwrap_or_else(|_| ZmqMessage::from(Bytes::new()))
 }
 
+/// How far a producer's clock may be from this host's before it is reported. Nothing in the
+/// protocol depends on the hosts' clocks agreeing (leases and timeouts are measured by each
+/// process on its own monotonic clock), but every log line and metrics record carries its host's
+/// wall time, and a run's records are read side by side: a host this far off usually has no
+/// time service, and its timestamps would mislead.
+pub const CLOCK_SKEW_LIMIT: Duration = Duration::from_secs(5);
+
+/// Compares the wall time in a producer's heartbeats with this host's, and reports the first
+/// heartbeat off by more than [`CLOCK_SKEW_LIMIT`] (and one back within it) by the producer's
+/// name and address.
+struct ClockCheck {
+    peer: String,
+    endpoint: String,
+    off: bool,
+}
+
+impl ClockCheck {
+    fn new(peer: &str, endpoint: &str) -> Self {
+        ClockCheck {
+            peer: peer.to_string(),
+            endpoint: endpoint.to_string(),
+            off: false,
+        }
+    }
+
+    /// A heartbeat sent at `at_ms` by the producer's clock arrived at `now_ms` by this one's;
+    /// the difference, in milliseconds, by which the producer is ahead.
+    fn heard(&mut self, at_ms: u64, now_ms: u64) -> i64 {
+        let ahead = at_ms as i64 - now_ms as i64;
+        let off = ahead.unsigned_abs() > CLOCK_SKEW_LIMIT.as_millis() as u64;
+        if off && !self.off {
+            tracing::warn!(
+                peer = %self.peer,
+                endpoint = %self.endpoint,
+                ahead_ms = ahead,
+                "the clock of {} at {} is {:.1} s {} this host's: the run's logs and metrics will not line up by time; keep the hosts' clocks synchronized (NTP)",
+                self.peer,
+                self.endpoint,
+                ahead.unsigned_abs() as f64 / 1000.0,
+                if ahead > 0 { "ahead of" } else { "behind" }
+            );
+        } else if !off && self.off {
+            tracing::info!(peer = %self.peer, endpoint = %self.endpoint, ahead_ms = ahead, "the clock of {} is within {:?} of this host's again", self.peer, CLOCK_SKEW_LIMIT);
+        }
+        self.off = off;
+        ahead
+    }
+}
+
+/// How often a connection that is not accepted is reported while it is retried.
+pub const UNREACHABLE_REPORT: Duration = Duration::from_secs(10);
+
 /// A connection to one producer.
 pub struct Consumer {
     sender: DealerSendHalf,
@@ -55,6 +116,8 @@ pub struct Consumer {
     run_id: String,
     key: Option<Key>,
     endpoint: String,
+    /// What the producer is called in reports (`"the loader"`).
+    peer: String,
     limits: Limits,
     /// Milliseconds after `born` at which the last message arrived (or the connection was made).
     heard_ms: Arc<AtomicU64>,
@@ -84,29 +147,68 @@ impl Consumer {
         limits: Limits,
         key: Option<Key>,
     ) -> Result<Self, ClientError> {
+        Self::connect_named("the producer", endpoint, run_id, limits, key).await
+    }
+
+    /// [`Consumer::connect_with`] to the process called `peer` (`"the loader"`, `"trainer rank
+    /// 3"`): while the endpoint does not accept, a warning names the peer and its address every
+    /// [`UNREACHABLE_REPORT`]. An endpoint beyond loopback is refused without a key.
+    pub async fn connect_named(
+        peer: &str,
+        endpoint: &str,
+        run_id: &str,
+        limits: Limits,
+        key: Option<Key>,
+    ) -> Result<Self, ClientError> {
+        if let Ok(named) = crate::Endpoint::new(endpoint) {
+            named
+                .check_secret(key.as_ref())
+                .map_err(|reason| ClientError::Unsigned {
+                    endpoint: endpoint.to_string(),
+                    reason,
+                })?;
+        }
         let mut socket = DealerSocket::with_options(limits.socket_options());
-        socket
-            .connect(endpoint)
-            .await
-            .map_err(|source| ClientError::Connect {
-                endpoint: endpoint.to_string(),
-                source,
-            })?;
+        let started = Instant::now();
+        let mut reports = tokio::time::interval_at(
+            tokio::time::Instant::now() + UNREACHABLE_REPORT,
+            UNREACHABLE_REPORT,
+        );
+        let connected = {
+            let connect = socket.connect(endpoint);
+            tokio::pin!(connect);
+            loop {
+                tokio::select! {
+                    c = &mut connect => break c,
+                    _ = reports.tick() => tracing::warn!(
+                        peer,
+                        endpoint,
+                        waited_s = started.elapsed().as_secs(),
+                        "{peer} at {endpoint} does not accept a connection: is it running, and is that address routable from this host (a process bound on every interface advertises `advertise`, else its host name)?"
+                    ),
+                }
+            }
+        };
+        connected.map_err(|source| ClientError::Connect {
+            endpoint: endpoint.to_string(),
+            source,
+        })?;
         let (sender, mut receiver) = socket.split();
         let (tx, inbox) = mpsc::channel(64);
         let recv_key = key.clone();
         let born = Instant::now();
         let heard_ms = Arc::new(AtomicU64::new(0));
         let heard = heard_ms.clone();
+        let mut clock = ClockCheck::new(peer, endpoint);
         let task = tokio::spawn(async move {
             while let Ok(m) = receiver.recv().await {
                 heard.store(born.elapsed().as_millis() as u64, Ordering::Relaxed);
                 let frames: Vec<Bytes> = m.into_vec();
-                if tx
-                    .send(Message::decode_with(&frames, &limits, recv_key.as_ref()))
-                    .await
-                    .is_err()
-                {
+                let message = Message::decode_with(&frames, &limits, recv_key.as_ref());
+                if let Ok(Message::Heartbeat(h)) = &message {
+                    clock.heard(h.at_ms, crate::now_ms());
+                }
+                if tx.send(message).await.is_err() {
                     break;
                 }
             }
@@ -118,6 +220,7 @@ impl Consumer {
             run_id: run_id.to_string(),
             key,
             endpoint: endpoint.to_string(),
+            peer: peer.to_string(),
             limits,
             heard_ms,
             born,
@@ -144,12 +247,13 @@ impl Consumer {
             "unsigned (no `secret_file`, no RHO_SECRET)"
         };
         tracing::warn!(
+            peer = %self.peer,
             endpoint = %self.endpoint,
             silent_ms = self.silent_for().as_millis() as u64,
             "no answer: reconnecting. If that process is running, it may be refusing this one's messages, which are {signing}: every process of a run needs the same secret, and the refusing side logs `refused`"
         );
         let fresh = tokio::select! {
-            c = Self::connect_with(&self.endpoint, &self.run_id, self.limits, self.key.clone()) => c?,
+            c = Self::connect_named(&self.peer, &self.endpoint, &self.run_id, self.limits, self.key.clone()) => c?,
             _ = stop => return Ok(false),
         };
         *self = fresh;
@@ -249,5 +353,25 @@ impl Consumer {
             Poll::Ready(Some(Err(e))) => Poll::Ready(Err(ClientError::Decode(e))),
             Poll::Ready(None) | Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_far_off_clock_is_noticed_once_and_its_return_too() {
+        let mut c = ClockCheck::new("the loader", "tcp://h:1");
+        assert_eq!(c.heard(10_000, 10_040), -40);
+        assert!(!c.off);
+        assert_eq!(c.heard(60_000, 10_000), 50_000);
+        assert!(c.off);
+        c.heard(60_000, 10_000);
+        assert!(c.off);
+        c.heard(10_000, 10_000 + 4_000);
+        assert!(!c.off);
+        c.heard(10_000, 10_000 + 6_000);
+        assert!(c.off, "6 s behind is off");
     }
 }

@@ -44,6 +44,96 @@ impl Endpoint {
     }
 }
 
+/// Where an endpoint is reachable from, by its address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// This host only: a loopback address (`127.0.0.0/8`, `::1`, `localhost`) or `ipc://`.
+    Local,
+    /// Every interface of this host (`0.0.0.0`, `*`, `::`): other hosts reach it at the address
+    /// the binding process advertises.
+    Wildcard,
+    /// A named interface or another host.
+    Network,
+}
+
+impl Endpoint {
+    /// The host of a `tcp://host:port` endpoint (an IPv6 host without its brackets); `None` for
+    /// `ipc://` and unassigned endpoints.
+    pub fn host(&self) -> Option<&str> {
+        let rest = self.0.strip_prefix("tcp://")?;
+        let host = match rest.rfind(':') {
+            Some(i) => &rest[..i],
+            None => rest,
+        };
+        Some(host.trim_start_matches('[').trim_end_matches(']'))
+    }
+
+    /// Where the endpoint can be reached from.
+    pub fn reach(&self) -> Reach {
+        let Some(host) = self.host() else {
+            return Reach::Local;
+        };
+        if matches!(host, "0.0.0.0" | "*" | "::") {
+            return Reach::Wildcard;
+        }
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        match loopback {
+            true => Reach::Local,
+            false => Reach::Network,
+        }
+    }
+
+    /// The rule for every endpoint of a run: one beyond loopback (bound on a network interface
+    /// or all of them, or connected to another host) needs the run's secret, since anyone who
+    /// reaches its port could otherwise feed batches into the stream or read it. `Err` gives
+    /// the reason.
+    pub fn check_secret(&self, key: Option<&crate::Key>) -> Result<(), String> {
+        if key.is_some() || self.reach() == Reach::Local {
+            return Ok(());
+        }
+        Err(format!(
+            "`{}` is reachable beyond this host, and this process has no secret: a run bound or connected beyond loopback must be signed (give `secret_file`, or set RHO_SECRET, the same for every process of the run; `rho run` makes one in the run directory)",
+            self.0
+        ))
+    }
+
+    /// The endpoint other processes connect to, of one bound at `self` (with its port picked):
+    /// the host replaced by `advertise` when given, else a wildcard host by [`advertised_host`];
+    /// other endpoints as they are.
+    pub fn advertised(&self, advertise: Option<&str>) -> Endpoint {
+        let host = match (advertise, self.reach()) {
+            (Some(a), _) if !a.is_empty() => a.to_string(),
+            (_, Reach::Wildcard) => advertised_host(),
+            _ => return self.clone(),
+        };
+        let port = self.0.rsplit(':').next().unwrap_or("0");
+        let host = match host.contains(':') {
+            true => format!("[{host}]"),
+            false => host,
+        };
+        Endpoint(format!("tcp://{host}:{port}"))
+    }
+}
+
+/// The name other hosts reach this one by, for an endpoint bound on every interface without
+/// `advertise`: `RHO_ADVERTISE`, else the node name Slurm gives a task (`SLURMD_NODENAME`), else
+/// the host name (`/proc/sys/kernel/hostname`, `HOSTNAME`), else `localhost`.
+pub fn advertised_host() -> String {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    env("RHO_ADVERTISE")
+        .or_else(|| env("SLURMD_NODENAME"))
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .filter(|h| !h.trim().is_empty())
+        })
+        .or_else(|| env("HOSTNAME"))
+        .map_or_else(|| "localhost".into(), |h| h.trim().to_string())
+}
+
 impl TryFrom<String> for Endpoint {
     type Error = String;
 
@@ -95,5 +185,58 @@ mod tests {
         let e: Endpoint = serde_json::from_str("\"tcp://h:1\"").unwrap();
         assert_eq!(e.check().unwrap(), "tcp://h:1");
         assert_eq!(serde_json::to_string(&e).unwrap(), "\"tcp://h:1\"");
+    }
+
+    #[test]
+    fn an_endpoint_knows_how_far_it_reaches() {
+        let reach = |e: &str| Endpoint::new(e).unwrap().reach();
+        assert_eq!(reach("tcp://127.0.0.1:5555"), Reach::Local);
+        assert_eq!(reach("tcp://127.3.0.1:0"), Reach::Local);
+        assert_eq!(reach("tcp://localhost:1"), Reach::Local);
+        assert_eq!(reach("tcp://[::1]:1"), Reach::Local);
+        assert_eq!(reach("ipc:///tmp/x"), Reach::Local);
+        assert_eq!(reach("tcp://0.0.0.0:0"), Reach::Wildcard);
+        assert_eq!(reach("tcp://*:0"), Reach::Wildcard);
+        assert_eq!(reach("tcp://[::]:0"), Reach::Wildcard);
+        assert_eq!(reach("tcp://10.1.2.3:5555"), Reach::Network);
+        assert_eq!(reach("tcp://node-7:5555"), Reach::Network);
+        assert_eq!(reach("tcp://[fe80::1]:5"), Reach::Network);
+    }
+
+    #[test]
+    fn an_endpoint_beyond_loopback_needs_the_secret() {
+        let key = crate::Key::new(b"0123456789abcdef").unwrap();
+        for e in ["tcp://127.0.0.1:0", "ipc:///tmp/x"] {
+            Endpoint::new(e).unwrap().check_secret(None).unwrap();
+        }
+        for e in ["tcp://0.0.0.0:0", "tcp://10.0.0.2:7", "tcp://node-1:7"] {
+            let e = Endpoint::new(e).unwrap();
+            let why = e.check_secret(None).unwrap_err();
+            assert!(
+                why.contains(e.as_str()) && why.contains("secret_file"),
+                "{why}"
+            );
+            e.check_secret(Some(&key)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_wildcard_bind_advertises_a_routable_host_with_its_port() {
+        let bound = Endpoint::new("tcp://0.0.0.0:4321").unwrap();
+        assert_eq!(
+            bound.advertised(Some("10.7.0.1")).as_str(),
+            "tcp://10.7.0.1:4321"
+        );
+        assert_eq!(
+            bound.advertised(Some("fd00::1")).as_str(),
+            "tcp://[fd00::1]:4321"
+        );
+        let named = bound.advertised(None);
+        assert_eq!(named.reach(), Reach::Network, "{named}");
+        assert!(named.as_str().ends_with(":4321"), "{named}");
+        let specific = Endpoint::new("tcp://10.7.0.1:4321").unwrap();
+        assert_eq!(specific.advertised(None), specific);
+        let local = Endpoint::new("ipc:///tmp/x").unwrap();
+        assert_eq!(local.advertised(None), local);
     }
 }

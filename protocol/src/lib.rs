@@ -29,7 +29,7 @@ pub mod producer;
 
 pub use auth::Key;
 pub use codec::{Limits, Message};
-pub use endpoint::Endpoint;
+pub use endpoint::{Endpoint, Reach};
 pub use error::DecodeError;
 pub use fingerprint::Fingerprint;
 pub use liveness::Liveness;

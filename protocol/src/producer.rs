@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use zeromq::{RouterSendHalf, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::client::addressed;
-use crate::{Key, Limits, Message};
+use crate::{Endpoint, Key, Limits, Message};
 
 /// A peer of a ROUTER socket: its identity frame.
 pub type Peer = Bytes;
@@ -40,6 +40,15 @@ pub enum ProducerError {
         path: PathBuf,
         /// The cause.
         source: std::io::Error,
+    },
+    /// The endpoint reaches beyond this host and the producer has no secret
+    /// ([`crate::Endpoint::check_secret`]).
+    #[error("cannot bind {endpoint} unsigned: {reason}")]
+    Unsigned {
+        /// The endpoint.
+        endpoint: String,
+        /// Why (names the fix).
+        reason: String,
     },
     /// A message could not be sent.
     #[error("sending a message")]
@@ -85,15 +94,27 @@ impl Drop for Producer {
 }
 
 impl Producer {
-    /// Binds `endpoint` for run `run_id` and, with `endpoint_file`, publishes the bound
-    /// endpoint there.
+    /// Binds `endpoint` for run `run_id` and, with `endpoint_file`, publishes the endpoint
+    /// other processes connect to there: the bound one (its port picked) with its host replaced
+    /// by `advertise`, or a wildcard host by the host's name ([`Endpoint::advertised`]). An
+    /// endpoint beyond loopback is refused without a key.
     pub async fn bind(
         endpoint: &str,
+        advertise: Option<&str>,
         endpoint_file: Option<&Path>,
         run_id: &str,
         limits: Limits,
         key: Option<Key>,
     ) -> Result<Self, ProducerError> {
+        // Text that is no endpoint is refused by the bind itself, with zmq's reason.
+        if let Ok(named) = Endpoint::new(endpoint) {
+            named
+                .check_secret(key.as_ref())
+                .map_err(|reason| ProducerError::Unsigned {
+                    endpoint: endpoint.to_string(),
+                    reason,
+                })?;
+        }
         let mut router = RouterSocket::with_options(limits.socket_options());
         let bound = router
             .bind(endpoint)
@@ -103,6 +124,10 @@ impl Producer {
                 source,
             })?
             .to_string();
+        let bound = match Endpoint::new(bound.clone()) {
+            Ok(e) => e.advertised(advertise).to_string(),
+            Err(_) => bound,
+        };
         if let Some(file) = endpoint_file {
             publish_endpoint(file, &bound).map_err(|source| ProducerError::EndpointFile {
                 path: file.to_path_buf(),
@@ -130,7 +155,8 @@ impl Producer {
         })
     }
 
-    /// The bound endpoint (with the port picked for port 0).
+    /// The endpoint other processes connect to (bound, with the port picked for port 0, and
+    /// the advertised host).
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
@@ -230,6 +256,7 @@ mod tests {
         let key = Key::new(b"0123456789abcdef0123").ok();
         let mut p = Producer::bind(
             "tcp://127.0.0.1:0",
+            None,
             Some(&file),
             "run",
             Limits::default(),
@@ -281,7 +308,7 @@ mod tests {
     async fn a_taken_endpoint_is_refused_with_its_address() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let ep = format!("tcp://{}", taken.local_addr().unwrap());
-        let e = Producer::bind(&ep, None, "run", Limits::default(), None)
+        let e = Producer::bind(&ep, None, None, "run", Limits::default(), None)
             .await
             .err()
             .unwrap()

@@ -69,6 +69,72 @@ class Key:
         return hmac.compare_digest(self.tag(frames), tag)
 
 
+def _host(endpoint: str) -> Optional[str]:
+    """The host of a ``tcp://host:port`` endpoint (IPv6 without brackets); ``None`` otherwise."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    rest = endpoint[len("tcp://"):]
+    host = rest.rsplit(":", 1)[0] if ":" in rest else rest
+    return host.strip("[]")
+
+
+def reach(endpoint: str) -> str:
+    """Where an endpoint can be reached from: ``local`` (loopback or ``ipc://``), ``wildcard``
+    (every interface: ``0.0.0.0``, ``*``, ``::``) or ``network``; the rule of ``rho``'s
+    ``Endpoint::reach``."""
+    import ipaddress
+
+    host = _host(endpoint)
+    if host is None:
+        return "local"
+    if host in ("0.0.0.0", "*", "::"):
+        return "wildcard"
+    if host.lower() == "localhost":
+        return "local"
+    try:
+        return "local" if ipaddress.ip_address(host).is_loopback else "network"
+    except ValueError:
+        return "network"
+
+
+def check_secret(endpoint: str, key: Optional["Key"]) -> None:
+    """The rule for every endpoint of a run: one beyond loopback needs the run's secret (anyone
+    who reaches its port could otherwise feed or read the stream). Raises ``ValueError``."""
+    if key is None and reach(endpoint) != "local":
+        raise ValueError(
+            f"`{endpoint}` is reachable beyond this host, and this process has no secret: a run "
+            "bound or connected beyond loopback must be signed (pass `secret_file`, or set "
+            "RHO_SECRET, the same for every process of the run; `rho run` makes one)"
+        )
+
+
+def advertised_host() -> str:
+    """The name other hosts reach this one by: ``RHO_ADVERTISE``, else Slurm's node name
+    (``SLURMD_NODENAME``), else the host name."""
+    import socket
+
+    for name in ("RHO_ADVERTISE", "SLURMD_NODENAME"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    return socket.gethostname() or "localhost"
+
+
+def advertised(bound: str, advertise: Optional[str] = None) -> str:
+    """The endpoint other processes connect to, of one bound at ``bound`` (port picked): its host
+    replaced by ``advertise``, or a wildcard host by :func:`advertised_host`."""
+    if advertise:
+        host = advertise
+    elif reach(bound) == "wildcard":
+        host = advertised_host()
+    else:
+        return bound
+    port = bound.rsplit(":", 1)[-1]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"tcp://{host}:{port}"
+
+
 @dataclass
 class Message:
     """A decoded message: its header, and for ``batch`` / ``scored`` its arrays."""

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import zmq
 
-from .protocol import Key, Limits, Message, ProtocolError, control, decode
+from .protocol import Key, Limits, Message, ProtocolError, advertised, check_secret, control, decode
 
 log = logging.getLogger("rho_stream")
 
@@ -87,7 +87,9 @@ class RhoStream:
     (``pin_memory`` for faster host-to-device copies). ``metrics``: append a JSON line of this
     rank's progress there (``elapsed_s``, ``rank``, ``batches``, ``seq``,
     ``data_wait_fraction``) at most once a second and at :meth:`close`.
-    ``reference``: the reference model's
+    ``advertise``: the host selectors on other hosts reach this rank at (default: the bound
+    host, or for a wildcard ``0.0.0.0`` ``RHO_ADVERTISE``, Slurm's node name, the host name).
+    An endpoint beyond loopback needs the secret. ``reference``: the reference model's
     fingerprint the scores must come from (``sha256:...``); unset, the first scored batch's
     (or the one in a cursor given to :meth:`load_state_dict`). A scored batch of another
     reference, or with a reference loss that is not finite at a valid position, is never
@@ -116,6 +118,7 @@ class RhoStream:
         limits: Optional[Limits] = None,
         reference: Optional[str] = None,
         metrics: Optional[str] = None,
+        advertise: Optional[str] = None,
     ):
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"rank {rank} / world {world}: need 0 <= rank < world")
@@ -123,6 +126,9 @@ class RhoStream:
             raise ValueError("peer_timeout_secs must be larger than heartbeat_secs")
         self.loader, self.run_id, self.scored = loader, run_id, scored
         self.key = Key(secret) if secret is not None else Key.from_config(secret_file)
+        check_secret(loader, self.key)
+        if scored:
+            check_secret(delivery, self.key)
         self.credits_per_selector, self.reorder_window, self.prefetch = credits_per_selector, reorder_window, prefetch
         self.heartbeat_secs, self.peer_timeout_secs = heartbeat_secs, peer_timeout_secs
         self.rank, self.world = rank, world
@@ -148,7 +154,9 @@ class RhoStream:
             # A peer claiming a frame past the limit is dropped before anything is reserved.
             self._delivery.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
             self._delivery.bind(delivery)
-            self.delivery_endpoint = self._delivery.getsockopt_string(zmq.LAST_ENDPOINT)
+            # What selectors connect to: the bound endpoint, its host advertised.
+            bound = self._delivery.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.delivery_endpoint = advertised(bound, advertise)
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
         # Progress lines (``metrics``): one a second at most, and one at the end.
@@ -181,6 +189,8 @@ class RhoStream:
             args["secret_file"] = env["RHO_SECRET_FILE"]
         if env.get("RHO_METRICS"):
             args["metrics"] = env["RHO_METRICS"].format(rank=rank)
+        if env.get("RHO_ADVERTISE"):
+            args["advertise"] = env["RHO_ADVERTISE"]
         args.update(overrides)
         loader = args.pop("loader", None) or need("RHO_LOADER")
         run_id = args.pop("run_id", None) or need("RHO_RUN_ID")

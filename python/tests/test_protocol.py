@@ -84,3 +84,21 @@ def test_control_messages():
         decode(control("credit", "r", None, n=-1))
     with pytest.raises(ProtocolError):
         decode(control("ack", "r", None, seqs=[1]) + [b"extra"])
+
+
+def test_endpoints_beyond_loopback_need_the_secret_and_advertise_a_routable_host(monkeypatch):
+    from rho_stream.protocol import advertised, check_secret, reach
+
+    assert [reach(e) for e in ("tcp://127.0.0.1:1", "tcp://[::1]:1", "ipc:///x", "tcp://localhost:2")] == ["local"] * 4
+    assert reach("tcp://0.0.0.0:0") == "wildcard" and reach("tcp://*:0") == "wildcard"
+    assert reach("tcp://10.0.0.2:5") == "network" and reach("tcp://node-3:5") == "network"
+    key = Key(b"0123456789abcdef")
+    check_secret("tcp://127.0.0.1:0", None)
+    for e in ("tcp://0.0.0.0:0", "tcp://node-3:5"):
+        with pytest.raises(ValueError, match="secret"):
+            check_secret(e, None)
+        check_secret(e, key)
+    monkeypatch.setenv("RHO_ADVERTISE", "10.9.0.1")
+    assert advertised("tcp://0.0.0.0:4321") == "tcp://10.9.0.1:4321"
+    assert advertised("tcp://0.0.0.0:4321", "fd00::1") == "tcp://[fd00::1]:4321"
+    assert advertised("tcp://127.0.0.1:4321") == "tcp://127.0.0.1:4321"

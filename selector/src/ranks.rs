@@ -40,9 +40,14 @@ impl Ranks {
         held: u32,
     ) -> Result<Ranks> {
         let mut links = Vec::with_capacity(endpoints.len());
-        for endpoint in endpoints {
+        for (rank, endpoint) in endpoints.iter().enumerate() {
+            let name = match endpoints.len() {
+                1 => "the trainer".to_string(),
+                _ => format!("trainer rank {rank}"),
+            };
             let mut consumer =
-                Consumer::connect_with(endpoint.as_str(), run_id, limits, key.clone()).await?;
+                Consumer::connect_named(&name, endpoint.as_str(), run_id, limits, key.clone())
+                    .await?;
             let _ = consumer.heartbeat(Role::Selector).await;
             links.push(Downstream {
                 endpoint: endpoint.clone(),

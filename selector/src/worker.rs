@@ -154,10 +154,13 @@ impl Selector {
                 reason,
             }
         })?;
+        check_signed(&config, key.as_ref())?;
         let held = config.prefetch.get().saturating_add(lanes as u32 - 1);
         let run_id = &config.run_id;
         let ranks = Ranks::connect(&config.deliveries(), run_id, limits, key.clone(), held).await?;
-        let loader = Consumer::connect_with(config.loader.as_str(), run_id, limits, key).await?;
+        let loader =
+            Consumer::connect_named("the loader", config.loader.as_str(), run_id, limits, key)
+                .await?;
         tracing::info!(loader = %config.loader, ranks = ranks.world(), trainer = %config.deliveries()[0], "selector connected");
         let metrics =
             match &config.metrics {
@@ -570,4 +573,19 @@ fn open_cache(
     let w = CacheWriter::create(dir, header)?;
     tracing::info!(file = %w.path().display(), "writing scored batches to the cache");
     Ok(Some(w))
+}
+
+/// Every endpoint this selector connects to beyond loopback needs the run's secret
+/// ([`rho_protocol::Endpoint::check_secret`]); refused before anything is connected.
+fn check_signed(config: &SelectorConfig, key: Option<&Key>) -> Result<()> {
+    let refused = |field| move |reason| SelectorError::ConfigField { field, reason };
+    config.loader.check_secret(key).map_err(refused("loader"))?;
+    let field = match config.trainers.is_empty() {
+        true => "trainer",
+        false => "trainers",
+    };
+    for e in config.deliveries() {
+        e.check_secret(key).map_err(refused(field))?;
+    }
+    Ok(())
 }

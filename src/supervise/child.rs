@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::process::{Child, Command};
 
+use super::placement::Launch;
 use crate::runtime::SUPERVISOR_PID_VAR;
 
 /// What a supervised process is.
@@ -111,22 +112,26 @@ pub fn write(path: &Path, bytes: impl AsRef<[u8]>) -> anyhow::Result<()> {
 }
 
 impl Proc {
-    /// Writes `config` as `dir/<name>.json` and starts `exe <command> --config` on it: stdout
-    /// (its report) to `<name>.report.json`, stderr copied to `<name>.log`, its pid to
-    /// `<name>.pid`.
+    /// Writes `config` as `dir/<name>.json` and starts `exe <command> --config` on it, placed
+    /// by `launch` (`gpu`: the process runs on a GPU): stdout (its report) to
+    /// `<name>.report.json`, stderr copied to `<name>.log`, its pid to `<name>.pid`.
     pub fn start(
         exe: &Path,
         dir: &Path,
         role: Role,
         config: &impl serde::Serialize,
+        launch: (&Launch, bool),
     ) -> anyhow::Result<Proc> {
         let name = role.name();
         let path = dir.join(format!("{name}.json"));
         write(&path, serde_json::to_string_pretty(config)?)?;
-        let mut command = Command::new(exe);
-        command.args([role.command(), "--config"]).arg(&path);
+        let (mut command, direct) = launch.0.command(exe, role, &path, launch.1);
         // Errors are reported with their causes; a backtrace would bury them in the log.
         command.env("RUST_LIB_BACKTRACE", "0");
+        match direct {
+            true => command.env(SUPERVISOR_PID_VAR, std::process::id().to_string()),
+            false => command.env_remove(SUPERVISOR_PID_VAR),
+        };
         Proc::spawn(command, dir, role, path, "report.json")
     }
 
@@ -147,6 +152,7 @@ impl Proc {
         let mut command = Command::new(program);
         command.args(args).current_dir(cwd);
         command.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        command.env(SUPERVISOR_PID_VAR, std::process::id().to_string());
         Proc::spawn(command, dir, role, config, "out")
             .with_context(|| format!("the trainer command `{}`", argv.join(" ")))
     }
@@ -170,7 +176,6 @@ impl Proc {
         let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
         let mut child = command
             .env("RUST_LOG", rust_log)
-            .env(SUPERVISOR_PID_VAR, std::process::id().to_string())
             .stdin(std::process::Stdio::null())
             .stdout(out)
             .stderr(std::process::Stdio::piped())

@@ -12,10 +12,6 @@ use rho_selector::SelectorConfig;
 use rho_trainer::TrainerConfig;
 use serde::{Deserialize, Serialize};
 
-/// The endpoint a supervised process binds when its config names none: loopback, a free port.
-/// (The supervisor reads the bound one from the endpoint file.)
-const ANY_LOOPBACK_PORT: &str = "tcp://127.0.0.1:0";
-
 /// A run config file, as written. The connecting endpoints (`trainer.loader`,
 /// `selector.loader`, `selector.trainer`) are left out: the supervisor assigns them.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -49,6 +45,10 @@ pub struct RunConfig {
     /// data-parallel run itself (`torchrun --nproc-per-node 2 train.py ...`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trainer_command: Option<TrainerCommand>,
+    /// Where the processes start: here (default), as Slurm job steps, or each through a
+    /// command of the user's (docs/CLUSTER.md).
+    #[serde(default)]
+    pub launch: super::placement::Launch,
 }
 
 /// A trainer that is not `rho trainer`: one command, started once, that runs every rank of a
@@ -137,11 +137,21 @@ impl Plan {
         let dir = dir
             .canonicalize()
             .with_context(|| format!("resolving {}", dir.display()))?;
-        complete_loader(&mut rc.loader, &base, &dir, given.loader_endpoint);
+        // The endpoint a process binds when the config names none: a free port, on loopback or,
+        // for job steps on several nodes, every interface (the supervisor reads the advertised
+        // one from the endpoint file).
+        let bind = Endpoint::new(rc.launch.default_bind()).unwrap_or_default();
+        complete_loader(
+            &mut rc.loader,
+            &base,
+            &dir,
+            (!given.loader_endpoint).then_some(&bind),
+        );
         match (&mut rc.trainer, &rc.trainer_command) {
             (Some(t), None) => {
                 one_rank_loader(&rc.loader)?;
-                complete_trainer(t, &base, &dir, given.trainer_delivery)
+                let delivery = (!given.trainer_delivery).then_some(&bind);
+                complete_trainer(t, &base, &dir, delivery)
             }
             (None, Some(c)) => serve_every_rank(&mut rc.loader, c)?,
             (Some(_), Some(_)) => bail!("run config: `trainer` and `trainer_command` both given: one trainer per run, the candle trainer or a command"),
@@ -160,6 +170,7 @@ impl Plan {
     /// Every section checked against itself and against the others, before anything starts.
     pub fn check(&self) -> anyhow::Result<()> {
         let rc = &self.settings;
+        rc.launch.check()?;
         if rc.max_selector_failures == 0 {
             bail!("run config, `max_selector_failures`: must be at least 1");
         }
@@ -237,21 +248,19 @@ impl Given {
     }
 }
 
-fn any_loopback_port() -> Endpoint {
-    Endpoint::new(ANY_LOOPBACK_PORT).unwrap_or_default()
-}
-
+/// A stand-in for an endpoint the supervisor assigns once it is known.
 fn assign_later(endpoint: &mut Endpoint) {
     if !endpoint.is_assigned() {
-        *endpoint = any_loopback_port();
+        *endpoint = Endpoint::new("tcp://127.0.0.1:0").unwrap_or_default();
     }
 }
 
-/// The loader's paths resolved, and its endpoint file, metrics and state in the run directory.
-fn complete_loader(loader: &mut LoaderConfig, base: &Path, dir: &Path, endpoint_given: bool) {
+/// The loader's paths resolved, its endpoint `bind` unless the config names one, and its
+/// endpoint file, metrics and state in the run directory.
+fn complete_loader(loader: &mut LoaderConfig, base: &Path, dir: &Path, bind: Option<&Endpoint>) {
     loader.resolve_paths(base);
-    if !endpoint_given {
-        loader.endpoint = any_loopback_port();
+    if let Some(bind) = bind {
+        loader.endpoint = bind.clone();
     }
     loader.endpoint_file = Some(dir.join("loader.endpoint"));
     loader
@@ -296,12 +305,12 @@ fn serve_every_rank(loader: &mut LoaderConfig, command: &TrainerCommand) -> anyh
     Ok(())
 }
 
-/// The trainer's paths resolved, and its delivery file, metrics and checkpoints in the run
-/// directory.
-fn complete_trainer(trainer: &mut TrainerConfig, base: &Path, dir: &Path, delivery_given: bool) {
+/// The trainer's paths resolved, its delivery endpoint `bind` unless the config names one, and
+/// its delivery file, metrics and checkpoints in the run directory.
+fn complete_trainer(trainer: &mut TrainerConfig, base: &Path, dir: &Path, bind: Option<&Endpoint>) {
     trainer.resolve_paths(base);
-    if !delivery_given {
-        trainer.delivery = any_loopback_port();
+    if let Some(bind) = bind {
+        trainer.delivery = bind.clone();
     }
     trainer.delivery_file = Some(dir.join("trainer.delivery"));
     trainer
@@ -591,7 +600,7 @@ mod tests {
         assert!(!g.loader_endpoint && !g.trainer_delivery);
         let mut e = Endpoint::default();
         assign_later(&mut e);
-        assert_eq!(e.as_str(), ANY_LOOPBACK_PORT);
+        assert_eq!(e.as_str(), "tcp://127.0.0.1:0");
         let mut e = Endpoint::new("ipc:///tmp/x").unwrap();
         assign_later(&mut e);
         assert_eq!(e.as_str(), "ipc:///tmp/x");

@@ -16,6 +16,7 @@
 pub mod child;
 pub mod config;
 pub mod launch;
+pub mod placement;
 pub mod summary;
 
 use std::path::{Path, PathBuf};
@@ -152,11 +153,13 @@ impl Supervisor {
         let _ = std::fs::remove_file(&file);
         let loader = &self.plan.settings.loader;
         loader.validate().context("run config, section `loader`")?;
+        let launch = (&self.plan.settings.launch, false);
         self.procs.push(Proc::start(
             &self.exe,
             &self.plan.dir,
             Role::Loader,
             loader,
+            launch,
         )?);
         self.wait_file(&file).await
     }
@@ -178,14 +181,18 @@ impl Supervisor {
             wait_for_owner(&ck.dir, Duration::from_secs(120)).await?;
         }
         let _ = std::fs::remove_file(self.plan.dir.join("trainer.delivery"));
-        let Some(trainer) = &self.plan.settings.trainer else {
+        let launch = &self.plan.settings.launch;
+        let Some(trainer) = self.plan.settings.trainer.as_mut() else {
             return Ok(());
         };
+        let gpu = trainer.device != rho_model::DeviceSpec::Cpu;
+        trainer.device = launch.device_in_step(trainer.device);
         self.procs.push(Proc::start(
             &self.exe,
             &self.plan.dir,
             Role::Trainer,
-            trainer,
+            &*trainer,
+            (launch, gpu),
         )?);
         Ok(())
     }
@@ -207,7 +214,10 @@ impl Supervisor {
             ("RHO_RUN_DIR".into(), dir.display().to_string()),
             ("RHO_RANKS".into(), c.ranks.to_string()),
             ("RHO_SCORED".into(), if c.scored { "1" } else { "0" }.into()),
-            ("RHO_DELIVERY".into(), "tcp://127.0.0.1:0".into()),
+            (
+                "RHO_DELIVERY".into(),
+                self.plan.settings.launch.default_bind().into(),
+            ),
             ("RHO_DELIVERY_FILE".into(), file("delivery")),
             ("RHO_METRICS".into(), file("metrics.jsonl")),
             ("RHO_SECRET_FILE".into(), secret.display().to_string()),
@@ -269,10 +279,13 @@ impl Supervisor {
     fn start_selector(&self, config: &SelectorConfig, i: usize) -> anyhow::Result<Proc> {
         let role = Role::Selector(i);
         let mut c = config.clone();
-        c.device = self.plan.settings.selector_device(i, config);
+        let launch = &self.plan.settings.launch;
+        let device = self.plan.settings.selector_device(i, config);
+        c.device = launch.device_in_step(device);
         c.metrics = Some(self.dir().join(format!("{}.metrics.jsonl", role.name())));
         c.tensorboard = Some(self.dir().join("tensorboard").join(role.name()));
-        Proc::start(&self.exe, self.dir(), role, &c)
+        let gpu = device != rho_model::DeviceSpec::Cpu;
+        Proc::start(&self.exe, self.dir(), role, &c, (launch, gpu))
     }
 
     /// Waits for a process to write an endpoint file; an error when a process exits first.

@@ -80,9 +80,15 @@ pub struct TrainerConfig {
     /// The endpoint this trainer binds for selectors to deliver scored batches.
     #[serde(default = "d_delivery")]
     pub delivery: Endpoint,
-    /// Write the bound delivery endpoint here (useful with port 0).
+    /// Write the delivery endpoint selectors connect to here: the bound one, its host replaced
+    /// by `advertise` (useful with port 0, and across hosts).
     #[serde(default)]
     pub delivery_file: Option<PathBuf>,
+    /// The host (name or address) selectors on other hosts reach this trainer at, written in
+    /// `delivery_file` in place of the bound host. Default: the bound host, or for a wildcard
+    /// `0.0.0.0` the host's own name (`RHO_ADVERTISE`, Slurm's node name, the host name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
     /// `candle` (trains) or `null` (consumes only).
     #[serde(default)]
     pub backend: BackendChoice,

@@ -160,14 +160,29 @@ impl Trainer {
                 reason,
             }
         })?;
+        for (field, e, used) in [
+            ("delivery", &config.delivery, config.uses_selectors()),
+            ("loader", &config.loader, true),
+        ] {
+            if used {
+                e.check_secret(key.as_ref())
+                    .map_err(|reason| TrainerError::ConfigField { field, reason })?;
+            }
+        }
         let delivery = match config.uses_selectors() {
             true => Some(bind_delivery(&config, limits, key.clone()).await?),
             false => None,
         };
         // The delivery endpoint is bound (or refused) first: connecting waits for the loader.
         tracing::info!(loader = %config.loader, "connecting to the loader");
-        let mut loader =
-            Consumer::connect_with(config.loader.as_str(), &config.run_id, limits, key).await?;
+        let mut loader = Consumer::connect_named(
+            "the loader",
+            config.loader.as_str(),
+            &config.run_id,
+            limits,
+            key,
+        )
+        .await?;
         if state.next_seq > 0 {
             loader
                 .resume(state.next_seq, admission.cursor_stream(), None)
@@ -591,6 +606,7 @@ async fn bind_delivery(
 ) -> Result<Producer> {
     let p = Producer::bind(
         config.delivery.as_str(),
+        config.advertise.as_deref(),
         config.delivery_file.as_deref(),
         &config.run_id,
         limits,
@@ -598,7 +614,7 @@ async fn bind_delivery(
     )
     .await
     .map_err(|e| match e {
-        ProducerError::Bind { .. } => TrainerError::ConfigField {
+        ProducerError::Bind { .. } | ProducerError::Unsigned { .. } => TrainerError::ConfigField {
             field: "delivery",
             reason: rho_common::error_chain(&e),
         },
