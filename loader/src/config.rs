@@ -94,7 +94,7 @@ pub struct LoaderConfig {
     /// The host (name or address) other hosts reach this loader at, written in `endpoint_file`
     /// in place of the bound host. Default: the bound host, or for a wildcard `0.0.0.0` the
     /// host's own name (`RHO_ADVERTISE`, Slurm's node name, the host name).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub advertise: Option<String>,
     /// Batches issued and not yet acknowledged, at most. Default 16.
     #[serde(default = "default_in_flight")]

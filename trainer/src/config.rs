@@ -87,7 +87,7 @@ pub struct TrainerConfig {
     /// The host (name or address) selectors on other hosts reach this trainer at, written in
     /// `delivery_file` in place of the bound host. Default: the bound host, or for a wildcard
     /// `0.0.0.0` the host's own name (`RHO_ADVERTISE`, Slurm's node name, the host name).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub advertise: Option<String>,
     /// `candle` (trains) or `null` (consumes only).
     #[serde(default)]
